@@ -1,0 +1,39 @@
+// The whole op surface of ptp_ext in one place: every schema, then the CPU implementations,
+// then (when built with CUDA) the CUDA implementations under the same names.
+// Python-side fake (meta) implementations live in ptp_ext/ops.py next to each wrapper.
+#include <torch/library.h>
+
+#include "sampler_mlp/sampler_mlp.h"
+#include "tree_attention/tree_attention.h"
+#include "verify/verify.h"
+
+TORCH_LIBRARY(ptp_ext, m) {
+  // ---- tree attention ------------------------------------------------------------------------
+  m.def(
+      "tree_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor cache_lens, "
+      "Tensor? tree_mask, float scale) -> (Tensor out, Tensor lse)");
+  // ---- verify (greedy / coupled / rejection; chains and trees) -------------------------------
+  m.def(
+      "verify_tree(Tensor draft_tokens, Tensor parents, Tensor target_logits, "
+      "Tensor? draft_probs, Tensor? uniforms, str mode, float temperature, int top_k, "
+      "float top_p) -> (Tensor num_accepted, Tensor accepted_nodes, Tensor next_token)");
+  // ---- sampler-head MLP ----------------------------------------------------------------------
+  m.def(
+      "sampler_mlp(Tensor hidden, Tensor prev_tokens, Tensor embedding, Tensor w1, Tensor? b1, "
+      "Tensor w2, Tensor? b2, Tensor? norm1_weight, Tensor? norm1_bias, Tensor? norm2_weight, "
+      "Tensor? norm2_bias, bool silu_out, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
+  m.impl("tree_attention", &ptp::tree_attention_cpu);
+  m.impl("verify_tree", &ptp::verify_tree_cpu);
+  m.impl("sampler_mlp", &ptp::sampler_mlp_cpu);
+}
+
+#ifdef PTP_WITH_CUDA
+TORCH_LIBRARY_IMPL(ptp_ext, CUDA, m) {
+  m.impl("tree_attention", &ptp::tree_attention_cuda);
+  m.impl("verify_tree", &ptp::verify_tree_cuda);
+  m.impl("sampler_mlp", &ptp::sampler_mlp_cuda);
+}
+#endif

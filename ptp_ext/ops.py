@@ -1,0 +1,224 @@
+"""Public wrappers of the ptp_ext ops, each followed by its fake (meta) implementation.
+
+The wrappers are thin: they normalise convenience arguments and call ``torch.ops.ptp_ext.<op>``,
+which checks every argument (shape, dtype, device, contiguity, index ranges on the CPU) and raises
+``ValueError`` naming the argument. The fakes state output shapes for ``torch.compile`` and
+``torch.library.opcheck``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["tree_attention", "verify_tree", "sampler_mlp"]
+
+_ops = torch.ops.ptp_ext
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree attention
+# ---------------------------------------------------------------------------------------------
+def tree_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    tree_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Attention of T new (draft) tokens per sequence over a static KV cache.
+
+    The layout is transformers' ``StaticCache``: the new tokens' keys and values are already
+    written into the cache at positions ``cache_lens[b] .. cache_lens[b] + T - 1``. Query token i
+    of row b sees every cached position ``< cache_lens[b]`` and the new token j iff
+    ``tree_mask[b, i, j]`` (causal among the new tokens when ``tree_mask`` is None).
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``(batch_size, num_new_tokens, num_q_heads, head_dim)``, float32/float16/bfloat16,
+        contiguous.
+    key_cache, value_cache : torch.Tensor
+        ``(batch_size, num_kv_heads, max_cache_len, head_dim)``, query's dtype, contiguous;
+        ``num_q_heads`` must be a multiple of ``num_kv_heads`` (grouped-query attention).
+    cache_lens : torch.Tensor
+        ``(batch_size,)`` int32 or int64: committed tokens before the new ones in each row.
+    tree_mask : torch.Tensor, optional
+        ``(batch_size, num_new_tokens, num_new_tokens)`` bool, or ``(T, T)`` shared by all rows.
+    scale : float, optional
+        Softmax scale; default ``head_dim ** -0.5``.
+    return_lse : bool
+        Also return the log-sum-exp of the scaled scores.
+
+    Returns
+    -------
+    out : torch.Tensor
+        ``(batch_size, num_new_tokens, num_q_heads, head_dim)`` in query's dtype (zeros for a row
+        that sees no key).
+    lse : torch.Tensor
+        ``(batch_size, num_q_heads, num_new_tokens)`` float32 (natural log; ``-inf`` for a row
+        that sees no key). Only when ``return_lse``.
+    """
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if tree_mask is not None and tree_mask.dim() == 2:
+        tree_mask = tree_mask.unsqueeze(0).expand(query.shape[0], -1, -1).contiguous()
+    out, lse = _ops.tree_attention(query, key_cache, value_cache, cache_lens, tree_mask,
+                                   float(scale))
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("ptp_ext::tree_attention")
+def _tree_attention_fake(query, key_cache, value_cache, cache_lens, tree_mask, scale):
+    torch._check(query.dim() == 4, lambda: "query must be [B, T, H_q, D]")
+    torch._check(key_cache.dim() == 4, lambda: "key_cache must be [B, H_kv, S_max, D]")
+    B, T, Hq, _ = query.shape
+    out = torch.empty_like(query)
+    lse = query.new_empty((B, Hq, T), dtype=torch.float32)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify
+# ---------------------------------------------------------------------------------------------
+def verify_tree(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    target_logits: torch.Tensor,
+    draft_probs: Optional[torch.Tensor] = None,
+    uniforms: Optional[torch.Tensor] = None,
+    mode: str = "greedy",
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accept or reject draft trees (or chains) for a batch, on the device, with no host sync.
+
+    Node 0 of each row is the root (the last committed token); nodes 1..N are draft tokens.
+    The target's logits at node i are the distribution of the token after node i. A chain is the
+    tree with ``parents = [-1, 0, 1, ..., N-1]`` (:func:`ptp_ext.reference.chain_parents`).
+    Plain (non-speculative) sampling is this op with ``N = 0``: the same code path, so plain and
+    speculative decoding draw from the identical distribution.
+
+    Parameters
+    ----------
+    draft_tokens : torch.Tensor
+        ``(batch_size, num_nodes)`` int64 with ``num_nodes = N + 1``; entry 0 is not verified.
+    parents : torch.Tensor
+        ``(batch_size, num_nodes)`` int64: ``parents[b, 0] = -1``; for ``i >= 1`` the parent in
+        ``[0, i-1]``, or ``-1`` for a padding node (ragged trees per row). Children of a node are
+        tried in index order.
+    target_logits : torch.Tensor
+        ``(batch_size, num_nodes, vocab_size)`` float32/float16/bfloat16.
+    draft_probs : torch.Tensor, optional
+        ``(batch_size, num_nodes, vocab_size)`` float32, mode ``"rejection"`` only: the draft
+        distribution node i's token was drawn from (row 0 unused).
+    uniforms : torch.Tensor, optional
+        ``(batch_size, num_nodes)`` float32/float64 in [0, 1). ``"coupled"``: ``uniforms[b, d]`` is
+        the uniform of the token after a node at depth d (the position-indexed stream).
+        ``"rejection"``: ``uniforms[b, i]`` is node i's acceptance test and ``uniforms[b, 0]``
+        draws the final residual/bonus token.
+    mode : str
+        ``"greedy"`` (argmax match), ``"coupled"`` (PTP: ``Pick(u, P)`` match, exact-match
+        acceptance) or ``"rejection"`` (speculative rejection sampling, recursive over siblings).
+    temperature, top_k, top_p : float, int, float
+        Applied to the target logits exactly as :func:`ptp_ext.reference.sampling_probs`
+        describes (temperature 0 = argmax; top_k 0 and top_p 1 disable).
+
+    Returns
+    -------
+    num_accepted : torch.Tensor
+        ``(batch_size,)`` int64: accepted draft nodes (root not counted).
+    accepted_nodes : torch.Tensor
+        ``(batch_size, num_nodes)`` int64: node ids of the accepted path starting with 0, padded
+        with -1.
+    next_token : torch.Tensor
+        ``(batch_size,)`` int64: the bonus (all accepted) or correction token.
+
+    References
+    ----------
+    Leviathan et al. 2023 (speculative sampling); Miao et al. 2024 (SpecInfer, trees);
+    Draxler et al. 2025, arXiv:2512.21323 (PTP, coupled verification).
+    """
+    return _ops.verify_tree(draft_tokens, parents, target_logits, draft_probs, uniforms, mode,
+                            float(temperature), int(top_k), float(top_p))
+
+
+@torch.library.register_fake("ptp_ext::verify_tree")
+def _verify_tree_fake(draft_tokens, parents, target_logits, draft_probs, uniforms, mode,
+                      temperature, top_k, top_p):
+    torch._check(target_logits.dim() == 3, lambda: "target_logits must be [B, N+1, V]")
+    B, N1, _ = target_logits.shape
+    num_accepted = draft_tokens.new_empty((B,), dtype=torch.long)
+    accepted_nodes = draft_tokens.new_empty((B, N1), dtype=torch.long)
+    next_token = draft_tokens.new_empty((B,), dtype=torch.long)
+    return num_accepted, accepted_nodes, next_token
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler-head MLP
+# ---------------------------------------------------------------------------------------------
+def sampler_mlp(
+    hidden: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    prev_tokens: Optional[torch.Tensor] = None,
+    embedding: Optional[torch.Tensor] = None,
+    prev_embed: Optional[torch.Tensor] = None,
+    b1: Optional[torch.Tensor] = None,
+    b2: Optional[torch.Tensor] = None,
+    norm1_weight: Optional[torch.Tensor] = None,
+    norm1_bias: Optional[torch.Tensor] = None,
+    norm2_weight: Optional[torch.Tensor] = None,
+    norm2_bias: Optional[torch.Tensor] = None,
+    silu_out: bool = False,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Fused sampler head of the masked-input predictor (arXiv:2507.11851).
+
+    ``x = cat(hidden, embedding[prev_tokens])``; ``h = silu(x @ w1.T + b1)``, then
+    ``LayerNorm(h)`` if ``norm1_weight``; ``y = h @ w2.T + b2``, then ``silu(y)`` if ``silu_out``
+    and ``LayerNorm(y)`` if ``norm2_weight``. The paper's head is ``silu_out=True`` with both
+    norms; the plain Linear-SiLU-Linear is the default. Inference only (no autograd): training
+    uses :func:`ptp_ext.reference.sampler_mlp_ref`.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        ``(num_rows, hidden_dim)`` float32/float16/bfloat16: the mask positions' final hidden states.
+    w1 : torch.Tensor
+        ``(mid_dim, hidden_dim + embed_dim)``, hidden's dtype.
+    w2 : torch.Tensor
+        ``(out_dim, mid_dim)``, hidden's dtype.
+    prev_tokens, embedding : torch.Tensor
+        ``(num_rows,)`` int64 and ``(vocab_size, embed_dim)``: the gather is fused into the op.
+    prev_embed : torch.Tensor
+        ``(num_rows, embed_dim)``: already-gathered embeddings, instead of the pair above.
+    b1, b2, norm1_weight, norm1_bias, norm2_weight, norm2_bias : torch.Tensor, optional
+        ``(mid_dim,)`` / ``(out_dim,)`` in hidden's dtype.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(num_rows, out_dim)`` in hidden's dtype (float32 accumulation).
+    """
+    if prev_embed is not None:
+        if prev_tokens is not None or embedding is not None:
+            raise ValueError("give either prev_embed or (prev_tokens, embedding), not both")
+        embedding = prev_embed
+        prev_tokens = torch.arange(prev_embed.shape[0], device=prev_embed.device)
+    elif prev_tokens is None or embedding is None:
+        raise ValueError("sampler_mlp needs prev_tokens and embedding (or prev_embed)")
+    return _ops.sampler_mlp(hidden, prev_tokens, embedding, w1, b1, w2, b2, norm1_weight,
+                            norm1_bias, norm2_weight, norm2_bias, bool(silu_out), float(eps))
+
+
+@torch.library.register_fake("ptp_ext::sampler_mlp")
+def _sampler_mlp_fake(hidden, prev_tokens, embedding, w1, b1, w2, b2, norm1_weight, norm1_bias,
+                      norm2_weight, norm2_bias, silu_out, eps):
+    torch._check(hidden.dim() == 2, lambda: "hidden must be [N, d_h]")
+    torch._check(w2.dim() == 2, lambda: "w2 must be [d_out, d_mid]")
+    return hidden.new_empty((hidden.shape[0], w2.shape[0]))

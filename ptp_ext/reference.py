@@ -1,0 +1,222 @@
+"""Pure-PyTorch references: the executable specification of every ptp_ext op.
+
+Readable rather than fast: loops over batch rows and tree nodes, everything in float32 (the
+compiled ops accumulate in float32 too). Tests compare the C++ and CUDA implementations against
+these functions; the decoder and the drafters use :func:`sampling_probs` and :func:`pick` as the
+one definition of the sampling distribution, so plain and speculative decoding sample from the
+identical distribution.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "tree_attention_ref",
+    "sampling_probs",
+    "pick",
+    "verify_tree_ref",
+    "sampler_mlp_ref",
+    "chain_parents",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree attention
+# ---------------------------------------------------------------------------------------------
+def tree_attention_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    tree_mask: Optional[torch.Tensor],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`ptp_ext.ops.tree_attention` (same arguments, same outputs)."""
+    B, T, Hq, D = query.shape
+    Hkv = key_cache.shape[1]
+    G = Hq // Hkv
+    out = torch.zeros(B, T, Hq, D, dtype=query.dtype, device=query.device)
+    lse = torch.full((B, Hq, T), -math.inf, dtype=torch.float32, device=query.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
+    for b in range(B):
+        L = int(cache_lens[b])
+        k = key_cache[b, :, : L + T].float().repeat_interleave(G, dim=0)  # [Hq, L+T, D]
+        v = value_cache[b, :, : L + T].float().repeat_interleave(G, dim=0)
+        q = query[b].float().transpose(0, 1)  # [Hq, T, D]
+        scores = (q @ k.transpose(1, 2)) * scale  # [Hq, T, L+T]
+        visible = torch.ones(T, L + T, dtype=torch.bool, device=query.device)
+        visible[:, L:] = tree_mask[b] if tree_mask is not None else causal
+        scores = scores.masked_fill(~visible, -math.inf)
+        row_lse = torch.logsumexp(scores, dim=-1)  # [Hq, T]
+        seen = visible.any(dim=-1)  # [T]
+        probs = torch.exp(scores - row_lse.unsqueeze(-1)).nan_to_num(0.0)
+        o = probs @ v  # [Hq, T, D]
+        o = torch.where(seen.view(1, T, 1), o, torch.zeros_like(o))
+        out[b] = o.transpose(0, 1).to(query.dtype)
+        lse[b] = torch.where(seen.view(1, T), row_lse, torch.full_like(row_lse, -math.inf))
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling distribution and inverse-CDF pick
+# ---------------------------------------------------------------------------------------------
+def sampling_probs(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """The sampling distribution of ptp: ``[..., V]`` logits -> ``[..., V]`` float32 probabilities.
+
+    1. ``temperature == 0``: one-hot on the argmax (ties: the lowest id); nothing else applies.
+    2. logits / temperature.
+    3. top-k (``0 < top_k < V``): keep the ``top_k`` largest logits, ties broken by the lowest id.
+    4. softmax over what is kept.
+    5. top-p (``top_p < 1``): sort by probability (descending, ties by lowest id), keep the
+       shortest prefix whose mass reaches ``top_p`` (a token is kept when the mass *before* it is
+       < ``top_p``), renormalise.
+    """
+    x = logits.float()
+    V = x.shape[-1]
+    if temperature == 0:
+        return F.one_hot(x.argmax(dim=-1), V).float()
+    x = x / temperature
+    if 0 < top_k < V:
+        idx = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :top_k]
+        keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+        x = x.masked_fill(~keep, -math.inf)
+    p = torch.softmax(x, dim=-1)
+    if top_p < 1.0:
+        sp, si = torch.sort(p, dim=-1, descending=True, stable=True)
+        before = sp.cumsum(dim=-1) - sp
+        keep = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, si, before < top_p)
+        p = p.masked_fill(~keep, 0.0)
+        p = p / p.sum(dim=-1, keepdim=True)
+    return p
+
+
+def pick(u: float, probs: torch.Tensor) -> int:
+    """``Pick(u, P) = min{j : F(j) > u}`` over ids in order (F the CDF of ``probs [V]``).
+
+    When rounding leaves ``F(V-1) <= u``, the last id with non-zero probability is returned.
+    """
+    cdf = probs.double().cumsum(dim=0)
+    hit = torch.nonzero(cdf > u)
+    if hit.numel():
+        return int(hit[0, 0])
+    return int(torch.nonzero(probs > 0)[-1, 0])
+
+
+def chain_parents(batch: int, num_nodes: int, device=None) -> torch.Tensor:
+    """Parents ``[batch, num_nodes]`` of a chain: ``-1, 0, 1, ..., num_nodes - 2``."""
+    p = torch.arange(-1, num_nodes - 1, dtype=torch.long, device=device)
+    return p.unsqueeze(0).expand(batch, num_nodes).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify
+# ---------------------------------------------------------------------------------------------
+def verify_tree_ref(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    target_logits: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    uniforms: Optional[torch.Tensor],
+    mode: str,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference for :func:`ptp_ext.ops.verify_tree` (same arguments, same outputs).
+
+    At the current node c (starting at the root, node 0) the children are the nodes j with
+    ``parents[j] == c``, tried in index order.
+
+    * ``greedy``: the target's token at c is the argmax of its logits; the first child holding
+      that token is accepted, else the argmax is the next token and the walk stops.
+    * ``coupled`` (PTP): the target's token at c is ``Pick(uniforms[depth(c)], P_c)`` with
+      ``P_c = sampling_probs(logits_c, ...)``; accepted and stopped as for greedy.
+    * ``rejection`` (SpecInfer / EAGLE recursive rejection sampling): p = P_c; child j with token
+      x is accepted when ``uniforms[j] * q_j(x) < p(x)``; a rejected child turns p into
+      ``norm(max(p - q_j, 0))`` (p unchanged if that is all zero); when every child is rejected
+      (or c is a leaf) the next token is ``Pick(uniforms[0], p)``.
+    """
+    B, N1, V = target_logits.shape
+    num_accepted = torch.zeros(B, dtype=torch.long)
+    accepted = torch.full((B, N1), -1, dtype=torch.long)
+    next_token = torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        c, depth, path = 0, 0, [0]
+        while True:
+            children = [j for j in range(1, N1) if int(parents[b, j]) == c]
+            P = sampling_probs(target_logits[b, c], temperature if mode != "greedy" else 0.0,
+                               top_k, top_p)
+            nxt = None
+            if mode in ("greedy", "coupled"):
+                u = float(uniforms[b, depth]) if mode == "coupled" else 0.0
+                t = pick(u, P)
+                for j in children:
+                    if int(draft_tokens[b, j]) == t:
+                        nxt = j
+                        break
+                if nxt is None:
+                    next_token[b] = t
+            elif mode == "rejection":
+                p = P.double()
+                for j in children:
+                    x = int(draft_tokens[b, j])
+                    q = draft_probs[b, j].double()
+                    if float(uniforms[b, j]) * float(q[x]) < float(p[x]):
+                        nxt = j
+                        break
+                    r = (p - q).clamp_min(0.0)
+                    if float(r.sum()) > 0:
+                        p = r / r.sum()
+                if nxt is None:
+                    next_token[b] = pick(float(uniforms[b, 0]), p)
+            else:
+                raise ValueError(f"mode must be one of 'greedy', 'coupled', 'rejection', got {mode!r}")
+            if nxt is None:
+                break
+            c, depth = nxt, depth + 1
+            path.append(c)
+        num_accepted[b] = len(path) - 1
+        accepted[b, : len(path)] = torch.tensor(path)
+    dev = target_logits.device
+    return num_accepted.to(dev), accepted.to(dev), next_token.to(dev)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler-head MLP
+# ---------------------------------------------------------------------------------------------
+def sampler_mlp_ref(
+    hidden: torch.Tensor,
+    prev_tokens: torch.Tensor,
+    embedding: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    norm1_weight: Optional[torch.Tensor],
+    norm1_bias: Optional[torch.Tensor],
+    norm2_weight: Optional[torch.Tensor],
+    norm2_bias: Optional[torch.Tensor],
+    silu_out: bool,
+    eps: float,
+) -> torch.Tensor:
+    """Reference for :func:`ptp_ext.ops.sampler_mlp`; differentiable (training uses it)."""
+
+    def f(t):
+        return None if t is None else t.float()
+
+    x = torch.cat([hidden.float(), embedding[prev_tokens].float()], dim=-1)
+    h = F.silu(F.linear(x, w1.float(), f(b1)))
+    if norm1_weight is not None:
+        h = F.layer_norm(h, (h.shape[-1],), f(norm1_weight), f(norm1_bias), eps)
+    y = F.linear(h, w2.float(), f(b2))
+    if silu_out:
+        y = F.silu(y)
+    if norm2_weight is not None:
+        y = F.layer_norm(y, (y.shape[-1],), f(norm2_weight), f(norm2_bias), eps)
+    return y.to(hidden.dtype)
