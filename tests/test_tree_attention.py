@@ -39,8 +39,10 @@ def _check(a: _testing.AttentionInputs, device: str = "cpu"):
     assert lse.dtype == torch.float32 and lse.shape == lse32.shape
     assert not out.isnan().any() and not lse.isnan().any()
     _testing.assert_attention_close(out.cpu(), ref32, ref_lowp)
-    # lse is computed in fp32 from low-precision inputs converted exactly: tight tolerance
-    torch.testing.assert_close(lse.cpu(), lse32, atol=2e-5, rtol=2e-5)
+    # lse is computed in fp32 from low-precision inputs converted exactly: tight tolerance (a bit
+    # looser on the GPU: fast exp2 / log2 and tensor-core score accumulation)
+    tol = 2e-5 if device == "cpu" else 1e-4
+    torch.testing.assert_close(lse.cpu(), lse32, atol=tol, rtol=tol)
     return out, lse
 
 

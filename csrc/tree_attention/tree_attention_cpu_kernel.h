@@ -276,11 +276,14 @@ void attend_unit(const scalar_t* q, const scalar_t* k, const scalar_t* v, const 
   for (int64_t kb = a.kbeg; kb < a.kend; kb += kBK) {
     const int n = static_cast<int>(std::min<int64_t>(kBK, a.kend - kb));
 #ifdef PTP_TA_AVX2
-    // Prefetch the next block's keys and values (one block of compute hides DRAM latency).
-    if (kb + kBK < a.kend) {
-      const int n2 = static_cast<int>(std::min<int64_t>(kBK, a.kend - kb - kBK));
-      const char* k2 = reinterpret_cast<const char*>(k + (kb + kBK) * D);
-      const char* v2 = reinterpret_cast<const char*>(v + (kb + kBK) * D);
+    // Prefetch the keys and values kPrefetchBlocks ahead (hides DRAM latency when the rows per
+    // block are few and a block's compute is short).
+    constexpr int kPrefetchBlocks = 2;
+    if (kb + kPrefetchBlocks * kBK < a.kend) {
+      const int64_t kp = kb + kPrefetchBlocks * kBK;
+      const int n2 = static_cast<int>(std::min<int64_t>(kBK, a.kend - kp));
+      const char* k2 = reinterpret_cast<const char*>(k + kp * D);
+      const char* v2 = reinterpret_cast<const char*>(v + kp * D);
       const int64_t bytes = static_cast<int64_t>(n2) * D * sizeof(scalar_t);
       for (int64_t off = 0; off < bytes; off += 64) {
         _mm_prefetch(k2 + off, _MM_HINT_T0);
