@@ -182,15 +182,6 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
 
 }  // namespace
 
-// The CUDA launcher calls the shared check through this out-of-line copy, compiled here by the
-// host compiler, so the ValueErrors are thrown from this translation unit (see
-// tree_attention_cuda.cu: a mismatched-device call segfaulted when thrown from the nvcc one).
-void check_tree_attention_inputs_host(const at::Tensor& query, const at::Tensor& key_cache,
-                                      const at::Tensor& value_cache, const at::Tensor& cache_lens,
-                                      const std::optional<at::Tensor>& tree_mask) {
-  check_tree_attention_inputs(query, key_cache, value_cache, cache_lens, tree_mask);
-}
-
 std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& query,
                                                       const at::Tensor& key_cache,
                                                       const at::Tensor& value_cache,

@@ -14,11 +14,6 @@
 
 namespace ptp {
 
-// tree_attention_cpu.cpp: check_tree_attention_inputs compiled by the host compiler.
-void check_tree_attention_inputs_host(const at::Tensor& query, const at::Tensor& key_cache,
-                                      const at::Tensor& value_cache, const at::Tensor& cache_lens,
-                                      const std::optional<at::Tensor>& tree_mask);
-
 namespace {
 
 namespace k = tree_attention_kernels;
@@ -152,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& query,
                                                        const at::Tensor& cache_lens,
                                                        const std::optional<at::Tensor>& tree_mask,
                                                        double scale) {
-  check_tree_attention_inputs_host(query, key_cache, value_cache, cache_lens, tree_mask);
+  check_tree_attention_inputs(query, key_cache, value_cache, cache_lens, tree_mask);
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t B = query.size(0), T = query.size(1), Hq = query.size(2), D = query.size(3);
   const int64_t Hkv = key_cache.size(1), S = key_cache.size(2);
@@ -160,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& query,
   at::Tensor lse = at::empty({B, Hq, T}, query.options().dtype(at::kFloat));
   if (B == 0 || Hq == 0) return {out, lse};
   TORCH_CHECK(S <= INT32_MAX && B * T * Hq <= INT32_MAX && B <= 65535 && Hkv <= 65535,
-              "tree_attention_cuda: sizes exceed the launch / 32-bit index range (B=", B,
-              ", T=", T, ", H_q=", Hq, ", H_kv=", Hkv, ", S_max=", S, ")");
+              cat("tree_attention_cuda: sizes exceed the launch / 32-bit index range (B=", B,
+              ", T=", T, ", H_q=", Hq, ", H_kv=", Hkv, ", S_max=", S, ")"));
 
   k::Params p{};
   p.query = query.data_ptr();
@@ -194,7 +189,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& query,
   const int WM = p.M <= 16 ? 1 : (p.M <= 32 ? 2 : 4);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = query.get_device();
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "tree_attention_cuda: device index ", device);
+  TORCH_CHECK(device >= 0 && device < kMaxDevices,
+              cat("tree_attention_cuda: device index ", device));
   switch (dtype) {
     case at::kFloat: run<float>(p, false, WM, device, query, stream); break;
     case at::kHalf: run<__half>(p, use_mma, WM, device, query, stream); break;
