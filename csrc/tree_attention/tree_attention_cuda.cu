@@ -1,7 +1,7 @@
 // CUDA launcher of tree_attention: checks the inputs (shared check function), picks the kernel
 // (tensor-core path for fp16/bf16 with D in {64, 128, 256}, CUDA-core path otherwise), the number
-// of key splits (enough blocks to fill the GPU twice), and launches on the current stream. No
-// host synchronisation: cache_lens is read (and clamped) on the device.
+// of key splits (whole waves of resident blocks, see choose_splits), and launches on the current
+// stream. No host synchronisation: cache_lens is read (and clamped) on the device.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -13,6 +13,7 @@
 #include "tree_attention_kernels.cuh"
 
 namespace ptp {
+
 namespace {
 
 namespace k = tree_attention_kernels;
@@ -29,61 +30,56 @@ int sm_count(int device) {
   return cache[device];
 }
 
-// Splits of the key range so that B * Hkv * row_tiles * splits blocks fill the GPU about twice;
-// at least `min_keys` keys per split (the real lengths are on the device, S_max bounds them).
-int choose_splits(int64_t base_blocks, int64_t S_max, int sms, int min_keys) {
-  const int64_t target = 2 * static_cast<int64_t>(sms);
-  int64_t splits = (target + base_blocks - 1) / base_blocks;
-  const int64_t by_len = (S_max + min_keys - 1) / min_keys;
-  splits = std::min<int64_t>(splits, std::max<int64_t>(by_len, 1));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, 256)));
+// Splits of the key range. `slots` = blocks resident at once on the whole GPU (SMs x occupancy),
+// `base` = blocks per split (B * Hkv * row_tiles). A block costs about (keys / splits + kOverhead)
+// key-times, and blocks run in waves of `slots`: pick the split count minimising
+// waves(splits) * (S_max / splits + kOverhead), i.e. fill the last wave instead of spilling a few
+// blocks into a second one (288 blocks on 264 slots ran ~1.6x slower than 256). The real lengths
+// are on the device; S_max bounds them. At least `min_keys` keys per split, at most 256 splits.
+int choose_splits(int64_t base, int64_t S_max, int64_t slots, int min_keys) {
+  constexpr int64_t kOverhead = 192;  // keys-equivalent of a block's prologue / epilogue / merge
+  const int64_t max_splits =
+      std::max<int64_t>(1, std::min<int64_t>(k::kMaxSplits, (S_max + min_keys - 1) / min_keys));
+  int64_t best = 1;
+  double best_cost = 1e30;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t waves = (base * s + slots - 1) / slots;
+    const double cost = static_cast<double>(waves) *
+                        (static_cast<double>(S_max) / static_cast<double>(s) + kOverhead);
+    if (cost < best_cost * 0.999) {  // ties: fewer splits (less merge work)
+      best_cost = cost;
+      best = s;
+    }
+  }
+  return static_cast<int>(best);
 }
 
-template <typename scalar_t, int D, int STAGES>
-void launch_mma(const k::Params& p, int WM, int device, cudaStream_t stream) {
-  constexpr size_t smem = k::mma_smem_bytes<D, STAGES>();
-  auto kernel = k::attention_mma_kernel<scalar_t, D, STAGES>;
-  static bool configured[kMaxDevices] = {};  // the attribute is set per device
-  if (!configured[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-    configured[device] = true;
-  }
-  dim3 grid(p.row_tiles * p.num_splits, p.Hkv, p.B);
-  kernel<<<grid, k::kMmaThreads, smem, stream>>>(p, WM);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t>
-void launch_fma(const k::Params& p, int device, cudaStream_t stream) {
-  const size_t smem = k::fma_smem_bytes(p.D);
-  auto kernel = k::attention_fma_kernel<scalar_t>;
-  static bool configured[kMaxDevices] = {};
-  if (!configured[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(k::fma_smem_bytes(k::kFmaMaxD))));
-    configured[device] = true;
-  }
-  dim3 grid(p.row_tiles * p.num_splits, p.Hkv, p.B);
-  kernel<<<grid, k::kFmaThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// Resident blocks per SM of `kernel` (cached per kernel and device by the caller's statics).
+int blocks_per_sm(const void* kernel, int threads, size_t smem) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  return n > 0 ? n : 1;
 }
 
 template <typename scalar_t>
 void launch_merge(const k::Params& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hkv * p.M;
-  const int64_t blocks = (rows + 3) / 4;  // 4 warps per block, one row each
-  k::merge_splits_kernel<scalar_t><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
+  const int64_t blocks = (rows + k::kMergeWarps - 1) / k::kMergeWarps;  // one warp per row
+  k::merge_splits_kernel<scalar_t>
+      <<<static_cast<unsigned>(blocks), 32 * k::kMergeWarps, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t>
-void run(k::Params& p, bool use_mma, int WM, int device, const at::Tensor& query,
-         cudaStream_t stream) {
-  const int rows_per_tile = use_mma ? 16 * WM : k::kFmaRows;
+// Picks the split count for `kernel` (rows_per_tile query rows per block, `threads`, `smem`
+// bytes; `bps` = its resident blocks per SM), allocates the partials, launches the attention
+// kernel and, with several splits, the merge.
+template <typename scalar_t, typename Kernel, typename... Args>
+void run_kernel(k::Params& p, Kernel kernel, int threads, size_t smem, int rows_per_tile, int bps,
+                int device, const at::Tensor& query, cudaStream_t stream, Args... args) {
   p.row_tiles = (p.M + rows_per_tile - 1) / rows_per_tile;
   const int64_t base = static_cast<int64_t>(p.B) * p.Hkv * p.row_tiles;
-  p.num_splits = choose_splits(base, p.S_max, sm_count(device), 256);
+  const int64_t slots = static_cast<int64_t>(sm_count(device)) * bps;
+  p.num_splits = choose_splits(base, p.S_max, slots, 256);
   at::Tensor part_o, part_lse;
   if (p.num_splits > 1) {
     const int64_t rows = static_cast<int64_t>(p.num_splits) * p.B * p.Hkv * p.M;
@@ -93,18 +89,54 @@ void run(k::Params& p, bool use_mma, int WM, int device, const at::Tensor& query
     p.part_o = part_o.data_ptr<float>();
     p.part_lse = part_lse.data_ptr<float>();
   }
+  dim3 grid(p.row_tiles * p.num_splits, p.Hkv, p.B);
+  kernel<<<grid, threads, smem, stream>>>(p, args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.num_splits > 1) launch_merge<scalar_t>(p, stream);
+}
+
+template <typename scalar_t, int D, int STAGES>
+void run_mma(k::Params& p, int WM, int device, const at::Tensor& query, cudaStream_t stream) {
+  constexpr size_t smem = k::mma_smem_bytes<D, STAGES>();
+  auto kernel = k::attention_mma_kernel<scalar_t, D, STAGES>;
+  static int bps[kMaxDevices] = {};  // attribute set + occupancy, per device
+  if (bps[device] == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    bps[device] = blocks_per_sm(reinterpret_cast<const void*>(kernel), k::kMmaThreads, smem);
+  }
+  run_kernel<scalar_t>(p, kernel, k::kMmaThreads, smem, 16 * WM, bps[device], device, query,
+                       stream, WM);
+}
+
+template <typename scalar_t>
+void run_fma(k::Params& p, int device, const at::Tensor& query, cudaStream_t stream) {
+  const size_t smem = k::fma_smem_bytes(p.D);
+  auto kernel = k::attention_fma_kernel<scalar_t>;
+  static bool configured[kMaxDevices] = {};
+  if (!configured[device]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(k::fma_smem_bytes(k::kFmaMaxD))));
+    configured[device] = true;
+  }
+  const int bps = blocks_per_sm(reinterpret_cast<const void*>(kernel), k::kFmaThreads, smem);
+  run_kernel<scalar_t>(p, kernel, k::kFmaThreads, smem, k::kFmaRows, bps, device, query, stream);
+}
+
+template <typename scalar_t>
+void run(k::Params& p, bool use_mma, int WM, int device, const at::Tensor& query,
+         cudaStream_t stream) {
   if (use_mma) {
     if constexpr (!std::is_same_v<scalar_t, float>) {
       switch (p.D) {
-        case 64: launch_mma<scalar_t, 64, 3>(p, WM, device, stream); break;
-        case 128: launch_mma<scalar_t, 128, 3>(p, WM, device, stream); break;
-        default: launch_mma<scalar_t, 256, 2>(p, WM, device, stream); break;
+        case 64: run_mma<scalar_t, 64, 3>(p, WM, device, query, stream); break;
+        case 128: run_mma<scalar_t, 128, 3>(p, WM, device, query, stream); break;
+        default: run_mma<scalar_t, 256, 2>(p, WM, device, query, stream); break;
       }
     }
   } else {
-    launch_fma<scalar_t>(p, device, stream);
+    run_fma<scalar_t>(p, device, query, stream);
   }
-  if (p.num_splits > 1) launch_merge<scalar_t>(p, stream);
 }
 
 }  // namespace
@@ -123,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& query,
   at::Tensor lse = at::empty({B, Hq, T}, query.options().dtype(at::kFloat));
   if (B == 0 || Hq == 0) return {out, lse};
   TORCH_CHECK(S <= INT32_MAX && B * T * Hq <= INT32_MAX && B <= 65535 && Hkv <= 65535,
-              "tree_attention_cuda: sizes exceed the launch / 32-bit index range (B=", B,
-              ", T=", T, ", H_q=", Hq, ", H_kv=", Hkv, ", S_max=", S, ")");
+              cat("tree_attention_cuda: sizes exceed the launch / 32-bit index range (B=", B,
+              ", T=", T, ", H_q=", Hq, ", H_kv=", Hkv, ", S_max=", S, ")"));
 
   k::Params p{};
   p.query = query.data_ptr();
@@ -157,7 +189,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& query,
   const int WM = p.M <= 16 ? 1 : (p.M <= 32 ? 2 : 4);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = query.get_device();
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "tree_attention_cuda: device index ", device);
+  TORCH_CHECK(device >= 0 && device < kMaxDevices,
+              cat("tree_attention_cuda: device index ", device));
   switch (dtype) {
     case at::kFloat: run<float>(p, false, WM, device, query, stream); break;
     case at::kHalf: run<__half>(p, use_mma, WM, device, query, stream); break;
