@@ -34,20 +34,25 @@ def _verify_tree_ref(draft_tokens, parents, target_logits, draft_probs=None, uni
 
 
 @contextlib.contextmanager
-def reference_ops():
-    saved = ops.tree_attention, ops.verify_tree
-    ops.tree_attention, ops.verify_tree = _tree_attention_ref, _verify_tree_ref
+def reference_ops(names=("tree_attention", "verify_tree")):
+    refs = {"tree_attention": _tree_attention_ref, "verify_tree": _verify_tree_ref}
+    saved = {n: getattr(ops, n) for n in names}
+    for n in names:
+        setattr(ops, n, refs[n])
     try:
         yield
     finally:
-        ops.tree_attention, ops.verify_tree = saved
+        for n, f in saved.items():
+            setattr(ops, n, f)
 
 
 def maybe_reference_ops():
-    """``reference_ops()`` when ``PTP_TEST_REFERENCE_OPS=1``, else a no-op context."""
-    if os.environ.get("PTP_TEST_REFERENCE_OPS") == "1":
-        return reference_ops()
-    return contextlib.nullcontext()
+    """``PTP_TEST_REFERENCE_OPS=1`` (all ops) or a comma list of op names: route those to the
+    references; otherwise a no-op context."""
+    flag = os.environ.get("PTP_TEST_REFERENCE_OPS", "")
+    if not flag or flag == "0":
+        return contextlib.nullcontext()
+    return reference_ops() if flag == "1" else reference_ops(tuple(flag.split(",")))
 
 
 @torch.inference_mode()
