@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -26,6 +27,10 @@
 #endif
 
 #include "tree_attention.h"
+
+// The baseline copy of the kernel passes 32-byte vectors between inline helpers only: no ABI
+// concern.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace ptp {
 
@@ -37,19 +42,15 @@ struct UnitArgs {
   int64_t q_stride_t;  // elements between query tokens (H_q * D)
   const bool* mask;    // [T, T] or nullptr (causal)
   float scale2;        // scale * log2(e)
-  float* acc;          // [R2, Dp] unnormalised output (R2 = R rounded up to even)
-  float* m;            // [R2] running max (base 2)
-  float* l;            // [R2] running sum
+  float* acc;          // [R, Dp] unnormalised output 
+  float* m;            // [R] running max (base 2)
+  float* l;            // [R] running sum
   float* work;         // scratch: work_floats() floats
 };
 
-// The baseline copy passes 32-byte vectors between inline helpers only: no ABI concern.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
 namespace ta_base {
 #include "tree_attention_cpu_kernel.h"
 }  // namespace ta_base
-#pragma GCC diagnostic pop
 
 #ifdef PTP_TA_HAVE_X86
 #if defined(__clang__)
@@ -88,7 +89,7 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
                          const bool* mask, double scale, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = query.size(0), T = query.size(1), Hq = query.size(2), D = query.size(3);
   const int64_t Hkv = key_cache.size(1), S = key_cache.size(2), G = Hq / Hkv;
-  const int64_t R = T * G, R2 = R + (R & 1);
+  const int64_t R = T * G;
   const int64_t Dp = (D + ta_base::kW - 1) / ta_base::kW * ta_base::kW;
   const int64_t BK = ta_base::kBK;
 
@@ -100,8 +101,8 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
   nsplit = std::min(nsplit, std::max<int64_t>(1, max_keys / 512));
   const int64_t units = B * Hkv * nsplit;
 
-  std::vector<float> part_acc(static_cast<size_t>(units * R2 * Dp));
-  std::vector<float> part_m(static_cast<size_t>(units * R2)), part_l(part_m.size());
+  std::vector<float> part_acc(static_cast<size_t>(units * R * Dp));
+  std::vector<float> part_m(static_cast<size_t>(units * R)), part_l(part_m.size());
   const float scale2 = static_cast<float>(scale * M_LOG2E);
   const scalar_t* qp = query.data_ptr<scalar_t>();
   const scalar_t* kp = key_cache.data_ptr<scalar_t>();
@@ -110,7 +111,7 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
 
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> work(static_cast<size_t>(
-        ta_base::work_floats(static_cast<int>(R2), static_cast<int>(D), static_cast<int>(Dp))));
+        ta_base::work_floats(static_cast<int>(R), static_cast<int>(D), static_cast<int>(Dp))));
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t bh = u / nsplit, sp = u % nsplit, b = bh / Hkv, h = bh % Hkv;
       const int64_t n_keys = lens[b] + T;
@@ -126,9 +127,9 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
       a.q_stride_t = Hq * D;
       a.mask = mask ? mask + b * T * T : nullptr;
       a.scale2 = scale2;
-      a.acc = part_acc.data() + u * R2 * Dp;
-      a.m = part_m.data() + u * R2;
-      a.l = part_l.data() + u * R2;
+      a.acc = part_acc.data() + u * R * Dp;
+      a.m = part_m.data() + u * R;
+      a.l = part_l.data() + u * R;
       a.work = work.data();
       const scalar_t* q = qp + b * T * Hq * D + h * G * D;
       const scalar_t* k = kp + (b * Hkv + h) * S * D;
@@ -153,7 +154,7 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
       for (int64_t r = 0; r < R; ++r) {
         const int64_t t = r / G, hq = h * G + r % G;
         float M = -INFINITY;
-        for (int64_t sp = 0; sp < nsplit; ++sp) M = std::max(M, part_m[(bh * nsplit + sp) * R2 + r]);
+        for (int64_t sp = 0; sp < nsplit; ++sp) M = std::max(M, part_m[(bh * nsplit + sp) * R + r]);
         scalar_t* dst = op + ((b * T + t) * Hq + hq) * D;
         float* lse_dst = lp + (b * Hq + hq) * T + t;
         if (M == -INFINITY) {  // the row sees no key
@@ -165,11 +166,11 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
         float l = 0.f;
         for (int64_t sp = 0; sp < nsplit; ++sp) {
           const int64_t u = bh * nsplit + sp;
-          const float m = part_m[u * R2 + r];
+          const float m = part_m[u * R + r];
           if (m == -INFINITY) continue;
           const float w = std::exp2(m - M);
-          l += w * part_l[u * R2 + r];
-          const float* acc = part_acc.data() + (u * R2 + r) * Dp;
+          l += w * part_l[u * R + r];
+          const float* acc = part_acc.data() + (u * R + r) * Dp;
           for (int64_t d = 0; d < D; ++d) o[d] += w * acc[d];
         }
         const float inv = 1.f / l;

@@ -8,8 +8,8 @@
 //
 // Per block of BK keys: K is converted to float and transposed to Kt [D][BK] (so the scores of a
 // query row are an outer-product accumulation along contiguous keys, no horizontal sums) and V to
-// Vt [BK][Dp]; then for each pair of query rows: scores (8 vector accumulators), mask, online
-// softmax update, and P @ V accumulated in 32-float chunks of the head dim held in registers.
+// Vt [BK][Dp]; then for each pair of query rows (one row for an odd last): scores (8 vector
+// accumulators), mask, online softmax update, and P @ V accumulated in 32-float chunks of the head dim held in registers.
 
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
@@ -22,7 +22,22 @@ static inline vf vload(const float* p) {
   return v;
 }
 static inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
-static inline vf vset1(float a) { return vf{} + a; }
+static inline vf vset1(float a) { return vf{a, a, a, a, a, a, a, a}; }
+// Broadcast of *p (a single load on AVX2).
+static inline vf vbcast(const float* p) {
+#ifdef PTP_TA_AVX2
+  return _mm256_broadcast_ss(p);
+#else
+  return vset1(*p);
+#endif
+}
+// Keeps a loaded vector in a register: without it GCC folds the load into every FMA that uses
+// it, and the micro-kernels become load-bound (two loads per FMA instead of one per two).
+#ifdef PTP_TA_AVX2
+#define PTP_IN_REG(x) asm("" : "+x"(x))
+#else
+#define PTP_IN_REG(x) (void)0
+#endif
 static inline vf vfma(vf a, vf b, vf c) {
 #ifdef PTP_TA_AVX2
   return _mm256_fmadd_ps(a, b, c);
@@ -87,46 +102,100 @@ inline void to_float<c10::Half>(const c10::Half* src, float* dst, int n) {
 #endif
 
 
-static inline int64_t work_floats(int R2, int D, int Dp) {
-  return static_cast<int64_t>(R2) * D + static_cast<int64_t>(D) * kBK + kBK * Dp + 2 * kBK;
+static inline int64_t work_floats(int R, int D, int Dp) {
+  return static_cast<int64_t>(R) * D + 2 * static_cast<int64_t>(D) * kBK + kBK * Dp + 2 * kBK;
 }
 
-// acc_r = acc_r * alpha + sum_j p[j] * Vt[j] for a pair of rows, over the head dim in 32-float
-// chunks (4 vectors per row held in registers), then an 8-float tail.
-static inline void pv_pair(float* acc0, float* acc1, float a0s, float a1s, const float* p0,
-                           const float* p1, const float* Vt, int n, int Dp) {
-  const vf al0 = vset1(a0s), al1 = vset1(a1s);
+// Kt[d][j] = krows[j][d] for j < kBK, d < D (8 x 8 register transposes on AVX2).
+static inline void transpose_keys(const float* krows, int D, float* Kt) {
+  int d0 = 0;
+#ifdef PTP_TA_AVX2
+  for (; d0 + 8 <= D; d0 += 8) {
+    for (int j0 = 0; j0 < kBK; j0 += 8) {
+      const float* src = krows + static_cast<int64_t>(j0) * D + d0;
+      __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + D),
+             r2 = _mm256_loadu_ps(src + 2 * D), r3 = _mm256_loadu_ps(src + 3 * D),
+             r4 = _mm256_loadu_ps(src + 4 * D), r5 = _mm256_loadu_ps(src + 5 * D),
+             r6 = _mm256_loadu_ps(src + 6 * D), r7 = _mm256_loadu_ps(src + 7 * D);
+      __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+             t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+             t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+             t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+             u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+             u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+             u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* dst = Kt + static_cast<int64_t>(d0) * kBK + j0;
+      _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(dst + kBK, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(dst + 2 * kBK, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(dst + 3 * kBK, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(dst + 4 * kBK, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(dst + 5 * kBK, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(dst + 6 * kBK, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(dst + 7 * kBK, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+#endif
+  for (; d0 < D; ++d0)
+    for (int j = 0; j < kBK; ++j) Kt[static_cast<int64_t>(d0) * kBK + j] = krows[static_cast<int64_t>(j) * D + d0];
+}
+
+// acc_r = acc_r * alpha_r + sum_j p_r[j] * Vt[j] for NR (1 or 2) rows, over the head dim in
+// 32-float chunks (4 vectors per row held in registers), then an 8-float tail.
+template <int NR>
+static inline void pv_rows(float* acc, int64_t acc_stride, const float* alpha, const float* p,
+                           const float* Vt, int n, int Dp) {
+  vf al[NR];
+  for (int r = 0; r < NR; ++r) al[r] = vset1(alpha[r]);
   int dc = 0;
   for (; dc + 4 * kW <= Dp; dc += 4 * kW) {
-    vf x0[4], x1[4];
-    for (int i = 0; i < 4; ++i) {
-      x0[i] = vload(acc0 + dc + i * kW) * al0;
-      x1[i] = vload(acc1 + dc + i * kW) * al1;
-    }
+    vf x[NR][4];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < 4; ++i) x[r][i] = vload(acc + r * acc_stride + dc + i * kW) * al[r];
     for (int j = 0; j < n; ++j) {
-      const vf b0 = vset1(p0[j]), b1 = vset1(p1[j]);
+      vf b[NR];
+      for (int r = 0; r < NR; ++r) b[r] = vbcast(p + r * kBK + j);
       const float* vr = Vt + j * Dp + dc;
       for (int i = 0; i < 4; ++i) {
-        const vf vv = vload(vr + i * kW);
-        x0[i] = vfma(b0, vv, x0[i]);
-        x1[i] = vfma(b1, vv, x1[i]);
+        vf vv = vload(vr + i * kW);
+        PTP_IN_REG(vv);
+        for (int r = 0; r < NR; ++r) x[r][i] = vfma(b[r], vv, x[r][i]);
       }
     }
-    for (int i = 0; i < 4; ++i) {
-      vstore(acc0 + dc + i * kW, x0[i]);
-      vstore(acc1 + dc + i * kW, x1[i]);
-    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < 4; ++i) vstore(acc + r * acc_stride + dc + i * kW, x[r][i]);
   }
   for (; dc < Dp; dc += kW) {
-    vf x0 = vload(acc0 + dc) * al0, x1 = vload(acc1 + dc) * al1;
+    vf x[NR];
+    for (int r = 0; r < NR; ++r) x[r] = vload(acc + r * acc_stride + dc) * al[r];
     for (int j = 0; j < n; ++j) {
-      const vf vv = vload(Vt + j * Dp + dc);
-      x0 = vfma(vset1(p0[j]), vv, x0);
-      x1 = vfma(vset1(p1[j]), vv, x1);
+      vf vv = vload(Vt + j * Dp + dc);
+      PTP_IN_REG(vv);
+      for (int r = 0; r < NR; ++r) x[r] = vfma(vbcast(p + r * kBK + j), vv, x[r]);
     }
-    vstore(acc0 + dc, x0);
-    vstore(acc1 + dc, x1);
+    for (int r = 0; r < NR; ++r) vstore(acc + r * acc_stride + dc, x[r]);
   }
+}
+
+// Raw scores of NR query rows (Qf rows, stride D) against the kBK keys of Kt into p[NR][kBK].
+template <int NR>
+static inline void qk_rows(const float* q, int D, const float* Kt, float* p) {
+  vf s[NR][kBK / kW];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < kBK / kW; ++i) s[r][i] = vf{};
+  for (int d = 0; d < D; ++d) {
+    vf b[NR];
+    for (int r = 0; r < NR; ++r) b[r] = vbcast(q + r * D + d);
+    const float* kt = Kt + d * kBK;
+    for (int i = 0; i < kBK / kW; ++i) {
+      vf kk = vload(kt + i * kW);
+      PTP_IN_REG(kk);
+      for (int r = 0; r < NR; ++r) s[r][i] = vfma(b[r], kk, s[r][i]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < kBK / kW; ++i) vstore(p + r * kBK + i * kW, s[r][i]);
 }
 
 // Turns the raw scores s[kBK] of one row into probabilities in place and updates (m, l);
@@ -157,14 +226,37 @@ static inline float softmax_update(float* s, float& m, float& l) {
   return alpha;
 }
 
+// One block of keys for NR query rows starting at r: scores, masks, online softmax, P @ V.
+template <int NR>
+static inline void rows_step(const UnitArgs& a, int r, const float* Qf, const float* Kt, float* P,
+                             const float* vrows, int64_t kb, int n, bool in_new) {
+  qk_rows<NR>(Qf + static_cast<int64_t>(r) * a.D, a.D, Kt, P);
+  float alpha[NR];
+  for (int rr = 0; rr < NR; ++rr) {
+    float* p = P + rr * kBK;
+    for (int j = n; j < kBK; ++j) p[j] = -INFINITY;
+    if (in_new) {
+      const int t = (r + rr) / a.G;
+      for (int j = static_cast<int>(std::max<int64_t>(0, a.L - kb)); j < n; ++j) {
+        const int64_t jj = kb + j - a.L;  // index of the new token
+        const bool vis = a.mask ? a.mask[static_cast<int64_t>(t) * a.T + jj] : jj <= t;
+        if (!vis) p[j] = -INFINITY;
+      }
+    }
+    alpha[rr] = softmax_update(p, a.m[r + rr], a.l[r + rr]);
+  }
+  pv_rows<NR>(a.acc + static_cast<int64_t>(r) * a.Dp, a.Dp, alpha, P, vrows, n, a.Dp);
+}
+
 template <typename scalar_t>
 void attend_unit(const scalar_t* q, const scalar_t* k, const scalar_t* v, const UnitArgs& a) {
   const int T = a.T, G = a.G, D = a.D, Dp = a.Dp;
-  const int R = T * G, R2 = R + (R & 1);
-  float* Qf = a.work;                          // [R2, D], pre-scaled by scale * log2(e)
-  float* Kt = Qf + static_cast<int64_t>(R2) * D;  // [D, kBK]
+  const int R = T * G;
+  float* Qf = a.work;                          // [R, D], pre-scaled by scale * log2(e)
+  float* Kt = Qf + static_cast<int64_t>(R) * D;  // [D, kBK]
   float* Vt = Kt + static_cast<int64_t>(D) * kBK; // [kBK, Dp]
-  float* P = Vt + kBK * Dp;                    // [2, kBK]
+  float* Kf = Vt + kBK * Dp;                   // [kBK, D]
+  float* P = Kf + static_cast<int64_t>(kBK) * D;  // [2, kBK]
 
   // Query rows r = t * G + g (query head h * G + g of token t).
   for (int r = 0; r < R; ++r) {
@@ -172,64 +264,51 @@ void attend_unit(const scalar_t* q, const scalar_t* k, const scalar_t* v, const 
     to_float(q + t * a.q_stride_t + static_cast<int64_t>(g) * D, Qf + static_cast<int64_t>(r) * D, D);
     for (int d = 0; d < D; ++d) Qf[static_cast<int64_t>(r) * D + d] *= a.scale2;
   }
-  if (R2 != R) std::fill(Qf + static_cast<int64_t>(R) * D, Qf + static_cast<int64_t>(R2) * D, 0.f);
-  std::fill(a.acc, a.acc + static_cast<int64_t>(R2) * Dp, 0.f);
-  std::fill(a.m, a.m + R2, -INFINITY);
-  std::fill(a.l, a.l + R2, 0.f);
-  std::fill(Vt, Vt + kBK * Dp, 0.f);  // zero padding columns D..Dp and tail rows stay zero
-  std::fill(Kt, Kt + static_cast<int64_t>(D) * kBK, 0.f);
+  std::fill(a.acc, a.acc + static_cast<int64_t>(R) * Dp, 0.f);
+  std::fill(a.m, a.m + R, -INFINITY);
+  std::fill(a.l, a.l + R, 0.f);
+  std::fill(Vt, Vt + kBK * Dp, 0.f);  // padding columns D..Dp stay zero
 
-  float tmp[256];
+  // fp32 caches with D % 8 == 0 are read in place (full blocks); anything else goes through Kf
+  // (converted keys, zero-padded to kBK rows) and Vt (converted values, padded to Dp columns).
+  constexpr bool kIsFloat = std::is_same<scalar_t, float>::value;
+  const bool direct = kIsFloat && D == Dp;
   for (int64_t kb = a.kbeg; kb < a.kend; kb += kBK) {
     const int n = static_cast<int>(std::min<int64_t>(kBK, a.kend - kb));
-    for (int j = 0; j < n; ++j) {
-      to_float(k + (kb + j) * D, tmp, D);
-      for (int d = 0; d < D; ++d) Kt[d * kBK + j] = tmp[d];
-      to_float(v + (kb + j) * D, Vt + j * Dp, D);
+#ifdef PTP_TA_AVX2
+    // Prefetch the next block's keys and values (one block of compute hides DRAM latency).
+    if (kb + kBK < a.kend) {
+      const int n2 = static_cast<int>(std::min<int64_t>(kBK, a.kend - kb - kBK));
+      const char* k2 = reinterpret_cast<const char*>(k + (kb + kBK) * D);
+      const char* v2 = reinterpret_cast<const char*>(v + (kb + kBK) * D);
+      const int64_t bytes = static_cast<int64_t>(n2) * D * sizeof(scalar_t);
+      for (int64_t off = 0; off < bytes; off += 64) {
+        _mm_prefetch(k2 + off, _MM_HINT_T0);
+        _mm_prefetch(v2 + off, _MM_HINT_T0);
+      }
     }
-    if (n < kBK) {  // stale keys of the previous block: zero them (p = 0 must not meet inf/NaN)
-      for (int d = 0; d < D; ++d) std::fill(Kt + d * kBK + n, Kt + (d + 1) * kBK, 0.f);
-      std::fill(Vt + n * Dp, Vt + kBK * Dp, 0.f);
+#endif
+    const float* krows;  // [kBK, D]
+    const float* vrows;  // [>= n, Dp]
+    if (direct && n == kBK) {
+      krows = reinterpret_cast<const float*>(k + kb * D);
+    } else {
+      for (int j = 0; j < n; ++j) to_float(k + (kb + j) * D, Kf + static_cast<int64_t>(j) * D, D);
+      std::fill(Kf + static_cast<int64_t>(n) * D, Kf + static_cast<int64_t>(kBK) * D, 0.f);
+      krows = Kf;
     }
+    if (direct) {
+      vrows = reinterpret_cast<const float*>(v + kb * D);
+    } else {
+      for (int j = 0; j < n; ++j) to_float(v + (kb + j) * D, Vt + j * Dp, D);
+      vrows = Vt;
+    }
+    transpose_keys(krows, D, Kt);
     const bool in_new = kb + n > a.L;  // the block reaches the new tokens (tree mask applies)
-    for (int r = 0; r < R2; r += 2) {
-      // scores of rows r, r + 1 against the kBK keys
-      vf s0[kBK / kW], s1[kBK / kW];
-      for (int i = 0; i < kBK / kW; ++i) s0[i] = s1[i] = vf{};
-      const float* q0 = Qf + static_cast<int64_t>(r) * D;
-      const float* q1 = q0 + D;
-      for (int d = 0; d < D; ++d) {
-        const vf b0 = vset1(q0[d]), b1 = vset1(q1[d]);
-        const float* kt = Kt + d * kBK;
-        for (int i = 0; i < kBK / kW; ++i) {
-          const vf kk = vload(kt + i * kW);
-          s0[i] = vfma(b0, kk, s0[i]);
-          s1[i] = vfma(b1, kk, s1[i]);
-        }
-      }
-      float* p0 = P;
-      float* p1 = P + kBK;
-      for (int i = 0; i < kBK / kW; ++i) {
-        vstore(p0 + i * kW, s0[i]);
-        vstore(p1 + i * kW, s1[i]);
-      }
-      for (int j = n; j < kBK; ++j) p0[j] = p1[j] = -INFINITY;
-      if (r + 1 >= R) std::fill(p1, p1 + kBK, -INFINITY);  // padding row
-      if (in_new) {
-        for (int rr = 0; rr < 2 && r + rr < R; ++rr) {
-          const int t = (r + rr) / G;
-          float* p = rr ? p1 : p0;
-          for (int j = static_cast<int>(std::max<int64_t>(0, a.L - kb)); j < n; ++j) {
-            const int64_t jj = kb + j - a.L;  // index of the new token
-            const bool vis = a.mask ? a.mask[static_cast<int64_t>(t) * T + jj] : jj <= t;
-            if (!vis) p[j] = -INFINITY;
-          }
-        }
-      }
-      const float al0 = softmax_update(p0, a.m[r], a.l[r]);
-      const float al1 = softmax_update(p1, a.m[r + 1], a.l[r + 1]);
-      pv_pair(a.acc + static_cast<int64_t>(r) * Dp, a.acc + static_cast<int64_t>(r + 1) * Dp, al0,
-              al1, p0, p1, Vt, n, Dp);
-    }
+    int r = 0;
+    for (; r + 2 <= R; r += 2) rows_step<2>(a, r, Qf, Kt, P, vrows, kb, n, in_new);
+    if (r < R) rows_step<1>(a, r, Qf, Kt, P, vrows, kb, n, in_new);
   }
 }
+
+#undef PTP_IN_REG

@@ -1,10 +1,321 @@
+// verify_tree on the CPU: batched acceptance of draft trees (greedy / coupled / rejection).
+//
+// The outcome at a node (the target's token, or which child is accepted and the fallback token)
+// depends only on that node's logits, its children and the uniforms, so nodes are independent.
+// Two schedules, same results: with few rows, every reachable node is computed in parallel
+// (at::parallel_for over (row, node)) and the rows are then walked from the root; with many rows,
+// each row is walked lazily in parallel over rows, computing only the nodes on its path.
+//
+// Numerics follow ptp_ext.reference exactly: x = float(logits) / float(temperature); top-k by
+// (value desc, id asc); softmax and the float32 sums are ATen's own CPU kernels called on the
+// row (so the probabilities are bit-identical to sampling_probs); top-p uses the reference's
+// float32 `cumsum - p` rule; the CDF of Pick is accumulated in float64; the rejection residual
+// is float64, like verify_tree_ref.
 #include "verify.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/_softmax_cpu_dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/sum_cpu_dispatch.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
 namespace ptp {
+namespace {
+
+struct Config {
+  VerifyMode mode;
+  double temperature;
+  int64_t top_k;
+  double top_p;
+};
+
+// Per-thread buffers, reused across the nodes a thread computes.
+struct Scratch {
+  std::vector<float> x, p;
+  std::vector<double> pd, pd2;
+  std::vector<int32_t> idx;
+  std::vector<uint8_t> keep;
+  explicit Scratch(int64_t V) : x(V), p(V) {}
+};
+
+// Node result: the accepted child (-1: none) and, when none, the next token.
+struct Outcome {
+  int64_t child = -1;
+  int64_t token = 0;
+};
+
+// Lowest index of the maximum; NaN counts as the maximum, like torch.argmax.
+template <typename T>
+int64_t argmax_row(const T* row, int64_t V) {
+  int64_t best = 0;
+  float bv = static_cast<float>(row[0]);
+  for (int64_t i = 1; i < V; ++i) {
+    const float v = static_cast<float>(row[i]);
+    if (std::isnan(bv)) break;
+    if (v > bv || std::isnan(v)) {
+      bv = v;
+      best = i;
+    }
+  }
+  return best;
+}
+
+// Pick(u, P) = min{j : F(j) > u}, F accumulated in float64; the last id with p > 0 when rounding
+// leaves F(V-1) <= u.
+template <typename P>
+int64_t pick_row(double u, const P* p, int64_t V) {
+  double cdf = 0.0;
+  for (int64_t i = 0; i < V; ++i) {
+    cdf += static_cast<double>(p[i]);
+    if (cdf > u) return i;
+  }
+  for (int64_t i = V - 1; i >= 0; --i)
+    if (p[i] > 0) return i;
+  return V - 1;
+}
+
+at::Tensor blob(void* data, int64_t V, at::ScalarType dtype) {
+  return at::from_blob(data, {V}, at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
+// sampling_probs(row, temperature > 0, top_k, top_p) into s.p (float32, bit-identical to the
+// reference: same element-wise formulas, ATen's softmax and sum kernels).
+template <typename T>
+void target_probs(const T* row, int64_t V, const Config& cfg, Scratch& s) {
+  float* x = s.x.data();
+  float* p = s.p.data();
+  const float tf = static_cast<float>(cfg.temperature);
+  for (int64_t i = 0; i < V; ++i) x[i] = static_cast<float>(row[i]) / tf;
+  if (cfg.top_k > 0 && cfg.top_k < V) {
+    // k-th largest value tau; keep x > tau, and the lowest ids among x == tau until k are kept
+    // (the stable descending sort of the reference).
+    std::copy(x, x + V, p);
+    std::nth_element(p, p + cfg.top_k - 1, p + V, std::greater<float>());
+    const float tau = p[cfg.top_k - 1];
+    int64_t greater = 0;
+    for (int64_t i = 0; i < V; ++i) greater += x[i] > tau;
+    int64_t ties = cfg.top_k - greater;
+    for (int64_t i = 0; i < V; ++i) {
+      if (x[i] > tau) continue;
+      if (x[i] == tau && ties > 0) {
+        --ties;
+        continue;
+      }
+      x[i] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  at::Tensor xt = blob(x, V, at::kFloat), pt = blob(p, V, at::kFloat);
+  at::cpu::_softmax_out(pt, xt, 0, false);
+  if (cfg.top_p < 1.0) {
+    // Sort the positive probabilities by (p desc, id asc) a chunk at a time (nth_element, then
+    // sort the chunk) until the mass before the current token is safely past top_p. A token is
+    // kept when float32(cumsum) - p < top_p, the reference's rule evaluated in its own precision.
+    s.idx.resize(V);
+    s.keep.assign(V, 0);
+    int32_t* idx = s.idx.data();
+    int64_t n = 0;
+    for (int64_t i = 0; i < V; ++i)
+      if (p[i] > 0) idx[n++] = static_cast<int32_t>(i);
+    auto cmp = [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); };
+    double cum = 0.0;
+    bool done = false;
+    for (int64_t lo = 0, chunk = 256; lo < n && !done; lo += chunk, chunk *= 2) {
+      const int64_t hi = std::min(n, lo + chunk);
+      if (hi < n) std::nth_element(idx + lo, idx + hi - 1, idx + n, cmp);
+      std::sort(idx + lo, idx + hi, cmp);
+      for (int64_t i = lo; i < hi; ++i) {
+        const float sp = p[idx[i]];
+        // Past this margin no later token can have float32 "before" < top_p.
+        if (cum > cfg.top_p + 1e-4) {
+          done = true;
+          break;
+        }
+        cum += sp;
+        const float before = static_cast<float>(cum) - sp;
+        if (static_cast<double>(before) < cfg.top_p) s.keep[idx[i]] = 1;
+      }
+    }
+    for (int64_t i = 0; i < V; ++i)
+      if (!s.keep[i]) p[i] = 0.0f;
+    const float total = at::cpu::sum(pt, at::IntArrayRef{0}, true).item<float>();
+    for (int64_t i = 0; i < V; ++i) p[i] = p[i] / total;
+  }
+}
+
+// The outcome at node c of row b.
+template <typename T>
+Outcome node_outcome(const T* logits, const float* draft_probs, const int64_t* tokens,
+                     const std::vector<int64_t>& children, const double* u, int64_t depth,
+                     int64_t V, const Config& cfg, Scratch& s) {
+  Outcome out;
+  const bool argmax_only = cfg.mode == VerifyMode::kGreedy || cfg.temperature == 0.0;
+  if (cfg.mode != VerifyMode::kRejection) {
+    if (argmax_only) {
+      out.token = argmax_row(logits, V);
+    } else {
+      target_probs(logits, V, cfg, s);
+      out.token = pick_row(u[depth], s.p.data(), V);
+    }
+    for (int64_t j : children)
+      if (tokens[j] == out.token) {
+        out.child = j;
+        break;
+      }
+    return out;
+  }
+  // Rejection: p = P (float64); child j with token x is accepted when u_j * q_j(x) < p(x); a
+  // rejected child turns p into norm(max(p - q_j, 0)) (unchanged if all zero).
+  s.pd.resize(V);
+  s.pd2.resize(V);
+  double* pd = s.pd.data();
+  double* r = s.pd2.data();
+  if (argmax_only) {
+    std::fill(pd, pd + V, 0.0);
+    pd[argmax_row(logits, V)] = 1.0;
+  } else {
+    target_probs(logits, V, cfg, s);
+    for (int64_t i = 0; i < V; ++i) pd[i] = static_cast<double>(s.p[i]);
+  }
+  for (int64_t j : children) {
+    const int64_t x = tokens[j];
+    const float* q = draft_probs + j * V;
+    if (u[j] * static_cast<double>(q[x]) < pd[x]) {
+      out.child = j;
+      return out;
+    }
+    for (int64_t i = 0; i < V; ++i) r[i] = std::max(pd[i] - static_cast<double>(q[i]), 0.0);
+    const double total = at::cpu::sum(blob(r, V, at::kDouble), at::IntArrayRef{0}, false)
+                             .item<double>();
+    if (total > 0) {
+      for (int64_t i = 0; i < V; ++i) r[i] = r[i] / total;
+      std::swap(pd, r);
+    }
+  }
+  out.token = pick_row(u[0], pd, V);
+  return out;
+}
+
+// The tree of one row: children lists (index order) and depth; nodes not reachable from the root
+// (padding, or under padding) get depth -1.
+struct RowTree {
+  std::vector<std::vector<int64_t>> children;
+  std::vector<int64_t> depth;
+};
+
+RowTree build_tree(const int64_t* parents, int64_t N1) {
+  RowTree t;
+  t.children.resize(N1);
+  t.depth.assign(N1, -1);
+  t.depth[0] = 0;
+  for (int64_t i = 1; i < N1; ++i) {
+    const int64_t pi = parents[i];
+    if (pi < 0 || pi >= i || t.depth[pi] < 0) continue;
+    t.depth[i] = t.depth[pi] + 1;
+    t.children[pi].push_back(i);
+  }
+  return t;
+}
+
+template <typename T>
+void verify_impl(const at::Tensor& draft_tokens, const at::Tensor& parents,
+                 const at::Tensor& target_logits, const float* draft_probs,
+                 const std::vector<double>& uniforms, const Config& cfg, at::Tensor& num_accepted,
+                 at::Tensor& accepted_nodes, at::Tensor& next_token) {
+  const int64_t B = target_logits.size(0), N1 = target_logits.size(1), V = target_logits.size(2);
+  const T* logits = target_logits.data_ptr<T>();
+  const int64_t* tokens = draft_tokens.data_ptr<int64_t>();
+  const int64_t* par = parents.data_ptr<int64_t>();
+  int64_t* out_num = num_accepted.data_ptr<int64_t>();
+  int64_t* out_nodes = accepted_nodes.data_ptr<int64_t>();
+  int64_t* out_next = next_token.data_ptr<int64_t>();
+  const double* u = uniforms.empty() ? nullptr : uniforms.data();
+  static const double kZero[1] = {0.0};
+
+  std::vector<RowTree> trees(B);
+  for (int64_t b = 0; b < B; ++b) trees[b] = build_tree(par + b * N1, N1);
+
+  auto compute = [&](int64_t b, int64_t c, Scratch& s) {
+    return node_outcome<T>(logits + (b * N1 + c) * V,
+                           draft_probs ? draft_probs + b * N1 * V : nullptr, tokens + b * N1,
+                           trees[b].children[c], u ? u + b * N1 : kZero, trees[b].depth[c], V,
+                           cfg, s);
+  };
+  auto walk = [&](int64_t b, auto&& outcome_of) {
+    int64_t c = 0, n = 0;
+    int64_t* path = out_nodes + b * N1;
+    path[0] = 0;
+    while (true) {
+      const Outcome o = outcome_of(c);
+      if (o.child < 0) {
+        out_next[b] = o.token;
+        break;
+      }
+      c = o.child;
+      path[++n] = c;
+    }
+    out_num[b] = n;
+  };
+
+  if (B >= 2 * at::get_num_threads()) {
+    // Many rows: walk each row lazily, computing only the nodes on its path.
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Scratch s(V);
+      for (int64_t b = begin; b < end; ++b) walk(b, [&](int64_t c) { return compute(b, c, s); });
+    });
+    return;
+  }
+  // Few rows: every reachable node in parallel, then the walks.
+  std::vector<int64_t> work;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < N1; ++c)
+      if (trees[b].depth[c] >= 0) work.push_back(b * N1 + c);
+  std::vector<Outcome> results(B * N1);
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    Scratch s(V);
+    for (int64_t w = begin; w < end; ++w)
+      results[work[w]] = compute(work[w] / N1, work[w] % N1, s);
+  });
+  for (int64_t b = 0; b < B; ++b) walk(b, [&](int64_t c) { return results[b * N1 + c]; });
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
     const at::Tensor& draft_tokens, const at::Tensor& parents, const at::Tensor& target_logits,
     const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& uniforms,
     c10::string_view mode, double temperature, int64_t top_k, double top_p) {
-  check_verify_inputs(draft_tokens, parents, target_logits, draft_probs, uniforms, mode, temperature, top_k, top_p);
-  TORCH_CHECK(false, "verify_tree_cpu: not implemented yet");
+  const VerifyMode m = check_verify_inputs(draft_tokens, parents, target_logits, draft_probs,
+                                           uniforms, mode, temperature, top_k, top_p);
+  const int64_t B = target_logits.size(0), N1 = target_logits.size(1);
+  const auto opts = draft_tokens.options();
+  at::Tensor num_accepted = at::zeros({B}, opts);
+  at::Tensor accepted_nodes = at::full({B, N1}, -1, opts);
+  at::Tensor next_token = at::zeros({B}, opts);
+  // Uniforms as float64 (the reference reads them with float()).
+  std::vector<double> u;
+  if (m != VerifyMode::kGreedy) {
+    const at::Tensor ud = uniforms->to(at::kDouble).contiguous();
+    u.assign(ud.data_ptr<double>(), ud.data_ptr<double>() + ud.numel());
+  }
+  const float* q = m == VerifyMode::kRejection ? draft_probs->data_ptr<float>() : nullptr;
+  const Config cfg{m, temperature, top_k, top_p};
+  if (B == 0) return {num_accepted, accepted_nodes, next_token};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_logits.scalar_type(),
+                                  "verify_tree_cpu", [&] {
+                                    verify_impl<scalar_t>(draft_tokens, parents, target_logits, q,
+                                                          u, cfg, num_accepted, accepted_nodes,
+                                                          next_token);
+                                  });
+  return {num_accepted, accepted_nodes, next_token};
 }
+
 }  // namespace ptp

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (H100/H200; torch 2.11 + CUDA 13.0, Python 3.12, nvcc 13.0,
+# 16 cores, no network): build ptp_ext in place with CUDA for sm_90a, show the kernels' resource
+# usage, run the tests (CUDA ones included) and the CUDA sweeps, then the kernel benchmarks.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh          # OUT defaults to /tmp/ptp-gpu-check
+#
+# Writes (few files, one folder): $OUT/build.log (nvidia-smi, build, ptxas resource usage),
+# $OUT/tests.log (pytest + check_*_cuda.py sweeps), $OUT/kernels.md (benchmark report, for
+# benchmarks/results/), $OUT/kernels.log, $OUT/summary.md. Every stage runs even if an earlier one
+# failed (a failed build still lets you read the log); the whole run is budgeted to ~8 minutes
+# (PTP_GPU_CHECK_BUDGET seconds) and ends with a summary table on stdout.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-/tmp/ptp-gpu-check}"
+mkdir -p "$OUT"
+BUDGET="${PTP_GPU_CHECK_BUDGET:-480}"
+T_START=$(date +%s)
+PY="${PYTHON:-python}"
+export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+ROWS=()
+
+left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
+# run_stage NAME LOG CAP_SECONDS command...: appends to LOG, records status and time.
+run_stage() {
+  local name="$1" log="$2" cap="$3"; shift 3
+  local l; l=$(left)
+  local t=$(( cap < l - 10 ? cap : l - 10 ))
+  local t0 rc
+  t0=$(date +%s)
+  if [ "$t" -lt 15 ]; then
+    ROWS+=("| $name | skipped (time budget spent) | 0 |")
+    echo "== $name: skipped, time budget spent" | tee -a "$log"
+    return 0
+  fi
+  echo "== $name (limit ${t} s, $(date +%H:%M:%S))" | tee -a "$log"
+  # timeout cannot run a shell function: run it in a child bash (functions and vars exported).
+  timeout --kill-after=10 "$t" bash -c "$*" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  local dt=$(( $(date +%s) - t0 )) status="ok"
+  [ "$rc" -eq 0 ] || status="FAILED (exit $rc)"
+  [ "$rc" -eq 124 ] && status="TIMED OUT (${t} s)"
+  [ "$rc" -eq 5 ] && status="FAILED (pytest collected no tests)"
+  ROWS+=("| $name | $status | $dt |")
+  echo "== $name: $status in ${dt} s" | tee -a "$log"
+}
+
+env_info() {
+  nvidia-smi 2>&1 || echo "nvidia-smi failed"
+  "$CUDA_HOME/bin/nvcc" --version 2>/dev/null | tail -2 || nvcc --version | tail -2
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+  echo "cores: $(nproc)"
+  if ! "$PY" -c 'import ninja' 2>/dev/null && ! command -v ninja >/dev/null; then
+    echo "ninja missing: trying a wheel carried in .whl/ (else the build is serial and slow)"
+    "$PY" -m pip install -q --no-index --find-links "$ROOT/.whl" ninja || true
+  fi
+}
+
+build() {
+  rm -f ptp_ext/_C*.so
+  # -Xptxas=-v: ptxas prints registers / shared memory / spills of every kernel into the log.
+  NVCC_APPEND_FLAGS="-Xptxas=-v" TORCH_CUDA_ARCH_LIST="9.0a" PTP_WITH_CUDA=1 CFLAGS="-g0" \
+    "$PY" setup.py build_ext --inplace -j "$MAX_JOBS" || return
+  "$PY" -c 'import ptp_ext, sys; print("ptp_ext.with_cuda() =", ptp_ext.with_cuda()); sys.exit(0 if ptp_ext.with_cuda() else 1)'
+}
+
+resource_usage() {
+  local so cuobjdump
+  so="$(ls ptp_ext/_C*.so 2>/dev/null | head -1)"
+  [ -n "$so" ] || { echo "no ptp_ext/_C*.so"; return 1; }
+  cuobjdump="$(command -v cuobjdump || echo "$CUDA_HOME/bin/cuobjdump")"
+  if [ -x "$cuobjdump" ]; then
+    "$cuobjdump" --dump-resource-usage "$so" | c++filt | grep -E 'Function|REG|Resource' | head -n 200
+  else
+    echo "cuobjdump not found: see the ptxas lines in build.log"
+  fi
+  echo "-- ptxas summary (from the build):"
+  grep -E "Compiling entry function|Used [0-9]+ registers|spill" "$OUT/build.log" \
+    | sed -E 's/^.*ptxas info *: *//' | c++filt | head -n 200 || true
+}
+
+pytest_cuda() {
+  "$PY" -m pytest -q tests -m "cuda or not slow" -ra -p no:cacheprovider
+}
+
+sweeps() {
+  local rc=0 n=0 s
+  for s in benchmarks/check_*_cuda.py; do
+    [ -e "$s" ] || continue
+    n=$((n + 1))
+    echo "-- $s"
+    "$PY" "$s" || { rc=$?; echo "-- $s FAILED (exit $rc)"; }
+  done
+  [ "$n" -gt 0 ] || { echo "no benchmarks/check_*_cuda.py found"; return 1; }
+  return "$rc"
+}
+
+kernels() {
+  "$PY" benchmarks/kernels.py --out "$OUT/kernels.md"
+}
+
+: > "$OUT/build.log"; : > "$OUT/tests.log"; : > "$OUT/kernels.log"
+export ROOT OUT PY
+export -f env_info build resource_usage pytest_cuda sweeps kernels
+run_stage "env" "$OUT/build.log" 60 env_info
+run_stage "build (sm_90a, MAX_JOBS=$MAX_JOBS)" "$OUT/build.log" 240 build
+run_stage "resource usage" "$OUT/build.log" 30 resource_usage
+run_stage "pytest -m 'cuda or not slow'" "$OUT/tests.log" 180 pytest_cuda
+run_stage "check_*_cuda.py sweeps" "$OUT/tests.log" 120 sweeps
+run_stage "kernels.py" "$OUT/kernels.log" 200 kernels
+
+{
+  echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+  echo
+  echo "| stage | result | seconds |"
+  echo "| --- | --- | --- |"
+  printf '%s\n' "${ROWS[@]}"
+  echo
+  echo "pytest: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -1)"
+  echo "total: $(( $(date +%s) - T_START )) s; logs: $OUT/{build.log,tests.log,kernels.log,kernels.md}"
+} > "$OUT/summary.md"
+echo
+cat "$OUT/summary.md"
