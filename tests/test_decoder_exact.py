@@ -208,12 +208,16 @@ def _commits(model, prompt, drafter, **cfg):
 
 
 def test_eos_inside_a_draft(model):
-    prompt = make_prompts(1)[0]
-    full = run(model, [prompt], max_new_tokens=40)[0].new_token_ids
+    # a prompt and an index i whose token is new there and not the last of its step (oracle
+    # steps commit tokens 1..7, 8..14, ...: index 7k closes a step)
+    for prompt in make_prompts(5):
+        full = run(model, [prompt], max_new_tokens=40)[0].new_token_ids
+        cut = next((i for i in range(2, 40) if i % 7 and full[i] not in full[:i]), None)
+        if cut is not None:
+            break
+    assert cut is not None, "no prompt with a fresh token inside a draft"
     _, steps = _commits(model, prompt, OracleDrafter(prompt, full), max_new_tokens=40)
     assert [len(s) for s in steps[:3]] == [1, 7, 7]  # prefill, then 6 accepted + 1 per call
-    # a token first seen in the middle of the third step's accepted draft
-    cut = next(i for i in range(9, 13) if full[i] not in full[:i])
     eos = full[cut]
     res, steps = _commits(model, prompt, OracleDrafter(prompt, full), max_new_tokens=40,
                           eos_token_ids=(eos,))
