@@ -302,3 +302,22 @@ def test_lookup_drafter_trees():
     chain = LookupDrafter(max_draft_tokens=4).propose(DraftRequest([history], [0], 16,
                                                                    SamplingConfig()))
     assert chain.tokens[0].tolist() == [0, 3, 8, 1, 2] and chain.is_chain
+
+
+class _CharTokenizer:
+    """Token id i decodes to one letter: enough to test stop strings without a vocabulary."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stop_string_ends_the_row(model):
+    prompt = make_prompts(1)[0]
+    full = run(model, [prompt], max_new_tokens=40)[0].new_token_ids
+    text = _CharTokenizer().decode(full)
+    stop = text[12:14]
+    end = text.index(stop) + len(stop)  # first occurrence ends at this token
+    for drafter in (None, LookupDrafter(num_branches=2)):
+        res = Decoder(model, _CharTokenizer(), drafter).generate(
+            [prompt], GenerationConfig(40, stop_strings=(stop,)))[0]
+        assert res.new_token_ids == full[:end] and res.finish_reason == "stop"
