@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ptp_ext.reference import sampling_probs
 from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, lora_state_dict, load_lora_state_dict
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "PTPModel",
     "packed_layout",
     "additive_mask",
+    "vector_pick",
 ]
 
 GREEDY_U = 0.5
@@ -246,3 +248,22 @@ class PTPModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.base.lm_head(hidden)
+
+    def slot_tokens(self, slot_logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """Draft tokens from the slots' logits ``[..., k, V]`` and their uniforms ``[..., k]``.
+
+        O-PTP (and any variant at temperature 0): the argmax (ties: lowest id). C-PTP:
+        ``Pick(u_j, sampling_probs(logits_j))`` with the adapter's sampling settings.
+        """
+        c = self.config
+        if c.variant == "optp" or c.temperature == 0:
+            return slot_logits.argmax(dim=-1)
+        return vector_pick(uniforms, sampling_probs(slot_logits, c.temperature, c.top_k, c.top_p))
+
+
+def vector_pick(uniforms: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Batched :func:`ptp_ext.reference.pick`: ``uniforms [...]``, ``probs [..., V]`` -> ``[...]``."""
+    cdf = probs.double().cumsum(dim=-1)
+    idx = (cdf <= uniforms.double().unsqueeze(-1)).sum(dim=-1)
+    last_nonzero = (probs > 0).long().cumsum(-1).argmax(dim=-1)  # rounding: F(V-1) <= u
+    return torch.minimum(idx, last_nonzero)
