@@ -40,6 +40,7 @@ __all__ = [
     "packed_layout",
     "additive_mask",
     "vector_pick",
+    "crop_cache",
 ]
 
 GREEDY_U = 0.5
@@ -138,6 +139,13 @@ def packed_layout(past_len: int, num_real: int, anchors: Sequence[int], num_slot
     visible[R:, : P + R] = keys.unsqueeze(0) < anchor.unsqueeze(1)
     visible[R:, P + R:] = (win.unsqueeze(0) == win.unsqueeze(1)) & (slot.unsqueeze(0) <= slot.unsqueeze(1))
     return position_ids, visible
+
+
+def crop_cache(cache, length: int) -> None:
+    """Keep the first ``length`` positions of an HF ``Cache`` (its ``crop`` takes a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
