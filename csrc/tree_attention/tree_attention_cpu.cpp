@@ -1,8 +1,213 @@
+// tree_attention on the CPU: T new tokens per sequence attend to a StaticCache-layout KV cache
+// (prefix < cache_lens[b] visible, tree mask among the new tokens); semantics of
+// ptp_ext.reference.tree_attention_ref.
+//
+// Work split (flash-decoding on the CPU): units = (batch row, KV head, key-range split); a unit
+// runs all G * T query rows of its KV head over its key range with an online softmax (the kernel
+// in tree_attention_cpu_kernel.h), writing unnormalised partials (acc, max, sum). Key ranges are
+// split only as far as needed to give every thread several units (B * H_kv small, long context).
+// A second pass over (batch row, KV head) merges the splits in log-sum-exp fashion and writes
+// out [B, T, H_q, D] and lse [B, H_q, T]. The kernel is compiled twice (baseline ISA and
+// AVX2 + FMA + F16C) and chosen at run time.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PTP_TA_HAVE_X86 1
+#endif
+
 #include "tree_attention.h"
+
 namespace ptp {
-std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& query, const at::Tensor& key_cache,
-    const at::Tensor& value_cache, const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask, double scale) {
-  check_tree_attention_inputs(query, key_cache, value_cache, cache_lens, tree_mask);
-  TORCH_CHECK(false, "tree_attention_cpu: not implemented yet");
+
+// One work unit of the kernel (see tree_attention_cpu_kernel.h).
+struct UnitArgs {
+  int64_t L;           // cache_len of the row: positions < L are visible to every query row
+  int T, G, D, Dp;     // new tokens, query heads per KV head, head dim, D rounded up to kW
+  int64_t kbeg, kend;  // key positions [kbeg, kend) of this unit (kend <= L + T)
+  int64_t q_stride_t;  // elements between query tokens (H_q * D)
+  const bool* mask;    // [T, T] or nullptr (causal)
+  float scale2;        // scale * log2(e)
+  float* acc;          // [R2, Dp] unnormalised output (R2 = R rounded up to even)
+  float* m;            // [R2] running max (base 2)
+  float* l;            // [R2] running sum
+  float* work;         // scratch: work_floats() floats
+};
+
+// The baseline copy passes 32-byte vectors between inline helpers only: no ABI concern.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+namespace ta_base {
+#include "tree_attention_cpu_kernel.h"
+}  // namespace ta_base
+#pragma GCC diagnostic pop
+
+#ifdef PTP_TA_HAVE_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define PTP_TA_AVX2 1
+namespace ta_avx2 {
+#include "tree_attention_cpu_kernel.h"
+}  // namespace ta_avx2
+#undef PTP_TA_AVX2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace {
+
+bool use_avx2() {
+#ifdef PTP_TA_HAVE_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
 }
+
+template <typename scalar_t>
+void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
+                         const at::Tensor& value_cache, const std::vector<int64_t>& lens,
+                         const bool* mask, double scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = query.size(0), T = query.size(1), Hq = query.size(2), D = query.size(3);
+  const int64_t Hkv = key_cache.size(1), S = key_cache.size(2), G = Hq / Hkv;
+  const int64_t R = T * G, R2 = R + (R & 1);
+  const int64_t Dp = (D + ta_base::kW - 1) / ta_base::kW * ta_base::kW;
+  const int64_t BK = ta_base::kBK;
+
+  // Splits of the key range per (b, h): enough units for ~4 per thread, chunks >= 512 keys.
+  const int64_t threads = at::get_num_threads();
+  int64_t max_keys = 0;
+  for (int64_t L : lens) max_keys = std::max(max_keys, L + T);
+  int64_t nsplit = std::max<int64_t>(1, (4 * threads + B * Hkv - 1) / std::max<int64_t>(1, B * Hkv));
+  nsplit = std::min(nsplit, std::max<int64_t>(1, max_keys / 512));
+  const int64_t units = B * Hkv * nsplit;
+
+  std::vector<float> part_acc(static_cast<size_t>(units * R2 * Dp));
+  std::vector<float> part_m(static_cast<size_t>(units * R2)), part_l(part_m.size());
+  const float scale2 = static_cast<float>(scale * M_LOG2E);
+  const scalar_t* qp = query.data_ptr<scalar_t>();
+  const scalar_t* kp = key_cache.data_ptr<scalar_t>();
+  const scalar_t* vp = value_cache.data_ptr<scalar_t>();
+  const bool avx2 = use_avx2();
+
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> work(static_cast<size_t>(
+        ta_base::work_floats(static_cast<int>(R2), static_cast<int>(D), static_cast<int>(Dp))));
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t bh = u / nsplit, sp = u % nsplit, b = bh / Hkv, h = bh % Hkv;
+      const int64_t n_keys = lens[b] + T;
+      const int64_t chunk = ((n_keys + nsplit - 1) / nsplit + BK - 1) / BK * BK;
+      UnitArgs a;
+      a.L = lens[b];
+      a.T = static_cast<int>(T);
+      a.G = static_cast<int>(G);
+      a.D = static_cast<int>(D);
+      a.Dp = static_cast<int>(Dp);
+      a.kbeg = std::min(n_keys, sp * chunk);
+      a.kend = std::min(n_keys, (sp + 1) * chunk);
+      a.q_stride_t = Hq * D;
+      a.mask = mask ? mask + b * T * T : nullptr;
+      a.scale2 = scale2;
+      a.acc = part_acc.data() + u * R2 * Dp;
+      a.m = part_m.data() + u * R2;
+      a.l = part_l.data() + u * R2;
+      a.work = work.data();
+      const scalar_t* q = qp + b * T * Hq * D + h * G * D;
+      const scalar_t* k = kp + (b * Hkv + h) * S * D;
+      const scalar_t* v = vp + (b * Hkv + h) * S * D;
+#ifdef PTP_TA_HAVE_X86
+      if (avx2) {
+        ta_avx2::attend_unit<scalar_t>(q, k, v, a);
+        continue;
+      }
+#endif
+      ta_base::attend_unit<scalar_t>(q, k, v, a);
+    }
+  });
+
+  // Merge the splits of each (b, h) and write the outputs.
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t bh0, int64_t bh1) {
+    std::vector<float> o(static_cast<size_t>(Dp));
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = r / G, hq = h * G + r % G;
+        float M = -INFINITY;
+        for (int64_t sp = 0; sp < nsplit; ++sp) M = std::max(M, part_m[(bh * nsplit + sp) * R2 + r]);
+        scalar_t* dst = op + ((b * T + t) * Hq + hq) * D;
+        float* lse_dst = lp + (b * Hq + hq) * T + t;
+        if (M == -INFINITY) {  // the row sees no key
+          std::fill(dst, dst + D, scalar_t(0.f));
+          *lse_dst = -INFINITY;
+          continue;
+        }
+        std::fill(o.begin(), o.end(), 0.f);
+        float l = 0.f;
+        for (int64_t sp = 0; sp < nsplit; ++sp) {
+          const int64_t u = bh * nsplit + sp;
+          const float m = part_m[u * R2 + r];
+          if (m == -INFINITY) continue;
+          const float w = std::exp2(m - M);
+          l += w * part_l[u * R2 + r];
+          const float* acc = part_acc.data() + (u * R2 + r) * Dp;
+          for (int64_t d = 0; d < D; ++d) o[d] += w * acc[d];
+        }
+        const float inv = 1.f / l;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
+        *lse_dst = static_cast<float>((M + std::log2(l)) * M_LN2);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& query,
+                                                      const at::Tensor& key_cache,
+                                                      const at::Tensor& value_cache,
+                                                      const at::Tensor& cache_lens,
+                                                      const std::optional<at::Tensor>& tree_mask,
+                                                      double scale) {
+  check_tree_attention_inputs(query, key_cache, value_cache, cache_lens, tree_mask);
+  const int64_t B = query.size(0), T = query.size(1), Hq = query.size(2);
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  at::Tensor lse = at::empty({B, Hq, T}, query.options().dtype(at::kFloat));
+  if (B == 0) return {out, lse};
+  const at::Tensor lens_t = cache_lens.to(at::kLong).contiguous();
+  const std::vector<int64_t> lens(lens_t.data_ptr<int64_t>(), lens_t.data_ptr<int64_t>() + B);
+  const bool* mask = tree_mask.has_value() ? tree_mask->data_ptr<bool>() : nullptr;
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      tree_attention_impl<float>(query, key_cache, value_cache, lens, mask, scale, out, lse);
+      break;
+    case at::kHalf:
+      tree_attention_impl<c10::Half>(query, key_cache, value_cache, lens, mask, scale, out, lse);
+      break;
+    default:  // kBFloat16 (the check admits only these three)
+      tree_attention_impl<c10::BFloat16>(query, key_cache, value_cache, lens, mask, scale, out,
+                                         lse);
+  }
+  return {out, lse};
+}
+
 }  // namespace ptp

@@ -1,0 +1,66 @@
+"""Test helpers for the decoder: tiny-model prompts, HF greedy baselines, and (for development
+before the compiled ops exist) routing ``ptp_ext.ops`` to the pure-PyTorch references.
+
+The decoder always calls ``ptp_ext.ops.*``; :func:`reference_ops` swaps those module attributes
+for the duration of a ``with`` block, and is used only when ``PTP_TEST_REFERENCE_OPS=1``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from ptp_ext import ops, reference
+
+__all__ = ["reference_ops", "maybe_reference_ops", "hf_greedy"]
+
+
+def _tree_attention_ref(query, key_cache, value_cache, cache_lens, tree_mask=None, scale=None,
+                        return_lse=False):
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if tree_mask is not None and tree_mask.dim() == 2:
+        tree_mask = tree_mask.unsqueeze(0).expand(query.shape[0], -1, -1)
+    out, lse = reference.tree_attention_ref(query, key_cache, value_cache, cache_lens, tree_mask,
+                                            scale)
+    return (out, lse) if return_lse else out
+
+
+def _verify_tree_ref(draft_tokens, parents, target_logits, draft_probs=None, uniforms=None,
+                     mode="greedy", temperature=0.0, top_k=0, top_p=1.0):
+    return reference.verify_tree_ref(draft_tokens, parents, target_logits, draft_probs, uniforms,
+                                     mode, temperature, top_k, top_p)
+
+
+@contextlib.contextmanager
+def reference_ops(names=("tree_attention", "verify_tree")):
+    refs = {"tree_attention": _tree_attention_ref, "verify_tree": _verify_tree_ref}
+    saved = {n: getattr(ops, n) for n in names}
+    for n in names:
+        setattr(ops, n, refs[n])
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(ops, n, f)
+
+
+def maybe_reference_ops():
+    """``PTP_TEST_REFERENCE_OPS=1`` (all ops) or a comma list of op names: route those to the
+    references; otherwise a no-op context."""
+    flag = os.environ.get("PTP_TEST_REFERENCE_OPS", "")
+    if not flag or flag == "0":
+        return contextlib.nullcontext()
+    return reference_ops() if flag == "1" else reference_ops(tuple(flag.split(",")))
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) -> list[int]:
+    """HF ``generate`` greedy (SDPA attention), new token ids only."""
+    model.set_attn_implementation("sdpa")
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, min_new_tokens=0,
+                         eos_token_id=eos_token_id, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

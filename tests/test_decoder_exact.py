@@ -1,0 +1,300 @@
+"""Exactness of the ptp decoder on tiny random Llama / Qwen2 / Mistral models.
+
+Speculative greedy (lookup chains and trees, batch 1 and 3) == plain greedy == HF ``generate``
+greedy; coupled sampling == plain sampling (same seed); rejection sampling reproduces the target's
+distribution (chi-square, chains and trees); edge cases. Token ids are compared exactly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptp._testing import hf_greedy, maybe_reference_ops
+from ptp.decoder import Decoder, GenerationConfig, tree_mask_and_depth
+from ptp.drafters import Draft, DraftRequest, LookupDrafter, NoDrafter, make_drafter
+from ptp.models import tiny_model
+from ptp.sampling import SamplingConfig, uniforms
+from ptp_ext.reference import sampling_probs
+
+FAMILIES = ["llama", "qwen2", "mistral"]
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def _ops():
+    with maybe_reference_ops():
+        yield
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    extra = {"sliding_window": None} if request.param == "mistral" else {}
+    seed = FAMILIES.index(request.param)
+    return tiny_model(request.param, vocab_size=VOCAB, seed=seed, **extra)
+
+
+def make_prompts(n: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = [5, 12, 9, 17, 3][:n]
+    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lens]
+
+
+def run(model, prompts, drafter=None, **cfg):
+    return Decoder(model, drafter=drafter).generate(prompts, GenerationConfig(**cfg))
+
+
+def ids(results):
+    return [r.new_token_ids for r in results]
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("branches", [1, 3])
+def test_speculative_greedy_equals_plain_and_hf(model, batch, branches):
+    prompts = make_prompts(batch)
+    plain = run(model, prompts, max_new_tokens=48)
+    spec = run(model, prompts, LookupDrafter(num_branches=branches, max_draft_tokens=6),
+               max_new_tokens=48)
+    assert ids(spec) == ids(plain)
+    assert all(r.target_calls == 48 for r in plain)
+    # the drafts do get accepted (else this test would not exercise verification + compaction)
+    assert sum(r.target_calls for r in spec) < sum(r.target_calls for r in plain)
+    assert ids(plain) == [hf_greedy(model, p, 48) for p in prompts]
+
+
+def test_batch_equals_single_rows(model):
+    prompts = make_prompts(3)
+    drafter = LookupDrafter(num_branches=2)
+    together = run(model, prompts, drafter, max_new_tokens=32)
+    alone = [run(model, [p], drafter, max_new_tokens=32)[0] for p in prompts]
+    assert ids(together) == ids(alone)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: coupled verification == plain sampling with the same uniforms
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("settings", [(0.7, 0, 0.9), (1.0, 20, 1.0), (0.3, 5, 0.8)])
+@pytest.mark.parametrize("branches", [1, 3])
+def test_coupled_sampling_equals_plain(model, settings, branches):
+    prompts = make_prompts(3)
+    sampling = SamplingConfig(*settings, seed=1234)
+    plain = run(model, prompts, max_new_tokens=40, sampling=sampling)
+    spec = run(model, prompts, LookupDrafter(num_branches=branches), max_new_tokens=40,
+               sampling=sampling)
+    assert ids(spec) == ids(plain)
+    other = run(model, prompts, max_new_tokens=40, sampling=SamplingConfig(*settings, seed=99))
+    assert ids(other) != ids(plain)  # the seed matters
+
+
+def test_sampling_is_independent_of_batch_layout(model):
+    prompts = make_prompts(3)
+    sampling = SamplingConfig(0.8, seed=5)
+    together = Decoder(model).generate(prompts, GenerationConfig(24, sampling))
+    alone = [Decoder(model).generate([p], GenerationConfig(24, sampling), sequence_ids=[i])[0]
+             for i, p in enumerate(prompts)]
+    assert ids(together) == ids(alone)
+
+
+def test_uniform_stream_is_a_pure_function():
+    seq = torch.arange(3).view(-1, 1)
+    pos = torch.arange(1000).view(1, -1)
+    u = uniforms(7, seq, pos)
+    assert u.dtype == torch.float64 and u.shape == (3, 1000)
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert torch.equal(u[1, 500:501], uniforms(7, torch.tensor([1]), torch.tensor([500])))
+    assert not torch.equal(u, uniforms(8, seq, pos))
+    assert not torch.equal(u, uniforms(7, seq, pos, salt=1))
+    assert abs(float(u.mean()) - 0.5) < 0.02 and abs(float(u.var()) * 12 - 1) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Rejection sampling: the output distribution is the target's (chi-square)
+# ---------------------------------------------------------------------------------------------
+class RandomQDrafter:
+    """Samples node i's token from a fixed random distribution q_i (sharp, context-free)."""
+
+    name = "random-q"
+
+    def __init__(self, parents: list[int], vocab: int, seed: int):
+        self.parents = parents
+        self.vocab = vocab
+        self.gen = torch.Generator().manual_seed(seed)
+        alpha = torch.full((len(parents), vocab), 0.5)
+        self.q = torch._standard_gamma(alpha, generator=self.gen)
+        self.q = self.q / self.q.sum(-1, keepdim=True)
+
+    def propose(self, request: DraftRequest):
+        B, N1 = len(request.histories), len(self.parents)
+        q = self.q.expand(B, N1, self.vocab)
+        tokens = torch.multinomial(q.reshape(-1, self.vocab), 1, generator=self.gen).view(B, N1)
+        parents = torch.tensor(self.parents).expand(B, N1).contiguous()
+        chain = self.parents == list(range(-1, N1 - 1))
+        return Draft(tokens=tokens, parents=parents, is_chain=chain,
+                     draft_probs=q.float().contiguous())
+
+
+def _chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    # merge cells with small expectation into one, then Pearson's statistic
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum().view(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("tree", [[-1, 0, 1, 2], [-1, 0, 0, 1, 1, 2]], ids=["chain", "tree"])
+def test_rejection_sampling_matches_target_distribution(tree):
+    V = 6
+    torch.manual_seed(0)
+    m = tiny_model("llama", vocab_size=V, seed=3)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(0.5)  # moderately peaked target distributions
+    prompt = [1, 4, 3]
+    temperature, n = 0.9, 4000
+    sampling = SamplingConfig(temperature, seed=11)
+    out = Decoder(m, drafter=RandomQDrafter(tree, V, seed=2)).generate(
+        [prompt] * n, GenerationConfig(3, sampling), sequence_ids=list(range(n)))
+    toks = torch.tensor([r.new_token_ids for r in out])  # [n, 3]
+    assert toks.shape == (n, 3)
+    # exact joint law of (t1, t2, t3) by enumeration with the HF forward
+    seqs = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+    with torch.no_grad():
+        m.set_attn_implementation("sdpa")
+        logits = m(seqs).logits[:, -3:]  # predicts t1, t2 | t1, t3 | t1, t2
+    p = sampling_probs(logits, temperature).double().view(V, V, 3, V)
+    p1, p2, p3 = p[0, 0, 0], p[:, 0, 1], p[:, :, 2]  # [V], [V(t1), V], [V, V, V]
+    joint = p1.view(V, 1, 1) * p2.view(V, V, 1) * p3
+    # (t2, t3) come from the speculative step; (t1, t2) checks the step boundary
+    observed = torch.zeros(V, V, V, dtype=torch.float64)
+    observed.index_put_((toks[:, 0], toks[:, 1], toks[:, 2]), torch.ones(n, dtype=torch.float64),
+                        accumulate=True)
+    for dims in [(0,), (1, 2), (0, 1)]:
+        rest = tuple(d for d in range(3) if d not in dims)
+        pv = _chi2_pvalue(observed.sum(rest).flatten(), n * joint.sum(rest).flatten())
+        assert pv > 1e-3, f"marginal over {dims}: chi-square p-value {pv:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases
+# ---------------------------------------------------------------------------------------------
+class OracleDrafter:
+    """Drafts the next ``k`` tokens of a known continuation (single row): every draft accepted."""
+
+    name = "oracle"
+
+    def __init__(self, prompt: list[int], continuation: list[int], k: int = 6):
+        self.prompt, self.continuation, self.k = prompt, continuation, k
+
+    def propose(self, request: DraftRequest):
+        done = len(request.histories[0]) - len(self.prompt)  # generated so far (root included)
+        nxt = self.continuation[done:done + min(self.k, request.max_nodes)]
+        if not nxt:
+            return None
+        tokens = torch.tensor([[0] + nxt])
+        parents = torch.arange(-1, len(nxt)).view(1, -1)
+        return Draft(tokens=tokens, parents=parents, is_chain=True)
+
+
+def _commits(model, prompt, drafter, **cfg):
+    steps = []
+    res = Decoder(model, drafter=drafter).generate(
+        [prompt], GenerationConfig(**cfg), on_tokens=lambda i, new: steps.append(list(new)))
+    return res[0], steps
+
+
+def test_eos_inside_a_draft(model):
+    prompt = make_prompts(1)[0]
+    full = run(model, [prompt], max_new_tokens=40)[0].new_token_ids
+    _, steps = _commits(model, prompt, OracleDrafter(prompt, full), max_new_tokens=40)
+    assert [len(s) for s in steps[:3]] == [1, 7, 7]  # prefill, then 6 accepted + 1 per call
+    # a token first seen in the middle of the third step's accepted draft
+    cut = next(i for i in range(9, 13) if full[i] not in full[:i])
+    eos = full[cut]
+    res, steps = _commits(model, prompt, OracleDrafter(prompt, full), max_new_tokens=40,
+                          eos_token_ids=(eos,))
+    assert res.new_token_ids == full[:cut + 1] and res.finish_reason == "eos"
+    assert steps[-1][-1] == eos and len(steps[-1]) < 7  # the rest of the draft was dropped
+    plain = run(model, [prompt], max_new_tokens=40, eos_token_ids=(eos,))[0]
+    lookup = run(model, [prompt], LookupDrafter(num_branches=2), max_new_tokens=40,
+                 eos_token_ids=(eos,))[0]
+    assert plain.new_token_ids == lookup.new_token_ids == res.new_token_ids
+
+
+@pytest.mark.parametrize("limit", [4, 11, 12])
+def test_max_tokens_reached_mid_draft(model, limit):
+    prompt = make_prompts(1)[0]
+    full = run(model, [prompt], max_new_tokens=40)[0].new_token_ids
+    res, steps = _commits(model, prompt, OracleDrafter(prompt, full), max_new_tokens=limit)
+    assert res.new_token_ids == full[:limit] and res.finish_reason == "length"
+    assert res.target_calls == len(steps) == 1 + -(-(limit - 1) // 7)
+    plain = run(model, [prompt], max_new_tokens=limit)[0]
+    assert plain.new_token_ids == full[:limit] and plain.target_calls == limit
+
+
+def test_rows_finish_at_different_steps(model):
+    prompts = make_prompts(3)
+    drafter = LookupDrafter(num_branches=2)
+    full = run(model, prompts, drafter, max_new_tokens=40)
+    # an EOS that ends row 0 early but rows 1, 2 later or never
+    eos = full[0].new_token_ids[5]
+    res = run(model, prompts, drafter, max_new_tokens=40, eos_token_ids=(eos,))
+    alone = [run(model, [p], drafter, max_new_tokens=40, eos_token_ids=(eos,))[0] for p in prompts]
+    assert ids(res) == ids(alone)
+    assert len(res[0].new_token_ids) <= 6
+    assert len({r.target_calls for r in res}) > 1
+    plain = run(model, prompts, max_new_tokens=40, eos_token_ids=(eos,))
+    assert ids(plain) == ids(res)
+
+
+def test_prompt_longer_than_cache_is_an_error(model):
+    with pytest.raises(ValueError, match="does not fit the KV cache"):
+        run(model, [list(range(3, 40))], max_new_tokens=4, max_cache_len=20)
+
+
+def test_empty_prompt_is_an_error(model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        run(model, [[5, 6], []], max_new_tokens=4)
+
+
+def test_cache_fills_up_exactly(model):
+    # drafting stops when the cache is nearly full; decoding still reaches max_cache_len
+    prompt = make_prompts(1)[0]
+    full = run(model, [prompt], max_new_tokens=30)[0]
+    res = run(model, [prompt], LookupDrafter(), max_new_tokens=30,
+              max_cache_len=len(prompt) + 30)[0]
+    assert res.new_token_ids == full.new_token_ids
+
+
+def test_tree_mask_and_depth():
+    parents = torch.tensor([[-1, 0, 0, 1, 2, -1], [-1, 0, 1, 2, -1, -1]])
+    mask, depth = tree_mask_and_depth(parents)
+    assert depth.tolist() == [[0, 1, 1, 2, 2, 0], [0, 1, 2, 3, 0, 0]]
+    assert mask[0, 3].tolist() == [True, True, False, True, False, False]
+    assert mask[0, 4].tolist() == [True, False, True, False, True, False]
+    assert mask[0, 5].tolist() == [False] * 5 + [True]
+    assert torch.equal(mask[1, :4, :4], torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_drafter_registry():
+    assert isinstance(make_drafter("none"), NoDrafter)
+    assert isinstance(make_drafter("lookup", num_branches=2), LookupDrafter)
+    with pytest.raises(ValueError, match="unknown drafter"):
+        make_drafter("no-such-drafter")
+
+
+def test_lookup_drafter_trees():
+    d = LookupDrafter(max_draft_tokens=3, num_branches=3, max_nodes=5)
+    history = [5, 1, 2, 3, 9, 1, 2, 4, 7, 1, 2, 3, 8, 1, 2]
+    draft = d.propose(DraftRequest([history], [0], 16, SamplingConfig()))
+    # continuations of "1 2" (most recent first): [3 8 1], [4 7 1], [3 9 1] -> trie under root
+    assert draft.tokens[0].tolist() == [0, 3, 8, 1, 4, 7]
+    assert draft.parents[0].tolist() == [-1, 0, 1, 2, 0, 4]
+    assert not draft.is_chain
+    chain = LookupDrafter(max_draft_tokens=4).propose(DraftRequest([history], [0], 16,
+                                                                   SamplingConfig()))
+    assert chain.tokens[0].tolist() == [0, 3, 8, 1, 2] and chain.is_chain

@@ -1,0 +1,226 @@
+"""tree_attention against its reference (ptp_ext.reference.tree_attention_ref).
+
+Order (STYLE.md): reference grid, special rows, CPU/CUDA agreement, opcheck, errors, compile.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ptp_ext
+from ptp_ext import _testing
+from ptp_ext.reference import tree_attention_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available() or not ptp_ext.with_cuda(),
+                          reason="needs a GPU and a CUDA build of ptp_ext")
+
+
+def _fp32(a: _testing.AttentionInputs) -> _testing.AttentionInputs:
+    return _testing.AttentionInputs(a.query.float(), a.key_cache.float(), a.value_cache.float(),
+                                    a.cache_lens, a.tree_mask, a.scale)
+
+
+def _args(a: _testing.AttentionInputs):
+    return (a.query, a.key_cache, a.value_cache, a.cache_lens, a.tree_mask, a.scale)
+
+
+def _check(a: _testing.AttentionInputs, device: str = "cpu"):
+    """Runs the op on `device` and compares out (flash-attention rule) and lse with the
+    reference computed on the CPU."""
+    a_cpu = _testing.AttentionInputs(*[x.cpu() if isinstance(x, torch.Tensor) else x
+                                       for x in _args(a)])
+    ref32, lse32 = tree_attention_ref(*_args(_fp32(a_cpu)))
+    ref_lowp, _ = tree_attention_ref(*_args(a_cpu))
+    out, lse = ptp_ext.ops.tree_attention(*_args(a), return_lse=True)
+    assert out.dtype == a.query.dtype and out.shape == a.query.shape
+    assert lse.dtype == torch.float32 and lse.shape == lse32.shape
+    assert not out.isnan().any() and not lse.isnan().any()
+    _testing.assert_attention_close(out.cpu(), ref32, ref_lowp)
+    # lse is computed in fp32 from low-precision inputs converted exactly: tight tolerance
+    torch.testing.assert_close(lse.cpu(), lse32, atol=2e-5, rtol=2e-5)
+    return out, lse
+
+
+# ---- against the reference -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("num_new", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_matches_reference(dtype, head_dim, group, num_new, batch):
+    num_kv = 2 if group < 4 else 1
+    # lengths: row 0 gets 0 and the last row S_max - T (make_attention_inputs), others random
+    a = _testing.make_attention_inputs(batch, num_new, group * num_kv, num_kv, head_dim,
+                                       max_cache_len=num_new + 37, dtype=dtype,
+                                       seed=head_dim + 7 * num_new + batch)
+    _check(a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_new", [1, 8, 33])
+def test_causal_and_long_context(dtype, num_new):
+    """tree_mask None (causal among the new tokens), a context long enough to be split across
+    threads, GQA 9/3 like SmolLM2."""
+    a = _testing.make_attention_inputs(2, num_new, 9, 3, 64, max_cache_len=1500, dtype=dtype,
+                                       tree=False, seed=num_new)
+    _check(a)
+
+
+def test_shared_2d_mask_and_default_scale():
+    a = _testing.make_attention_inputs(3, 9, 4, 2, 64, 50, torch.float32, seed=3)
+    mask2d = a.tree_mask[0]
+    out = ptp_ext.ops.tree_attention(a.query, a.key_cache, a.value_cache, a.cache_lens, mask2d)
+    ref, _ = tree_attention_ref(a.query, a.key_cache, a.value_cache, a.cache_lens,
+                                mask2d.expand(3, 9, 9), 64 ** -0.5)
+    torch.testing.assert_close(out, ref, **_testing.tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_that_sees_nothing(dtype):
+    """cache_len 0 and a tree-mask row with no True: out 0 and lse -inf, other rows unaffected."""
+    a = _testing.make_attention_inputs(2, 6, 4, 2, 64, 20, dtype, seed=5)
+    a.cache_lens[0] = 0
+    a.tree_mask[0, 2] = False
+    out, lse = _check(a)
+    assert (out[0, 2] == 0).all()
+    assert (lse[0, :, 2] == -math.inf).all()
+    assert torch.isfinite(lse[0, :, 3]).all() and torch.isfinite(lse[1]).all()
+
+
+def test_int64_cache_lens_and_full_cache():
+    a = _testing.make_attention_inputs(2, 4, 2, 2, 64, 30, torch.float32, seed=9)
+    a.cache_lens = torch.tensor([26, 0], dtype=torch.int64)  # S_max - T and 0
+    _check(a)
+
+
+# ---- CPU / CUDA agreement --------------------------------------------------------------------
+@CUDA
+@pytest.mark.parametrize("device", ["cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group,num_kv", [(1, 4), (3, 3), (4, 8)])
+@pytest.mark.parametrize("num_new", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("batch,max_cache_len", [(1, 4200), (3, 300)])
+@pytest.mark.parametrize("tree", [True, False])
+def test_device_matches_cpu(device, dtype, head_dim, group, num_kv, num_new, batch,
+                            max_cache_len, tree):
+    a = _testing.make_attention_inputs(batch, num_new, group * num_kv, num_kv, head_dim,
+                                       max_cache_len, dtype, device=device, tree=tree,
+                                       seed=head_dim + num_new)
+    out, lse = _check(a, device)
+    a_cpu = [x.cpu() if isinstance(x, torch.Tensor) else x for x in _args(a)]
+    out_cpu, lse_cpu = ptp_ext.ops.tree_attention(*a_cpu, return_lse=True)
+    tol = 2 * _testing.TOLERANCES[dtype][0] if dtype != torch.float32 else 1e-4
+    torch.testing.assert_close(out.cpu().float(), out_cpu.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu(), lse_cpu, atol=1e-4, rtol=1e-4)
+
+
+@CUDA
+@pytest.mark.parametrize("device", ["cuda"])
+def test_device_row_that_sees_nothing(device):
+    a = _testing.make_attention_inputs(2, 6, 4, 2, 128, 20, torch.float16, device=device, seed=5)
+    a.cache_lens[0] = 0
+    a.tree_mask[0, 2] = False
+    out, lse = _check(a, device)
+    assert (out[0, 2] == 0).all() and (lse[0, :, 2] == -math.inf).all()
+
+
+@CUDA
+@pytest.mark.parametrize("device", ["cuda"])
+def test_device_mismatch_errors(device):
+    a = _testing.make_attention_inputs(2, 4, 4, 2, 64, 16, torch.float16, device=device)
+    with pytest.raises(ValueError, match="key_cache must be on the same device"):
+        ptp_ext.ops.tree_attention(a.query, a.key_cache.cpu(), a.value_cache, a.cache_lens)
+    with pytest.raises(ValueError, match="value_cache must be on the same device"):
+        ptp_ext.ops.tree_attention(a.query, a.key_cache, a.value_cache.cpu(), a.cache_lens)
+    with pytest.raises(ValueError, match="cache_lens must be on the same device"):
+        ptp_ext.ops.tree_attention(a.query, a.key_cache, a.value_cache, a.cache_lens.cpu())
+    with pytest.raises(ValueError, match="tree_mask must be on the same device"):
+        ptp_ext.ops.tree_attention(a.query, a.key_cache, a.value_cache, a.cache_lens,
+                                   a.tree_mask.cpu())
+
+
+# ---- opcheck ---------------------------------------------------------------------------------
+OPCHECK_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ptp_ext.with_cuda()
+                             else [])
+
+
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+@pytest.mark.parametrize("dtype,tree,num_new", [(torch.float32, True, 5),
+                                                (torch.float16, False, 1),
+                                                (torch.bfloat16, True, 16)])
+def test_opcheck(device, dtype, tree, num_new):
+    a = _testing.make_attention_inputs(2, num_new, 6, 2, 64, 40, dtype, device=device, tree=tree)
+    torch.library.opcheck(torch.ops.ptp_ext.tree_attention.default, _args(a))
+
+
+# ---- errors ----------------------------------------------------------------------------------
+def _good():
+    return _testing.make_attention_inputs(2, 4, 4, 2, 64, 16, torch.float32, seed=1)
+
+
+def _call(a, **over):
+    args = dict(query=a.query, key_cache=a.key_cache, value_cache=a.value_cache,
+                cache_lens=a.cache_lens, tree_mask=a.tree_mask, scale=a.scale)
+    args.update(over)
+    return torch.ops.ptp_ext.tree_attention(*args.values())
+
+
+ERRORS = [
+    ("query must be float32, float16 or bfloat16", lambda a: dict(query=a.query.double())),
+    (r"query must have shape \[B, T, H_q, D\]", lambda a: dict(query=a.query[0])),
+    (r"key_cache must have shape \[B, H_kv, S_max, D\]", lambda a: dict(key_cache=a.key_cache[0])),
+    (r"key_cache must have shape \[B, H_kv, S_max, D\] = \[2, \*, \*, 64\]",
+     lambda a: dict(key_cache=a.key_cache[:, :, :, :32].contiguous())),
+    (r"value_cache must have shape \[B, H_kv, S_max, D\]",
+     lambda a: dict(value_cache=a.value_cache[:, :, :8].contiguous())),
+    ("key_cache must be", lambda a: dict(key_cache=a.key_cache.half())),
+    ("value_cache must be", lambda a: dict(value_cache=a.value_cache.half())),
+    ("must be a positive multiple of key_cache heads",
+     lambda a: dict(query=torch.randn(2, 4, 3, 64))),
+    (r"at least one new token \(T >= 1\)",
+     lambda a: dict(query=torch.randn(2, 0, 4, 64), tree_mask=None)),
+    ("do not fit in the cache",
+     lambda a: dict(query=torch.randn(2, 17, 4, 64), tree_mask=None)),
+    (r"head dim D must be in \[1, 256\]",
+     lambda a: dict(query=torch.randn(2, 4, 4, 300), key_cache=torch.randn(2, 2, 16, 300),
+                    value_cache=torch.randn(2, 2, 16, 300))),
+    ("cache_lens must be int32 or int64", lambda a: dict(cache_lens=a.cache_lens.float())),
+    (r"cache_lens must have shape \[B\]", lambda a: dict(cache_lens=a.cache_lens[:1])),
+    ("query must be contiguous", lambda a: dict(query=a.query.transpose(1, 2))),
+    ("key_cache must be contiguous",
+     lambda a: dict(key_cache=a.key_cache.transpose(0, 1).contiguous().transpose(0, 1))),
+    ("value_cache must be contiguous",
+     lambda a: dict(value_cache=a.value_cache.transpose(0, 1).contiguous().transpose(0, 1))),
+    (r"tree_mask must be bool \[B, T, T\]", lambda a: dict(tree_mask=a.tree_mask.float())),
+    (r"tree_mask must be bool \[B, T, T\] = \[2, 4, 4\]",
+     lambda a: dict(tree_mask=a.tree_mask[:, :, :3].contiguous())),
+    ("tree_mask must be contiguous", lambda a: dict(tree_mask=a.tree_mask.transpose(1, 2))),
+    ("cache_lens must satisfy", lambda a: dict(cache_lens=torch.tensor([0, 13], dtype=torch.int32))),
+    ("cache_lens must satisfy", lambda a: dict(cache_lens=torch.tensor([-1, 0], dtype=torch.int32))),
+]
+
+
+@pytest.mark.parametrize("match,change", ERRORS, ids=[e[0][:40] for e in ERRORS])
+def test_errors(match, change):
+    a = _good()
+    with pytest.raises(ValueError, match=match):
+        _call(a, **change(a))
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+def test_torch_compile_fullgraph():
+    a = _testing.make_attention_inputs(2, 5, 6, 2, 64, 40, torch.float32, seed=2)
+
+    def f(q, k, v, lens, mask):
+        out, lse = ptp_ext.ops.tree_attention(q, k, v, lens, mask, return_lse=True)
+        return out * 2, lse
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, lse = compiled(a.query, a.key_cache, a.value_cache, a.cache_lens, a.tree_mask)
+    ref, ref_lse = f(a.query, a.key_cache, a.value_cache, a.cache_lens, a.tree_mask)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
