@@ -127,3 +127,20 @@ def test_speculative_equals_plain_smollm2(which):
         plain, _ = _generate(base, [prompt], None, sampling, n=32)
         spec, _ = _generate(base, [prompt], PTPDrafter(m), sampling, n=32)
         assert spec == plain
+
+
+@pytest.mark.parametrize("variant", ["optp", "cptp"])
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_partial_quadratic_equals_plain_tiny(variant, trained, temperature):
+    from ptp.ptp_decode import ptp_generate_quadratic
+
+    m = _ptp(variant, temperature, trained)
+    prompt = _prompts(1)[0]
+    sampling = SamplingConfig(temperature=temperature, seed=11)
+    plain, plain_calls = _generate(m.base, [prompt], None, sampling)
+    res = ptp_generate_quadratic(m, prompt, 40, sampling, num_slots=4)
+    assert res.new_token_ids == plain[0]
+    assert res.target_calls <= plain_calls
+    if trained and temperature == 0:
+        assert res.target_calls < plain_calls

@@ -21,8 +21,12 @@ TRAINER_STATE = "trainer_state.pt"
 
 
 def save_adapter(model: PTPModel, out_dir: str, extra: Optional[dict[str, Any]] = None,
-                 dtype: torch.dtype = torch.float32) -> str:
-    """Write the adapter tensors and config atomically (tmp file + rename); returns the dir."""
+                 dtype: torch.dtype = torch.float32, drafter_type: str = "ptp") -> str:
+    """Write the adapter tensors and config atomically (tmp file + rename); returns the dir.
+
+    Also writes ``ptp_drafter.json`` (``{"type": drafter_type}``), which lets
+    ``ptp.drafters.make_drafter(out_dir)`` find the registered drafter for the checkpoint.
+    """
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.adapter_state_dict().items()}
     tmp = os.path.join(out_dir, ADAPTER + ".tmp")
@@ -32,6 +36,8 @@ def save_adapter(model: PTPModel, out_dir: str, extra: Optional[dict[str, Any]] 
     with open(os.path.join(out_dir, CONFIG + ".tmp"), "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(os.path.join(out_dir, CONFIG + ".tmp"), os.path.join(out_dir, CONFIG))
+    with open(os.path.join(out_dir, "ptp_drafter.json"), "w") as f:
+        json.dump({"type": drafter_type}, f)
     return out_dir
 
 

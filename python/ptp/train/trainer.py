@@ -189,6 +189,9 @@ def train(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
         if step % cfg.save_every == 0:
             checkpoint(ema)
+            if not progress:
+                print(f"step {step} {(time.time() - start_time) / 60:.1f} min "
+                      + " ".join(f"{k} {v:.3f}" for k, v in ema.items()), flush=True)
     bar.close()
     checkpoint(ema)
     model.eval()
