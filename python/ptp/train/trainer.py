@@ -178,7 +178,7 @@ def train(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
             loss, m = res
             (loss / cfg.seqs_per_step).backward()
             n += 1
-            for key, v in (("loss", float(loss)), ("prefix", m["prefix"]), ("acc0", m["acc"][0]),
+            for key, v in (("loss", float(loss.detach())), ("prefix", m["prefix"]), ("acc0", m["acc"][0]),
                            ("accK", m["acc"][-1])):
                 ema[key] = v if key not in ema else 0.95 * ema[key] + 0.05 * v
         torch.nn.utils.clip_grad_norm_(params, 1.0)
