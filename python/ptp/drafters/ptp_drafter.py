@@ -1,0 +1,140 @@
+"""The PTP drafter: k dependent draft tokens from one forward of the target + its PTP adapter.
+
+Per step and row: one forward over ``[the newly committed tokens (adapter off) ; k slots]``
+against the drafter's own KV cache of the row's history (the adapter is off on real tokens, so
+those are the target's own keys and values). Slot j drafts the token at absolute index
+``len(history) + j`` with the stream's uniform ``U(seed, sequence, len(history) + j)``, the very
+uniform the decoder's coupled verification uses there. The first draft is replaced by the exact
+pick from the real root row's logits (the target's own distribution at the root), which is then
+accepted whenever the two attention paths round alike. Exactness never depends on the drafts:
+verification (greedy or coupled) only accepts what plain decoding would produce.
+
+Temperature 0: verification is greedy and ignores u; the slots read ``u = 0.5``
+(:data:`ptp.ptp_model.GREEDY_U`) as in training.
+
+This is the *linear* scheme (drafter call + target call per step). Partial quadratic decoding
+(the drafts ride on the verify call) needs a decoder hook: see ``python/ptp/ptp_decode.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from ptp.ptp_model import GREEDY_U, PTPModel, crop_cache, packed_layout, vector_pick
+from ptp.sampling import SamplingConfig, uniforms
+from ptp_ext.reference import sampling_probs
+
+from .base import Draft, DraftRequest, register_drafter
+
+__all__ = ["PTPDrafter", "DEFAULT_ADAPTER", "sdpa_attention"]
+
+DEFAULT_ADAPTER = os.path.join(os.path.dirname(__file__), "weights", "ptp-smollm2-135m-instruct")
+
+
+@contextlib.contextmanager
+def sdpa_attention(model):
+    """Run ``model`` with SDPA attention inside the block (the decoder may have set ``"ptp"``)."""
+    previous = model.config._attn_implementation
+    if previous == "sdpa":
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class PTPDrafter:
+    name = "ptp"
+
+    def __init__(self, model: PTPModel, num_slots: Optional[int] = None, max_rows: int = 16):
+        self.model = model.eval()
+        self.num_slots = num_slots or model.config.num_slots
+        self.max_rows = max_rows
+        # sequence id -> (cached token ids, HF DynamicCache of exactly those tokens)
+        self._caches: OrderedDict[int, tuple[list[int], object]] = OrderedDict()
+        self.drafter_calls = 0
+
+    def reset(self) -> None:
+        self._caches.clear()
+
+    def slot_uniforms(self, sampling: SamplingConfig, seq_id: int, anchor: int, k: int,
+                      device) -> torch.Tensor:
+        if sampling.greedy or self.model.config.temperature == 0:
+            return torch.full((k,), GREEDY_U, dtype=torch.float32, device=device)
+        pos = torch.arange(anchor, anchor + k)
+        return uniforms(sampling.seed, torch.tensor(seq_id), pos).float().to(device)
+
+    def _row_cache(self, seq_id: int, history: list[int]):
+        from transformers import DynamicCache
+
+        entry = self._caches.pop(seq_id, None)
+        if entry is not None:
+            ids, cache = entry
+            if len(ids) < len(history) and history[: len(ids)] == ids:
+                return ids, cache
+        return [], DynamicCache(config=self.model.base.config)
+
+    @torch.inference_mode()
+    def draft_row(self, history: list[int], seq_id: int, k: int, sampling: SamplingConfig) -> list[int]:
+        """k draft tokens after ``history`` (its last token is the root)."""
+        m = self.model
+        dev = m.base.get_input_embeddings().weight.device
+        cached, cache = self._row_cache(seq_id, history)
+        new = torch.tensor(history[len(cached):], dtype=torch.long, device=dev)
+        L = len(history)
+        u = self.slot_uniforms(sampling, seq_id, L, k, dev)
+        pos, vis = packed_layout(len(cached), len(new), [L], [k], device=dev)
+        with sdpa_attention(m.base):
+            h, _ = m.packed_forward(new, m.slot_embeddings(u.view(1, k)).view(k, -1), pos, vis,
+                                    past_key_values=cache, use_cache=True)
+        self.drafter_calls += 1
+        crop_cache(cache, L)
+        self._caches[seq_id] = (list(history), cache)
+        while len(self._caches) > self.max_rows:
+            self._caches.popitem(last=False)
+        logits = m.logits(h[0, len(new) - 1:]).float()  # [1 + k, V]: root row, then the slots
+        if m.config.variant == "optp" or sampling.greedy:
+            drafts = logits[1:].argmax(-1)
+        else:
+            drafts = vector_pick(u.double(), sampling_probs(logits[1:], sampling.temperature,
+                                                            sampling.top_k, sampling.top_p))
+        # the root row is the target itself: its pick is the exact next token (up to rounding)
+        if sampling.greedy:
+            first = int(logits[0].argmax())
+        else:
+            u0 = float(uniforms(sampling.seed, torch.tensor(seq_id), torch.tensor(L)))
+            first = int(vector_pick(torch.tensor(u0), sampling_probs(
+                logits[0], sampling.temperature, sampling.top_k, sampling.top_p)))
+        out = drafts.tolist()
+        out[0] = first
+        return out
+
+    def propose(self, request: DraftRequest) -> Optional[Draft]:
+        k = min(self.num_slots, request.max_nodes)
+        if k <= 0:
+            return None
+        rows = [self.draft_row(h, s, k, request.sampling)
+                for h, s in zip(request.histories, request.sequence_ids)]
+        B = len(rows)
+        tokens = torch.zeros(B, k + 1, dtype=torch.long)
+        tokens[:, 1:] = torch.tensor(rows, dtype=torch.long)
+        parents = torch.arange(-1, k, dtype=torch.long).expand(B, k + 1).contiguous()
+        return Draft(tokens=tokens, parents=parents, is_chain=True)
+
+
+def _factory(model, tokenizer, path, num_slots: Optional[int] = None, **kw) -> PTPDrafter:
+    from ptp.train.checkpoint import load_adapter
+
+    ckpt = path or DEFAULT_ADAPTER
+    if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
+        raise FileNotFoundError(f"no PTP adapter at {ckpt} (train one with `ptp train ptp --out DIR`)")
+    return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots, **kw)
+
+
+register_drafter("ptp", _factory)

@@ -1,0 +1,104 @@
+"""``ptp train ptp ...``: generate the teacher data (cached in the output dir) and train an adapter.
+
+Also runnable as ``python -m ptp.train.cli ptp ...`` (same arguments).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from ptp.lora import LoRAConfig
+
+
+def add_train_parsers(subparsers) -> argparse.ArgumentParser:
+    """Add ``train`` (with its ``ptp`` sub-command) to the main CLI's ``subparsers``."""
+    train = subparsers.add_parser("train", help="train drafters")
+    sub = train.add_subparsers(dest="train_command", required=True)
+    p = sub.add_parser("ptp", help="train a PTP adapter (gated LoRA + u-embedding) for a target")
+    p.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--variant", choices=["optp", "cptp"], default="optp")
+    p.add_argument("--mode", choices=["distill", "teacher-free"], default="distill")
+    p.add_argument("--slots", type=int, default=8, help="k auxiliary slots per window")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--u-embedding", choices=["interp", "bits"], default="interp")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--gen-batch", type=int, default=16)
+    p.add_argument("--data", default=None, help="data path prefix (default: <out>/data)")
+    p.add_argument("--text-file", default=None,
+                   help="teacher-free only: plain text, one document per line, instead of teacher data")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--windows", type=int, default=24, help="windows packed per sequence")
+    p.add_argument("--seqs-per-step", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="wall budget incl. data generation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true")
+    return train
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import time
+
+    from ptp.ptp_model import PTPConfig, PTPModel
+    from ptp.train.data import (DataConfig, generate_sequences, load_sequences, save_sequences,
+                                text_sequences)
+    from ptp.train.models import load_target
+    from ptp.train.trainer import TrainConfig, train
+
+    if args.train_command != "ptp":
+        raise ValueError(f"unknown train command {args.train_command!r}")
+    t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    base, tok = load_target(args.model, device=args.device, dtype=dtype)
+    data_path = args.data or os.path.join(args.out, "data")
+    if args.text_file:
+        with open(args.text_file) as f:
+            seqs = text_sequences(tok, [line.strip() for line in f if line.strip()])
+        data_meta = {"text_file": os.path.abspath(args.text_file)}
+    else:
+        if not os.path.exists(data_path + ".safetensors"):
+            dcfg = DataConfig(num_prompts=args.num_prompts, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, batch_size=args.gen_batch, model=args.model)
+            seqs, prompts = generate_sequences(base, tok, dcfg, progress=not args.no_progress)
+            save_sequences(data_path, seqs, dcfg, prompts)
+        seqs, meta = load_sequences(data_path)
+        data_meta = {"data": meta["config"], "data_tokens": meta["num_tokens"]}
+    config = PTPConfig(variant=args.variant, num_slots=args.slots, u_embedding=args.u_embedding,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       lora=LoRAConfig(rank=args.rank, alpha=args.alpha), base_model=args.model)
+    model = PTPModel(base, config)
+    remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
+    tcfg = TrainConfig(mode=args.mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
+                       windows_per_seq=args.windows, seqs_per_step=args.seqs_per_step, seed=args.seed,
+                       save_every=args.save_every, max_minutes=max(remaining, 0.01) if args.max_minutes else 0.0,
+                       device=args.device, bf16=cuda)
+    metrics = train(model, seqs, tcfg, args.out, extra_meta=data_meta, progress=not args.no_progress)
+    print(f"saved {args.out}: {metrics}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ptp")
+    add_train_parsers(parser.add_subparsers(dest="command", required=True))
+    return run_train(parser.parse_args(["train"] + (sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Training sequences: the teacher (the target) answers the training prompts.
+
+A sequence is ``(ids, prompt_len)``: the chat-templated prompt followed by the teacher's answer.
+The uniforms are not stored: the trainer recomputes the teacher's conditionals over the whole
+sequence in its one real-token pass anyway, so each token's CDF bin ``[F(t-1), F(t))`` (and u
+inside it) comes from the very logits it trains against. Temperature 0: greedy answers (u is not
+used). Temperature > 0: answers are sampled from the plain temperature distribution (no top-k /
+top-p at generation, so every token has a non-empty bin under the training distribution).
+
+Stored as ``<path>.safetensors`` (one flat int32 tensor + offsets) plus ``<path>.json``
+(the command's settings and the prompts), so a data set is reproducible and inspectable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ptp.train.prompts import build_prompts
+
+
+@dataclass
+class DataConfig:
+    num_prompts: int = 256
+    seed: int = 0
+    max_new_tokens: int = 192
+    temperature: float = 0.0
+    batch_size: int = 16
+    model: str = "smollm2-135m-instruct"
+
+
+@dataclass
+class Sequence:
+    ids: torch.Tensor  # [L] long
+    prompt_len: int
+
+
+def chat_ids(tok, prompt: str) -> list[int]:
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False)
+
+
+@torch.no_grad()
+def generate_sequences(model, tok, cfg: DataConfig, progress: bool = True) -> tuple[list[Sequence], list[str]]:
+    """The teacher answers ``build_prompts(cfg.num_prompts, cfg.seed)`` (batched, left padded)."""
+    from tqdm.auto import tqdm
+
+    prompts = build_prompts(cfg.num_prompts, cfg.seed)
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out: list[Sequence] = []
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    bar = tqdm(total=len(prompts), desc="teacher answers", disable=not progress)
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = [chat_ids(tok, p) for p in prompts[start : start + cfg.batch_size]]
+        width = max(len(b) for b in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, b in enumerate(batch):
+            ids[i, width - len(b):] = torch.tensor(b)
+            attn[i, width - len(b):] = 1
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        kw = dict(do_sample=False) if cfg.temperature == 0 else dict(
+            do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
+        res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                             max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, **kw)
+        for i, b in enumerate(batch):
+            ans = res[i, width:].cpu()
+            eos = (ans == tok.eos_token_id).nonzero()
+            if eos.numel():
+                ans = ans[: int(eos[0, 0]) + 1]
+            out.append(Sequence(torch.cat([torch.tensor(b), ans]), len(b)))
+        bar.update(len(batch))
+    bar.close()
+    return out, prompts
+
+
+def save_sequences(path: str, seqs: list[Sequence], cfg: DataConfig, prompts: list[str]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    flat = torch.cat([s.ids for s in seqs]).to(torch.int32)
+    lens = torch.tensor([len(s.ids) for s in seqs], dtype=torch.int64)
+    plens = torch.tensor([s.prompt_len for s in seqs], dtype=torch.int64)
+    save_file({"ids": flat, "lengths": lens, "prompt_lengths": plens}, path + ".safetensors")
+    with open(path + ".json", "w") as f:
+        json.dump({"config": asdict(cfg), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "num_sequences": len(seqs), "num_tokens": int(flat.numel()), "prompts": prompts}, f,
+                  indent=1)
+
+
+def load_sequences(path: str) -> tuple[list[Sequence], dict]:
+    t = load_file(path + ".safetensors")
+    with open(path + ".json") as f:
+        meta = json.load(f)
+    seqs, off = [], 0
+    for n, p in zip(t["lengths"].tolist(), t["prompt_lengths"].tolist()):
+        seqs.append(Sequence(t["ids"][off : off + n].long(), p))
+        off += n
+    return seqs, meta
+
+
+def text_sequences(tok, texts: list[str], max_len: int = 512) -> list[Sequence]:
+    """Plain text for teacher-free training: every token after the first is a training target."""
+    out = []
+    for t in texts:
+        ids = tok(t, return_tensors="pt").input_ids[0][:max_len]
+        if len(ids) > 4:
+            out.append(Sequence(ids, 1))
+    return out

