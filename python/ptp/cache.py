@@ -55,16 +55,17 @@ class RowCache(Cache):
 
     def __init__(self, num_layers: int, batch_size: int, max_cache_len: int):
         super().__init__(layers=[_RowLayer(max_cache_len, batch_size) for _ in range(num_layers)])
-        self.max_cache_len = max_cache_len
+        # Not ``self.max_cache_len``: some transformers releases make that a read-only property.
+        self.capacity = max_cache_len
         self._start: Optional[int] = 0
         self._index: Optional[torch.Tensor] = None
 
     def set_write_positions(self, cache_lens: torch.Tensor, host_lens: list[int],
                             num_new: int) -> None:
         """The next forward writes row b's T new tokens at ``cache_lens[b] .. + T - 1``."""
-        if max(host_lens) + num_new > self.max_cache_len:
+        if max(host_lens) + num_new > self.capacity:
             raise ValueError(f"KV cache overflow: {max(host_lens)} cached + {num_new} new tokens > "
-                             f"max_cache_len {self.max_cache_len}")
+                             f"max_cache_len {self.capacity}")
         if min(host_lens) == max(host_lens):
             self._start, self._index = host_lens[0], None
         else:

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench-kernels", help="CPU microbenchmarks of the ptp_ext ops")
     bench.add_argument("--quick", action="store_true", help="a few shapes only")
+
+    from .train.cli import add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
@@ -82,8 +86,12 @@ def _generate(args) -> int:
         questions = [{"question_id": 0, "category": "prompt", "turns": [args.prompt]}]
     else:
         questions = read_specbench(args.prompts, args.limit)
-    model, tokenizer = load_target(args.model)
-    decoder = Decoder(model, tokenizer, make_drafter(args.drafter, model, tokenizer))
+    try:
+        model, tokenizer = load_target(args.model)
+        drafter = make_drafter(args.drafter, model, tokenizer)
+    except (FileNotFoundError, ValueError) as e:  # bad --model / --drafter: a message, no trace
+        raise SystemExit(f"ptp generate: error: {e}")
+    decoder = Decoder(model, tokenizer, drafter)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed),
@@ -142,4 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["bench"] + (["--quick"] if args.quick else [])
         runpy.run_module("benchmarks.run_all", run_name="__main__")
         return 0
+    if args.command == "train":
+        from .train.cli import run_train
+
+        return run_train(args)
     return 2

@@ -4,3 +4,5 @@ from .lookup import LookupDrafter
 
 __all__ = ["Draft", "DraftRequest", "Drafter", "NoDrafter", "LookupDrafter", "make_drafter",
            "register_drafter", "drafter_names"]
+
+from . import ptp_drafter  # noqa: E402,F401  (registers the "ptp" drafter name)
