@@ -5,7 +5,8 @@
 // with ATen's vectorised float32 kernels, in place where possible); only the output is rounded
 // to hidden's dtype. The GEMMs:
 //   float32 weights   -> at::mm on the weights as they are (BLAS);
-//   fp16/bf16 weights -> at::parallel_for over tiles of output features: each weight tile is
+//   fp16/bf16 weights, several rows -> one GEMM in the weights' dtype, float32 accumulation;
+//   fp16/bf16 weights, one row -> at::parallel_for over tiles of output features: each weight tile is
 //                        converted to float32 into a per-thread buffer (it stays in cache) and
 //                        multiplied by x with at::mm. The weights are read once, in their own
 //                        dtype, and never materialised in float32 as a whole (the reference
@@ -26,6 +27,10 @@ namespace {
 // y [N, M] float32 = x [N, K] float32 @ w [M, K]^T.
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
   if (w.scalar_type() == at::kFloat) return at::mm(x, w.t());
+  // Several rows: one multi-threaded low-precision GEMM (oneDNN/BLAS, float32 accumulation)
+  // on the weights as stored beats many per-tile GEMMs (nested in parallel_for they run
+  // single-threaded): the activations are rounded to the weights' dtype for the product.
+  if (x.size(0) >= 2) return at::mm(x.to(w.scalar_type()), w.t()).to(at::kFloat);
   const int64_t N = x.size(0), K = x.size(1), M = w.size(0);
   at::Tensor y = at::empty({N, M}, x.options());
   // Tiles: about two per thread, at least 16 rows, at most ~2 MB of float32 (stays in cache).
