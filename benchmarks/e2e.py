@@ -1,7 +1,9 @@
 """End-to-end decoding speed on Spec-Bench dev prompts (first turn, chat template), batch 1.
 
-In one run, on the same model: HF ``generate`` greedy (SDPA), HF prompt-lookup decoding
-(``prompt_lookup_num_tokens``), ptp plain (drafter ``none``) and ptp lookup (chain, tree).
+In one run, on the same model: HF ``generate`` (SDPA), HF prompt-lookup decoding
+(``prompt_lookup_num_tokens``), ptp plain (drafter ``none``) and every ptp drafter given in
+``--methods`` (``name[:option=value;...]``: lookup chain/tree, ptp quadratic/linear/separate,
+mtp quadratic/linear, heads chain/tree; a drafter without a shipped checkpoint is skipped).
 Reports tokens/s, mean new tokens per target call (HF: counted with a forward hook), ratios vs HF
 greedy, per Spec-Bench category, and checks that every ptp method emits the tokens of ptp plain
 (and how many prompts match HF greedy token for token). Writes
@@ -55,30 +57,36 @@ class CallCounter:
         self.count += 1
 
 
-def run_hf(model, prompts, max_new, eos, lookup_tokens=None):
+def run_hf(model, prompts, max_new, eos, lookup_tokens=None, temperature=0.0, seed=0):
     model.set_attn_implementation("sdpa")
     counter = CallCounter(model)
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         ids = torch.tensor([p])
         counter.count = 0
         kw = {"prompt_lookup_num_tokens": lookup_tokens} if lookup_tokens else {}
+        if temperature > 0:
+            torch.manual_seed(seed + i)
+            kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        else:
+            kw.update(do_sample=False)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new, eos_token_id=list(eos), pad_token_id=eos[0],
-                                 **kw)
+            seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                 eos_token_id=list(eos), pad_token_id=eos[0], **kw)
         dt = time.perf_counter() - t0
         out.append((seq[0, len(p):].tolist(), counter.count, dt))
     counter.handle.remove()
     return out
 
 
-def run_ptp(model, tokenizer, drafter, prompts, max_new, eos):
+def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, seed=0):
     from ptp.decoder import Decoder, GenerationConfig
+    from ptp.sampling import SamplingConfig
 
     decoder = Decoder(model, tokenizer, drafter)
-    cfg = GenerationConfig(max_new, eos_token_ids=tuple(eos))
+    cfg = GenerationConfig(max_new, eos_token_ids=tuple(eos),
+                           sampling=SamplingConfig(temperature=temperature, seed=seed))
     out = []
     for i, p in enumerate(prompts):
         t0 = time.perf_counter()
@@ -87,19 +95,39 @@ def run_ptp(model, tokenizer, drafter, prompts, max_new, eos):
     return out
 
 
+DEFAULT_METHODS = ("hf,hf-pld,none,lookup,lookup:num_branches=3,ptp,ptp:scheme=linear,"
+                   "ptp:scheme=separate,mtp,mtp:scheme=linear,heads,heads:tree=1")
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``name[:key=value,...]`` -> (drafter name or path, options)."""
+    name, _, opts = spec.partition(":")
+    options = {}
+    for kv in filter(None, opts.split(",")):
+        k, _, v = kv.partition("=")
+        options[k] = int(v) if v.lstrip("-").isdigit() else v
+    return name, options
+
+
 def main(argv=None) -> int:
+    import copy
+
     sys.path.insert(0, os.path.join(ROOT, "python"))
     sys.path.insert(0, ROOT)
     from ptp.cli import chat_prompt_ids, eos_ids, read_specbench
-    from ptp.drafters import LookupDrafter, NoDrafter
+    from ptp.drafters import make_drafter
     from ptp.models import load_target
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", default=_default_prompts())
-    ap.add_argument("--limit", type=int, default=12)
+    ap.add_argument("--limit", type=int, default=12, help="questions, spread over the categories")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-lookup-tokens", type=int, default=10)
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help="comma list of hf, hf-pld, or drafter[:opt=val;...] (';' separates options)")
     ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
     args = ap.parse_args(argv)
 
@@ -111,17 +139,26 @@ def main(argv=None) -> int:
     model, tokenizer = load_target(args.model)
     eos = eos_ids(model, tokenizer)
     prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in questions]
-    N = args.max_new_tokens
+    N, T, seed = args.max_new_tokens, args.temperature, args.seed
 
-    methods = {
-        "HF greedy": lambda ps: run_hf(model, ps, N, eos),
-        f"HF prompt lookup ({args.hf_lookup_tokens})":
-            lambda ps: run_hf(model, ps, N, eos, args.hf_lookup_tokens),
-        "ptp plain": lambda ps: run_ptp(model, tokenizer, NoDrafter(), ps, N, eos),
-        "ptp lookup chain": lambda ps: run_ptp(model, tokenizer, LookupDrafter(), ps, N, eos),
-        "ptp lookup tree": lambda ps: run_ptp(model, tokenizer, LookupDrafter(num_branches=3),
-                                              ps, N, eos),
-    }
+    methods, skipped = {}, []
+    for spec in args.methods.split(","):
+        spec = spec.replace(";", ",")
+        if spec == "hf":
+            methods["HF generate"] = lambda ps: run_hf(model, ps, N, eos, temperature=T, seed=seed)
+        elif spec == "hf-pld":
+            methods[f"HF prompt lookup ({args.hf_lookup_tokens})"] = \
+                lambda ps: run_hf(model, ps, N, eos, args.hf_lookup_tokens, temperature=T, seed=seed)
+        else:
+            name, opts = parse_method(spec)
+            m = copy.deepcopy(model)  # adapters wrap the model's linears: one copy per drafter
+            try:
+                drafter = make_drafter(name, m, tokenizer, **opts)
+            except FileNotFoundError as e:
+                skipped.append(f"{spec}: {e}")
+                continue
+            label = "ptp plain" if name == "none" else f"ptp {spec}"
+            methods[label] = (lambda mm, d: lambda ps: run_ptp(mm, tokenizer, d, ps, N, eos, T, seed))(m, drafter)
     for name, fn in methods.items():  # warm-up (allocator, thread pools, lazy imports)
         fn(prompts[:1])
     results = {}
@@ -130,8 +167,10 @@ def main(argv=None) -> int:
         results[name] = fn(prompts)
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    ref = [r[0] for r in results["ptp plain"]]
-    exact = {name: sum(r[0] == x for r, x in zip(res, ref)) for name, res in results.items()}
+    ref_name = "ptp plain" if "ptp plain" in results else None
+    ref = [r[0] for r in results[ref_name]] if ref_name else None
+    exact = {name: (sum(r[0] == x for r, x in zip(res, ref)) if ref else None)
+             for name, res in results.items()}
 
     cats = defaultdict(list)
     for i, q in enumerate(questions):
@@ -147,31 +186,38 @@ def main(argv=None) -> int:
 
     lines = []
     date = datetime.date.today().isoformat()
-    lines.append(f"# End-to-end decoding, CPU ({date})\n")
+    mode = "greedy" if T == 0 else f"temperature {T} (seed {seed})"
+    lines.append(f"# End-to-end decoding, CPU ({date}), {mode}\n")
     lines.append("Command: `PYTHONPATH=$PWD:$PWD/python python benchmarks/e2e.py "
                  + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
     lines.append(f"Machine: {_cpu_name()}, {os.cpu_count()} cores visible, torch "
-                 f"{torch.__version__} with {torch.get_num_threads()} threads (shared machine: "
-                 f"other jobs were running). Model: {args.model} float32. "
-                 f"{len(prompts)} Spec-Bench dev prompts (first turn, chat template), "
-                 f"{N} new tokens max, greedy, batch 1.\n")
-    names = list(methods)
+                 f"{torch.__version__} with {torch.get_num_threads()} threads. Model: {args.model} "
+                 f"float32. {len(prompts)} Spec-Bench dev prompts (first turn, chat template, spread "
+                 f"over the categories), {N} new tokens max, {mode}, batch 1. Every method ran in this "
+                 f"one process; tokens/s counts each prompt's whole generate call (prefill included).\n")
+    if T > 0:
+        lines.append("Sampling: HF generate draws from its own RNG (different tokens, same "
+                     "distribution); ptp methods use the position-indexed uniforms, so every ptp "
+                     "method must emit exactly ptp plain's tokens.\n")
+    for s in skipped:
+        lines.append(f"Skipped {s}\n")
+    names = list(results)
+    base_name = names[0]
     lines.append("## All prompts\n")
-    lines.append("| method | tokens/s | vs HF greedy | tokens per target call | "
-                 "tokens == ptp plain |")
+    lines.append(f"| method | tokens/s | vs {base_name} | tokens per target call | tokens == ptp plain |")
     lines.append("|---|---|---|---|---|")
-    base = stats("HF greedy", cats["all"])[0]
+    base = stats(base_name, cats["all"])[0]
     for name in names:
         tps, tpc = stats(name, cats["all"])
-        lines.append(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {tpc:.2f} | "
-                     f"{exact[name]}/{len(prompts)} |")
-    lines.append("\n## Per category (tokens/s, ratio vs HF greedy, tokens per target call)\n")
+        ex = "-" if exact[name] is None else f"{exact[name]}/{len(prompts)}"
+        lines.append(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {tpc:.2f} | {ex} |")
+    lines.append(f"\n## Per category (tokens/s, ratio vs {base_name}, tokens per target call)\n")
     lines.append("| category | n | " + " | ".join(names) + " |")
     lines.append("|---|---|" + "---|" * len(names))
     for cat, idx in sorted(cats.items()):
         if cat == "all":
             continue
-        b = stats("HF greedy", idx)[0]
+        b = stats(base_name, idx)[0]
         cells = []
         for name in names:
             tps, tpc = stats(name, idx)

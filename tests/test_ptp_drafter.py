@@ -13,7 +13,7 @@ import torch
 
 from ptp._testing import maybe_reference_ops
 from ptp.decoder import Decoder, GenerationConfig
-from ptp.drafters.ptp_drafter import DEFAULT_ADAPTER, PTPDrafter
+from ptp.drafters.ptp_drafter import DEFAULT_ADAPTER, PTPDrafter, PTPSlotDrafter
 from ptp.lora import GatedLoRALinear, LoRAConfig
 from ptp.models import tiny_model
 from ptp.ptp_model import PTPConfig, PTPModel
@@ -87,6 +87,38 @@ def test_speculative_equals_plain_tiny(variant, trained, temperature, batch):
     assert spec_calls <= plain_calls
 
 
+@pytest.mark.parametrize("variant", ["optp", "cptp"])
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("scheme", ["quadratic", "linear"])
+def test_slot_drafter_on_verify_call_equals_plain_tiny(variant, trained, temperature, scheme):
+    """PTP drafting inside the decoder's verify call (batch 3, ragged prompts): exact."""
+    m = _ptp(variant, temperature, trained)
+    prompts = _prompts(2) + _prompts(1, seed=9)
+    sampling = SamplingConfig(temperature=temperature, seed=11)
+    plain, plain_calls = _generate(m.base, prompts, None, sampling)
+    d = PTPSlotDrafter(m, num_slots=4, scheme=scheme)
+    spec, spec_calls = _generate(m.base, prompts, d, sampling)
+    assert spec == plain
+    assert spec_calls <= plain_calls
+    assert d.groups_used > 0
+    if trained and temperature == 0:
+        assert spec_calls < plain_calls
+
+
+def test_slot_drafter_matches_standalone_partial_quadratic():
+    """The decoder-integrated partial quadratic loop makes the same calls as the batch-1 loop."""
+    from ptp.ptp_decode import ptp_generate_quadratic
+
+    m = _ptp("optp", 0.0, trained=True)
+    prompt = _prompts(1)[0]
+    ref = ptp_generate_quadratic(m, prompt, 40, SamplingConfig(), num_slots=4)
+    toks, calls = _generate(m.base, [prompt], PTPSlotDrafter(m, num_slots=4), SamplingConfig())
+    assert toks[0] == ref.new_token_ids
+    # + 1: the decoder's prefill is a counted call, the standalone loop's is not
+    assert abs(calls - (ref.target_calls + 1)) <= 2
+
+
 def test_trained_tiny_drafter_accepts_more_than_one_token_per_call():
     m = _ptp("optp", 0.0, trained=True)
     prompts = _prompts(1)
@@ -122,11 +154,18 @@ def test_speculative_equals_plain_smollm2(which):
         m = PTPModel(base, PTPConfig(num_slots=6, lora=LoRAConfig(rank=4)))
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write a haiku about rivers."}],
                                      add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt2 = tok.apply_chat_template([{"role": "user", "content": "List three uses of copper."}],
+                                      add_generation_prompt=True, tokenize=True, return_dict=False)
     for temperature in (0.0, 0.7):
         sampling = SamplingConfig(temperature=temperature, seed=3)
-        plain, _ = _generate(base, [prompt], None, sampling, n=32)
-        spec, _ = _generate(base, [prompt], PTPDrafter(m), sampling, n=32)
+        plain, plain_calls = _generate(base, [prompt, prompt2], None, sampling, n=32)
+        spec, _ = _generate(base, [prompt, prompt2], PTPDrafter(m), sampling, n=32)
         assert spec == plain
+        for scheme in ("quadratic", "linear"):
+            spec, calls = _generate(base, [prompt, prompt2], PTPSlotDrafter(m, scheme=scheme), sampling, n=32)
+            assert spec == plain, scheme
+            if which == "shipped" and temperature == 0:
+                assert calls < plain_calls
 
 
 @pytest.mark.parametrize("variant", ["optp", "cptp"])

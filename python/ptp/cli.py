@@ -1,7 +1,7 @@
 """The ``ptp`` command line (``ptp`` console script and ``python -m ptp``).
 
-    ptp generate [--model M] [--drafter NAME_OR_PATH|none] [--prompt TEXT | --prompts FILE.jsonl]
-                 [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    ptp generate [--model M] [--drafter NAME_OR_PATH|none] [--drafter-option KEY=VALUE ...]
+                 [--prompt TEXT | --prompts FILE.jsonl] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                  [--batch-size B] [--json OUT]
 
 ``--prompts`` reads Spec-Bench's JSONL (``question_id``, ``category``, ``turns``); the first turn
@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="smollm2",
                      help="'smollm2' (default: SmolLM2-135M-Instruct) or a from_pretrained name/path")
     gen.add_argument("--drafter", default="lookup",
-                     help="registered drafter name (none, lookup, ...) or checkpoint directory")
+                     help="registered drafter name (none, lookup, ptp, mtp, heads) or checkpoint directory")
+    gen.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="drafter option (repeatable), e.g. scheme=linear, num_slots=4, tree=1")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message")
     src.add_argument("--prompts", help="Spec-Bench JSONL file (first turn of each question)")
@@ -74,6 +76,16 @@ def eos_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(set(ids)))
 
 
+def _drafter_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--drafter-option needs KEY=VALUE, got {item!r}")
+        out[key.replace("-", "_")] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
 def _generate(args) -> int:
     from .decoder import Decoder, GenerationConfig
     from .drafters import make_drafter
@@ -88,8 +100,8 @@ def _generate(args) -> int:
         questions = read_specbench(args.prompts, args.limit)
     try:
         model, tokenizer = load_target(args.model)
-        drafter = make_drafter(args.drafter, model, tokenizer)
-    except (FileNotFoundError, ValueError) as e:  # bad --model / --drafter: a message, no trace
+        drafter = make_drafter(args.drafter, model, tokenizer, **_drafter_options(args.drafter_option))
+    except (FileNotFoundError, ValueError, TypeError) as e:  # bad --model / --drafter: a message, no trace
         raise SystemExit(f"ptp generate: error: {e}")
     decoder = Decoder(model, tokenizer, drafter)
     config = GenerationConfig(

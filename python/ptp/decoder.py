@@ -11,6 +11,7 @@ predicts (sampled with ``U(seed, sequence, cache_lens[b] + 1 + d)``) position on
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -21,10 +22,10 @@ from ptp_ext import ops
 
 from .attention import register as register_attention
 from .cache import RowCache
-from .drafters.base import Draft, DraftRequest, Drafter, NoDrafter
+from .drafters.base import AuxRows, Draft, DraftRequest, Drafter, NoDrafter, StepOutcome
 from .sampling import SamplingConfig, uniforms
 
-__all__ = ["GenerationConfig", "SequenceResult", "Decoder", "tree_mask_and_depth"]
+__all__ = ["GenerationConfig", "SequenceResult", "Decoder", "tree_mask_and_depth", "aux_mask_and_positions"]
 
 
 @dataclass
@@ -69,6 +70,31 @@ def tree_mask_and_depth(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mask, depth
 
 
+def aux_mask_and_positions(parents: torch.Tensor, aux: AuxRows, cache_lens: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``[B, N+1+A, N+1+A]`` and position ids ``[B, N+1+A]`` of a tree plus aux rows."""
+    node_mask, depth = tree_mask_and_depth(parents)
+    B, N1 = parents.shape
+    A = aux.anchor.shape[1]
+    dev = parents.device
+    anchor = aux.anchor.to(dev)
+    valid = anchor >= 0
+    anc = anchor.clamp_min(0)
+    if bool((anc >= N1).any()):
+        raise ValueError(f"aux rows hang after node {int(anc.max())}, but the tree has {N1} nodes")
+    mask = torch.zeros(B, N1 + A, N1 + A, dtype=torch.bool, device=dev)
+    mask[:, :N1, :N1] = node_mask
+    mask[:, N1:, :N1] = node_mask.gather(1, anc.unsqueeze(-1).expand(B, A, N1)) & valid.unsqueeze(-1)
+    group = aux.group.to(dev)
+    idx = torch.arange(A, device=dev)
+    same = (group.unsqueeze(2) == group.unsqueeze(1)) & (idx.view(1, 1, A) <= idx.view(1, A, 1))
+    same &= valid.unsqueeze(2) & valid.unsqueeze(1)
+    mask[:, N1:, N1:] = same | torch.eye(A, dtype=torch.bool, device=dev)
+    aux_pos = depth.gather(1, anc) + aux.offset.to(dev)
+    positions = cache_lens.view(B, 1) + torch.cat([depth, aux_pos], dim=1)
+    return mask, positions
+
+
 class Decoder:
     """Exact (speculative) decoding of a HF causal LM with ``ptp_ext`` attention and verify ops."""
 
@@ -85,12 +111,33 @@ class Decoder:
 
     # -- one target call ----------------------------------------------------------------------
     def _forward(self, cache: RowCache, input_ids, position_ids, cache_lens, host_lens,
-                 tree_mask=None, prefill=False, logits_to_keep=0) -> torch.Tensor:
-        cache.set_write_positions(cache_lens, host_lens, input_ids.shape[1])
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
-                         use_cache=True, logits_to_keep=logits_to_keep, ptp_cache_lens=cache_lens,
-                         ptp_tree_mask=tree_mask, ptp_prefill=prefill)
-        return out.logits
+                 tree_mask=None, prefill=False, logits_to_keep=0, aux: Optional[AuxRows] = None,
+                 want_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits of the tree rows (``logits_to_keep`` as HF) and, when asked or when there are
+        aux rows, the final hidden states of all rows ``[B, T, hidden]``."""
+        B, N1 = input_ids.shape
+        T = N1 + (aux.num_rows if aux is not None else 0)
+        cache.set_write_positions(cache_lens, host_lens, T)
+        kw = dict(position_ids=position_ids, past_key_values=cache, use_cache=True,
+                  ptp_cache_lens=cache_lens, ptp_tree_mask=tree_mask, ptp_prefill=prefill)
+        if aux is None and not want_hidden:
+            return self.model(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw).logits, None
+        if getattr(self.model.config, "final_logit_softcapping", None):
+            raise ValueError("drafters that read hidden states need a plain LM head (no logit softcapping)")
+        emb = self.model.get_input_embeddings()(input_ids)
+        ctx = contextlib.nullcontext()
+        if aux is not None:
+            emb = torch.cat([emb, aux.embeds.to(device=emb.device, dtype=emb.dtype)], dim=1)
+            rows = torch.zeros(B, T, dtype=torch.bool, device=emb.device)
+            rows[:, N1:] = True
+            ctx = self.drafter.aux_context(rows)
+        with ctx:
+            hidden = self.model.get_decoder()(inputs_embeds=emb, **kw).last_hidden_state
+        if isinstance(logits_to_keep, torch.Tensor):
+            kept = hidden[:, logits_to_keep]
+        else:
+            kept = hidden[:, :N1] if not logits_to_keep else hidden[:, N1 - logits_to_keep:N1]
+        return self.model.get_output_embeddings()(kept), hidden
 
     def _verify(self, tokens, parents, logits, cache_lens, seq_ids, sampling: SamplingConfig,
                 draft_probs=None):
@@ -112,7 +159,6 @@ class Decoder:
                                sampling.temperature, sampling.top_k, sampling.top_p)
 
     # -- the loop -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
                  sequence_ids: Optional[Sequence[int]] = None,
                  on_tokens: Optional[Callable[[int, list[int]], None]] = None
@@ -120,8 +166,18 @@ class Decoder:
         """Decode a batch of token-id prompts together; returns one result per prompt, in order.
 
         ``sequence_ids`` index the uniform stream (default 0..B-1); ``on_tokens(i, new_ids)`` is
-        called with each batch of committed tokens of prompt i (streaming).
+        called with each batch of committed tokens of prompt i (streaming). The model's attention
+        implementation is ``"ptp"`` during the call and restored afterwards.
         """
+        previous = self.model.config._attn_implementation
+        try:
+            return self._generate(prompts, config, sequence_ids, on_tokens)
+        finally:
+            if previous and previous != self.impl:
+                self.model.set_attn_implementation(previous)
+
+    @torch.inference_mode()
+    def _generate(self, prompts, config: GenerationConfig, sequence_ids, on_tokens) -> list[SequenceResult]:
         t0 = time.perf_counter()
         B = len(prompts)
         if B == 0:
@@ -133,7 +189,13 @@ class Decoder:
         if config.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need the Decoder's tokenizer")
         lens = [len(p) for p in prompts]
-        S = config.max_cache_len or (max(lens) + config.max_new_tokens + config.max_draft_nodes + 1)
+        drafter = self.drafter
+        if hasattr(drafter, "reset"):
+            drafter.reset()
+        want_hidden = bool(getattr(drafter, "wants_hidden", False))
+        aux_room = int(drafter.aux_room(config.max_draft_nodes)) if hasattr(drafter, "aux_room") else 0
+        S = config.max_cache_len or (max(lens) + config.max_new_tokens + config.max_draft_nodes + 1
+                                     + aux_room)
         if max(lens) + 1 > S:
             raise ValueError(f"prompt of {max(lens)} tokens does not fit the KV cache "
                              f"(max_cache_len {S})")
@@ -160,13 +222,17 @@ class Decoder:
         zeros = torch.zeros(B, dtype=torch.long, device=device)
         last = torch.tensor(lens, device=device) - 1
         keep = torch.unique(last)
-        logits = self._forward(cache, ids, torch.arange(T, device=device).expand(B, T), zeros,
-                               [0] * B, prefill=True, logits_to_keep=keep)
+        logits, hidden = self._forward(cache, ids, torch.arange(T, device=device).expand(B, T), zeros,
+                                       [0] * B, prefill=True, logits_to_keep=keep, want_hidden=want_hidden)
         logits = logits[torch.arange(B, device=device), torch.searchsorted(keep, last)]
         roots = ids[torch.arange(B, device=device), last].view(B, 1)
         cache_lens = last  # the prompts' last tokens become the roots of the first verify
-        _, _, nxt = self._verify(roots, torch.full_like(roots, -1), logits.unsqueeze(1),
-                                 cache_lens, seq_ids, sampling)
+        root_parents = torch.full_like(roots, -1)
+        num_acc, acc_nodes, nxt = self._verify(roots, root_parents, logits.unsqueeze(1),
+                                               cache_lens, seq_ids, sampling)
+        if want_hidden:
+            drafter.observe(StepOutcome(seq_ids.tolist(), cache_lens, roots, root_parents, num_acc,
+                                        acc_nodes, nxt, hidden=hidden[torch.arange(B, device=device), last].unsqueeze(1)))
         cache_lens = torch.tensor(lens, device=device)
         host_lens = list(lens)
         for r in results:
@@ -208,15 +274,21 @@ class Decoder:
             Ba = len(rows)
 
             # draft
-            room = min(config.max_draft_nodes, S - max(host_lens) - 1)
+            max_rows = S - max(host_lens)
+            room = min(config.max_draft_nodes, max_rows - 1)
             draft: Optional[Draft] = None
-            if room > 0:
-                draft = self.drafter.propose(DraftRequest(
+            if room >= 0:
+                draft = drafter.propose(DraftRequest(
                     histories=[histories[b] for b in rows], sequence_ids=seq_ids.tolist(),
-                    max_nodes=room, sampling=sampling))
+                    max_nodes=room, sampling=sampling, max_rows=max_rows,
+                    cache_lens=cache_lens.tolist()))
             if draft is not None and draft.num_nodes - 1 > room:
-                raise ValueError(f"drafter {self.drafter.name!r} proposed {draft.num_nodes - 1} "
+                raise ValueError(f"drafter {drafter.name!r} proposed {draft.num_nodes - 1} "
                                  f"nodes, more than the {room} allowed")
+            aux = draft.aux if draft is not None else None
+            if aux is not None and draft.num_nodes + aux.num_rows > max_rows:
+                raise ValueError(f"drafter {drafter.name!r} proposed {draft.num_nodes} nodes and "
+                                 f"{aux.num_rows} aux rows, more than the {max_rows} rows left")
             if draft is None:
                 tokens = nxt.view(Ba, 1)
                 parents = torch.full_like(tokens, -1)
@@ -227,17 +299,26 @@ class Decoder:
                 parents = draft.parents.to(device)
                 draft_probs = draft.draft_probs
                 is_chain = draft.is_chain
-                if is_chain:
+                if aux is not None:
+                    mask, positions = aux_mask_and_positions(parents, aux, cache_lens)
+                elif is_chain:
                     mask = None
                     positions = cache_lens.view(Ba, 1) + torch.arange(tokens.shape[1], device=device)
                 else:
                     mask, depth = tree_mask_and_depth(parents)
                     positions = cache_lens.view(Ba, 1) + depth
 
-            # one target call over the drafts, then verify
-            logits = self._forward(cache, tokens, positions, cache_lens, host_lens, tree_mask=mask)
+            # one target call over the drafts (and the drafter's aux rows), then verify
+            logits, hidden = self._forward(cache, tokens, positions, cache_lens, host_lens, tree_mask=mask,
+                                           aux=aux, want_hidden=want_hidden)
             num_acc, acc_nodes, nxt = self._verify(tokens, parents, logits, cache_lens, seq_ids,
                                                    sampling, draft_probs)
+            if want_hidden:
+                N1 = tokens.shape[1]
+                drafter.observe(StepOutcome(seq_ids.tolist(), cache_lens, tokens, parents, num_acc,
+                                            acc_nodes, nxt, hidden=hidden[:, :N1],
+                                            aux_hidden=hidden[:, N1:] if aux is not None else None,
+                                            aux=aux))
             n_host = num_acc.tolist()
             width = max(n_host) + 1
             if not is_chain and width > 1:

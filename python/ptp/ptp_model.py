@@ -40,6 +40,7 @@ __all__ = [
     "packed_layout",
     "additive_mask",
     "vector_pick",
+    "packed_forward",
     "crop_cache",
 ]
 
@@ -231,28 +232,8 @@ class PTPModel(nn.Module):
         :func:`packed_layout`. The adapter is on exactly for the A slot rows. Returns the final
         hidden states ``[1, R + A, hidden]`` and the model output (for its cache).
         """
-        emb = self.base.get_input_embeddings()
-        dtype = emb.weight.dtype
-        parts = []
-        if real_ids is not None and real_ids.numel():
-            parts.append(emb(real_ids.view(1, -1)))
-        R = parts[0].shape[1] if parts else 0
-        A = slot_embeds.shape[0]
-        if A:
-            parts.append(slot_embeds.to(dtype).unsqueeze(0))
-        x = torch.cat(parts, dim=1)
-        aux = torch.zeros(1, R + A, dtype=torch.bool, device=x.device)
-        aux[:, R:] = True
-        mask_dtype = torch.get_autocast_dtype("cuda") if (x.is_cuda and torch.is_autocast_enabled()) else dtype
-        with self.gate.rows(aux):
-            out = self.base.model(
-                inputs_embeds=x,
-                attention_mask=additive_mask(visible, mask_dtype),
-                position_ids=position_ids.view(1, -1),
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-            )
-        return out.last_hidden_state, out
+        return packed_forward(self.base, self.gate, real_ids, slot_embeds, position_ids, visible,
+                              past_key_values, use_cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.base.lm_head(hidden)
@@ -267,6 +248,34 @@ class PTPModel(nn.Module):
         if c.variant == "optp" or c.temperature == 0:
             return slot_logits.argmax(dim=-1)
         return vector_pick(uniforms, sampling_probs(slot_logits, c.temperature, c.top_k, c.top_p))
+
+
+def packed_forward(base, gate: LoRAGate, real_ids: Optional[torch.Tensor], slot_embeds: torch.Tensor,
+                   position_ids: torch.Tensor, visible: torch.Tensor, past_key_values=None,
+                   use_cache: bool = False):
+    """:meth:`PTPModel.packed_forward` for any HF causal LM ``base`` wrapped by a gated LoRA."""
+    emb = base.get_input_embeddings()
+    dtype = emb.weight.dtype
+    parts = []
+    if real_ids is not None and real_ids.numel():
+        parts.append(emb(real_ids.view(1, -1)))
+    R = parts[0].shape[1] if parts else 0
+    A = slot_embeds.shape[0]
+    if A:
+        parts.append(slot_embeds.to(dtype).unsqueeze(0))
+    x = torch.cat(parts, dim=1)
+    aux = torch.zeros(1, R + A, dtype=torch.bool, device=x.device)
+    aux[:, R:] = True
+    mask_dtype = torch.get_autocast_dtype("cuda") if (x.is_cuda and torch.is_autocast_enabled()) else dtype
+    with gate.rows(aux):
+        out = base.model(
+            inputs_embeds=x,
+            attention_mask=additive_mask(visible, mask_dtype),
+            position_ids=position_ids.view(1, -1),
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+    return out.last_hidden_state, out
 
 
 def vector_pick(uniforms: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

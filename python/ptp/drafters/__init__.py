@@ -6,3 +6,4 @@ __all__ = ["Draft", "DraftRequest", "Drafter", "NoDrafter", "LookupDrafter", "ma
            "register_drafter", "drafter_names"]
 
 from . import ptp_drafter  # noqa: E402,F401  (registers the "ptp" drafter name)
+from . import mtp  # noqa: E402,F401  (registers "mtp" and "heads")

@@ -7,6 +7,17 @@ the root (the last committed token, filled in by the decoder), nodes 1..N are dr
 rejection-sampling verification return ``draft_probs`` (q per node); deterministic drafters
 (lookup, PTP with the position-indexed uniforms) return none and are verified by exact match
 (greedy, or coupled with the same uniforms), which is token-for-token identical to plain decoding.
+
+Drafting that rides on the verification call (PTP partial quadratic, the masked-input drafter)
+uses two optional hooks:
+
+* ``Draft.aux`` (:class:`AuxRows`): extra input rows (embeddings) the decoder appends to the
+  target call after the draft tree. Each hangs after one tree node (it sees that node's
+  ancestors-or-self and the earlier rows of its group). The drafter's ``aux_context(mask)`` turns
+  its adapter on for exactly those rows, so the tree rows stay the target's own computation.
+* ``observe(StepOutcome)``: after verification the decoder hands the drafter the final hidden
+  states of the tree and aux rows and what was accepted; the next draft is built from them (MTP
+  heads read the accepted node's hidden state; no drafter call at all).
 """
 from __future__ import annotations
 
@@ -19,7 +30,7 @@ import torch
 
 from ..sampling import SamplingConfig
 
-__all__ = ["Draft", "DraftRequest", "Drafter", "NoDrafter", "register_drafter", "make_drafter",
+__all__ = ["AuxRows", "StepOutcome", "Draft", "DraftRequest", "Drafter", "NoDrafter", "register_drafter", "make_drafter",
            "drafter_names"]
 
 
@@ -31,6 +42,43 @@ class DraftRequest:
     sequence_ids: list[int]  # the uniform stream's sequence index per row
     max_nodes: int  # at most this many draft nodes per row (root excluded)
     sampling: SamplingConfig
+    max_rows: int = 0  # at most this many rows in the target call (root + nodes + aux rows)
+    cache_lens: Optional[list[int]] = None  # each row's root index (= committed tokens - 1)
+
+
+@dataclass
+class AuxRows:
+    """Extra rows of the target call, after the ``N + 1`` tree nodes; ``A`` per batch row.
+
+    Row ``a`` of batch row ``b`` hangs after tree node ``anchor[b, a]`` (``-1``: padding, sees
+    only itself); its position id is ``position(anchor node) + offset[b, a]``; it sees the anchor
+    node's ancestors-or-self and the aux rows ``a' <= a`` with ``group[b, a'] == group[b, a]``.
+    """
+
+    embeds: torch.Tensor  # [B, A, hidden] input embeddings (model dtype)
+    anchor: torch.Tensor  # [B, A] int64
+    offset: torch.Tensor  # [B, A] int64
+    group: torch.Tensor  # [B, A] int64
+
+    @property
+    def num_rows(self) -> int:
+        return self.embeds.shape[1]
+
+
+@dataclass
+class StepOutcome:
+    """What one verification step produced (rows = the request's rows, in order)."""
+
+    sequence_ids: list[int]
+    cache_lens: torch.Tensor  # [B] committed tokens before the step (the root's index)
+    tokens: torch.Tensor  # [B, N+1] the verified tree (node 0 = root)
+    parents: torch.Tensor  # [B, N+1]
+    num_accepted: torch.Tensor  # [B]
+    accepted_nodes: torch.Tensor  # [B, N+1] (-1 padded)
+    next_tokens: torch.Tensor  # [B] the target's token after the accepted path
+    hidden: Optional[torch.Tensor] = None  # [B, N+1, hidden] final (normed) hidden states
+    aux_hidden: Optional[torch.Tensor] = None  # [B, A, hidden] of the aux rows
+    aux: Optional[AuxRows] = None
 
 
 @dataclass
@@ -42,6 +90,7 @@ class Draft:
     is_chain: bool = False  # every row's real nodes are 0 <- 1 <- 2 ... (pads only at the end)
     draft_probs: Optional[torch.Tensor] = None  # [B, N+1, V] float32: q of each node's token
     uniforms: Optional[torch.Tensor] = None  # [B, N+1] the uniforms a PTP-style drafter used
+    aux: Optional[AuxRows] = None  # rows that draft the *next* step inside this target call
 
     @property
     def num_nodes(self) -> int:
@@ -53,7 +102,14 @@ class Drafter(Protocol):
     name: str
 
     def propose(self, request: DraftRequest) -> Optional[Draft]:
-        """A draft for every row of the request, or None to decode one plain token."""
+        """A draft for every row of the request, or None to decode one plain token.
+
+        Optional extras a drafter may define: ``reset()`` (called at the start of every
+        ``generate``), ``wants_hidden = True`` + ``observe(outcome: StepOutcome)`` (called after
+        every verification, the prefill's included with an empty tree), ``aux_context(mask)``
+        (a context manager enabling its adapter on the rows where ``mask [B, T]`` is True) and
+        ``aux_room(max_nodes) -> int`` (the most aux rows it adds in a step, for KV sizing).
+        """
         ...
 
 

@@ -12,8 +12,15 @@ verification (greedy or coupled) only accepts what plain decoding would produce.
 Temperature 0: verification is greedy and ignores u; the slots read ``u = 0.5``
 (:data:`ptp.ptp_model.GREEDY_U`) as in training.
 
-This is the *linear* scheme (drafter call + target call per step). Partial quadratic decoding
-(the drafts ride on the verify call) needs a decoder hook: see ``python/ptp/ptp_decode.py``.
+Schemes (``scheme=``):
+
+* ``quadratic`` (default): :class:`PTPSlotDrafter`, partial quadratic decoding: the verify call
+  also carries k u-slots after every draft node; the slots after the accepted node draft the next
+  step (their slot 0 predicts the very token verification picks, slots 1..k-1 the ones after it).
+  One target call per step, no drafter call (``python/ptp/drafters/slots.py``).
+* ``linear``: the same with slots after the last draft node only.
+* ``separate``: :class:`PTPDrafter`, a drafter call (over the newly committed tokens and k slots,
+  its own KV cache) before each verify call: two calls per step.
 """
 from __future__ import annotations
 
@@ -28,9 +35,10 @@ from ptp.ptp_model import GREEDY_U, PTPModel, crop_cache, packed_layout, vector_
 from ptp.sampling import SamplingConfig, uniforms
 from ptp_ext.reference import sampling_probs
 
-from .base import Draft, DraftRequest, register_drafter
+from .base import Draft, DraftRequest, StepOutcome, register_drafter
+from .slots import SlotGroupDrafter
 
-__all__ = ["PTPDrafter", "DEFAULT_ADAPTER", "sdpa_attention"]
+__all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "sdpa_attention"]
 
 DEFAULT_ADAPTER = os.path.join(os.path.dirname(__file__), "weights", "ptp-smollm2-135m-instruct")
 
@@ -128,13 +136,73 @@ class PTPDrafter:
         return Draft(tokens=tokens, parents=parents, is_chain=True)
 
 
-def _factory(model, tokenizer, path, num_slots: Optional[int] = None, **kw) -> PTPDrafter:
+class PTPSlotDrafter(SlotGroupDrafter):
+    """PTP drafting on the verify call (partial quadratic or linear; see the module notes)."""
+
+    name = "ptp"
+    slot_offset = 0  # slot 0 shares its anchor node's position and predicts the next token
+
+    def __init__(self, model: PTPModel, num_slots: Optional[int] = None, scheme: str = "quadratic"):
+        k = int(num_slots or model.config.num_slots)
+        if k < 2:
+            raise ValueError(f"PTP on the verify call needs num_slots >= 2, got {k}")
+        super().__init__(model.gate, k, scheme, max_drafts=k - 1)
+        self.model = model.eval()
+        self._sampling = SamplingConfig()
+        self._greedy_rows: Optional[torch.Tensor] = None
+
+    def _u(self, seq_id: int, first_index: int, device) -> torch.Tensor:
+        k, s = self.num_slots, self._sampling
+        if s.greedy or self.model.config.temperature == 0:
+            return torch.full((k,), GREEDY_U, dtype=torch.float32, device=device)
+        pos = torch.arange(first_index, first_index + k)
+        return uniforms(s.seed, torch.tensor(seq_id), pos).float().to(device)
+
+    def propose(self, request: DraftRequest) -> Optional[Draft]:
+        self._sampling = request.sampling
+        return super().propose(request)
+
+    @torch.no_grad()
+    def group_embeds(self, request: DraftRequest, row: int, first_index: int) -> torch.Tensor:
+        m, k = self.model, self.num_slots
+        dev = m.base.get_input_embeddings().weight.device
+        greedy = request.sampling.greedy or m.config.temperature == 0
+        if greedy and self._greedy_rows is not None:
+            return self._greedy_rows
+        u = self._u(request.sequence_ids[row], first_index, dev)
+        e = m.slot_embeddings(u.view(1, k)).view(k, -1)
+        if greedy:
+            self._greedy_rows = e
+        return e
+
+    @torch.no_grad()
+    def group_drafts(self, hidden: torch.Tensor, next_token: int, seq_id: int, next_index: int,
+                     outcome: StepOutcome) -> list[int]:
+        m, s = self.model, self._sampling
+        logits = m.logits(hidden).float()  # slot j drafts the token at next_index + j
+        if m.config.variant == "optp" or s.greedy:
+            tokens = logits.argmax(-1)
+        else:
+            u = self._u(seq_id, next_index, logits.device)
+            tokens = vector_pick(u.double(), sampling_probs(logits, s.temperature, s.top_k, s.top_p))
+        return tokens[1:].tolist()  # slot 0 is the token verification just picked
+
+    def reset(self) -> None:
+        super().reset()
+        self._greedy_rows = None
+
+
+def _factory(model, tokenizer, path, num_slots: Optional[int] = None, scheme: str = "quadratic",
+             **kw):
     from ptp.train.checkpoint import load_adapter
 
     ckpt = path or DEFAULT_ADAPTER
     if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
         raise FileNotFoundError(f"no PTP adapter at {ckpt} (train one with `ptp train ptp --out DIR`)")
-    return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots, **kw)
+    num_slots = int(num_slots) if num_slots is not None else None
+    if scheme == "separate":
+        return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots, **kw)
+    return PTPSlotDrafter(load_adapter(model, ckpt), num_slots=num_slots, scheme=scheme, **kw)
 
 
 register_drafter("ptp", _factory)

@@ -1,4 +1,5 @@
-"""``ptp train ptp ...``: generate the teacher data (cached in the output dir) and train an adapter.
+"""``ptp train {ptp,mtp,heads} ...``: generate the teacher data (cached in the output dir) and train
+a drafter (PTP adapter, masked-input drafter, MTP heads) with the shared loop and checkpoints.
 
 Also runnable as ``python -m ptp.train.cli ptp ...`` (same arguments).
 """
@@ -13,32 +14,23 @@ import torch
 from ptp.lora import LoRAConfig
 
 
-def add_train_parsers(subparsers) -> argparse.ArgumentParser:
-    """Add ``train`` (with its ``ptp`` sub-command) to the main CLI's ``subparsers``."""
-    train = subparsers.add_parser("train", help="train drafters")
-    sub = train.add_subparsers(dest="train_command", required=True)
-    p = sub.add_parser("ptp", help="train a PTP adapter (gated LoRA + u-embedding) for a target")
+def _common(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--variant", choices=["optp", "cptp"], default="optp")
-    p.add_argument("--mode", choices=["distill", "teacher-free"], default="distill")
-    p.add_argument("--slots", type=int, default=8, help="k auxiliary slots per window")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--u-embedding", choices=["interp", "bits"], default="interp")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="teacher sampling temperature of the generated data (0: greedy)")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--gen-batch", type=int, default=16)
-    p.add_argument("--data", default=None, help="data path prefix (default: <out>/data)")
+    p.add_argument("--data", default=None,
+                   help="data path prefix (default: <out>/data; generated there if missing; another "
+                        "drafter's data can be reused)")
     p.add_argument("--text-file", default=None,
-                   help="teacher-free only: plain text, one document per line, instead of teacher data")
+                   help="plain text, one document per line, instead of teacher data")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--windows", type=int, default=24, help="windows packed per sequence")
+    p.add_argument("--windows", type=int, default=windows, help="windows packed per sequence")
     p.add_argument("--seqs-per-step", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall budget incl. data generation")
@@ -46,19 +38,61 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_train_parsers(subparsers) -> argparse.ArgumentParser:
+    """Add ``train`` (sub-commands ``ptp``, ``mtp``, ``heads``) to the main CLI's ``subparsers``."""
+    train = subparsers.add_parser("train", help="train drafters")
+    sub = train.add_subparsers(dest="train_command", required=True)
+    p = sub.add_parser("ptp", help="train a PTP adapter (gated LoRA + u-embedding) for a target")
+    _common(p, windows=24)
+    p.add_argument("--variant", choices=["optp", "cptp"], default="optp")
+    p.add_argument("--mode", choices=["distill", "teacher-free"], default="distill")
+    p.add_argument("--slots", type=int, default=8, help="k auxiliary slots per window")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--u-embedding", choices=["interp", "bits"], default="interp")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    m = sub.add_parser("mtp", help="train the masked-input drafter (gated LoRA + masks + sampler head)")
+    _common(m, windows=24)
+    m.add_argument("--masks", type=int, default=8, help="k mask tokens per window")
+    m.add_argument("--rank", type=int, default=16)
+    m.add_argument("--alpha", type=float, default=32.0)
+    m.add_argument("--no-sampler", action="store_true", help="no sampler head (LM head on the masks)")
+    m.add_argument("--lcm-weight", type=float, default=1.0, help="latent consistency loss weight")
+    h = sub.add_parser("heads", help="train independent MTP heads (Medusa style) on the frozen target")
+    _common(h, windows=16)
+    h.add_argument("--heads", type=int, default=4, help="number of heads (tokens t+2 .. t+1+n)")
     return train
+
+
+def _sequences(args, base, tok):
+    from ptp.train.data import DataConfig, generate_sequences, load_sequences, save_sequences, text_sequences
+
+    data_path = args.data or os.path.join(args.out, "data")
+    if args.text_file:
+        if not os.path.isfile(args.text_file):
+            raise FileNotFoundError(f"--text-file {args.text_file} does not exist")
+        with open(args.text_file) as f:
+            seqs = text_sequences(tok, [line.strip() for line in f if line.strip()])
+        return seqs, {"text_file": os.path.abspath(args.text_file)}
+    if not os.path.exists(data_path + ".safetensors"):
+        dcfg = DataConfig(num_prompts=args.num_prompts, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, batch_size=args.gen_batch, model=args.model)
+        seqs, prompts = generate_sequences(base, tok, dcfg, progress=not args.no_progress)
+        save_sequences(data_path, seqs, dcfg, prompts)
+    seqs, meta = load_sequences(data_path)
+    return seqs, {"data": meta["config"], "data_tokens": meta["num_tokens"]}
 
 
 def run_train(args: argparse.Namespace) -> int:
     import time
 
-    from ptp.ptp_model import PTPConfig, PTPModel
-    from ptp.train.data import (DataConfig, generate_sequences, load_sequences, save_sequences,
-                                text_sequences)
     from ptp.train.models import load_target
     from ptp.train.trainer import TrainConfig, train
 
-    if args.train_command != "ptp":
+    if args.train_command not in ("ptp", "mtp", "heads"):
         raise ValueError(f"unknown train command {args.train_command!r}")
     t0 = time.time()
     if args.threads:
@@ -67,29 +101,37 @@ def run_train(args: argparse.Namespace) -> int:
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     base, tok = load_target(args.model, device=args.device, dtype=dtype)
-    data_path = args.data or os.path.join(args.out, "data")
-    if args.text_file:
-        with open(args.text_file) as f:
-            seqs = text_sequences(tok, [line.strip() for line in f if line.strip()])
-        data_meta = {"text_file": os.path.abspath(args.text_file)}
+    seqs, data_meta = _sequences(args, base, tok)
+    loss_fn, mode = None, "distill"
+    if args.train_command == "ptp":
+        from ptp.ptp_model import PTPConfig, PTPModel
+
+        config = PTPConfig(variant=args.variant, num_slots=args.slots, u_embedding=args.u_embedding,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           lora=LoRAConfig(rank=args.rank, alpha=args.alpha), base_model=args.model)
+        model = PTPModel(base, config)
+        mode = args.mode
+    elif args.train_command == "mtp":
+        from ptp.mtp_model import MTPConfig, MTPModel
+        from ptp.train.mtp import mtp_sequence_loss
+
+        model = MTPModel(base, MTPConfig(num_masks=args.masks, lora=LoRAConfig(rank=args.rank, alpha=args.alpha),
+                                         sampler=not args.no_sampler, lcm_weight=args.lcm_weight,
+                                         base_model=args.model))
+        loss_fn = mtp_sequence_loss
     else:
-        if not os.path.exists(data_path + ".safetensors"):
-            dcfg = DataConfig(num_prompts=args.num_prompts, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, batch_size=args.gen_batch, model=args.model)
-            seqs, prompts = generate_sequences(base, tok, dcfg, progress=not args.no_progress)
-            save_sequences(data_path, seqs, dcfg, prompts)
-        seqs, meta = load_sequences(data_path)
-        data_meta = {"data": meta["config"], "data_tokens": meta["num_tokens"]}
-    config = PTPConfig(variant=args.variant, num_slots=args.slots, u_embedding=args.u_embedding,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       lora=LoRAConfig(rank=args.rank, alpha=args.alpha), base_model=args.model)
-    model = PTPModel(base, config)
+        from ptp.mtp_model import HeadsConfig, MTPHeads
+        from ptp.train.mtp import heads_sequence_loss
+
+        model = MTPHeads(base, HeadsConfig(num_heads=args.heads, base_model=args.model))
+        loss_fn = heads_sequence_loss
     remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
-    tcfg = TrainConfig(mode=args.mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
+    tcfg = TrainConfig(mode=mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
                        windows_per_seq=args.windows, seqs_per_step=args.seqs_per_step, seed=args.seed,
                        save_every=args.save_every, max_minutes=max(remaining, 0.01) if args.max_minutes else 0.0,
                        device=args.device, bf16=cuda)
-    metrics = train(model, seqs, tcfg, args.out, extra_meta=data_meta, progress=not args.no_progress)
+    metrics = train(model, seqs, tcfg, args.out, extra_meta=data_meta, progress=not args.no_progress,
+                    loss_fn=loss_fn)
     print(f"saved {args.out}: {metrics}")
     return 0
 

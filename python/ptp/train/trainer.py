@@ -128,9 +128,17 @@ def sequence_loss(model: PTPModel, seq: Sequence, cfg: TrainConfig, gen: torch.G
     return loss, {"acc": hit.mean(0).tolist(), "prefix": float(prefix)}
 
 
-def train(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
-          extra_meta: Optional[dict] = None, resume: bool = True, progress: bool = True) -> dict:
-    """Train ``model``'s adapter on ``seqs``; checkpoints to ``out_dir``; returns the last metrics."""
+def train(model, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
+          extra_meta: Optional[dict] = None, resume: bool = True, progress: bool = True,
+          loss_fn=None) -> dict:
+    """Train ``model``'s adapter on ``seqs``; checkpoints to ``out_dir``; returns the last metrics.
+
+    ``loss_fn(model, seq, cfg, gen, rng) -> (loss, metrics) | None`` is one sequence's loss
+    (default :func:`sequence_loss`, PTP); the masked-input drafter and the MTP heads plug in
+    their own (``python/ptp/train/mtp.py``). ``model`` needs ``trainable_parameters``,
+    ``adapter_state_dict``/``load_adapter_state_dict`` and ``config``.
+    """
+    loss_fn = loss_fn or sequence_loss
     from tqdm.auto import tqdm
 
     start_time = time.time()
@@ -161,7 +169,8 @@ def train(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
     model.train()
     order: list[int] = []
     ema: dict = {}
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"ptp {model.config.variant} {cfg.mode}",
+    desc = getattr(model, "DRAFTER_TYPE", "ptp") + " " + str(getattr(model.config, "variant", "")) + " " + cfg.mode
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc,
                disable=not progress, mininterval=5.0)
     while step < cfg.steps:
         if cfg.max_minutes and time.time() - start_time > 60 * cfg.max_minutes:
@@ -172,14 +181,17 @@ def train(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
             if not order:
                 order = list(range(len(seqs)))
                 rng.shuffle(order)
-            res = sequence_loss(model, seqs[order.pop()], cfg, gen, rng)
+            res = loss_fn(model, seqs[order.pop()], cfg, gen, rng)
             if res is None:
                 continue
             loss, m = res
             (loss / cfg.seqs_per_step).backward()
             n += 1
-            for key, v in (("loss", float(loss.detach())), ("prefix", m["prefix"]), ("acc0", m["acc"][0]),
-                           ("accK", m["acc"][-1])):
+            scalars = {"loss": float(loss.detach())}
+            scalars.update({key: float(v) for key, v in m.items() if key != "acc"})
+            if "acc" in m:
+                scalars.update({"acc0": m["acc"][0], "accK": m["acc"][-1]})
+            for key, v in scalars.items():
                 ema[key] = v if key not in ema else 0.95 * ema[key] + 0.05 * v
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -1,0 +1,218 @@
+"""The masked-input drafter (``mtp``) and the independent MTP heads drafter (``heads``).
+
+Both draft inside the verification call, so a decoding step costs one target call:
+
+* ``mtp`` (:class:`MaskedInputDrafter`): k mask rows per group ride on the verify call
+  (``python/ptp/drafters/slots.py``: ``quadratic`` = a group after every draft node, the
+  paper's quadratic decoding; ``linear`` = after the last node only). The accepted node's group
+  gives k drafts: the sampler head runs sequentially over the masks, starting from the token
+  verification just picked.
+* ``heads`` (:class:`HeadsDrafter`): the heads read the final hidden state of the last accepted
+  node (``observe``); head i proposes the token i places after the verified next token. Greedy:
+  a chain of each head's argmax, or a tree of the best candidates by the product of the heads'
+  probabilities (``tree=True``, ``max_nodes``). Sampling: ``verify="coupled"`` (default) drafts
+  ``Pick(U(seed, seq, index), q_i)`` with the decoder's uniform stream (token-identical to plain
+  sampling); ``verify="rejection"`` samples the drafts from q_i with an independent stream and
+  passes q to rejection sampling (the target's distribution, not the same tokens).
+
+Temperature 0 verification is greedy for both: the output is plain greedy decoding's.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+from typing import Optional
+
+import torch
+
+from ptp.mtp_model import MTPHeads, MTPModel
+from ptp.ptp_model import vector_pick
+from ptp.sampling import SamplingConfig, uniforms
+from ptp_ext.reference import sampling_probs
+
+from .base import Draft, DraftRequest, StepOutcome, register_drafter
+from .slots import SlotGroupDrafter
+
+__all__ = ["MaskedInputDrafter", "HeadsDrafter", "DEFAULT_MTP", "DEFAULT_HEADS"]
+
+WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
+DEFAULT_MTP = os.path.join(WEIGHTS, "mtp-smollm2-135m-instruct")
+DEFAULT_HEADS = os.path.join(WEIGHTS, "heads-smollm2-135m-instruct")
+_DRAFT_SALT = 7919  # the drafts' own stream under rejection verification (never salt 0..N)
+
+
+def _pick(sampling: SamplingConfig, seq_id: int, index: int, logits: torch.Tensor, salt: int = 0) -> int:
+    if sampling.greedy:
+        return int(logits.argmax())
+    u = uniforms(sampling.seed, torch.tensor(seq_id), torch.tensor(index), salt=salt)
+    return int(vector_pick(u, sampling_probs(logits.float(), sampling.temperature, sampling.top_k,
+                                             sampling.top_p)))
+
+
+class MaskedInputDrafter(SlotGroupDrafter):
+    name = "mtp"
+    slot_offset = 1  # mask j sits one position after its anchor's next token
+
+    def __init__(self, model: MTPModel, num_masks: Optional[int] = None, scheme: str = "quadratic"):
+        k = int(num_masks or model.config.num_masks)
+        if not 1 <= k <= model.config.num_masks:
+            raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
+        super().__init__(model.gate, k, scheme, max_drafts=k)
+        self.model = model.eval()
+        self._sampling = SamplingConfig()
+
+    def propose(self, request: DraftRequest) -> Optional[Draft]:
+        self._sampling = request.sampling
+        return super().propose(request)
+
+    def group_embeds(self, request: DraftRequest, row: int, first_index: int) -> torch.Tensor:
+        return self.model.masks[: self.num_slots].detach()
+
+    @torch.no_grad()
+    def group_drafts(self, hidden: torch.Tensor, next_token: int, seq_id: int, next_index: int,
+                     outcome: StepOutcome) -> list[int]:
+        s = self._sampling
+        # mask j drafts the token at next_index + 1 + j (coupled: with that index's uniform)
+        return self.model.draft_chain(hidden, next_token,
+                                      lambda j, lg: _pick(s, seq_id, next_index + 1 + j, lg))
+
+
+class HeadsDrafter:
+    name = "heads"
+    wants_hidden = True
+
+    def __init__(self, heads: MTPHeads, tree: bool = False, max_nodes: int = 16, top: int = 4,
+                 verify: str = "coupled") -> None:
+        if verify not in ("coupled", "rejection"):
+            raise ValueError(f"verify must be 'coupled' or 'rejection', got {verify!r}")
+        self.heads = heads.eval()
+        self.tree = bool(tree)
+        self.max_nodes = int(max_nodes)
+        self.top = int(top)
+        self.verify = verify
+        # sequence id -> (root index, hidden state of the node before the root [d])
+        self._state: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def reset(self) -> None:
+        self._state.clear()
+
+    def observe(self, outcome: StepOutcome) -> None:
+        n_acc = outcome.num_accepted
+        B = n_acc.shape[0]
+        rows = torch.arange(B, device=n_acc.device)
+        last = outcome.accepted_nodes[rows, n_acc]  # the last accepted node (whose output is nxt)
+        h = outcome.hidden[rows, last]
+        nxt_index = (outcome.cache_lens + n_acc + 1).tolist()
+        for b, seq in enumerate(outcome.sequence_ids):
+            self._state[seq] = (nxt_index[b], h[b])
+
+    @torch.no_grad()
+    def propose(self, request: DraftRequest) -> Optional[Draft]:
+        n = self.heads.config.num_heads
+        budget = min(request.max_nodes, self.max_nodes if self.tree else n)
+        if budget <= 0:
+            return None
+        s = request.sampling
+        hs, ok = [], []
+        for b, seq in enumerate(request.sequence_ids):
+            st = self._state.get(seq)
+            good = st is not None and st[0] == len(request.histories[b]) - 1
+            ok.append(good)
+            hs.append(st[1] if good else None)
+        if not any(ok):
+            return None
+        dev = next(h for h in hs if h is not None).device
+        H = torch.stack([h if h is not None else torch.zeros_like(next(x for x in hs if x is not None))
+                         for h in hs])
+        logits = self.heads.logits(H).float()  # [B, n, V]
+        rows: list[tuple[list[int], list[int]]] = []
+        probs_rows: list[Optional[torch.Tensor]] = []
+        for b in range(len(hs)):
+            root = len(request.histories[b]) - 1
+            if not ok[b]:
+                rows.append(([0], [-1]))
+                probs_rows.append(None)
+                continue
+            if s.greedy and self.tree:
+                rows.append(self._tree(logits[b], budget))
+                probs_rows.append(None)
+                continue
+            toks, qs = [0], []
+            for i in range(min(n, budget)):
+                idx = root + 1 + i  # head i+1's token sits i+1 places after the root
+                if s.greedy:
+                    toks.append(int(logits[b, i].argmax()))
+                    continue
+                q = sampling_probs(logits[b, i], s.temperature, s.top_k, s.top_p)
+                salt = 0 if self.verify == "coupled" else _DRAFT_SALT
+                u = uniforms(s.seed, torch.tensor(request.sequence_ids[b]), torch.tensor(idx), salt=salt)
+                toks.append(int(vector_pick(u, q)))
+                qs.append(q)
+            rows.append((toks, list(range(-1, len(toks) - 1))))
+            probs_rows.append(torch.stack(qs) if qs else None)
+        width = max(len(t) for t, _ in rows)
+        B = len(rows)
+        tokens = torch.zeros(B, width, dtype=torch.long)
+        parents = torch.full((B, width), -1, dtype=torch.long)
+        for b, (t, p) in enumerate(rows):
+            tokens[b, :len(t)] = torch.tensor(t)
+            parents[b, :len(p)] = torch.tensor(p)
+        is_chain = not (s.greedy and self.tree)
+        draft_probs = None
+        if not s.greedy and self.verify == "rejection":
+            V = logits.shape[-1]
+            draft_probs = torch.zeros(B, width, V, dtype=torch.float32, device=dev)
+            for b, q in enumerate(probs_rows):
+                if q is None:
+                    # rows without a draft: one-hot on the padding token never gets tested
+                    draft_probs[b, :, 0] = 1.0
+                else:
+                    draft_probs[b, 1:1 + q.shape[0]] = q
+                    draft_probs[b, 0, 0] = 1.0
+                    draft_probs[b, 1 + q.shape[0]:, 0] = 1.0
+        return Draft(tokens=tokens, parents=parents, is_chain=is_chain, draft_probs=draft_probs)
+
+    def _tree(self, logits: torch.Tensor, budget: int) -> tuple[list[int], list[int]]:
+        """Best-first tree: a node at depth d (head d) scores the product of its path's probs."""
+        n = logits.shape[0]
+        logp = torch.log_softmax(logits, -1)
+        top_lp, top_id = logp.topk(self.top, dim=-1)
+        top_lp, top_id = top_lp.tolist(), top_id.tolist()
+        tokens, parents = [0], [-1]
+        heap = [(-top_lp[0][c], 0, c, 0) for c in range(self.top)]  # (-score, depth, cand, parent)
+        heapq.heapify(heap)
+        while heap and len(tokens) - 1 < budget:
+            neg, d, c, par = heapq.heappop(heap)
+            node = len(tokens)
+            tokens.append(top_id[d][c])
+            parents.append(par)
+            if d + 1 < n:
+                for c2 in range(self.top):
+                    heapq.heappush(heap, (neg - top_lp[d + 1][c2], d + 1, c2, node))
+        return tokens, parents
+
+
+def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadratic", **kw):
+    from ptp.train.checkpoint import load_mtp
+
+    ckpt = path or DEFAULT_MTP
+    if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
+        raise FileNotFoundError(f"no masked-input drafter at {ckpt} (train one with `ptp train mtp --out DIR`)")
+    return MaskedInputDrafter(load_mtp(model, ckpt), num_masks=int(num_masks) if num_masks else None,
+                              scheme=scheme, **kw)
+
+
+def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=4, verify="coupled", **kw):
+    from ptp.train.checkpoint import load_heads
+
+    ckpt = path or DEFAULT_HEADS
+    if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
+        raise FileNotFoundError(f"no MTP heads at {ckpt} (train them with `ptp train heads --out DIR`)")
+    if isinstance(tree, str):
+        tree = tree.lower() in ("1", "true", "yes", "tree")
+    return HeadsDrafter(load_heads(model, ckpt), tree=tree, max_nodes=int(max_nodes), top=int(top),
+                        verify=verify, **kw)
+
+
+register_drafter("mtp", _mtp_factory)
+register_drafter("heads", _heads_factory)

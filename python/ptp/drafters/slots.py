@@ -1,0 +1,145 @@
+"""Drafters whose drafting rides on the verification call: groups of slot rows after tree nodes.
+
+Each step's target call carries ``[root, d_1..d_n]`` (the tree rows: the target's own
+computation, adapter off) and, appended by the decoder (:class:`ptp.drafters.base.AuxRows`),
+groups of ``k`` slot rows with the drafter's adapter on. A group hangs after tree node ``h``: it
+sees the root and ``d_1..d_h`` and drafts the tokens that follow *if* exactly ``h`` drafts are
+accepted. After verification (``observe``) the group of the accepted node, if there is one, gives
+the next step's drafts; no separate drafter call is ever made, so a step costs one target call.
+
+Schemes (``scheme``):
+
+* ``quadratic``: a group after every tree node (``(n + 1) * k`` slot rows): whatever is accepted,
+  the next draft is ready (PTP's *partial quadratic* decoding, the masked-input paper's
+  *quadratic* decoding).
+* ``linear``: one group after the last draft node only: a full acceptance gives the next draft,
+  a rejection leaves the next step without drafts (it then only drafts).
+
+Subclasses say what a group's input rows are (:meth:`group_embeds`), where their positions start
+(:attr:`slot_offset`) and how its final hidden states become draft tokens (:meth:`group_drafts`).
+Used by the PTP drafter (u-slots) and the masked-input MTP drafter (mask tokens).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import AuxRows, Draft, DraftRequest, StepOutcome
+
+__all__ = ["SlotGroupDrafter", "SCHEMES"]
+
+SCHEMES = ("quadratic", "linear")
+
+
+class SlotGroupDrafter:
+    name = "slots"
+    wants_hidden = True
+    slot_offset = 0  # position of slot j = position(anchor node) + slot_offset + j
+
+    def __init__(self, gate, num_slots: int, scheme: str = "quadratic",
+                 max_drafts: Optional[int] = None) -> None:
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.gate = gate
+        self.num_slots = num_slots
+        self.scheme = scheme
+        self.max_drafts = max_drafts if max_drafts is not None else num_slots
+        # sequence id -> (index of the root the drafts follow, draft tokens)
+        self._next: dict[int, tuple[int, list[int]]] = {}
+        self.groups_used = 0  # statistics: groups whose drafts were taken
+
+    # -- subclass hooks ---------------------------------------------------------------------------
+    def group_embeds(self, request: DraftRequest, row: int, first_index: int) -> torch.Tensor:
+        """``[k, hidden]`` input rows of a group whose slot 0 relates to token ``first_index``
+        (the token right after the anchor node)."""
+        raise NotImplementedError
+
+    def group_drafts(self, hidden: torch.Tensor, next_token: int, seq_id: int, next_index: int,
+                     outcome: StepOutcome) -> list[int]:
+        """Draft tokens following ``next_token`` (at absolute index ``next_index``) from the
+        accepted group's final hidden states ``[k, hidden]``."""
+        raise NotImplementedError
+
+    # -- decoder hooks ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._next.clear()
+
+    def aux_room(self, max_nodes: int) -> int:
+        n = min(self.max_drafts, max_nodes)
+        return self.num_slots * ((n + 1) if self.scheme == "quadratic" else 1)
+
+    def aux_context(self, mask: torch.Tensor):
+        return self.gate.rows(mask)
+
+    def propose(self, request: DraftRequest) -> Optional[Draft]:
+        k = self.num_slots
+        B = len(request.histories)
+        budget = min(self.max_drafts, request.max_nodes)
+        drafts: list[list[int]] = []
+        for b, seq in enumerate(request.sequence_ids):
+            root_index = len(request.histories[b]) - 1
+            entry = self._next.pop(seq, None)
+            d = entry[1] if entry is not None and entry[0] == root_index else []
+            drafts.append(d[:max(budget, 0)])
+        # fit the row budget: n + 1 tree rows + the groups' slot rows
+        def rows_needed(n: int) -> int:
+            return n + 1 + k * ((n + 1) if self.scheme == "quadratic" else 1)
+
+        if request.max_rows:
+            while drafts and max(len(d) for d in drafts) > 0 and \
+                    rows_needed(max(len(d) for d in drafts)) > request.max_rows:
+                n = max(len(d) for d in drafts) - 1
+                drafts = [d[:n] for d in drafts]
+            if rows_needed(0) > request.max_rows:
+                return None
+        n_max = max(len(d) for d in drafts)
+        tokens = torch.zeros(B, n_max + 1, dtype=torch.long)
+        parents = torch.full((B, n_max + 1), -1, dtype=torch.long)
+        G = (n_max + 1) if self.scheme == "quadratic" else 1
+        embeds, anchor, offset, group = [], [], [], []
+        for b, d in enumerate(drafts):
+            n = len(d)
+            tokens[b, 1:n + 1] = torch.tensor(d, dtype=torch.long)
+            parents[b, 1:n + 1] = torch.arange(n)
+            root_index = len(request.histories[b]) - 1
+            hyps = list(range(n + 1)) if self.scheme == "quadratic" else [n]
+            rows_e, rows_a, rows_g = [], [], []
+            for g_i, h in enumerate(hyps):
+                rows_e.append(self.group_embeds(request, b, root_index + h + 1))
+                rows_a += [h] * k
+                rows_g += [g_i] * k
+            e = torch.cat(rows_e, 0)
+            pad = G * k - e.shape[0]
+            if pad:
+                e = torch.cat([e, e.new_zeros(pad, e.shape[1])], 0)
+                rows_a += [-1] * pad
+                rows_g += [-1] * pad
+            embeds.append(e)
+            anchor.append(rows_a)
+            offset.append([self.slot_offset + j for j in range(k)] * G)
+            group.append(rows_g)
+        dev = embeds[0].device
+        aux = AuxRows(embeds=torch.stack(embeds), anchor=torch.tensor(anchor, device=dev),
+                      offset=torch.tensor(offset, device=dev), group=torch.tensor(group, device=dev))
+        return Draft(tokens=tokens, parents=parents, is_chain=True, aux=aux)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        if outcome.aux is None or outcome.aux_hidden is None:
+            return
+        k = self.num_slots
+        n_acc = outcome.num_accepted.tolist()
+        nxt = outcome.next_tokens.tolist()
+        cache_lens = outcome.cache_lens.tolist()
+        anchors = outcome.aux.anchor.tolist()
+        for b, seq in enumerate(outcome.sequence_ids):
+            try:
+                start = anchors[b].index(n_acc[b])
+            except ValueError:  # linear scheme, rejected: no group for this hypothesis
+                continue
+            self.groups_used += 1
+            next_index = cache_lens[b] + n_acc[b] + 1
+            d = self.group_drafts(outcome.aux_hidden[b, start:start + k], nxt[b], seq, next_index, outcome)
+            self._next[seq] = (next_index, d)

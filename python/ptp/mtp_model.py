@@ -1,0 +1,224 @@
+"""The masked-input multi-token drafter (Samragh et al., "Your LLM Knows the Future", arXiv
+2507.11851; notes in ``../shared/PAPERS.md`` section 2) and independent MTP heads (Gloeckle et
+al. 2024 / Medusa): the models, their losses and checkpoint I/O.
+
+**Masked-input** (:class:`MTPModel`): k distinct learned mask embeddings ``m_1..m_k`` follow the
+context; mask j (0-based) sits at position ``n + j`` (the context's last token has ``n - 1``),
+sees the context and the earlier masks of its block, and predicts the token at index
+``n + 1 + j`` (the normal output of the last context token predicts index n). The target's
+linears carry a gated LoRA active on mask rows only (``python/ptp/lora.py``), so the target's
+own outputs are bit-identical with or without the adapter. A **sampler head** turns a mask's final
+hidden state ``z_j`` and the embedding of the previously chosen token into the prediction:
+``logits_j = W_unemb (z_j + MLP([z_j ; E(y_{j-1})]))`` with the paper's two blocks
+``Linear -> SiLU -> LayerNorm`` (2d -> d -> d); run sequentially over the k masks at inference
+through the fused ``ptp_ext.ops.sampler_mlp`` op. (The residual ``z_j +`` is ours: the head starts
+as the identity, so a short training budget does not first have to learn to copy ``z_j``.)
+
+Losses (one packed forward per training sequence, windows as in PTP training): cross-entropy of
+the mask rows' own LM-head output and of the sampler head (teacher forcing: the data token is the
+previous token), plus the latent consistency loss: mean squared distance between each mask's
+``z_j`` and the (stop-gradient) final hidden state of the real token that predicts the same target.
+
+**MTP heads** (:class:`MTPHeads`): n residual blocks on the target's final hidden state
+``h_t`` (``h + SiLU(W_i h + b_i)``, ``W_i`` zero-initialised, Medusa's form) sharing the
+target's LM head; head i (1-based) predicts the token at index ``t + 1 + i``. The target is
+untouched (no adapter at all); the heads read the hidden states of the verify call.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, load_lora_state_dict, lora_state_dict
+from ptp.ptp_model import packed_forward
+from ptp_ext.reference import sampler_mlp_ref
+
+__all__ = ["MTPConfig", "SamplerHead", "MTPModel", "HeadsConfig", "MTPHeads"]
+
+
+@dataclass
+class MTPConfig:
+    num_masks: int = 8
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sampler: bool = True
+    lcm_weight: float = 1.0
+    base_model: str = "smollm2-135m-instruct"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            d = dict(self.lora)
+            d["targets"] = tuple(d.get("targets", LoRAConfig().targets))
+            self.lora = LoRAConfig(**d)
+        if self.num_masks < 1:
+            raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora"]["targets"] = list(d["lora"]["targets"])
+        return d
+
+
+class SamplerHead(nn.Module):
+    """``z + [Linear(2d->d) -> SiLU -> LayerNorm -> Linear(d->d) -> SiLU -> LayerNorm]([z; E(prev)])``."""
+
+    def __init__(self, hidden: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2 * hidden, hidden)
+        self.norm1 = nn.LayerNorm(hidden, eps=eps)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, eps=eps)
+        self.eps = eps
+        with torch.no_grad():
+            nn.init.normal_(self.fc1.weight, std=(2 * hidden) ** -0.5)
+            nn.init.zeros_(self.fc1.bias)
+            nn.init.normal_(self.fc2.weight, std=hidden ** -0.5)
+            nn.init.zeros_(self.fc2.bias)
+            self.norm2.weight.mul_(0.1)  # start close to the identity (the residual)
+
+    def _args(self):
+        return (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.norm1.weight,
+                self.norm1.bias, self.norm2.weight, self.norm2.bias, True, self.eps)
+
+    def forward(self, z: torch.Tensor, prev_tokens: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Differentiable (training): the pure-PyTorch reference of the fused op."""
+        return z + sampler_mlp_ref(z, prev_tokens, embedding, *self._args())
+
+    @torch.no_grad()
+    def fused(self, z: torch.Tensor, prev_tokens: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Inference through ``ptp_ext.ops.sampler_mlp`` (one fused kernel per call)."""
+        from ptp_ext import ops
+
+        w1, b1, w2, b2, n1w, n1b, n2w, n2b = [t.to(z.dtype) for t in self._args()[:8]]
+        return z + ops.sampler_mlp(z, w1, w2, prev_tokens=prev_tokens, embedding=embedding.to(z.dtype),
+                                   b1=b1, b2=b2, norm1_weight=n1w, norm1_bias=n1b, norm2_weight=n2w,
+                                   norm2_bias=n2b, silu_out=True, eps=self.eps)
+
+
+class MTPModel(nn.Module):
+    """A causal LM turned into a masked-input multi-token drafter (gated LoRA + masks + sampler)."""
+
+    DRAFTER_TYPE = "mtp"
+    CONFIG_KEY = "mtp"
+
+    def __init__(self, base: nn.Module, config: MTPConfig) -> None:
+        super().__init__()
+        self.base = base
+        self.config = config
+        self.gate: LoRAGate = apply_gated_lora(base, config.lora)
+        emb = base.get_input_embeddings().weight
+        hidden = emb.shape[1]
+        std = float(emb.float().std())
+        self.masks = nn.Parameter(torch.randn(config.num_masks, hidden, device=emb.device) * std)
+        self.sampler = SamplerHead(hidden).to(emb.device) if config.sampler else None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        out = lora_state_dict(self.base)
+        out["masks"] = self.masks.detach()
+        if self.sampler is not None:
+            for k, v in self.sampler.state_dict().items():
+                out[f"sampler.{k}"] = v.detach()
+        return out
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_lora_state_dict(self.base, state)
+        with torch.no_grad():
+            if state["masks"].shape != self.masks.shape:
+                raise ValueError(f"masks: expected {list(self.masks.shape)}, got {list(state['masks'].shape)}")
+            self.masks.copy_(state["masks"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict({k[len("sampler."):]: v for k, v in state.items()
+                                          if k.startswith("sampler.")})
+
+    def packed_forward(self, real_ids, slot_embeds, position_ids, visible, past_key_values=None,
+                       use_cache: bool = False):
+        return packed_forward(self.base, self.gate, real_ids, slot_embeds, position_ids, visible,
+                              past_key_values, use_cache)
+
+    def embedding(self) -> torch.Tensor:
+        return self.base.get_input_embeddings().weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base.lm_head(hidden)
+
+    @torch.no_grad()
+    def draft_chain(self, z: torch.Tensor, first_prev: int, pick=None) -> list[int]:
+        """Tokens of one mask block ``z [k, hidden]`` given the token before mask 0.
+
+        ``pick(j, logits [V]) -> int`` chooses mask j's token (default argmax); with the sampler
+        head, mask j's prediction conditions on mask j-1's chosen token.
+        """
+        emb = self.embedding()
+        out, prev = [], first_prev
+        if self.sampler is None:
+            logits = self.logits(z).float()
+            return [int(pick(j, logits[j])) if pick else int(logits[j].argmax()) for j in range(z.shape[0])]
+        for j in range(z.shape[0]):
+            prev_t = torch.tensor([prev], device=z.device)
+            h = self.sampler.fused(z[j:j + 1], prev_t, emb)
+            logits = self.logits(h)[0].float()
+            prev = int(pick(j, logits)) if pick else int(logits.argmax())
+            out.append(prev)
+        return out
+
+
+@dataclass
+class HeadsConfig:
+    num_heads: int = 4
+    base_model: str = "smollm2-135m-instruct"
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MTPHeads(nn.Module):
+    """n residual heads on the target's final hidden state, sharing its LM head."""
+
+    DRAFTER_TYPE = "heads"
+    CONFIG_KEY = "heads"
+
+    def __init__(self, base: nn.Module, config: HeadsConfig) -> None:
+        super().__init__()
+        self.base = base
+        self.config = config
+        for p in base.parameters():
+            p.requires_grad_(False)
+        w = base.get_input_embeddings().weight
+        hidden = w.shape[1]
+        self.proj = nn.Parameter(torch.zeros(config.num_heads, hidden, hidden, device=w.device))
+        self.bias = nn.Parameter(torch.zeros(config.num_heads, hidden, device=w.device))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.proj, self.bias]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"proj": self.proj.detach(), "bias": self.bias.detach()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in ("proj", "bias"):
+            dst = getattr(self, name)
+            if state[name].shape != dst.shape:
+                raise ValueError(f"{name}: expected {list(dst.shape)}, got {list(state[name].shape)}")
+            with torch.no_grad():
+                dst.copy_(state[name])
+
+    def head_hidden(self, h: torch.Tensor, head: Optional[int] = None) -> torch.Tensor:
+        """``h [..., d]`` -> ``[..., n, d]`` (or ``[..., d]`` for one head)."""
+        p, b = self.proj.to(h.dtype), self.bias.to(h.dtype)
+        if head is not None:
+            return h + F.silu(h @ p[head].t() + b[head])
+        return h.unsqueeze(-2) + F.silu(torch.einsum("...d,ned->...ne", h, p) + b)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """All heads' logits ``[..., n, V]`` from final hidden states ``[..., d]``."""
+        return self.base.lm_head(self.head_hidden(h))

