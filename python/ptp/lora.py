@@ -1,8 +1,10 @@
 """Gated LoRA: a low-rank adapter that acts only on the rows flagged as auxiliary.
 
 For every wrapped ``nn.Linear`` ``W``: ``y = W x`` on all rows, then ``y[r] += s * B (A x[r])`` on
-the auxiliary rows ``r`` only (``index_select`` + ``index_add``, not a multiplication by a 0/1
-gate), so real-token rows are *bit-identical* with the adapter on and off. That makes a
+the auxiliary rows ``r`` only (a slice add when the aux rows are a common suffix of every batch
+row, the layout of the decoder and the packed forwards; ``index_select`` + ``index_add``
+otherwise; never a multiplication by a 0/1 gate), so real-token rows are *bit-identical* with
+the adapter on and off. That makes a
 self-speculative drafter (the target plus this adapter) verify exactly.
 
 The rows travel with the forward through a :class:`LoRAGate` shared by all wrapped layers: set it
@@ -58,11 +60,15 @@ class LoRAGate:
 
     def __init__(self) -> None:
         self.index: Optional[torch.Tensor] = None
+        # fast path: the aux rows are the same suffix ``[suffix:]`` of every batch row (the
+        # decoder's and the packed forwards' layout): a slice add instead of a scatter
+        self.suffix: Optional[int] = None
 
     @contextlib.contextmanager
     def rows(self, aux_mask: Optional[torch.Tensor]) -> Iterator[None]:
         """Turn the adapter on for the rows where ``aux_mask [batch, seq]`` (bool) is True."""
-        previous = self.index
+        previous = (self.index, self.suffix)
+        self.suffix = None
         if aux_mask is None:
             self.index = None
         else:
@@ -71,10 +77,14 @@ class LoRAGate:
                     f"aux_mask must be bool [batch, seq], got {aux_mask.dtype} {list(aux_mask.shape)}")
             idx = aux_mask.reshape(-1).nonzero().squeeze(1)
             self.index = idx if idx.numel() else None
+            if self.index is not None:
+                first = int(aux_mask[0].long().argmax())
+                if bool(aux_mask[:, first:].all()) and not bool(aux_mask[:, :first].any()):
+                    self.suffix = first
         try:
             yield
         finally:
-            self.index = previous
+            self.index, self.suffix = previous
 
     @contextlib.contextmanager
     def off(self) -> Iterator[None]:
@@ -107,6 +117,15 @@ class GatedLoRALinear(nn.Module):
         y = self.base(x)
         idx = self.gate.index
         if idx is None:
+            return y
+        s = self.gate.suffix
+        if s is not None and x.dim() == 3:
+            tail = x[:, s:]
+            delta = (tail.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()
+            if torch.is_grad_enabled() and (y.requires_grad or delta.requires_grad):
+                head = y[:, :s]
+                return torch.cat([head, y[:, s:] + (delta * self.scale).to(y.dtype)], dim=1)
+            y[:, s:] += (delta * self.scale).to(y.dtype)
             return y
         if x.shape[:-1].numel() <= int(idx.max()):
             raise ValueError(

@@ -38,6 +38,8 @@ def _common(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of adapter.safetensors (float16 halves the file)")
 
 
 def add_train_parsers(subparsers) -> argparse.ArgumentParser:
@@ -129,7 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(mode=mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
                        windows_per_seq=args.windows, seqs_per_step=args.seqs_per_step, seed=args.seed,
                        save_every=args.save_every, max_minutes=max(remaining, 0.01) if args.max_minutes else 0.0,
-                       device=args.device, bf16=cuda)
+                       device=args.device, bf16=cuda, save_dtype=args.save_dtype)
     metrics = train(model, seqs, tcfg, args.out, extra_meta=data_meta, progress=not args.no_progress,
                     loss_fn=loss_fn)
     print(f"saved {args.out}: {metrics}")

@@ -48,6 +48,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and save) after this wall time; 0 = no limit
     device: str = "cpu"
     bf16: bool = False  # autocast bf16 (CUDA)
+    save_dtype: str = "float32"  # adapter file dtype ("float16" halves it; loading casts back)
 
 
 def _bins(probs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +162,8 @@ def train(model, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
     meta = {"train": asdict(cfg), "command": " ".join(sys.argv), **(extra_meta or {})}
 
     def checkpoint(metrics: dict) -> None:
-        save_adapter(model, out_dir, {**meta, "step": step, "metrics": metrics})
+        save_adapter(model, out_dir, {**meta, "step": step, "metrics": metrics},
+                     dtype=getattr(torch, cfg.save_dtype))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                     "rng": rng.getstate(), "gen": gen.get_state()}, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
