@@ -96,7 +96,8 @@ if __name__ == "__main__" or "setuptools" in sys.modules:
         packages=find_packages(include=["ptp_ext", "ptp_ext.*"])
         + find_packages("python", include=["ptp", "ptp.*"]),
         package_dir={"ptp": "python/ptp", "ptp_ext": "ptp_ext"},
-        package_data={"ptp": ["drafters/*.json", "drafters/*.safetensors"]},
+        package_data={"ptp": ["drafters/*.json", "drafters/*.safetensors", "drafters/weights/*/*.json",
+                              "drafters/weights/*/*.safetensors", "drafters/weights/README.md"]},
         ext_modules=ext_modules,
         cmdclass={"build_ext": build_ext},
         install_requires=["torch>=2.4", "numpy"],
