@@ -279,8 +279,14 @@ def packed_forward(base, gate: LoRAGate, real_ids: Optional[torch.Tensor], slot_
 
 
 def vector_pick(uniforms: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Batched :func:`ptp_ext.reference.pick`: ``uniforms [...]``, ``probs [..., V]`` -> ``[...]``."""
+    """Batched :func:`ptp_ext.reference.pick`: ``uniforms [...]``, ``probs [..., V]`` -> ``[...]``.
+
+    The first index whose float64 CDF exceeds u (a binary search), clamped to the last token with
+    non-zero probability (rounding: F(V-1) <= u).
+    """
     cdf = probs.double().cumsum(dim=-1)
-    idx = (cdf <= uniforms.double().unsqueeze(-1)).sum(dim=-1)
-    last_nonzero = (probs > 0).long().cumsum(-1).argmax(dim=-1)  # rounding: F(V-1) <= u
+    u = uniforms.double().to(cdf.device).reshape(*cdf.shape[:-1], 1)
+    idx = torch.searchsorted(cdf.contiguous(), u, right=True).squeeze(-1)
+    V = probs.shape[-1]
+    last_nonzero = (V - 1) - (probs > 0).flip(-1).to(torch.uint8).argmax(dim=-1)
     return torch.minimum(idx, last_nonzero)
