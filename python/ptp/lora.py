@@ -50,6 +50,24 @@ class LoRAConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @classmethod
+    def coerce(cls, value) -> "LoRAConfig":
+        """A LoRAConfig from itself or from its JSON dict (``targets`` as a list)."""
+        if isinstance(value, dict):
+            d = dict(value)
+            d["targets"] = tuple(d.get("targets", DEFAULT_TARGETS))
+            return cls(**d)
+        return value
+
+
+def config_dict(config) -> dict:
+    """JSON-ready ``asdict`` of a drafter config dataclass holding a ``lora`` field."""
+    from dataclasses import asdict
+
+    d = asdict(config)
+    d["lora"]["targets"] = list(d["lora"]["targets"])
+    return d
+
 
 class LoRAGate:
     """The auxiliary-row flag shared by every :class:`GatedLoRALinear` of one model.

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, load_lora_state_dict, lora_state_dict
+from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, load_lora_state_dict, lora_state_dict, config_dict
 from ptp.ptp_model import packed_forward
 from ptp_ext.reference import sampler_mlp_ref
 
@@ -49,17 +49,12 @@ class MTPConfig:
     base_model: str = "smollm2-135m-instruct"
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            d = dict(self.lora)
-            d["targets"] = tuple(d.get("targets", LoRAConfig().targets))
-            self.lora = LoRAConfig(**d)
+        self.lora = LoRAConfig.coerce(self.lora)
         if self.num_masks < 1:
             raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lora"]["targets"] = list(d["lora"]["targets"])
-        return d
+        return config_dict(self)
 
 
 class SamplerHead(nn.Module):

@@ -23,14 +23,14 @@ for the next k tokens; one forward returns k dependent tokens (Draxler, Will et 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ptp_ext.reference import sampling_probs
-from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, lora_state_dict, load_lora_state_dict
+from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, lora_state_dict, load_lora_state_dict, config_dict
 
 __all__ = [
     "GREEDY_U",
@@ -63,19 +63,14 @@ class PTPConfig:
     base_model: str = "smollm2-135m-instruct"
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            d = dict(self.lora)
-            d["targets"] = tuple(d.get("targets", LoRAConfig().targets))
-            self.lora = LoRAConfig(**d)
+        self.lora = LoRAConfig.coerce(self.lora)
         if self.variant not in ("optp", "cptp"):
             raise ValueError(f"variant must be 'optp' or 'cptp', got {self.variant!r}")
         if self.u_embedding not in ("interp", "bits"):
             raise ValueError(f"u_embedding must be 'interp' or 'bits', got {self.u_embedding!r}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lora"]["targets"] = list(d["lora"]["targets"])
-        return d
+        return config_dict(self)
 
 
 class UniformEmbedding(nn.Module):

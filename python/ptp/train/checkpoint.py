@@ -72,32 +72,31 @@ def _check_base(base, tensors: dict[str, torch.Tensor], key: str, ckpt_dir: str)
                          f"the model has {hidden}: wrong --model for this drafter?")
 
 
+def _load_drafter(base, ckpt_dir: str, key: str, what: str, check_tensor: str, build):
+    meta = read_meta(ckpt_dir)
+    if key not in meta:
+        raise ValueError(f"{ckpt_dir} is a {meta.get('type')!r} checkpoint, not {what}")
+    tensors = _load_tensors(ckpt_dir, base.get_input_embeddings().weight.device)
+    _check_base(base, tensors, check_tensor, ckpt_dir)
+    model = build(meta[key])
+    model.load_adapter_state_dict(tensors)
+    return model.eval()
+
+
 def load_mtp(base, ckpt_dir: str):
     """Wrap ``base`` with the masked-input drafter stored in ``ckpt_dir``."""
     from ptp.mtp_model import MTPConfig, MTPModel
 
-    meta = read_meta(ckpt_dir)
-    if "mtp" not in meta:
-        raise ValueError(f"{ckpt_dir} is a {meta.get('type')!r} checkpoint, not a masked-input drafter")
-    tensors = _load_tensors(ckpt_dir, base.get_input_embeddings().weight.device)
-    _check_base(base, tensors, "masks", ckpt_dir)
-    model = MTPModel(base, MTPConfig(**meta["mtp"]))
-    model.load_adapter_state_dict(tensors)
-    return model.eval()
+    return _load_drafter(base, ckpt_dir, "mtp", "a masked-input drafter", "masks",
+                         lambda cfg: MTPModel(base, MTPConfig(**cfg)))
 
 
 def load_heads(base, ckpt_dir: str):
     """MTP heads stored in ``ckpt_dir`` on top of ``base``."""
     from ptp.mtp_model import HeadsConfig, MTPHeads
 
-    meta = read_meta(ckpt_dir)
-    if "heads" not in meta:
-        raise ValueError(f"{ckpt_dir} is a {meta.get('type')!r} checkpoint, not MTP heads")
-    tensors = _load_tensors(ckpt_dir, base.get_input_embeddings().weight.device)
-    _check_base(base, tensors, "bias", ckpt_dir)
-    model = MTPHeads(base, HeadsConfig(**meta["heads"]))
-    model.load_adapter_state_dict(tensors)
-    return model.eval()
+    return _load_drafter(base, ckpt_dir, "heads", "MTP heads", "bias",
+                         lambda cfg: MTPHeads(base, HeadsConfig(**cfg)))
 
 
 def load_adapter(base, ckpt_dir: str) -> PTPModel:
