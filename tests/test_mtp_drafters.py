@@ -148,6 +148,19 @@ def test_mtp_equals_plain_tiny(trained, temperature, scheme):
         assert calls < plain_calls
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_mtp_row_saving_and_lookup_options_equal_plain_tiny(temperature):
+    m = _mtp(True)
+    prompts = _prompts(3)
+    sampling = SamplingConfig(temperature=temperature, seed=4)
+    plain, plain_calls = _generate(m.base, prompts, None, sampling)
+    d = MaskedInputDrafter(m, max_groups=2, lookup_ngram=1)
+    spec, calls = _generate(m.base, prompts, d, sampling)
+    assert spec == plain
+    assert calls <= plain_calls
+    assert d.lookup_used > 0 and d.aux_room(8) == 2 * d.num_slots
+
+
 @pytest.mark.parametrize("trained", [False, True])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_heads_greedy_equals_plain_tiny(trained, mode):

@@ -106,6 +106,37 @@ def test_slot_drafter_on_verify_call_equals_plain_tiny(variant, trained, tempera
         assert spec_calls < plain_calls
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("opts", [dict(max_groups=1), dict(max_groups=2, check_first=False),
+                                  dict(min_prob=0.3, check_first=True), dict(max_groups=2, min_prob=0.5),
+                                  dict(lookup_ngram=1), dict(lookup_ngram=2, scheme="linear")])
+def test_slot_drafter_row_saving_options_equal_plain_tiny(temperature, opts):
+    """Fewer slot groups, the slot-0 check and confidence truncation change the rows, never the
+    tokens."""
+    m = _ptp("optp", temperature, trained=True)
+    prompts = _prompts(2) + _prompts(1, seed=9)
+    sampling = SamplingConfig(temperature=temperature, seed=11)
+    plain, plain_calls = _generate(m.base, prompts, None, sampling)
+    d = PTPSlotDrafter(m, num_slots=4, **opts)
+    spec, spec_calls = _generate(m.base, prompts, d, sampling)
+    assert spec == plain
+    assert spec_calls <= plain_calls
+    if "max_groups" in opts:
+        assert d.aux_room(8) == 4 * opts["max_groups"]
+    if temperature == 0:
+        assert d.groups_used > 0
+    if opts.get("lookup_ngram") == 1:  # unigram repeats are certain within 40 tokens of a 97-token vocab
+        assert d.lookup_used > 0
+
+
+def test_slot_drafter_rejects_bad_options():
+    m = _ptp("optp", 0.0, trained=False)
+    with pytest.raises(ValueError, match="max_groups"):
+        PTPSlotDrafter(m, num_slots=4, max_groups=0)
+    with pytest.raises(ValueError, match="min_prob"):
+        PTPSlotDrafter(m, num_slots=4, min_prob=1.5)
+
+
 def test_slot_drafter_matches_standalone_partial_quadratic():
     """The decoder-integrated partial quadratic loop makes the same calls as the batch-1 loop."""
     from ptp.ptp_decode import ptp_generate_quadratic
@@ -113,7 +144,8 @@ def test_slot_drafter_matches_standalone_partial_quadratic():
     m = _ptp("optp", 0.0, trained=True)
     prompt = _prompts(1)[0]
     ref = ptp_generate_quadratic(m, prompt, 40, SamplingConfig(), num_slots=4)
-    toks, calls = _generate(m.base, [prompt], PTPSlotDrafter(m, num_slots=4), SamplingConfig())
+    toks, calls = _generate(m.base, [prompt], PTPSlotDrafter(m, num_slots=4),
+                            SamplingConfig())
     assert toks[0] == ref.new_token_ids
     # + 1: the decoder's prefill is a counted call, the standalone loop's is not
     assert abs(calls - (ref.target_calls + 1)) <= 2

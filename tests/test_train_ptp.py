@@ -9,8 +9,8 @@ from ptp.lora import LoRAConfig
 from ptp.ptp_model import PTPConfig, PTPModel
 from ptp.train.checkpoint import load_adapter, read_config
 from ptp.train.data import Sequence
-from ptp.train.prompts import TEMPLATES, TOPICS, build_prompts
-from ptp.train.trainer import TrainConfig, _bins, sequence_loss, train
+from ptp.train.prompts import TEMPLATES, TOPICS, build_prompt_plan, build_prompts, derive_prompts
+from ptp.train.trainer import TrainConfig, _bins, lr_factor, sequence_loss, train
 from ptp.train.models import tiny_llama
 
 
@@ -31,6 +31,42 @@ def test_prompts_deterministic_and_varied():
     assert a == b and len(set(a)) == 200
     assert build_prompts(50, seed=4) != a[:50]
     assert len(TEMPLATES) >= 20 and len(TOPICS) >= 60
+
+
+def test_prompt_plan_v2_deterministic_varied_and_not_specbench():
+    s1, plain = build_prompt_plan(600, seed=0)
+    assert (s1, plain) == build_prompt_plan(600, seed=0)
+    assert build_prompt_plan(600, seed=1) != (s1, plain)
+    assert 2 * len(s1) + len(plain) == 600
+    assert {k for _, k in s1} == {"passage", "question"}
+    prompts = [p for p, _ in s1] + plain
+    assert len(set(prompts)) == len(prompts)
+    assert any(p.startswith("Translate") for p in plain)
+    dev = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "specbench_dev.jsonl")
+    if os.path.isfile(dev):
+        import json
+
+        with open(dev) as f:
+            turns = [json.loads(line)["turns"][0] for line in f if line.strip()]
+        long_bits = {t[:60] for t in turns if len(t) >= 60}
+        assert not any(b in p for p in prompts for b in long_bits)
+
+
+def test_derive_prompts_builds_stage_two_from_the_answers():
+    stage1 = [("Write a short news article about glaciers.", "passage"),
+              ("Write one question about owls. Reply with the question only.", "question")]
+    out = derive_prompts(stage1, ["Glaciers are melting fast.\nMore text.", '"Why do owls hoot?"\nextra'])
+    assert "Glaciers are melting fast.\nMore text." in out[0] and out[0] != stage1[0][0]
+    assert out[1] == "Why do owls hoot?"
+
+
+def test_lr_schedule():
+    c = TrainConfig(steps=100, warmup=10, lr_schedule="cosine")
+    assert lr_factor(c, 0) == pytest.approx(0.1) and lr_factor(c, 10) == pytest.approx(1.0)
+    assert lr_factor(c, 55) == pytest.approx(0.55) and lr_factor(c, 100) == pytest.approx(0.1)
+    assert lr_factor(TrainConfig(steps=100, warmup=10), 90) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(TrainConfig(lr_schedule="linear"), 0)
 
 
 def test_bins_cover_the_picked_token():

@@ -53,11 +53,13 @@ class MaskedInputDrafter(SlotGroupDrafter):
     name = "mtp"
     slot_offset = 1  # mask j sits one position after its anchor's next token
 
-    def __init__(self, model: MTPModel, num_masks: Optional[int] = None, scheme: str = "quadratic"):
+    def __init__(self, model: MTPModel, num_masks: Optional[int] = None, scheme: str = "quadratic",
+                 max_groups: Optional[int] = None, lookup_ngram: int = 0):
         k = int(num_masks or model.config.num_masks)
         if not 1 <= k <= model.config.num_masks:
             raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
-        super().__init__(model.gate, k, scheme, max_drafts=k)
+        super().__init__(model.gate, k, scheme, max_drafts=k, max_groups=max_groups,
+                         lookup_ngram=lookup_ngram)
         self.model = model.eval()
         self._sampling = SamplingConfig()
 
@@ -198,6 +200,9 @@ def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadrati
     ckpt = path or DEFAULT_MTP
     if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
         raise FileNotFoundError(f"no masked-input drafter at {ckpt} (train one with `ptp train mtp --out DIR`)")
+    for key in ("max_groups", "lookup_ngram"):
+        if key in kw:
+            kw[key] = int(kw[key])
     return MaskedInputDrafter(load_mtp(model, ckpt), num_masks=int(num_masks) if num_masks else None,
                               scheme=scheme, **kw)
 

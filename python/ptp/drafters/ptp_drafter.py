@@ -19,6 +19,13 @@ Schemes (``scheme=``):
   step (their slot 0 predicts the very token verification picks, slots 1..k-1 the ones after it).
   One target call per step, no drafter call (``python/ptp/drafters/slots.py``).
 * ``linear``: the same with slots after the last draft node only.
+
+Row-saving options of the verify-call schemes (for CPUs, where every row costs compute; they
+change which rows ride on a call, never the output): ``max_groups=G`` keeps the slot groups after
+the first G nodes only; ``check_first=1`` drops a group's drafts when its slot 0 mispredicted the
+token verification picked (the later slots assumed that prediction); ``min_prob=p`` cuts a draft
+where the product of its slots' own probabilities falls below p. ``lookup_ngram=n`` drafts by
+prompt lookup instead whenever the last n..3 tokens occurred before (copy-heavy text).
 * ``separate``: :class:`PTPDrafter`, a drafter call (over the newly committed tokens and k slots,
   its own KV cache) before each verify call: two calls per step.
 """
@@ -142,11 +149,18 @@ class PTPSlotDrafter(SlotGroupDrafter):
     name = "ptp"
     slot_offset = 0  # slot 0 shares its anchor node's position and predicts the next token
 
-    def __init__(self, model: PTPModel, num_slots: Optional[int] = None, scheme: str = "quadratic"):
+    def __init__(self, model: PTPModel, num_slots: Optional[int] = None, scheme: str = "quadratic",
+                 max_groups: Optional[int] = None, check_first: bool = False, min_prob: float = 0.0,
+                 lookup_ngram: int = 0):
         k = int(num_slots or model.config.num_slots)
         if k < 2:
             raise ValueError(f"PTP on the verify call needs num_slots >= 2, got {k}")
-        super().__init__(model.gate, k, scheme, max_drafts=k - 1)
+        if not 0.0 <= float(min_prob) < 1.0:
+            raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
+        super().__init__(model.gate, k, scheme, max_drafts=k - 1, max_groups=max_groups,
+                         lookup_ngram=lookup_ngram)
+        self.check_first = bool(check_first)
+        self.min_prob = float(min_prob)
         self.model = model.eval()
         self._sampling = SamplingConfig()
         self._greedy_rows: Optional[torch.Tensor] = None
@@ -185,7 +199,17 @@ class PTPSlotDrafter(SlotGroupDrafter):
         else:
             u = self._u(seq_id, next_index, logits.device)
             tokens = vector_pick(u.double(), sampling_probs(logits, s.temperature, s.top_k, s.top_p))
-        return tokens[1:].tolist()  # slot 0 is the token verification just picked
+        # Slot 0 predicted the token verification just picked; slots 1.. assumed that prediction.
+        # If it was wrong, they continue a text that did not happen: draft nothing (saves rows).
+        if self.check_first and int(tokens[0]) != next_token:
+            return []
+        out = tokens[1:]
+        if self.min_prob > 0.0 and out.numel():
+            # stop where the slots' own estimate that the whole prefix survives drops below min_prob
+            p = torch.softmax(logits[1:], -1).gather(-1, out.view(-1, 1)).view(-1)
+            keep = int((torch.cumprod(p, 0) >= self.min_prob).sum())
+            out = out[:keep]
+        return out.tolist()
 
     def reset(self) -> None:
         super().reset()
@@ -200,6 +224,14 @@ def _factory(model, tokenizer, path, num_slots: Optional[int] = None, scheme: st
     if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
         raise FileNotFoundError(f"no PTP adapter at {ckpt} (train one with `ptp train ptp --out DIR`)")
     num_slots = int(num_slots) if num_slots is not None else None
+    if "max_groups" in kw:
+        kw["max_groups"] = int(kw["max_groups"])
+    if "lookup_ngram" in kw:
+        kw["lookup_ngram"] = int(kw["lookup_ngram"])
+    if "min_prob" in kw:
+        kw["min_prob"] = float(kw["min_prob"])
+    if isinstance(kw.get("check_first"), str):
+        kw["check_first"] = kw["check_first"].lower() in ("1", "true", "yes")
     if scheme == "separate":
         return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots, **kw)
     return PTPSlotDrafter(load_adapter(model, ckpt), num_slots=num_slots, scheme=scheme, **kw)

@@ -15,6 +15,17 @@ Schemes (``scheme``):
 * ``linear``: one group after the last draft node only: a full acceptance gives the next draft,
   a rejection leaves the next step without drafts (it then only drafts).
 
+``max_groups`` (quadratic only) keeps the groups after the first ``max_groups`` nodes (root
+included): on hardware where every extra row costs compute (CPUs), the groups after deep nodes,
+which are rarely the last accepted one, cost more than they return. A step whose accepted node
+has no group drafts nothing next (it then verifies only the root and drafts again).
+
+``lookup_ngram=n`` (n >= 1; 0 = off) combines the slots with prompt lookup: when the row's last
+n..3 tokens occurred earlier (prompt or output), the continuation of the most recent longest
+match (if it has >= 2 tokens, or the slots drafted nothing) replaces the slots' draft
+(copy-heavy text: summaries, extraction, translation, code edits), and the slot groups hang
+after *its* nodes as usual.
+
 Subclasses say what a group's input rows are (:meth:`group_embeds`), where their positions start
 (:attr:`slot_offset`) and how its final hidden states become draft tokens (:meth:`group_drafts`).
 Used by the PTP drafter (u-slots) and the masked-input MTP drafter (mask tokens).
@@ -38,15 +49,26 @@ class SlotGroupDrafter:
     slot_offset = 0  # position of slot j = position(anchor node) + slot_offset + j
 
     def __init__(self, gate, num_slots: int, scheme: str = "quadratic",
-                 max_drafts: Optional[int] = None) -> None:
+                 max_drafts: Optional[int] = None, max_groups: Optional[int] = None,
+                 lookup_ngram: int = 0) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if max_groups is not None and int(max_groups) < 1:
+            raise ValueError(f"max_groups must be >= 1, got {max_groups}")
         self.gate = gate
         self.num_slots = num_slots
         self.scheme = scheme
         self.max_drafts = max_drafts if max_drafts is not None else num_slots
+        self.max_groups = int(max_groups) if max_groups is not None else None
+        self.lookup = None
+        if int(lookup_ngram) > 0:
+            from .lookup import LookupDrafter
+
+            self.lookup = LookupDrafter(max_draft_tokens=self.max_drafts, max_ngram=max(3, int(lookup_ngram)),
+                                        min_ngram=int(lookup_ngram))
+        self.lookup_used = 0  # statistics: steps that drafted by lookup
         # sequence id -> (index of the root the drafts follow, draft tokens)
         self._next: dict[int, tuple[int, list[int]]] = {}
         self.groups_used = 0  # statistics: groups whose drafts were taken
@@ -67,9 +89,14 @@ class SlotGroupDrafter:
     def reset(self) -> None:
         self._next.clear()
 
+    def _num_groups(self, n: int) -> int:
+        """Slot groups carried by a step with ``n`` draft nodes."""
+        if self.scheme != "quadratic":
+            return 1
+        return n + 1 if self.max_groups is None else min(n + 1, self.max_groups)
+
     def aux_room(self, max_nodes: int) -> int:
-        n = min(self.max_drafts, max_nodes)
-        return self.num_slots * ((n + 1) if self.scheme == "quadratic" else 1)
+        return self.num_slots * self._num_groups(min(self.max_drafts, max_nodes))
 
     def aux_context(self, mask: torch.Tensor):
         return self.gate.rows(mask)
@@ -83,10 +110,15 @@ class SlotGroupDrafter:
             root_index = len(request.histories[b]) - 1
             entry = self._next.pop(seq, None)
             d = entry[1] if entry is not None and entry[0] == root_index else []
+            if self.lookup is not None and budget > 0:
+                conts = self.lookup.continuations(request.histories[b], budget)
+                if conts and len(conts[0]) >= min(len(d), 2):
+                    d = conts[0]
+                    self.lookup_used += 1
             drafts.append(d[:max(budget, 0)])
         # fit the row budget: n + 1 tree rows + the groups' slot rows
         def rows_needed(n: int) -> int:
-            return n + 1 + k * ((n + 1) if self.scheme == "quadratic" else 1)
+            return n + 1 + k * self._num_groups(n)
 
         if request.max_rows:
             while drafts and max(len(d) for d in drafts) > 0 and \
@@ -98,14 +130,14 @@ class SlotGroupDrafter:
         n_max = max(len(d) for d in drafts)
         tokens = torch.zeros(B, n_max + 1, dtype=torch.long)
         parents = torch.full((B, n_max + 1), -1, dtype=torch.long)
-        G = (n_max + 1) if self.scheme == "quadratic" else 1
+        G = self._num_groups(n_max)
         embeds, anchor, offset, group = [], [], [], []
         for b, d in enumerate(drafts):
             n = len(d)
             tokens[b, 1:n + 1] = torch.tensor(d, dtype=torch.long)
             parents[b, 1:n + 1] = torch.arange(n)
             root_index = len(request.histories[b]) - 1
-            hyps = list(range(n + 1)) if self.scheme == "quadratic" else [n]
+            hyps = list(range(self._num_groups(n))) if self.scheme == "quadratic" else [n]
             rows_e, rows_a, rows_g = [], [], []
             for g_i, h in enumerate(hyps):
                 rows_e.append(self.group_embeds(request, b, root_index + h + 1))
@@ -137,7 +169,7 @@ class SlotGroupDrafter:
         for b, seq in enumerate(outcome.sequence_ids):
             try:
                 start = anchors[b].index(n_acc[b])
-            except ValueError:  # linear scheme, rejected: no group for this hypothesis
+            except ValueError:  # no group for this hypothesis (linear rejected, or past max_groups)
                 continue
             self.groups_used += 1
             next_index = cache_lens[b] + n_acc[b] + 1

@@ -22,6 +22,8 @@ def _common(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--gen-batch", type=int, default=16)
+    p.add_argument("--prompt-set", choices=["v2", "v1"], default="v2",
+                   help="training prompts (ptp.train.prompts): v2 two-stage varied set, v1 the first 320-template set")
     p.add_argument("--data", default=None,
                    help="data path prefix (default: <out>/data; generated there if missing; another "
                         "drafter's data can be reused)")
@@ -30,6 +32,8 @@ def _common(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after warm-up: constant, or cosine decay to 10%% of --lr at --steps")
     p.add_argument("--windows", type=int, default=windows, help="windows packed per sequence")
     p.add_argument("--seqs-per-step", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100)
@@ -81,7 +85,8 @@ def _sequences(args, base, tok):
         return seqs, {"text_file": os.path.abspath(args.text_file)}
     if not os.path.exists(data_path + ".safetensors"):
         dcfg = DataConfig(num_prompts=args.num_prompts, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, batch_size=args.gen_batch, model=args.model)
+                          temperature=args.temperature, batch_size=args.gen_batch, model=args.model,
+                          prompt_set=args.prompt_set)
         seqs, prompts = generate_sequences(base, tok, dcfg, progress=not args.no_progress)
         save_sequences(data_path, seqs, dcfg, prompts)
     seqs, meta = load_sequences(data_path)
@@ -129,6 +134,7 @@ def run_train(args: argparse.Namespace) -> int:
         loss_fn = heads_sequence_loss
     remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
     tcfg = TrainConfig(mode=mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
+                       lr_schedule=args.lr_schedule,
                        windows_per_seq=args.windows, seqs_per_step=args.seqs_per_step, seed=args.seed,
                        save_every=args.save_every, max_minutes=max(remaining, 0.01) if args.max_minutes else 0.0,
                        device=args.device, bf16=cuda, save_dtype=args.save_dtype)

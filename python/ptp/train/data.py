@@ -16,11 +16,12 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ptp.train.prompts import build_prompts
+from ptp.train.prompts import build_prompt_plan, build_prompts, derive_prompts
 
 
 @dataclass
@@ -31,6 +32,7 @@ class DataConfig:
     temperature: float = 0.0
     batch_size: int = 16
     model: str = "smollm2-135m-instruct"
+    prompt_set: str = "v2"  # "v2": two-stage varied set (default); "v1": the first 320-template set
 
 
 @dataclass
@@ -45,38 +47,59 @@ def chat_ids(tok, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def generate_sequences(model, tok, cfg: DataConfig, progress: bool = True) -> tuple[list[Sequence], list[str]]:
-    """The teacher answers ``build_prompts(cfg.num_prompts, cfg.seed)`` (batched, left padded)."""
-    from tqdm.auto import tqdm
-
-    prompts = build_prompts(cfg.num_prompts, cfg.seed)
+def _answer(model, tok, prompts: list[str], cfg: DataConfig, gen: torch.Generator, bar) -> list[Sequence]:
+    """The teacher answers ``prompts`` (batched, left padded; batches formed by prompt length so
+    little compute goes to padding); returned in the order of ``prompts``."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out: list[Sequence] = []
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    bar = tqdm(total=len(prompts), desc="teacher answers", disable=not progress)
-    for start in range(0, len(prompts), cfg.batch_size):
-        batch = [chat_ids(tok, p) for p in prompts[start : start + cfg.batch_size]]
+    chats = [chat_ids(tok, p) for p in prompts]
+    order = sorted(range(len(chats)), key=lambda i: len(chats[i]))
+    out: list[Optional[Sequence]] = [None] * len(chats)
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start : start + cfg.batch_size]
+        batch = [chats[i] for i in idx]
         width = max(len(b) for b in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for i, b in enumerate(batch):
-            ids[i, width - len(b):] = torch.tensor(b)
-            attn[i, width - len(b):] = 1
+        for r, b in enumerate(batch):
+            ids[r, width - len(b):] = torch.tensor(b)
+            attn[r, width - len(b):] = 1
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         kw = dict(do_sample=False) if cfg.temperature == 0 else dict(
             do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
         res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, **kw)
-        for i, b in enumerate(batch):
-            ans = res[i, width:].cpu()
+        for r, (i, b) in enumerate(zip(idx, batch)):
+            ans = res[r, width:].cpu()
             eos = (ans == tok.eos_token_id).nonzero()
             if eos.numel():
                 ans = ans[: int(eos[0, 0]) + 1]
-            out.append(Sequence(torch.cat([torch.tensor(b), ans]), len(b)))
+            out[i] = Sequence(torch.cat([torch.tensor(b), ans]), len(b))
         bar.update(len(batch))
-    bar.close()
-    return out, prompts
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate_sequences(model, tok, cfg: DataConfig, progress: bool = True) -> tuple[list[Sequence], list[str]]:
+    """The teacher answers the training prompts: ``build_prompts`` (v1) or the two-stage v2 plan
+    (stage 1 writes passages and questions, stage 2 works on them; see ``ptp.train.prompts``)."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    if cfg.prompt_set == "v1":
+        prompts = build_prompts(cfg.num_prompts, cfg.seed)
+        with tqdm(total=len(prompts), desc="teacher answers", disable=not progress) as bar:
+            return _answer(model, tok, prompts, cfg, gen, bar), prompts
+    if cfg.prompt_set != "v2":
+        raise ValueError(f"unknown prompt set {cfg.prompt_set!r} (v1 or v2)")
+    stage1, plain = build_prompt_plan(cfg.num_prompts, cfg.seed)
+    first = [p for p, _ in stage1]
+    with tqdm(total=2 * len(stage1) + len(plain), desc="teacher answers", disable=not progress) as bar:
+        seqs1 = _answer(model, tok, first, cfg, gen, bar)
+        texts = [tok.decode(s.ids[s.prompt_len:], skip_special_tokens=True) for s in seqs1]
+        second = derive_prompts(stage1, texts, cfg.seed) + plain
+        seqs2 = _answer(model, tok, second, cfg, gen, bar)
+    return seqs1 + seqs2, first + second
 
 
 def save_sequences(path: str, seqs: list[Sequence], cfg: DataConfig, prompts: list[str]) -> None:

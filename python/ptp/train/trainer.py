@@ -39,6 +39,7 @@ class TrainConfig:
     steps: int = 1000
     lr: float = 5e-4
     warmup: int = 20
+    lr_schedule: str = "constant"  # "constant" after warm-up, or "cosine" decay to 10% at ``steps``
     weight_decay: float = 0.0
     windows_per_seq: int = 24
     seqs_per_step: int = 1
@@ -49,6 +50,17 @@ class TrainConfig:
     device: str = "cpu"
     bf16: bool = False  # autocast bf16 (CUDA)
     save_dtype: str = "float32"  # adapter file dtype ("float16" halves it; loading casts back)
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to 0.1."""
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    f = min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
+        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        f = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+    return f
 
 
 def _bins(probs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +157,8 @@ def train(model, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
     start_time = time.time()
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    lr_factor(cfg, 0)  # validates cfg.lr_schedule before any work
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     step, rng, gen = 0, random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     state_path = os.path.join(out_dir, TRAINER_STATE)
     if resume and os.path.exists(state_path):
