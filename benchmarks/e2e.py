@@ -101,11 +101,13 @@ DEFAULT_METHODS = ("hf,hf-pld,none,lookup,lookup:num_branches=3,ptp,ptp:scheme=l
 
 def parse_method(spec: str) -> tuple[str, dict]:
     """``name[:key=value,...]`` -> (drafter name or path, options)."""
+    from ptp.drafters.base import option_value
+
     name, _, opts = spec.partition(":")
     options = {}
     for kv in filter(None, opts.split(",")):
         k, _, v = kv.partition("=")
-        options[k] = int(v) if v.lstrip("-").isdigit() else v
+        options[k] = option_value(v)
     return name, options
 
 

@@ -77,12 +77,14 @@ def eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 def _drafter_options(items: list[str]) -> dict:
+    from .drafters.base import option_value
+
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"--drafter-option needs KEY=VALUE, got {item!r}")
-        out[key.replace("-", "_")] = int(value) if value.lstrip("-").isdigit() else value
+        out[key.replace("-", "_")] = option_value(value)
     return out
 
 

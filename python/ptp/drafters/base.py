@@ -30,7 +30,7 @@ import torch
 
 from ..sampling import SamplingConfig
 
-__all__ = ["AuxRows", "StepOutcome", "Draft", "DraftRequest", "Drafter", "NoDrafter", "register_drafter", "make_drafter",
+__all__ = ["AuxRows", "StepOutcome", "Draft", "DraftRequest", "Drafter", "NoDrafter", "register_drafter", "make_drafter", "option_value",
            "drafter_names"]
 
 
@@ -133,6 +133,19 @@ def register_drafter(name: str, factory: Callable[..., Drafter]) -> None:
 
 def drafter_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def option_value(text: str):
+    """A drafter option's value from text (CLI, benchmark specs): int, float, bool, else str."""
+    low = text.strip().lower()
+    if low in ("true", "false", "yes", "no"):
+        return low in ("true", "yes")
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def make_drafter(name_or_path: Optional[str], model=None, tokenizer=None, **options) -> Drafter:

@@ -200,9 +200,6 @@ def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadrati
     ckpt = path or DEFAULT_MTP
     if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
         raise FileNotFoundError(f"no masked-input drafter at {ckpt} (train one with `ptp train mtp --out DIR`)")
-    for key in ("max_groups", "lookup_ngram"):
-        if key in kw:
-            kw[key] = int(kw[key])
     return MaskedInputDrafter(load_mtp(model, ckpt), num_masks=int(num_masks) if num_masks else None,
                               scheme=scheme, **kw)
 

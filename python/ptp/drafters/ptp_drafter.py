@@ -224,14 +224,6 @@ def _factory(model, tokenizer, path, num_slots: Optional[int] = None, scheme: st
     if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
         raise FileNotFoundError(f"no PTP adapter at {ckpt} (train one with `ptp train ptp --out DIR`)")
     num_slots = int(num_slots) if num_slots is not None else None
-    if "max_groups" in kw:
-        kw["max_groups"] = int(kw["max_groups"])
-    if "lookup_ngram" in kw:
-        kw["lookup_ngram"] = int(kw["lookup_ngram"])
-    if "min_prob" in kw:
-        kw["min_prob"] = float(kw["min_prob"])
-    if isinstance(kw.get("check_first"), str):
-        kw["check_first"] = kw["check_first"].lower() in ("1", "true", "yes")
     if scheme == "separate":
         return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots, **kw)
     return PTPSlotDrafter(load_adapter(model, ckpt), num_slots=num_slots, scheme=scheme, **kw)
