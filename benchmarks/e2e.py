@@ -99,6 +99,30 @@ DEFAULT_METHODS = ("hf,hf-pld,none,lookup,lookup:num_branches=3,ptp,ptp:scheme=l
                    "ptp:scheme=separate,mtp,mtp:scheme=linear,heads,heads:tree=1")
 
 
+def select_questions(questions: list, limit: int, how: str = "categories") -> list:
+    """``limit`` questions (all when ``limit`` is 0 or too large), in file order.
+
+    ``categories``: round robin over the categories (first question of each category, then the
+    second, ...), so every category appears once ``limit`` reaches their number.
+    ``stride``: every ``len // limit``-th question."""
+    if not limit or limit >= len(questions):
+        return list(questions)
+    if how == "stride":
+        return questions[::len(questions) // limit][:limit]
+    if how != "categories":
+        raise ValueError(f"unknown selection {how!r}: expected 'categories' or 'stride'")
+    by_cat = defaultdict(list)
+    for i, q in enumerate(questions):
+        by_cat[q.get("category", "?")].append(i)
+    picked, rank = [], 0
+    while len(picked) < limit:
+        for idx in by_cat.values():
+            if rank < len(idx) and len(picked) < limit:
+                picked.append(idx[rank])
+        rank += 1
+    return [questions[i] for i in sorted(picked)]
+
+
 def parse_method(spec: str) -> tuple[str, dict]:
     """``name[:key=value,...]`` -> (drafter name or path, options)."""
     from ptp.drafters.base import option_value
@@ -123,6 +147,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", default=_default_prompts())
     ap.add_argument("--limit", type=int, default=12, help="questions, spread over the categories")
+    ap.add_argument("--select", choices=["categories", "stride"], default="categories",
+                    help="categories: round robin over the categories in file order (--limit 13 "
+                         "takes one question of each Spec-Bench category); stride: every k-th "
+                         "question (the tables recorded before 2026-11-23 19:30)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -133,11 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
     args = ap.parse_args(argv)
 
-    questions = read_specbench(args.prompts)
-    if args.limit and args.limit < len(questions):
-        # spread over categories: every k-th question
-        step = len(questions) // args.limit
-        questions = questions[::step][:args.limit]
+    questions = select_questions(read_specbench(args.prompts), args.limit, args.select)
     model, tokenizer = load_target(args.model)
     eos = eos_ids(model, tokenizer)
     prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in questions]
@@ -159,7 +183,10 @@ def main(argv=None) -> int:
             except FileNotFoundError as e:
                 skipped.append(f"{spec}: {e}")
                 continue
-            label = "ptp plain" if name == "none" else f"ptp {spec}"
+            # a checkpoint directory is labelled by its folder name (drafter type in brackets)
+            short = spec if not os.path.isdir(name) else \
+                f"{os.path.basename(os.path.normpath(name))} [{type(drafter).__name__}]" + spec[len(name):]
+            label = "ptp plain" if name == "none" else f"ptp {short}"
             methods[label] = (lambda mm, d: lambda ps: run_ptp(mm, tokenizer, d, ps, N, eos, T, seed))(m, drafter)
     for name, fn in methods.items():  # warm-up (allocator, thread pools, lazy imports)
         fn(prompts[:1])

@@ -7,7 +7,7 @@
 #
 # Writes (few files, one folder): $OUT/build.log (nvidia-smi, build, ptxas resource usage),
 # $OUT/tests.log (pytest + check_*_cuda.py sweeps), $OUT/kernels.md (benchmark report, for
-# benchmarks/results/), $OUT/kernels.log, $OUT/summary.md. Every stage runs even if an earlier one
+# benchmarks/results/), $OUT/flashinfer.md (when .whl/ holds FlashInfer), $OUT/kernels.log, $OUT/summary.md. Every stage runs even if an earlier one
 # failed (a failed build still lets you read the log); the whole run is budgeted to ~8 minutes
 # (PTP_GPU_CHECK_BUDGET seconds) and ends with a summary table on stdout.
 set -uo pipefail
@@ -103,15 +103,27 @@ kernels() {
   "$PY" benchmarks/kernels.py --out "$OUT/kernels.md"
 }
 
+# FlashInfer comparison: only when its wheels were carried in .whl/ (benchmarks/fetch_flashinfer_wheels.sh).
+flashinfer_cmp() {
+  if ls "$ROOT"/.whl/flashinfer_python-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/ptp-flashinfer "$ROOT"/.whl/flashinfer_python-*.whl "$ROOT"/.whl/apache_tvm_ffi-*.whl || return
+    PYTHONPATH="$PYTHONPATH:/tmp/ptp-flashinfer" "$PY" benchmarks/bench_flashinfer.py ${PTP_FLASHINFER_ARGS:-} --out "$OUT/flashinfer.md"
+  else
+    echo "no .whl/flashinfer_python-*.whl: run benchmarks/fetch_flashinfer_wheels.sh here and carry .whl"
+  fi
+}
+
 : > "$OUT/build.log"; : > "$OUT/tests.log"; : > "$OUT/kernels.log"
 export ROOT OUT PY
-export -f env_info build resource_usage pytest_cuda sweeps kernels
+export -f env_info build resource_usage pytest_cuda sweeps kernels flashinfer_cmp
 run_stage "env" "$OUT/build.log" 60 env_info
 run_stage "build (sm_90a, MAX_JOBS=$MAX_JOBS)" "$OUT/build.log" 240 build
 run_stage "resource usage" "$OUT/build.log" 30 resource_usage
 run_stage "pytest -m 'cuda or not slow'" "$OUT/tests.log" 180 pytest_cuda
 run_stage "check_*_cuda.py sweeps" "$OUT/tests.log" 120 sweeps
 run_stage "kernels.py" "$OUT/kernels.log" 200 kernels
+run_stage "bench_flashinfer.py" "$OUT/kernels.log" 240 flashinfer_cmp
 
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"

@@ -121,3 +121,19 @@ def test_checkpoint_roundtrip_and_resume(tmp_path):
     tc.steps = 5
     model2 = PTPModel(tiny_llama(vocab_size=53, hidden=32), cfg)
     assert train(model2, seqs, tc, out, progress=False)["step"] == 5
+
+
+def test_teacher_free_metrics_use_target_bins():
+    """Teacher-free u's lie in the student's own bins, so the student picks the data tokens by
+    construction there; the reported accuracy must be measured with u's in the target's bins
+    (what coupled verification sees), so an untrained adapter does not report ~100%."""
+    torch.manual_seed(0)
+    base = tiny_llama(vocab_size=53, hidden=32)
+    seqs = [Sequence(torch.randint(0, 53, (40,)), 5) for _ in range(2)]
+    model = PTPModel(base, PTPConfig(variant="cptp", num_slots=4, temperature=1.0,
+                                     lora=LoRAConfig(rank=4, alpha=8)))
+    cfg = TrainConfig(mode="teacher-free", windows_per_seq=16)
+    _, metrics = sequence_loss(model, seqs[0], cfg, torch.Generator().manual_seed(0),
+                               random.Random(0))
+    assert 0.0 <= metrics["prefix"] < 2.0
+    assert max(metrics["acc"]) < 0.9

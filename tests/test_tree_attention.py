@@ -232,3 +232,38 @@ def test_torch_compile_fullgraph():
     ref, ref_lse = f(a.query, a.key_cache, a.value_cache, a.cache_lens, a.tree_mask)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(lse, ref_lse)
+
+
+def test_flashinfer_custom_mask_matches_our_semantics():
+    """The FlashInfer comparison (benchmarks/bench_flashinfer.py) hands FlashInfer a flattened
+    custom mask; it must equal the mask our op applies (every cached position, then the tree
+    block), row by row, with ragged cache lengths."""
+    from benchmarks.bench_flashinfer import flashinfer_custom_mask
+    from ptp_ext._testing import random_tree_parents, tree_mask_from_parents
+
+    g = torch.Generator().manual_seed(3)
+    B, T = 3, 6
+    lens = torch.tensor([0, 5, 11])
+    tree = torch.stack([tree_mask_from_parents(random_tree_parents(T, g)) for _ in range(B)])
+    flat = flashinfer_custom_mask(lens, tree)
+    assert flat.dtype == torch.bool and flat.numel() == sum(T * (int(c) + T) for c in lens)
+    off = 0
+    for b in range(B):
+        c = int(lens[b])
+        block = flat[off: off + T * (c + T)].reshape(T, c + T)
+        off += T * (c + T)
+        assert block[:, :c].all()
+        assert torch.equal(block[:, c:], tree[b])
+        # the same visibility the reference attention uses: query i sees key j iff ...
+        for i in range(T):
+            for j in range(c + T):
+                assert bool(block[i, j]) == (j < c or bool(tree[b, i, j - c]))
+
+
+def test_flashinfer_bench_skips_without_gpu(capsys):
+    from benchmarks import bench_flashinfer
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the script would run the comparison")
+    assert bench_flashinfer.main([]) == 0
+    assert "skipped" in capsys.readouterr().out

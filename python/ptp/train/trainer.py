@@ -135,7 +135,17 @@ def sequence_loss(model: PTPModel, seq: Sequence, cfg: TrainConfig, gen: torch.G
         loss = F.kl_div(logp_s.reshape(W * k, -1), logp_t.reshape(W * k, -1), log_target=True,
                         reduction="batchmean")
     with torch.no_grad():
-        hit = (model.slot_tokens(logits, u) == targets).float()  # [W, k]
+        if cfg.mode == "teacher-free" and T > 0:
+            # The u's above sit in the student's own bins, so the student picks the data tokens
+            # by construction. What decoding sees is u in the *target's* bins (coupled
+            # verification accepts iff the student picks what Pick(u, P_target) picks): measure
+            # the metrics there, with one more no-grad slot pass.
+            u = _u_in_bins(*_bins(sampling_probs(teacher, T, c.top_k, c.top_p), targets),
+                           cfg.beta, gen)
+            eval_logits = slot_logits(u)
+        else:
+            eval_logits = logits
+        hit = (model.slot_tokens(eval_logits, u) == targets).float()  # [W, k]
         # accepted-prefix length a drafter would get from these windows (greedy chain)
         prefix = hit.cumprod(dim=1).sum(dim=1).mean()
     return loss, {"acc": hit.mean(0).tolist(), "prefix": float(prefix)}

@@ -1,0 +1,44 @@
+"""Benchmark helpers that decide what is measured (benchmarks/e2e.py)."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from benchmarks.e2e import parse_method, select_questions
+
+
+def _questions():
+    cats = ["qa"] * 10 + ["math"] * 3 + ["coding"] * 1 + ["rag"] * 6
+    return [{"question_id": i, "category": c} for i, c in enumerate(cats)]
+
+
+def test_select_categories_covers_every_category_once():
+    qs = _questions()
+    got = select_questions(qs, 4)
+    assert collections.Counter(q["category"] for q in got) == {"qa": 1, "math": 1, "coding": 1,
+                                                               "rag": 1}
+    ids = [q["question_id"] for q in got]
+    assert ids == sorted(ids) == [0, 10, 13, 14]  # the first of each, in file order
+
+
+def test_select_categories_round_robin_and_limits():
+    qs = _questions()
+    got = select_questions(qs, 9)
+    count = collections.Counter(q["category"] for q in got)
+    assert count == {"qa": 3, "math": 3, "coding": 1, "rag": 2}  # coding has only one
+    assert len({q["question_id"] for q in got}) == 9
+    assert select_questions(qs, 0) == qs and select_questions(qs, 100) == qs
+
+
+def test_select_stride_and_bad_choice():
+    qs = _questions()
+    assert [q["question_id"] for q in select_questions(qs, 5, "stride")] == [0, 4, 8, 12, 16]
+    with pytest.raises(ValueError, match="unknown selection"):
+        select_questions(qs, 5, "random")
+
+
+def test_parse_method_options():
+    assert parse_method("ptp:num_slots=4,scheme=linear,min_prob=0.5") == (
+        "ptp", {"num_slots": 4, "scheme": "linear", "min_prob": 0.5})
+    assert parse_method("lookup") == ("lookup", {})
