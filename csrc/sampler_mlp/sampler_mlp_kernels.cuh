@@ -11,11 +11,16 @@
 // linear_rows_kernel: kThreads = 256 threads = 8 warps per block; each warp owns FPW consecutive
 // output features (rows of W) and the block 8 * FPW features, so every weight row is read by
 // exactly one warp, once. The inputs x [NR, K] are staged in float32 in shared memory in chunks
-// of kc columns (kc * NR * 4 bytes <= 32 KB), shared by the 8 warps. Within a chunk lane l reads
+// of kc columns (kc * NR * 4 bytes <= 32 KB), shared by the 8 warps; each thread issues
+// kStageUnroll independent loads before its first store (staging used to cost one memory latency
+// per element per thread, which made the time grow linearly with the rows: measured on an H100,
+// 2026-11-23), and the columns are swizzled within 8-column groups so the 16-byte reads below are
+// free of bank conflicts. Within a chunk lane l reads
 // 8 consecutive weights per 256-column segment with 16-byte loads (two for float32), converts
 // them to float32 and accumulates FPW x NR dot-product partials in registers; each 8-float slice
-// of x read from shared memory serves FPW features. Before each chunk's barrier the warp issues
-// L2 prefetches for its weights of the next chunk, so weight traffic overlaps the staging. At the end the partials are reduced with
+// of x read from shared memory serves FPW features. Before staging a chunk the warp issues L2
+// prefetches for its weights of that chunk (first chunk) and of the next one, so weight traffic
+// overlaps the staging. At the end the partials are reduced with
 // warp shuffles and the epilogue (bias, SiLU) is applied in float32. Rows n >= N are staged as
 // zeros and never written.
 //
@@ -36,6 +41,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxRows = 16;          // rows per launch (the host loops over chunks)
 constexpr int kSmemFloats = 8192;     // 32 KB of staged x per block
 constexpr int kSegment = 32 * 8;      // columns one warp covers per step (8 per lane)
+constexpr int kStageUnroll = 8;       // independent x loads in flight per thread while staging
 
 struct LinearParams {
   // Inputs, staged as float32. gather: x[n] = cat(hidden[n], embedding[prev_tokens[n]]);
@@ -115,6 +121,32 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Shared-memory position of staged column kk (within a row of kc columns, kc % 256 == 0): the
+// two 4-column halves of every 8-column group g are swapped when bit 2 of g is set. Lane l of a
+// warp reads group 32 * seg + l, so in each quarter-warp phase of a 16-byte load lanes 0-3 hit
+// banks {0-3, 8-11, 16-19, 24-27} and lanes 4-7 banks {4-7, 12-15, 20-23, 28-31}: no conflicts
+// (unswizzled, lanes l and l + 4 collide). A permutation within each 8-column group, so staging
+// writes of consecutive columns stay conflict-free too.
+__device__ __forceinline__ int swizzle_col(int kk) { return kk ^ (((kk >> 5) & 1) << 2); }
+
+// x[n][k] as float32: the gathered cat(hidden, embedding[prev]) row, or the float32 input with
+// the optional per-row LayerNorm applied.
+template <typename T>
+__device__ __forceinline__ float stage_value(const LinearParams& p, int n, int k) {
+  if (p.gather) {
+    if (k < p.dh) return to_f(static_cast<const T*>(p.hidden)[static_cast<int64_t>(n) * p.dh + k]);
+    int64_t t = p.prev_tokens[n];
+    t = t < 0 ? 0 : (t >= p.vocab ? p.vocab - 1 : t);
+    return to_f(static_cast<const T*>(p.embedding)[t * p.de + (k - p.dh)]);
+  }
+  float v = p.xf[static_cast<int64_t>(n) * p.K + k];
+  if (p.norm_mean != nullptr) {
+    v = (v - p.norm_mean[n]) * p.norm_rstd[n] * to_f(static_cast<const T*>(p.norm_weight)[k]);
+    if (p.norm_bias != nullptr) v += to_f(static_cast<const T*>(p.norm_bias)[k]);
+  }
+  return v;
+}
+
 template <typename T, int NR, int FPW>
 __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParams p) {
   extern __shared__ float4 smem4[];
@@ -129,10 +161,22 @@ __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParam
 #pragma unroll
     for (int n = 0; n < NR; ++n) acc[f][n] = 0.f;
 
+  // Pull this warp's weights of the first chunk into L2 before staging it, so HBM is busy while
+  // the block stages x (no registers needed).
+#pragma unroll
+  for (int f = 0; f < FPW; ++f) {
+    if (m0 + f >= p.M) break;
+    const T* first = W + static_cast<int64_t>(m0 + f) * p.K;
+    const int kn0 = min(p.kc, p.K);
+    for (int kk = lane * 8; kk < kn0; kk += kSegment) prefetch_l2(first + kk);
+  }
+  // Lanes 4-7 of every 8 read the two halves of their 8-column group in swapped order (see
+  // swizzle_col): conflict-free 16-byte shared-memory reads.
+  const int sw = ((lane >> 2) & 1) << 2;
+
   for (int k0 = 0; k0 < p.K; k0 += p.kc) {
     const int kn = min(p.kc, p.K - k0);
-    // Pull this warp's weights of the next chunk into L2 now, so HBM stays busy while the block
-    // stages x and waits at the barriers (no registers needed).
+    // Same for the next chunk: its weights stream into L2 while this one is staged and used.
     if (k0 + p.kc < p.K) {
       const int kn_next = min(p.kc, p.K - k0 - p.kc);
 #pragma unroll
@@ -143,28 +187,29 @@ __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParam
       }
     }
     __syncthreads();  // every warp is done with the previous chunk
-    for (int i = threadIdx.x; i < NR * p.kc; i += kThreads) {
-      const int n = i / p.kc, kk = i - n * p.kc, k = k0 + kk;
-      float v = 0.f;
-      if (n < p.N && kk < kn) {
-        if (p.gather) {
-          if (k < p.dh) {
-            v = to_f(static_cast<const T*>(p.hidden)[static_cast<int64_t>(n) * p.dh + k]);
-          } else {
-            int64_t t = p.prev_tokens[n];
-            t = t < 0 ? 0 : (t >= p.vocab ? p.vocab - 1 : t);
-            v = to_f(static_cast<const T*>(p.embedding)[t * p.de + (k - p.dh)]);
-          }
-        } else {
-          v = p.xf[static_cast<int64_t>(n) * p.K + k];
-          if (p.norm_mean != nullptr) {
-            v = (v - p.norm_mean[n]) * p.norm_rstd[n] *
-                to_f(static_cast<const T*>(p.norm_weight)[k]);
-            if (p.norm_bias != nullptr) v += to_f(static_cast<const T*>(p.norm_bias)[k]);
-          }
+    // Stage x[:, k0:k0+kn] in batches of kStageUnroll independent loads per thread, all issued
+    // before the first shared-memory store, so staging costs a few memory latencies, not one
+    // per element.
+    const int total = NR * p.kc;
+    for (int base = threadIdx.x; base < total; base += kThreads * kStageUnroll) {
+      float v[kStageUnroll];
+#pragma unroll
+      for (int u = 0; u < kStageUnroll; ++u) {
+        const int i = base + u * kThreads;
+        v[u] = 0.f;
+        if (i < total) {
+          const int n = i / p.kc, kk = i - n * p.kc;
+          if (n < p.N && kk < kn) v[u] = stage_value<T>(p, n, k0 + kk);
         }
       }
-      xs[i] = v;
+#pragma unroll
+      for (int u = 0; u < kStageUnroll; ++u) {
+        const int i = base + u * kThreads;
+        if (i < total) {
+          const int n = i / p.kc, kk = i - n * p.kc;
+          xs[n * p.kc + swizzle_col(kk)] = v[u];
+        }
+      }
     }
     __syncthreads();
 
@@ -185,8 +230,9 @@ __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParam
       }
 #pragma unroll
       for (int n = 0; n < NR; ++n) {
-        const float4 a = *reinterpret_cast<const float4*>(xs + n * p.kc + kk);
-        const float4 b = *reinterpret_cast<const float4*>(xs + n * p.kc + kk + 4);
+        // Logical columns kk..kk+3 (a) and kk+4..kk+7 (b) of row n.
+        const float4 a = *reinterpret_cast<const float4*>(xs + n * p.kc + kk + sw);
+        const float4 b = *reinterpret_cast<const float4*>(xs + n * p.kc + kk + (4 ^ sw));
 #pragma unroll
         for (int f = 0; f < FPW; ++f) {
           float s = acc[f][n];
@@ -296,8 +342,11 @@ cudaError_t launch_linear_fpw(LinearParams p, cudaStream_t stream) {
 // y = act(x @ w^T + b) for p.N <= kMaxRows rows; FPW chosen so the grid covers the GPU.
 template <typename T>
 cudaError_t launch_linear(const LinearParams& p, int num_sms, cudaStream_t stream) {
-  // FPW = 2 halves the shared-memory reads per weight; worth it once there are >= 2 blocks/SM.
-  if (p.M >= 2 * kWarps * 2 * num_sms) return launch_linear_fpw<T, 2>(p, stream);
+  // FPW = 2 halves the shared-memory reads per weight. From 4 rows on those reads (NR float4
+  // pairs per 8 weights) bound the kernel, so take it as soon as the grid still covers every SM;
+  // with 1-2 rows only once there are >= 2 blocks per SM.
+  const int fpw2_min_m = (p.N >= 4 ? 1 : 2) * 2 * kWarps * num_sms;
+  if (p.M >= fpw2_min_m) return launch_linear_fpw<T, 2>(p, stream);
   return launch_linear_fpw<T, 1>(p, stream);
 }
 
