@@ -5,6 +5,7 @@ import torch
 from ptp.lora import GatedLoRALinear
 from ptp.ptp_model import GREEDY_U, PTPConfig, PTPModel, UniformEmbedding, packed_layout, vector_pick
 from ptp.lora import LoRAConfig
+from ptp.models import cache_kw
 from ptp.train.models import tiny_llama
 from ptp_ext.reference import pick
 
@@ -56,7 +57,7 @@ def test_slots_against_cached_context_equal_one_forward():
     with torch.no_grad():
         one = _run(m, ids, u, [5, 9], k)[L:]
         cache = DynamicCache(config=m.base.config)
-        m.base(ids, past_key_values=cache, use_cache=True)
+        m.base(ids, use_cache=True, **cache_kw(m.base, cache))
         two = _run(m, None, u, [5, 9], k, past=cache, real=ids[:, :0])
     torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
 

@@ -22,6 +22,7 @@ from ptp_ext import ops
 
 from .attention import register as register_attention
 from .cache import RowCache
+from .models import cache_kw
 from .drafters.base import AuxRows, Draft, DraftRequest, Drafter, NoDrafter, StepOutcome
 from .sampling import SamplingConfig, uniforms
 
@@ -118,7 +119,7 @@ class Decoder:
         B, N1 = input_ids.shape
         T = N1 + (aux.num_rows if aux is not None else 0)
         cache.set_write_positions(cache_lens, host_lens, T)
-        kw = dict(position_ids=position_ids, past_key_values=cache, use_cache=True,
+        kw = dict(position_ids=position_ids, use_cache=True, **cache_kw(self.model, cache),
                   ptp_cache_lens=cache_lens, ptp_tree_mask=tree_mask, ptp_prefill=prefill)
         if aux is None and not want_hidden:
             return self.model(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw).logits, None

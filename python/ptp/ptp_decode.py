@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ptp.drafters.ptp_drafter import sdpa_attention
+from ptp.models import cache_kw
 from ptp.ptp_model import GREEDY_U, PTPModel, crop_cache, packed_layout, vector_pick
 from ptp.sampling import SamplingConfig, uniforms
 from ptp_ext import ops
@@ -56,8 +57,8 @@ def ptp_generate_quadratic(model: PTPModel, prompt: list[int], max_new_tokens: i
     greedy = sampling.greedy
     with sdpa_attention(m.base):
         if len(hist) > 1:  # prefill all but the root (not a counted step: plain decoding does it too)
-            m.base.model(input_ids=torch.tensor([hist[:-1]], device=dev), past_key_values=cache,
-                         use_cache=True)
+            m.base.model(input_ids=torch.tensor([hist[:-1]], device=dev), use_cache=True,
+                         **cache_kw(m.base.model, cache))
         while len(new) < max_new_tokens:
             r = len(hist) - 1  # the root's index (= the cache length)
             n_d = len(drafts)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ptp_ext.reference import sampling_probs
+from ptp.models import cache_kw
 from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, lora_state_dict, load_lora_state_dict, config_dict
 
 __all__ = [
@@ -267,8 +268,8 @@ def packed_forward(base, gate: LoRAGate, real_ids: Optional[torch.Tensor], slot_
             inputs_embeds=x,
             attention_mask=additive_mask(visible, mask_dtype),
             position_ids=position_ids.view(1, -1),
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kw(base.model, past_key_values),
         )
     return out.last_hidden_state, out
 

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ptp.models import output_cache
 from ptp.mtp_model import MTPHeads, MTPModel
 from ptp.ptp_model import crop_cache, packed_layout
 from ptp.train.data import Sequence
@@ -36,7 +37,7 @@ def _real_pass(base, ids, cfg: TrainConfig, use_cache: bool):
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
     with torch.no_grad(), amp:
         out = base.model(input_ids=ids, use_cache=use_cache)
-    return out.last_hidden_state[0].float(), (out.past_key_values if use_cache else None), amp
+    return out.last_hidden_state[0].float(), (output_cache(out) if use_cache else None), amp
 
 
 def mtp_sequence_loss(model: MTPModel, seq: Sequence, cfg: TrainConfig, gen: torch.Generator,

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ptp.models import output_cache
 from ptp.ptp_model import PTPModel, crop_cache, packed_layout
 from ptp.train.checkpoint import TRAINER_STATE, save_adapter
 from ptp.train.data import Sequence
@@ -96,7 +97,7 @@ def sequence_loss(model: PTPModel, seq: Sequence, cfg: TrainConfig, gen: torch.G
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
     with torch.no_grad(), amp, model.gate.off():
         out = model.base(ids, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     teacher = out.logits[0].float()[tgt_idx - 1]  # [W, k, V]: P at position a+j-1 predicts a+j
     del out
     T = c.temperature
