@@ -147,6 +147,20 @@ __device__ __forceinline__ float stage_value(const LinearParams& p, int n, int k
   return v;
 }
 
+// L2 prefetch of this warp's weight rows m0 .. m0+FPW-1 over the chunk of columns starting at
+// k_start (lane l: every 256-column segment's 8 weights at l * 8).
+template <typename T, int FPW>
+__device__ __forceinline__ void prefetch_chunk(const T* W, const LinearParams& p, int m0, int lane,
+                                               int k_start) {
+  const int kn = min(p.kc, p.K - k_start);
+#pragma unroll
+  for (int f = 0; f < FPW; ++f) {
+    if (m0 + f >= p.M) break;
+    const T* row = W + static_cast<int64_t>(m0 + f) * p.K + k_start;
+    for (int kk = lane * 8; kk < kn; kk += kSegment) prefetch_l2(row + kk);
+  }
+}
+
 template <typename T, int NR, int FPW>
 __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParams p) {
   extern __shared__ float4 smem4[];
@@ -163,13 +177,7 @@ __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParam
 
   // Pull this warp's weights of the first chunk into L2 before staging it, so HBM is busy while
   // the block stages x (no registers needed).
-#pragma unroll
-  for (int f = 0; f < FPW; ++f) {
-    if (m0 + f >= p.M) break;
-    const T* first = W + static_cast<int64_t>(m0 + f) * p.K;
-    const int kn0 = min(p.kc, p.K);
-    for (int kk = lane * 8; kk < kn0; kk += kSegment) prefetch_l2(first + kk);
-  }
+  prefetch_chunk<T, FPW>(W, p, m0, lane, 0);
   // Lanes 4-7 of every 8 read the two halves of their 8-column group in swapped order (see
   // swizzle_col): conflict-free 16-byte shared-memory reads.
   const int sw = ((lane >> 2) & 1) << 2;
@@ -177,15 +185,7 @@ __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParam
   for (int k0 = 0; k0 < p.K; k0 += p.kc) {
     const int kn = min(p.kc, p.K - k0);
     // Same for the next chunk: its weights stream into L2 while this one is staged and used.
-    if (k0 + p.kc < p.K) {
-      const int kn_next = min(p.kc, p.K - k0 - p.kc);
-#pragma unroll
-      for (int f = 0; f < FPW; ++f) {
-        if (m0 + f >= p.M) break;
-        const T* nxt = W + static_cast<int64_t>(m0 + f) * p.K + k0 + p.kc;
-        for (int kk = lane * 8; kk < kn_next; kk += kSegment) prefetch_l2(nxt + kk);
-      }
-    }
+    if (k0 + p.kc < p.K) prefetch_chunk<T, FPW>(W, p, m0, lane, k0 + p.kc);
     __syncthreads();  // every warp is done with the previous chunk
     // Stage x[:, k0:k0+kn] in batches of kStageUnroll independent loads per thread, all issued
     // before the first shared-memory store, so staging costs a few memory latencies, not one
@@ -193,23 +193,21 @@ __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParam
     const int total = NR * p.kc;
     for (int base = threadIdx.x; base < total; base += kThreads * kStageUnroll) {
       float v[kStageUnroll];
+      int dst[kStageUnroll];  // shared-memory position, -1 past the end
 #pragma unroll
       for (int u = 0; u < kStageUnroll; ++u) {
         const int i = base + u * kThreads;
         v[u] = 0.f;
+        dst[u] = -1;
         if (i < total) {
           const int n = i / p.kc, kk = i - n * p.kc;
+          dst[u] = n * p.kc + swizzle_col(kk);
           if (n < p.N && kk < kn) v[u] = stage_value<T>(p, n, k0 + kk);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) {
-        const int i = base + u * kThreads;
-        if (i < total) {
-          const int n = i / p.kc, kk = i - n * p.kc;
-          xs[n * p.kc + swizzle_col(kk)] = v[u];
-        }
-      }
+      for (int u = 0; u < kStageUnroll; ++u)
+        if (dst[u] >= 0) xs[dst[u]] = v[u];
     }
     __syncthreads();
 
