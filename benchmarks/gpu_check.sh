@@ -10,6 +10,8 @@
 # benchmarks/results/), $OUT/flashinfer.md (when .whl/ holds FlashInfer), $OUT/kernels.log, $OUT/summary.md. Every stage runs even if an earlier one
 # failed (a failed build still lets you read the log); the whole run is budgeted to ~8 minutes
 # (PTP_GPU_CHECK_BUDGET seconds) and ends with a summary table on stdout.
+# PTP_GPU_CHECK_STAGES picks stages (default: "env build usage pytest sweeps kernels flashinfer");
+# PTP_PYTEST_ARGS replaces the pytest selection (default: -m "cuda or not slow"), e.g. "-m cuda -n 8".
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +19,8 @@ cd "$ROOT"
 OUT="${OUT:-/tmp/ptp-gpu-check}"
 mkdir -p "$OUT"
 BUDGET="${PTP_GPU_CHECK_BUDGET:-480}"
+STAGES=" ${PTP_GPU_CHECK_STAGES:-env build usage pytest sweeps kernels flashinfer} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 T_START=$(date +%s)
 PY="${PYTHON:-python}"
 export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -84,7 +88,12 @@ resource_usage() {
 }
 
 pytest_cuda() {
-  "$PY" -m pytest -q tests -m "cuda or not slow" -ra -p no:cacheprovider
+  if [ -n "${PTP_PYTEST_ARGS:-}" ]; then
+    # shellcheck disable=SC2086  (word splitting wanted: several pytest arguments)
+    "$PY" -m pytest -q tests $PTP_PYTEST_ARGS -ra -p no:cacheprovider
+  else
+    "$PY" -m pytest -q tests -m "cuda or not slow" -ra -p no:cacheprovider
+  fi
 }
 
 sweeps() {
@@ -117,13 +126,13 @@ flashinfer_cmp() {
 : > "$OUT/build.log"; : > "$OUT/tests.log"; : > "$OUT/kernels.log"
 export ROOT OUT PY
 export -f env_info build resource_usage pytest_cuda sweeps kernels flashinfer_cmp
-run_stage "env" "$OUT/build.log" 60 env_info
-run_stage "build (sm_90a, MAX_JOBS=$MAX_JOBS)" "$OUT/build.log" 240 build
-run_stage "resource usage" "$OUT/build.log" 30 resource_usage
-run_stage "pytest -m 'cuda or not slow'" "$OUT/tests.log" 180 pytest_cuda
-run_stage "check_*_cuda.py sweeps" "$OUT/tests.log" 120 sweeps
-run_stage "kernels.py" "$OUT/kernels.log" 200 kernels
-run_stage "bench_flashinfer.py" "$OUT/kernels.log" 240 flashinfer_cmp
+want env && run_stage "env" "$OUT/build.log" 60 env_info
+want build && run_stage "build (sm_90a, MAX_JOBS=$MAX_JOBS)" "$OUT/build.log" 240 build
+want usage && run_stage "resource usage" "$OUT/build.log" 30 resource_usage
+want pytest && run_stage "pytest ${PTP_PYTEST_ARGS:--m 'cuda or not slow'}" "$OUT/tests.log" 180 pytest_cuda
+want sweeps && run_stage "check_*_cuda.py sweeps" "$OUT/tests.log" 120 sweeps
+want kernels && run_stage "kernels.py" "$OUT/kernels.log" 200 kernels
+want flashinfer && run_stage "bench_flashinfer.py" "$OUT/kernels.log" 240 flashinfer_cmp
 
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"

@@ -146,10 +146,34 @@ def crop_cache(cache, length: int) -> None:
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool ``[Q, K]`` -> additive ``[1, 1, Q, K]`` (0 visible, dtype's min hidden)."""
+    """bool ``[Q, K]`` -> additive ``[1, 1, Q, K]``, or ``[B, Q, K]`` -> ``[B, 1, Q, K]`` (0
+    visible, dtype's min hidden)."""
     m = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     m.masked_fill_(~visible, torch.finfo(dtype).min)
-    return m[None, None]
+    return m[None, None] if visible.dim() == 2 else m[:, None]
+
+
+def batched_slot_layout(lengths: Sequence[int], anchors: Sequence[Sequence[int]], num_slots: int,
+                        device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`packed_layout` for B sequences at once (training): sequence b (``lengths[b]`` real
+    tokens, cached, right-padded to ``Lmax = max(lengths)``) has the windows ``anchors[b]``, all
+    with ``num_slots`` slots, and every sequence must have the same number of windows.
+
+    Returns ``position_ids [B, A]`` and ``visible [B, A, Lmax + A]``: the keys are the padded
+    cache, then the B x A slot rows; padding keys are never visible.
+    """
+    if len({len(a) for a in anchors}) > 1:
+        raise ValueError("batched_slot_layout: every sequence needs the same number of windows")
+    Lmax = max(lengths)
+    A = len(anchors[0]) * num_slots
+    pos = torch.empty(len(lengths), A, dtype=torch.long, device=device)
+    vis = torch.zeros(len(lengths), A, Lmax + A, dtype=torch.bool, device=device)
+    for b, (L, anc) in enumerate(zip(lengths, anchors)):
+        p, v = packed_layout(L, 0, anc, [num_slots] * len(anc), device=device)
+        pos[b] = p
+        vis[b, :, :L] = v[:, :L]
+        vis[b, :, Lmax:] = v[:, L:]
+    return pos, vis
 
 
 class PTPModel(nn.Module):
@@ -252,6 +276,20 @@ def packed_forward(base, gate: LoRAGate, real_ids: Optional[torch.Tensor], slot_
     """:meth:`PTPModel.packed_forward` for any HF causal LM ``base`` wrapped by a gated LoRA."""
     emb = base.get_input_embeddings()
     dtype = emb.weight.dtype
+    if slot_embeds.dim() == 3:  # a batch of slot sets, no real rows (training)
+        if real_ids is not None and real_ids.numel():
+            raise ValueError("packed_forward: batched slot_embeds [B, A, hidden] take no real_ids")
+        B, A = slot_embeds.shape[:2]
+        if position_ids.shape != (B, A) or visible.dim() != 3 or visible.shape[:2] != (B, A):
+            raise ValueError(f"packed_forward: batched slots need position_ids [{B}, {A}] and visible "
+                             f"[{B}, {A}, keys], got {list(position_ids.shape)} and {list(visible.shape)}")
+        x = slot_embeds.to(dtype)
+        mask_dtype = torch.get_autocast_dtype("cuda") if (x.is_cuda and torch.is_autocast_enabled()) else dtype
+        with gate.rows(torch.ones(B, A, dtype=torch.bool, device=x.device)):
+            out = base.model(inputs_embeds=x, attention_mask=additive_mask(visible, mask_dtype),
+                             position_ids=position_ids, use_cache=use_cache,
+                             **cache_kw(base.model, past_key_values))
+        return out.last_hidden_state, out
     parts = []
     if real_ids is not None and real_ids.numel():
         parts.append(emb(real_ids.view(1, -1)))

@@ -36,6 +36,9 @@ def _common(p: argparse.ArgumentParser, windows: int) -> None:
                    help="after warm-up: constant, or cosine decay to 10%% of --lr at --steps")
     p.add_argument("--windows", type=int, default=windows, help="windows packed per sequence")
     p.add_argument("--seqs-per-step", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=1,
+                   help="sequences per forward pass (padded); raise it on a GPU, where one sequence "
+                        "at a time is launch-bound (results equal up to float rounding)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall budget incl. data generation")
     p.add_argument("--seed", type=int, default=0)
@@ -120,26 +123,27 @@ def run_train(args: argparse.Namespace) -> int:
         mode = args.mode
     elif args.train_command == "mtp":
         from ptp.mtp_model import MTPConfig, MTPModel
-        from ptp.train.mtp import mtp_sequence_loss
+        from ptp.train.mtp import mtp_batch_loss
 
         model = MTPModel(base, MTPConfig(num_masks=args.masks, lora=LoRAConfig(rank=args.rank, alpha=args.alpha),
                                          sampler=not args.no_sampler, lcm_weight=args.lcm_weight,
                                          base_model=args.model))
-        loss_fn = mtp_sequence_loss
+        loss_fn = mtp_batch_loss
     else:
         from ptp.mtp_model import HeadsConfig, MTPHeads
-        from ptp.train.mtp import heads_sequence_loss
+        from ptp.train.mtp import heads_batch_loss
 
         model = MTPHeads(base, HeadsConfig(num_heads=args.heads, base_model=args.model))
-        loss_fn = heads_sequence_loss
+        loss_fn = heads_batch_loss
     remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
     tcfg = TrainConfig(mode=mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
                        lr_schedule=args.lr_schedule,
-                       windows_per_seq=args.windows, seqs_per_step=args.seqs_per_step, seed=args.seed,
+                       windows_per_seq=args.windows, seqs_per_step=args.seqs_per_step,
+                       micro_batch=args.micro_batch, seed=args.seed,
                        save_every=args.save_every, max_minutes=max(remaining, 0.01) if args.max_minutes else 0.0,
                        device=args.device, bf16=cuda, save_dtype=args.save_dtype)
     metrics = train(model, seqs, tcfg, args.out, extra_meta=data_meta, progress=not args.no_progress,
-                    loss_fn=loss_fn)
+                    batch_loss_fn=loss_fn)
     print(f"saved {args.out}: {metrics}")
     return 0
 

@@ -25,89 +25,124 @@ import torch.nn.functional as F
 
 from ptp.models import output_cache
 from ptp.mtp_model import MTPHeads, MTPModel
-from ptp.ptp_model import crop_cache, packed_layout
+from ptp.ptp_model import batched_slot_layout, crop_cache
 from ptp.train.data import Sequence
-from ptp.train.trainer import TrainConfig
+from ptp.train.trainer import TrainConfig, pad_windows, padded_batch, sample_anchors
 
-__all__ = ["mtp_sequence_loss", "heads_sequence_loss"]
+__all__ = ["mtp_batch_loss", "mtp_sequence_loss", "heads_batch_loss", "heads_sequence_loss"]
 
 
 def _real_pass(base, ids, cfg: TrainConfig, use_cache: bool):
+    """The target over ``ids [B, L]`` (no grad): final hidden states ``[B, L, d]`` (float32), its
+    cache (or ``None``) and the autocast context."""
     dev = ids.device
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
     with torch.no_grad(), amp:
         out = base.model(input_ids=ids, use_cache=use_cache)
-    return out.last_hidden_state[0].float(), (output_cache(out) if use_cache else None), amp
+    return out.last_hidden_state.float(), (output_cache(out) if use_cache else None), amp
+
+
+def mtp_batch_loss(model: MTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: torch.Generator,
+                   rng: random.Random) -> list[Optional[tuple[torch.Tensor, dict]]]:
+    """Per-sequence masked-input losses of a micro-batch (one padded real pass, one mask pass);
+    each equals what the sequence alone gives, up to float rounding."""
+    k, dev = model.config.num_masks, torch.device(cfg.device)
+    plan = sample_anchors(seqs, lambda s: (s.prompt_len, s.ids.numel() - 1 - k), cfg, rng)
+    live = [b for b, a in enumerate(plan) if a is not None]
+    results: list[Optional[tuple[torch.Tensor, dict]]] = [None] * len(seqs)
+    if not live:
+        return results
+    ids, lengths = padded_batch([seqs[b] for b in live], dev)
+    counts = [len(plan[b]) for b in live]
+    anchors = pad_windows([plan[b] for b in live])
+    B, W, Lmax = len(live), len(anchors[0]), ids.shape[1]
+    with model.gate.off():
+        real_h, cache, amp = _real_pass(model.base, ids, cfg, use_cache=True)
+    pos, vis = batched_slot_layout(lengths, anchors, k, device=dev)
+    pos = pos + 1  # mask j sits one position after PTP's slot j
+    prev_idx = torch.tensor(anchors, device=dev).unsqueeze(-1) + torch.arange(k, device=dev)  # [B, W, k]
+    prev_tok = torch.gather(ids, 1, prev_idx.view(B, -1)).view(B, W, k)
+    targets = torch.gather(ids, 1, (prev_idx + 1).view(B, -1)).view(B, W, k)
+    with amp:
+        z, _ = model.packed_forward(None, model.masks.repeat(W, 1).unsqueeze(0).expand(B, -1, -1),
+                                    pos, vis, past_key_values=cache, use_cache=True)
+    crop_cache(cache, Lmax)
+    z = z.float()  # [B, W*k, d]
+    with amp:
+        base_logits = model.logits(z.to(model.embedding().dtype)).float().view(B, W, k, -1)
+    s_logits = None
+    if model.sampler is not None:
+        h2 = model.sampler(z.reshape(B * W * k, -1), prev_tok.reshape(-1), model.embedding())
+        with amp:
+            s_logits = model.logits(h2.to(model.embedding().dtype)).float().view(B, W, k, -1)
+    ref = torch.stack([real_h[b][prev_idx[b]] for b in range(B)]).view(B, W * k, -1)
+    for b, n in enumerate(counts):
+        t = targets[b, :n].reshape(-1)
+        loss_base = F.cross_entropy(base_logits[b, :n].reshape(n * k, -1), t)
+        loss, metrics = loss_base, {}
+        if s_logits is not None:
+            loss_s = F.cross_entropy(s_logits[b, :n].reshape(n * k, -1), t)
+            loss = loss + loss_s
+            metrics["ce_sampler"] = float(loss_s.detach())
+            pred = s_logits[b, :n].argmax(-1)
+        else:
+            pred = base_logits[b, :n].argmax(-1)
+        if model.config.lcm_weight:
+            lcm = (z[b, :n * k] - ref[b, :n * k]).pow(2).mean()
+            loss = loss + model.config.lcm_weight * lcm
+            metrics["lcm"] = float(lcm.detach())
+        with torch.no_grad():
+            hit = (pred == targets[b, :n]).float()
+            metrics["acc"] = hit.mean(0).tolist()
+            metrics["prefix"] = float(hit.cumprod(1).sum(1).mean())
+            metrics["ce_base"] = float(loss_base.detach())
+        results[live[b]] = (loss, metrics)
+    return results
 
 
 def mtp_sequence_loss(model: MTPModel, seq: Sequence, cfg: TrainConfig, gen: torch.Generator,
                       rng: random.Random) -> Optional[tuple[torch.Tensor, dict]]:
-    k, dev = model.config.num_masks, torch.device(cfg.device)
-    ids = seq.ids.to(dev).view(1, -1)
-    L = ids.shape[1]
-    lo, hi = seq.prompt_len, L - 1 - k
-    if hi < lo:
-        return None
-    anchors = sorted(rng.sample(range(lo, hi + 1), min(cfg.windows_per_seq, hi - lo + 1)))
-    W = len(anchors)
-    with model.gate.off():
-        real_h, cache, amp = _real_pass(model.base, ids, cfg, use_cache=True)
-    pos, vis = packed_layout(L, 0, anchors, [k] * W, device=dev)
-    pos = pos + 1  # mask j sits one position after PTP's slot j
-    prev_idx = torch.tensor(anchors, device=dev).unsqueeze(1) + torch.arange(k, device=dev)  # [W, k]
-    targets = ids[0, prev_idx + 1]
-    with amp:
-        z, _ = model.packed_forward(ids[:, :0], model.masks.repeat(W, 1), pos, vis,
-                                    past_key_values=cache, use_cache=True)
-    crop_cache(cache, L)
-    z = z[0].float()  # [W*k, d]
-    flat_t = targets.reshape(-1)
-    with amp:
-        base_logits = model.logits(z.to(model.embedding().dtype)).float()
-    loss_base = F.cross_entropy(base_logits, flat_t)
-    loss = loss_base
-    metrics = {}
-    if model.sampler is not None:
-        h2 = model.sampler(z, ids[0, prev_idx].reshape(-1), model.embedding())
+    """:func:`mtp_batch_loss` of one sequence."""
+    return mtp_batch_loss(model, [seq], cfg, gen, rng)[0]
+
+
+def heads_batch_loss(model: MTPHeads, seqs: list[Sequence], cfg: TrainConfig, gen: torch.Generator,
+                     rng: random.Random) -> list[Optional[tuple[torch.Tensor, dict]]]:
+    """Per-sequence MTP-heads losses of a micro-batch (one padded real pass, then every head over
+    all the sequences' sampled positions at once)."""
+    n, dev = model.config.num_heads, torch.device(cfg.device)
+    plan = []
+    for s in seqs:  # position t's head i predicts t+1+i <= L-1
+        lo, hi = max(s.prompt_len - 1, 0), s.ids.numel() - 2 - n
+        plan.append(None if hi < lo else sorted(rng.sample(range(lo, hi + 1), min(cfg.windows_per_seq * 8, hi - lo + 1))))
+    live = [b for b, p in enumerate(plan) if p is not None]
+    results: list[Optional[tuple[torch.Tensor, dict]]] = [None] * len(seqs)
+    if not live:
+        return results
+    ids, _ = padded_batch([seqs[b] for b in live], dev)
+    real_h, _, amp = _real_pass(model.base, ids, cfg, use_cache=False)
+    rows = torch.cat([torch.full((len(plan[b]),), i, device=dev) for i, b in enumerate(live)])
+    ts = torch.cat([torch.tensor(plan[b], device=dev) for b in live])
+    h = real_h[rows, ts]  # [P, d]
+    targets = ids[rows.unsqueeze(1), ts.unsqueeze(1) + 1 + torch.arange(1, n + 1, device=dev)]  # [P, n]
+    ces, hits = [], []
+    for i in range(n):  # one head at a time: memory O(P * V), not O(P * n * V)
         with amp:
-            s_logits = model.logits(h2.to(model.embedding().dtype)).float()
-        loss_s = F.cross_entropy(s_logits, flat_t)
-        loss = loss + loss_s
-        metrics["ce_sampler"] = float(loss_s.detach())
-        pred = s_logits.argmax(-1)
-    else:
-        pred = base_logits.argmax(-1)
-    if model.config.lcm_weight:
-        ref = real_h[prev_idx.reshape(-1)]
-        lcm = (z - ref).pow(2).mean()
-        loss = loss + model.config.lcm_weight * lcm
-        metrics["lcm"] = float(lcm.detach())
-    with torch.no_grad():
-        hit = (pred.view(W, k) == targets).float()
-        metrics["acc"] = hit.mean(0).tolist()
-        metrics["prefix"] = float(hit.cumprod(1).sum(1).mean())
-        metrics["ce_base"] = float(loss_base.detach())
-    return loss, metrics
+            logits = model.base.lm_head(model.head_hidden(h, i).to(model.base.lm_head.weight.dtype)).float()
+        ces.append(F.cross_entropy(logits, targets[:, i], reduction="none"))
+        hits.append((logits.argmax(-1) == targets[:, i]).float().detach())
+    ce, hit = torch.stack(ces, 1), torch.stack(hits, 1)  # [P, n]
+    start = 0
+    for i, b in enumerate(live):
+        m = len(plan[b])
+        hb = hit[start:start + m]
+        loss = sum(ce[start:start + m, j].mean() for j in range(n)) / n
+        results[b] = (loss, {"acc": hb.mean(0).tolist(), "prefix": float(hb.cumprod(1).sum(1).mean())})
+        start += m
+    return results
 
 
 def heads_sequence_loss(model: MTPHeads, seq: Sequence, cfg: TrainConfig, gen: torch.Generator,
                         rng: random.Random) -> Optional[tuple[torch.Tensor, dict]]:
-    n, dev = model.config.num_heads, torch.device(cfg.device)
-    ids = seq.ids.to(dev).view(1, -1)
-    L = ids.shape[1]
-    lo, hi = max(seq.prompt_len - 1, 0), L - 2 - n  # position t's head i predicts t+1+i <= L-1
-    if hi < lo:
-        return None
-    count = min(cfg.windows_per_seq * 8, hi - lo + 1)
-    ts = torch.tensor(sorted(rng.sample(range(lo, hi + 1), count)), device=dev)
-    real_h, _, amp = _real_pass(model.base, ids, cfg, use_cache=False)
-    h = real_h[ts]  # [P, d]
-    targets = ids[0, ts.view(-1, 1) + 1 + torch.arange(1, n + 1, device=dev)]  # [P, n]
-    losses, hits = [], []
-    for i in range(n):  # one head at a time: memory O(P * V), not O(P * n * V)
-        with amp:
-            logits = model.base.lm_head(model.head_hidden(h, i).to(model.base.lm_head.weight.dtype)).float()
-        losses.append(F.cross_entropy(logits, targets[:, i]))
-        hits.append((logits.argmax(-1) == targets[:, i]).float().detach())
-    hit = torch.stack(hits, 1)
-    return sum(losses) / n, {"acc": hit.mean(0).tolist(), "prefix": float(hit.cumprod(1).sum(1).mean())}
+    """:func:`heads_batch_loss` of one sequence."""
+    return heads_batch_loss(model, [seq], cfg, gen, rng)[0]

@@ -1,6 +1,7 @@
 """PTP training loops: distillation (O-PTP / C-PTP) and teacher-free inverse-autoregressive C-PTP.
 
-One step per sequence (``seqs_per_step`` accumulated):
+Per sequence (``seqs_per_step`` accumulated per optimizer step; ``micro_batch`` of them share one
+right-padded real pass and one slot pass, which is what keeps a GPU busy):
 
 1. *Real pass* (no grad, adapter off): the target over the whole sequence gives its KV cache and
    its conditional at every position (the teacher's distributions, CDF bins for free).
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ptp.models import output_cache
-from ptp.ptp_model import PTPModel, crop_cache, packed_layout
+from ptp.ptp_model import PTPModel, batched_slot_layout, crop_cache
 from ptp.train.checkpoint import TRAINER_STATE, save_adapter
 from ptp.train.data import Sequence
 from ptp_ext.reference import sampling_probs
@@ -44,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     windows_per_seq: int = 24
     seqs_per_step: int = 1
+    micro_batch: int = 1  # sequences per forward pass (padded batch); 1 = one at a time
     beta: float = 0.3
     seed: int = 0
     save_every: int = 100
@@ -80,89 +82,153 @@ def _u_in_bins(left, right, beta: float, gen: torch.Generator) -> torch.Tensor:
     return (left.cpu() + (right - left).cpu() * x).clamp(0.0, 1.0 - 1e-7).to(left.device)
 
 
-def sequence_loss(model: PTPModel, seq: Sequence, cfg: TrainConfig, gen: torch.Generator,
-                  rng: random.Random) -> Optional[tuple[torch.Tensor, dict]]:
-    """Loss of one sequence's packed windows (``None`` if the answer is shorter than k)."""
+def padded_batch(seqs: list[Sequence], device) -> tuple[torch.Tensor, list[int]]:
+    """Token ids of ``seqs`` right-padded to the longest ``[B, Lmax]`` (pad id 0), and the lengths.
+
+    Right padding needs no attention mask in the causal real pass: a real token never sees the
+    padding after it. Padding keys stay invisible to the slots (:func:`batched_slot_layout`)."""
+    lengths = [int(s.ids.numel()) for s in seqs]
+    ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long, device=device)
+    for b, s in enumerate(seqs):
+        ids[b, :lengths[b]] = s.ids.to(device).view(-1)
+    return ids, lengths
+
+
+def pad_windows(anchors: list[list[int]]) -> list[list[int]]:
+    """Every sequence's anchors padded to the most windows by repeating its last anchor (padded
+    windows are computed and then left out of the loss and the metrics)."""
+    W = max(len(a) for a in anchors)
+    return [a + [a[-1]] * (W - len(a)) for a in anchors]
+
+
+def sample_anchors(seqs: list[Sequence], lo_hi, cfg: TrainConfig,
+                   rng: random.Random) -> list[Optional[list[int]]]:
+    """Per sequence, in order: ``None`` if ``lo_hi(seq)`` is empty, else ``windows_per_seq``
+    sorted anchors drawn from it (the same draws as one sequence at a time)."""
+    out = []
+    for s in seqs:
+        lo, hi = lo_hi(s)
+        out.append(None if hi < lo else sorted(rng.sample(range(lo, hi + 1), min(cfg.windows_per_seq, hi - lo + 1))))
+    return out
+
+
+def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: torch.Generator,
+               rng: random.Random) -> list[Optional[tuple[torch.Tensor, dict]]]:
+    """Per-sequence losses of a micro-batch of sequences, computed in one real pass and one slot
+    pass (``None`` for a sequence whose answer is shorter than k). Each loss is that sequence's
+    mean over its own windows, exactly what :func:`sequence_loss` gives it alone up to float
+    rounding; the anchors and, in distillation, the u's are drawn per sequence in order, as one
+    at a time would draw them (teacher-free at T > 0 draws each slot's u's for the whole batch)."""
     c = model.config
-    k, dev = c.num_slots, torch.device(cfg.device)
-    ids = seq.ids.to(dev).view(1, -1)
-    L = ids.shape[1]
-    lo, hi = seq.prompt_len, L - k
-    if hi < lo:
-        return None
-    anchors = sorted(rng.sample(range(lo, hi + 1), min(cfg.windows_per_seq, hi - lo + 1)))
-    W = len(anchors)
-    tgt_idx = torch.tensor(anchors, device=dev).unsqueeze(1) + torch.arange(k, device=dev)  # [W, k]
-    targets = ids[0, tgt_idx]
+    k, dev, T = c.num_slots, torch.device(cfg.device), c.temperature
+    if cfg.mode not in ("distill", "teacher-free"):
+        raise ValueError(f"mode must be 'distill' or 'teacher-free', got {cfg.mode!r}")
+    if cfg.mode == "teacher-free" and T > 0 and c.variant != "cptp":
+        raise ValueError("teacher-free training needs the C-PTP variant")
+    plan = sample_anchors(seqs, lambda s: (s.prompt_len, s.ids.numel() - k), cfg, rng)
+    live = [b for b, a in enumerate(plan) if a is not None]
+    results: list[Optional[tuple[torch.Tensor, dict]]] = [None] * len(seqs)
+    if not live:
+        return results
+    ids, lengths = padded_batch([seqs[b] for b in live], dev)
+    counts = [len(plan[b]) for b in live]
+    anchors = pad_windows([plan[b] for b in live])
+    B, W = len(live), len(anchors[0])
+    tgt_idx = torch.tensor(anchors, device=dev).unsqueeze(-1) + torch.arange(k, device=dev)  # [B, W, k]
+    targets = torch.gather(ids, 1, tgt_idx.view(B, -1)).view(B, W, k)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
     with torch.no_grad(), amp, model.gate.off():
         out = model.base(ids, use_cache=True)
     cache = output_cache(out)
-    teacher = out.logits[0].float()[tgt_idx - 1]  # [W, k, V]: P at position a+j-1 predicts a+j
+    # P at position a+j-1 predicts a+j: [B, W, k, V]
+    teacher = torch.stack([out.logits[b].float()[tgt_idx[b] - 1] for b in range(B)])
     del out
-    T = c.temperature
-    pos, vis = packed_layout(L, 0, anchors, [k] * W, device=dev)
+    pos, vis = batched_slot_layout(lengths, anchors, k, device=dev)
+    Lmax = ids.shape[1]
 
-    def slot_logits(u: torch.Tensor) -> torch.Tensor:
-        emb = model.slot_embeddings(u).reshape(W * k, -1)
+    def slot_logits(u: torch.Tensor) -> torch.Tensor:  # u [B, W, k] -> [B, W, k, V]
+        emb = model.slot_embeddings(u).reshape(B, W * k, -1)
         with amp:
-            h, _ = model.packed_forward(ids[:, :0], emb, pos, vis, past_key_values=cache, use_cache=True)
-            lg = model.logits(h[0])
-        crop_cache(cache, L)
-        return lg.float().view(W, k, -1)
+            h, _ = model.packed_forward(None, emb, pos, vis, past_key_values=cache, use_cache=True)
+            lg = model.logits(h)
+        crop_cache(cache, Lmax)
+        return lg.float().view(B, W, k, -1)
+
+    def target_bins_u() -> torch.Tensor:  # u in the target's bins, drawn per sequence in order
+        u = torch.empty(B, W, k, device=dev)
+        for b, n in enumerate(counts):
+            ub = _u_in_bins(*_bins(sampling_probs(teacher[b, :n], T, c.top_k, c.top_p), targets[b, :n]),
+                            cfg.beta, gen)
+            u[b] = torch.cat([ub, ub[-1:].expand(W - n, k)]) if n < W else ub
+        return u
 
     if T == 0:
-        u = torch.full((W, k), 0.5, device=dev)
+        u = torch.full((B, W, k), 0.5, device=dev)
     elif cfg.mode == "distill":
-        u = _u_in_bins(*_bins(sampling_probs(teacher, T, c.top_k, c.top_p), targets), cfg.beta, gen)
-    elif cfg.mode == "teacher-free":
-        if c.variant != "cptp":
-            raise ValueError("teacher-free training needs the C-PTP variant")
-        u = torch.full((W, k), 0.5, device=dev)
+        u = target_bins_u()
+    else:
+        u = torch.full((B, W, k), 0.5, device=dev)
         with torch.no_grad():
             for j in range(k):  # slot j's conditional depends on u_0..u_{j-1} only
-                pj = sampling_probs(slot_logits(u)[:, j], T, c.top_k, c.top_p)
-                u[:, j] = _u_in_bins(*_bins(pj, targets[:, j]), cfg.beta, gen)
-    else:
-        raise ValueError(f"mode must be 'distill' or 'teacher-free', got {cfg.mode!r}")
+                pj = sampling_probs(slot_logits(u)[:, :, j], T, c.top_k, c.top_p)
+                u[:, :, j] = _u_in_bins(*_bins(pj, targets[:, :, j]), cfg.beta, gen)
 
     logits = slot_logits(u)
-    if c.variant == "optp" or T == 0 or cfg.mode == "teacher-free":
-        scaled = logits if (c.variant == "optp" or T == 0) else logits / T
-        loss = F.cross_entropy(scaled.reshape(W * k, -1), targets.reshape(-1))
-    else:  # C-PTP distillation: KL(teacher || student) at the sampling temperature
-        logp_s = F.log_softmax(logits / T, dim=-1)
-        logp_t = F.log_softmax(teacher / T, dim=-1)
-        loss = F.kl_div(logp_s.reshape(W * k, -1), logp_t.reshape(W * k, -1), log_target=True,
-                        reduction="batchmean")
     with torch.no_grad():
         if cfg.mode == "teacher-free" and T > 0:
             # The u's above sit in the student's own bins, so the student picks the data tokens
             # by construction. What decoding sees is u in the *target's* bins (coupled
             # verification accepts iff the student picks what Pick(u, P_target) picks): measure
             # the metrics there, with one more no-grad slot pass.
-            u = _u_in_bins(*_bins(sampling_probs(teacher, T, c.top_k, c.top_p), targets),
-                           cfg.beta, gen)
-            eval_logits = slot_logits(u)
+            u_eval = target_bins_u()
+            eval_logits = slot_logits(u_eval)
         else:
-            eval_logits = logits
-        hit = (model.slot_tokens(eval_logits, u) == targets).float()  # [W, k]
+            u_eval, eval_logits = u, logits
+        hit = (model.slot_tokens(eval_logits, u_eval) == targets).float()  # [B, W, k]
+    for b, n in enumerate(counts):
+        lb, tb = logits[b, :n], targets[b, :n]
+        if c.variant == "optp" or T == 0 or cfg.mode == "teacher-free":
+            scaled = lb if (c.variant == "optp" or T == 0) else lb / T
+            loss = F.cross_entropy(scaled.reshape(n * k, -1), tb.reshape(-1))
+        else:  # C-PTP distillation: KL(teacher || student) at the sampling temperature
+            logp_s = F.log_softmax(lb / T, dim=-1)
+            logp_t = F.log_softmax(teacher[b, :n] / T, dim=-1)
+            loss = F.kl_div(logp_s.reshape(n * k, -1), logp_t.reshape(n * k, -1), log_target=True,
+                            reduction="batchmean")
+        hb = hit[b, :n]
         # accepted-prefix length a drafter would get from these windows (greedy chain)
-        prefix = hit.cumprod(dim=1).sum(dim=1).mean()
-    return loss, {"acc": hit.mean(0).tolist(), "prefix": float(prefix)}
+        prefix = hb.cumprod(dim=1).sum(dim=1).mean()
+        results[live[b]] = (loss, {"acc": hb.mean(0).tolist(), "prefix": float(prefix)})
+    return results
+
+
+def sequence_loss(model: PTPModel, seq: Sequence, cfg: TrainConfig, gen: torch.Generator,
+                  rng: random.Random) -> Optional[tuple[torch.Tensor, dict]]:
+    """Loss of one sequence's packed windows (``None`` if the answer is shorter than k)."""
+    return batch_loss(model, [seq], cfg, gen, rng)[0]
 
 
 def train(model, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
           extra_meta: Optional[dict] = None, resume: bool = True, progress: bool = True,
-          loss_fn=None) -> dict:
+          loss_fn=None, batch_loss_fn=None) -> dict:
     """Train ``model``'s adapter on ``seqs``; checkpoints to ``out_dir``; returns the last metrics.
 
     ``loss_fn(model, seq, cfg, gen, rng) -> (loss, metrics) | None`` is one sequence's loss
     (default :func:`sequence_loss`, PTP); the masked-input drafter and the MTP heads plug in
-    their own (``python/ptp/train/mtp.py``). ``model`` needs ``trainable_parameters``,
-    ``adapter_state_dict``/``load_adapter_state_dict`` and ``config``.
+    their own (``python/ptp/train/mtp.py``). ``batch_loss_fn(model, seqs, cfg, gen, rng)`` is the
+    same for a list of sequences at once (a list of results), used ``cfg.micro_batch`` sequences
+    per call (default :func:`batch_loss`, or ``loss_fn`` on each sequence). Either way the step's
+    gradient is the mean over ``seqs_per_step`` sequences of their own losses. ``model`` needs
+    ``trainable_parameters``, ``adapter_state_dict``/``load_adapter_state_dict`` and ``config``.
     """
-    loss_fn = loss_fn or sequence_loss
+    if cfg.micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {cfg.micro_batch}")
+    if batch_loss_fn is None:
+        if loss_fn is None:
+            batch_loss_fn = batch_loss
+        else:
+            def batch_loss_fn(m, ss, c, g, r, _one=loss_fn):
+                return [_one(m, s, c, g, r) for s in ss]
     from tqdm.auto import tqdm
 
     start_time = time.time()
@@ -183,7 +249,10 @@ def train(model, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
         step = st["step"]
         rng.setstate(st["rng"])
         gen.set_state(st["gen"])
-    meta = {"train": asdict(cfg), "command": " ".join(sys.argv), **(extra_meta or {})}
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("ptp", "__main__.py")):
+        argv[0] = "python -m ptp"  # what the user typed, not the module's path on this machine
+    meta = {"train": asdict(cfg), "command": " ".join(argv), **(extra_meta or {})}
 
     def checkpoint(metrics: dict) -> None:
         save_adapter(model, out_dir, {**meta, "step": step, "metrics": metrics},
@@ -204,21 +273,24 @@ def train(model, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
         opt.zero_grad(set_to_none=True)
         n = 0
         while n < cfg.seqs_per_step:
-            if not order:
-                order = list(range(len(seqs)))
-                rng.shuffle(order)
-            res = loss_fn(model, seqs[order.pop()], cfg, gen, rng)
-            if res is None:
+            picked = []
+            for _ in range(min(cfg.micro_batch, cfg.seqs_per_step - n)):
+                if not order:
+                    order = list(range(len(seqs)))
+                    rng.shuffle(order)
+                picked.append(seqs[order.pop()])
+            valid = [r for r in batch_loss_fn(model, picked, cfg, gen, rng) if r is not None]
+            if not valid:
                 continue
-            loss, m = res
-            (loss / cfg.seqs_per_step).backward()
-            n += 1
-            scalars = {"loss": float(loss.detach())}
-            scalars.update({key: float(v) for key, v in m.items() if key != "acc"})
-            if "acc" in m:
-                scalars.update({"acc0": m["acc"][0], "accK": m["acc"][-1]})
-            for key, v in scalars.items():
-                ema[key] = v if key not in ema else 0.95 * ema[key] + 0.05 * v
+            (sum(loss for loss, _ in valid) / cfg.seqs_per_step).backward()
+            for loss, m in valid:
+                n += 1
+                scalars = {"loss": float(loss.detach())}
+                scalars.update({key: float(v) for key, v in m.items() if key != "acc"})
+                if "acc" in m:
+                    scalars.update({"acc0": m["acc"][0], "accK": m["acc"][-1]})
+                for key, v in scalars.items():
+                    ema[key] = v if key not in ema else 0.95 * ema[key] + 0.05 * v
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
