@@ -62,7 +62,7 @@ def run_hf(model, prompts, max_new, eos, lookup_tokens=None, temperature=0.0, se
     counter = CallCounter(model)
     out = []
     for i, p in enumerate(prompts):
-        ids = torch.tensor([p])
+        ids = torch.tensor([p], device=model.device)
         counter.count = 0
         kw = {"prompt_lookup_num_tokens": lookup_tokens} if lookup_tokens else {}
         if temperature > 0:
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, ROOT)
     from ptp.cli import chat_prompt_ids, eos_ids, read_specbench
     from ptp.drafters import make_drafter
-    from ptp.models import load_target
+    from ptp.models import load_target, parse_dtype, resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", default=_default_prompts())
@@ -153,6 +153,8 @@ def main(argv=None) -> int:
                          "question (the tables recorded before 2026-11-23 19:30)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-lookup-tokens", type=int, default=10)
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     questions = select_questions(read_specbench(args.prompts), args.limit, args.select)
-    model, tokenizer = load_target(args.model)
+    model, tokenizer = load_target(args.model, dtype=parse_dtype(args.dtype), device=resolve_device(args.device))
     eos = eos_ids(model, tokenizer)
     prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in questions]
     N, T, seed = args.max_new_tokens, args.temperature, args.seed
@@ -216,12 +218,14 @@ def main(argv=None) -> int:
     lines = []
     date = datetime.date.today().isoformat()
     mode = "greedy" if T == 0 else f"temperature {T} (seed {seed})"
-    lines.append(f"# End-to-end decoding, CPU ({date}), {mode}\n")
+    where = "CPU" if model.device.type == "cpu" else torch.cuda.get_device_name(model.device)
+    lines.append(f"# End-to-end decoding, {where} ({date}), {mode}\n")
     lines.append("Command: `PYTHONPATH=$PWD:$PWD/python python benchmarks/e2e.py "
                  + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
     lines.append(f"Machine: {_cpu_name()}, {os.cpu_count()} cores visible, torch "
-                 f"{torch.__version__} with {torch.get_num_threads()} threads. Model: {args.model} "
-                 f"float32. {len(prompts)} Spec-Bench dev prompts (first turn, chat template, spread "
+                 f"{torch.__version__} with {torch.get_num_threads()} threads"
+                 + (f", GPU {where}" if model.device.type == "cuda" else "")
+                 + f". Model: {args.model} {args.dtype} on {model.device}. {len(prompts)} Spec-Bench dev prompts (first turn, chat template, spread "
                  f"over the categories), {N} new tokens max, {mode}, batch 1. Every method ran in this "
                  f"one process; tokens/s counts each prompt's whole generate call (prefill included).\n")
     if T > 0:

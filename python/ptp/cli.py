@@ -1,6 +1,6 @@
 """The ``ptp`` command line (``ptp`` console script and ``python -m ptp``).
 
-    ptp generate [--model M] [--drafter NAME_OR_PATH|none] [--drafter-option KEY=VALUE ...]
+    ptp generate [--model M] [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16] [--drafter NAME_OR_PATH|none] [--drafter-option KEY=VALUE ...]
                  [--prompt TEXT | --prompts FILE.jsonl] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                  [--batch-size B] [--json OUT]
 
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text (plain or speculative, always exact)")
     gen.add_argument("--model", default="smollm2",
                      help="'smollm2' (default: SmolLM2-135M-Instruct) or a from_pretrained name/path")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the target and the drafter)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="the target's weights and activations")
     gen.add_argument("--drafter", default="lookup",
                      help="registered drafter name (none, lookup, ptp, mtp, heads) or checkpoint directory")
     gen.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
@@ -91,7 +94,7 @@ def _drafter_options(items: list[str]) -> dict:
 def _generate(args) -> int:
     from .decoder import Decoder, GenerationConfig
     from .drafters import make_drafter
-    from .models import load_target
+    from .models import load_target, parse_dtype, resolve_device
     from .sampling import SamplingConfig
 
     if args.batch_size < 1:
@@ -101,10 +104,16 @@ def _generate(args) -> int:
     else:
         questions = read_specbench(args.prompts, args.limit)
     try:
-        model, tokenizer = load_target(args.model)
+        device = resolve_device(args.device)
+        model, tokenizer = load_target(args.model, dtype=parse_dtype(args.dtype), device=device)
         drafter = make_drafter(args.drafter, model, tokenizer, **_drafter_options(args.drafter_option))
-    except (FileNotFoundError, ValueError, TypeError) as e:  # bad --model / --drafter: a message, no trace
+    except (FileNotFoundError, ValueError, TypeError) as e:  # bad --model/--drafter/--device: a message, no trace
         raise SystemExit(f"ptp generate: error: {e}")
+    if args.dtype != "float32" and args.drafter != "none":
+        print(f"[ptp] warning: --dtype {args.dtype}: the target's logits change with the number of rows "
+              f"in a call (other kernels, other rounding at {args.dtype}), so a near-tie can resolve "
+              f"differently than in plain decoding and the text can differ from --drafter none; "
+              f"float32 is token-identical", file=sys.stderr)
     decoder = Decoder(model, tokenizer, drafter)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,

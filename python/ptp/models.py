@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-__all__ = ["load_target", "tiny_model", "cache_dir", "smollm2_gguf_dir", "SMOLLM2_ALIASES",
+__all__ = ["load_target", "tiny_model", "cache_dir", "resolve_device", "parse_dtype", "DTYPES", "smollm2_gguf_dir", "SMOLLM2_ALIASES",
            "cache_kw", "output_cache"]
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
@@ -45,6 +45,34 @@ def output_cache(out):
     """The cache a model output carries (``out.cache`` or, before the rename, ``out.past_key_values``)."""
     c = getattr(out, "cache", None)
     return c if c is not None else getattr(out, "past_key_values", None)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a ``torch.device``; a clear error when it cannot be
+    used here (no CUDA in this torch build or no GPU, an index past the GPUs, another type)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: expected cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch.cuda.is_available() is False "
+                             f"(torch {torch.__version__} without CUDA, or no GPU visible)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` -> the torch dtype (clear error otherwise)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def cache_dir() -> Path:
