@@ -8,8 +8,10 @@
 #     DRAFTERS="ptp" VARIANT=cptp TEMPERATURE=0.7 bash benchmarks/ptp_train_gpu.sh
 #
 # DATA: prefix of teacher data made by an earlier `ptp train ... --data PREFIX` (PREFIX.json +
-# PREFIX.safetensors; 1.6 MB for the v2 set), so the GPU time goes to training. Without it, the
-# v2 set is generated here first (1600 prompts, greedy, about a minute on an H200).
+# PREFIX.safetensors; 1.6 MB for the 1,600-sequence v2 set). Without it, NUM_PROMPTS (default
+# 6400) v2 prompts are answered here first (greedy, batches of 128; a few minutes on an H200).
+# Prefer that on a GPU: 5 minutes of training already passes 5 times over 1,600 sequences, and
+# the heads then fit the data (2026-11-30-h200-drafter-training.md).
 # MICRO_BATCH: sequences per forward (default = SEQS, the sequences per optimizer step); one
 # sequence at a time is launch-bound on a GPU (H200, 2026-11-30, three drafters at once: ptp/mtp
 # ~1.4 s per 4-sequence step, one sequence per forward).
@@ -42,7 +44,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 $PY -c "from ptp.models import load_target; load_target('$MODEL')" || exit 1
 if [ -z "${DATA:-}" ]; then
   DATA="$OUT/data"
-  $PY -m ptp train heads --out "$OUT/datagen" --model "$MODEL" --data "$DATA" --num-prompts 1600 \
+  $PY -m ptp train heads --out "$OUT/datagen" --model "$MODEL" --data "$DATA" --num-prompts "${NUM_PROMPTS:-6400}" \
       --max-new-tokens 160 --gen-batch 128 --steps 0 --device cuda --no-progress || exit 1
 fi
 COMMON=(--model "$MODEL" --data "$DATA" --steps 100000 --warmup 50 --save-every 100
