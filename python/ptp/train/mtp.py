@@ -27,7 +27,7 @@ from ptp.models import output_cache
 from ptp.mtp_model import MTPHeads, MTPModel
 from ptp.ptp_model import batched_slot_layout, crop_cache
 from ptp.train.data import Sequence
-from ptp.train.trainer import TrainConfig, pad_windows, padded_batch, sample_anchors
+from ptp.train.trainer import TrainConfig, window_batch
 
 __all__ = ["mtp_batch_loss", "mtp_sequence_loss", "heads_batch_loss", "heads_sequence_loss"]
 
@@ -47,14 +47,11 @@ def mtp_batch_loss(model: MTPModel, seqs: list[Sequence], cfg: TrainConfig, gen:
     """Per-sequence masked-input losses of a micro-batch (one padded real pass, one mask pass);
     each equals what the sequence alone gives, up to float rounding."""
     k, dev = model.config.num_masks, torch.device(cfg.device)
-    plan = sample_anchors(seqs, lambda s: (s.prompt_len, s.ids.numel() - 1 - k), cfg, rng)
-    live = [b for b, a in enumerate(plan) if a is not None]
     results: list[Optional[tuple[torch.Tensor, dict]]] = [None] * len(seqs)
-    if not live:
+    wb = window_batch(seqs, lambda s: (s.prompt_len, s.ids.numel() - 1 - k), cfg.windows_per_seq, rng, dev)
+    if wb is None:
         return results
-    ids, lengths = padded_batch([seqs[b] for b in live], dev)
-    counts = [len(plan[b]) for b in live]
-    anchors = pad_windows([plan[b] for b in live])
+    ids, lengths, counts, anchors, live = wb.ids, wb.lengths, wb.counts, wb.anchors, wb.live
     B, W, Lmax = len(live), len(anchors[0]), ids.shape[1]
     with model.gate.off():
         real_h, cache, amp = _real_pass(model.base, ids, cfg, use_cache=True)
@@ -75,7 +72,7 @@ def mtp_batch_loss(model: MTPModel, seqs: list[Sequence], cfg: TrainConfig, gen:
         h2 = model.sampler(z.reshape(B * W * k, -1), prev_tok.reshape(-1), model.embedding())
         with amp:
             s_logits = model.logits(h2.to(model.embedding().dtype)).float().view(B, W, k, -1)
-    ref = torch.stack([real_h[b][prev_idx[b]] for b in range(B)]).view(B, W * k, -1)
+    ref = real_h[torch.arange(B, device=dev).view(B, 1, 1), prev_idx].view(B, W * k, -1)
     for b, n in enumerate(counts):
         t = targets[b, :n].reshape(-1)
         loss_base = F.cross_entropy(base_logits[b, :n].reshape(n * k, -1), t)
@@ -111,18 +108,16 @@ def heads_batch_loss(model: MTPHeads, seqs: list[Sequence], cfg: TrainConfig, ge
     """Per-sequence MTP-heads losses of a micro-batch (one padded real pass, then every head over
     all the sequences' sampled positions at once)."""
     n, dev = model.config.num_heads, torch.device(cfg.device)
-    plan = []
-    for s in seqs:  # position t's head i predicts t+1+i <= L-1
-        lo, hi = max(s.prompt_len - 1, 0), s.ids.numel() - 2 - n
-        plan.append(None if hi < lo else sorted(rng.sample(range(lo, hi + 1), min(cfg.windows_per_seq * 8, hi - lo + 1))))
-    live = [b for b, p in enumerate(plan) if p is not None]
     results: list[Optional[tuple[torch.Tensor, dict]]] = [None] * len(seqs)
-    if not live:
+    # position t's head i predicts t+1+i <= L-1
+    wb = window_batch(seqs, lambda s: (max(s.prompt_len - 1, 0), s.ids.numel() - 2 - n),
+                      cfg.windows_per_seq * 8, rng, dev)
+    if wb is None:
         return results
-    ids, _ = padded_batch([seqs[b] for b in live], dev)
+    ids = wb.ids
     real_h, _, amp = _real_pass(model.base, ids, cfg, use_cache=False)
-    rows = torch.cat([torch.full((len(plan[b]),), i, device=dev) for i, b in enumerate(live)])
-    ts = torch.cat([torch.tensor(plan[b], device=dev) for b in live])
+    rows = torch.cat([torch.full((m,), i, device=dev) for i, m in enumerate(wb.counts)])
+    ts = torch.cat([torch.tensor(a[:m], device=dev) for a, m in zip(wb.anchors, wb.counts)])
     h = real_h[rows, ts]  # [P, d]
     targets = ids[rows.unsqueeze(1), ts.unsqueeze(1) + 1 + torch.arange(1, n + 1, device=dev)]  # [P, n]
     ces, hits = [], []
@@ -133,8 +128,7 @@ def heads_batch_loss(model: MTPHeads, seqs: list[Sequence], cfg: TrainConfig, ge
         hits.append((logits.argmax(-1) == targets[:, i]).float().detach())
     ce, hit = torch.stack(ces, 1), torch.stack(hits, 1)  # [P, n]
     start = 0
-    for i, b in enumerate(live):
-        m = len(plan[b])
+    for b, m in zip(wb.live, wb.counts):
         hb = hit[start:start + m]
         loss = sum(ce[start:start + m, j].mean() for j in range(n)) / n
         results[b] = (loss, {"acc": hb.mean(0).tolist(), "prefix": float(hb.cumprod(1).sum(1).mean())})

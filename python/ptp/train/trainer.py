@@ -101,15 +101,32 @@ def pad_windows(anchors: list[list[int]]) -> list[list[int]]:
     return [a + [a[-1]] * (W - len(a)) for a in anchors]
 
 
-def sample_anchors(seqs: list[Sequence], lo_hi, cfg: TrainConfig,
-                   rng: random.Random) -> list[Optional[list[int]]]:
-    """Per sequence, in order: ``None`` if ``lo_hi(seq)`` is empty, else ``windows_per_seq``
-    sorted anchors drawn from it (the same draws as one sequence at a time)."""
-    out = []
+@dataclass
+class WindowBatch:
+    """The sequences of a micro-batch that have windows: ``live`` (their indices in the input),
+    ``ids [B, Lmax]`` right-padded, ``lengths``, ``counts`` (real windows per sequence) and
+    ``anchors`` (padded to the most windows by :func:`pad_windows`)."""
+    live: list[int]
+    ids: torch.Tensor
+    lengths: list[int]
+    counts: list[int]
+    anchors: list[list[int]]
+
+
+def window_batch(seqs: list[Sequence], lo_hi, count: int, rng: random.Random,
+                 device) -> Optional[WindowBatch]:
+    """Per sequence, in order, ``count`` sorted anchors drawn from ``lo_hi(seq) = (lo, hi)`` (all
+    of them if fewer; the sequence is left out if the range is empty): the same draws as one
+    sequence at a time. ``None`` if no sequence has a window."""
+    plan = []
     for s in seqs:
         lo, hi = lo_hi(s)
-        out.append(None if hi < lo else sorted(rng.sample(range(lo, hi + 1), min(cfg.windows_per_seq, hi - lo + 1))))
-    return out
+        plan.append(None if hi < lo else sorted(rng.sample(range(lo, hi + 1), min(count, hi - lo + 1))))
+    live = [b for b, a in enumerate(plan) if a is not None]
+    if not live:
+        return None
+    ids, lengths = padded_batch([seqs[b] for b in live], device)
+    return WindowBatch(live, ids, lengths, [len(plan[b]) for b in live], pad_windows([plan[b] for b in live]))
 
 
 def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: torch.Generator,
@@ -125,14 +142,11 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
         raise ValueError(f"mode must be 'distill' or 'teacher-free', got {cfg.mode!r}")
     if cfg.mode == "teacher-free" and T > 0 and c.variant != "cptp":
         raise ValueError("teacher-free training needs the C-PTP variant")
-    plan = sample_anchors(seqs, lambda s: (s.prompt_len, s.ids.numel() - k), cfg, rng)
-    live = [b for b, a in enumerate(plan) if a is not None]
     results: list[Optional[tuple[torch.Tensor, dict]]] = [None] * len(seqs)
-    if not live:
+    wb = window_batch(seqs, lambda s: (s.prompt_len, s.ids.numel() - k), cfg.windows_per_seq, rng, dev)
+    if wb is None:
         return results
-    ids, lengths = padded_batch([seqs[b] for b in live], dev)
-    counts = [len(plan[b]) for b in live]
-    anchors = pad_windows([plan[b] for b in live])
+    ids, lengths, counts, anchors, live = wb.ids, wb.lengths, wb.counts, wb.anchors, wb.live
     B, W = len(live), len(anchors[0])
     tgt_idx = torch.tensor(anchors, device=dev).unsqueeze(-1) + torch.arange(k, device=dev)  # [B, W, k]
     targets = torch.gather(ids, 1, tgt_idx.view(B, -1)).view(B, W, k)
@@ -141,7 +155,7 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
         out = model.base(ids, use_cache=True)
     cache = output_cache(out)
     # P at position a+j-1 predicts a+j: [B, W, k, V]
-    teacher = torch.stack([out.logits[b].float()[tgt_idx[b] - 1] for b in range(B)])
+    teacher = out.logits[torch.arange(B, device=dev).view(B, 1, 1), tgt_idx - 1].float()
     del out
     pos, vis = batched_slot_layout(lengths, anchors, k, device=dev)
     Lmax = ids.shape[1]
