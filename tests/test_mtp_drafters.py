@@ -83,16 +83,18 @@ def _mtp(trained: bool, sampler: bool = True):
     return _CACHE[key]
 
 
-def _heads(trained: bool):
-    key = ("heads", trained)
+def _heads(trained: bool, token_input: bool = False):
+    key = ("heads", trained, token_input)
     if key not in _CACHE:
         base = tiny_model("llama", vocab_size=VOCAB, seed=0)
-        h = MTPHeads(base, HeadsConfig(num_heads=3))
+        h = MTPHeads(base, HeadsConfig(num_heads=3, token_input=token_input))
         if trained:
             _fit(h, heads_sequence_loss, _seqs(base), steps=40, lr=1e-2)
         else:
             with torch.no_grad():
                 h.proj.normal_(0, 0.1)
+                if token_input:
+                    h.tok_proj.normal_(0, 0.1)
         _CACHE[key] = h.eval()
     return _CACHE[key]
 
@@ -113,14 +115,33 @@ def test_mtp_losses_decrease_and_gate_keeps_real_rows():
     assert torch.equal(base(ids).logits, ref)  # adapter off on real rows: bit-identical
 
 
-def test_heads_loss_decreases_and_target_untouched():
+@pytest.mark.parametrize("token_input", [False, True])
+def test_heads_loss_decreases_and_target_untouched(token_input):
     base = tiny_model("llama", vocab_size=VOCAB, seed=3)
     ids = torch.tensor([_prompts(1)[0]])
     ref = base(ids).logits
-    h = MTPHeads(base, HeadsConfig(num_heads=2))
+    h = MTPHeads(base, HeadsConfig(num_heads=2, token_input=token_input))
     first, last = _fit(h, heads_sequence_loss, _seqs(base), steps=30, lr=1e-2)
     assert last < first
     assert torch.equal(base(ids).logits, ref)
+    if token_input:
+        assert h.tok_proj.abs().sum() > 0  # the token path is trained
+
+
+def test_heads_token_input_reads_the_token():
+    """With token_input the heads' output depends on the committed token and on nothing else
+    besides h; without the token it is an error, and the logits match the per-head path."""
+    h = _heads(trained=False, token_input=True)
+    x = torch.randn(4, h.proj.shape[-1])
+    t1, t2 = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 2, 3, 4])
+    a, b = h.logits(x, next_tokens=t1), h.logits(x, next_tokens=t2)
+    assert not torch.allclose(a[0], b[0]) and torch.equal(a[1:], b[1:])
+    for i in range(3):
+        torch.testing.assert_close(h.base.lm_head(h.head_hidden(x, i, next_tokens=t1)), a[:, i])
+    with pytest.raises(ValueError, match="next_tokens"):
+        h.logits(x)
+    with pytest.raises(ValueError, match="shape"):
+        h.logits(x, next_tokens=t1[:3])
 
 
 def test_sampler_head_fused_matches_training_path():
@@ -161,10 +182,11 @@ def test_mtp_row_saving_and_lookup_options_equal_plain_tiny(temperature):
     assert d.lookup_used > 0 and d.aux_room(8) == 2 * d.num_slots
 
 
+@pytest.mark.parametrize("token_input", [False, True])
 @pytest.mark.parametrize("trained", [False, True])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
-def test_heads_greedy_equals_plain_tiny(trained, mode):
-    h = _heads(trained)
+def test_heads_greedy_equals_plain_tiny(trained, mode, token_input):
+    h = _heads(trained, token_input)
     prompts = _prompts(3)
     plain, plain_calls = _generate(h.base, prompts, None, SamplingConfig())
     spec, calls = _generate(h.base, prompts, HeadsDrafter(h, tree=mode == "tree", max_nodes=8),
@@ -175,8 +197,9 @@ def test_heads_greedy_equals_plain_tiny(trained, mode):
         assert calls < plain_calls
 
 
-def test_heads_coupled_sampling_equals_plain_tiny():
-    h = _heads(True)
+@pytest.mark.parametrize("token_input", [False, True])
+def test_heads_coupled_sampling_equals_plain_tiny(token_input):
+    h = _heads(True, token_input)
     prompts = _prompts(3)
     s = SamplingConfig(temperature=0.9, top_p=0.95, seed=8)
     plain, _ = _generate(h.base, prompts, None, s)
@@ -202,7 +225,7 @@ def test_heads_rejection_sampling_follows_target_distribution():
     ``sum_t1 p(t1) p(t2 | t1)`` (chi-square over 400 seeds)."""
     from ptp.drafters.ptp_drafter import sdpa_attention
 
-    h = _heads(True)
+    h = _heads(True, token_input=True)
     base = h.base
     prompt = _prompts(1)[0]
     T = 1.5
@@ -237,6 +260,14 @@ def test_checkpoints_roundtrip_and_registry(tmp_path):
     d = make_drafter(str(tmp_path / "heads"), tiny_model("llama", vocab_size=VOCAB, seed=0))
     assert isinstance(d, HeadsDrafter)
     assert torch.equal(d.heads.proj, h.proj)
+    ht = _heads(trained=True, token_input=True)
+    save_adapter(ht, str(tmp_path / "heads-tok"))
+    d = make_drafter(str(tmp_path / "heads-tok"), tiny_model("llama", vocab_size=VOCAB, seed=0))
+    assert d.heads.config.token_input and torch.equal(d.heads.tok_proj, ht.tok_proj)
+    with pytest.raises(ValueError, match="unexpected MTP-heads tensors"):
+        d.heads.load_adapter_state_dict({**ht.adapter_state_dict(), "extra": ht.bias})
+    with pytest.raises(ValueError, match="lacks 'tok_proj'"):
+        d.heads.load_adapter_state_dict(h.adapter_state_dict())
     # wrong checkpoint kind, wrong model size, missing directory: clear errors
     with pytest.raises(ValueError, match="not MTP heads"):
         load_heads(tiny_model("llama", vocab_size=VOCAB, seed=0), str(tmp_path / "mtp"))

@@ -5,7 +5,7 @@
 // Work split (flash-decoding on the CPU): units = (batch row, KV head, key-range split); a unit
 // runs all G * T query rows of its KV head over its key range with an online softmax (the kernel
 // in tree_attention_cpu_kernel.h), writing unnormalised partials (acc, max, sum). Key ranges are
-// split only as far as needed to give every thread several units (B * H_kv small, long context).
+// split in fixed 512-position chunks (row invariance, see below).
 // A second pass over (batch row, KV head) merges the splits in log-sum-exp fashion and writes
 // out [B, T, H_q, D] and lse [B, H_q, T]. The kernel is compiled twice (baseline ISA and
 // AVX2 + FMA + F16C) and chosen at run time.
@@ -91,14 +91,17 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
   const int64_t Hkv = key_cache.size(1), S = key_cache.size(2), G = Hq / Hkv;
   const int64_t R = T * G;
   const int64_t Dp = (D + ta_base::kW - 1) / ta_base::kW * ta_base::kW;
-  const int64_t BK = ta_base::kBK;
 
-  // Splits of the key range per (b, h): enough units for ~4 per thread, chunks >= 512 keys.
-  const int64_t threads = at::get_num_threads();
+  // Splits of the key range per (b, h): fixed chunks of kSplitKeys positions, so a key's split
+  // and block depend on its position only, never on T or on the other rows of the batch. A
+  // query row then sums the same keys in the same groups whether it came in a 1-token call or
+  // as node i of a chain (row invariance: plain and speculative decoding get bitwise the same
+  // output for a chain node, whatever the batch). Splits past a row's keys are empty units.
+  constexpr int64_t chunk = 512;
+  static_assert(chunk % ta_base::kBK == 0, "splits hold whole key blocks");
   int64_t max_keys = 0;
   for (int64_t L : lens) max_keys = std::max(max_keys, L + T);
-  int64_t nsplit = std::max<int64_t>(1, (4 * threads + B * Hkv - 1) / std::max<int64_t>(1, B * Hkv));
-  nsplit = std::min(nsplit, std::max<int64_t>(1, max_keys / 512));
+  const int64_t nsplit = std::max<int64_t>(1, (max_keys + chunk - 1) / chunk);
   const int64_t units = B * Hkv * nsplit;
 
   std::vector<float> part_acc(static_cast<size_t>(units * R * Dp));
@@ -115,7 +118,6 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t bh = u / nsplit, sp = u % nsplit, b = bh / Hkv, h = bh % Hkv;
       const int64_t n_keys = lens[b] + T;
-      const int64_t chunk = ((n_keys + nsplit - 1) / nsplit + BK - 1) / BK * BK;
       UnitArgs a;
       a.L = lens[b];
       a.T = static_cast<int>(T);

@@ -64,3 +64,37 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) 
                          max_new_tokens=max_new_tokens, min_new_tokens=0,
                          eos_token_id=eos_token_id, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def record_sampling_logits(decoder) -> dict:
+    """Patch ``decoder._verify`` to record the logits row behind every token the decoder commits:
+    ``{(sequence_id, position of the sampled token): logits [V]}``. Plain and speculative runs
+    with row-invariant target calls must record bitwise-identical rows for shared keys."""
+    from ptp.decoder import tree_mask_and_depth
+
+    rec: dict = {}
+    orig = decoder._verify
+
+    def verify(tokens, parents, logits, cache_lens, seq_ids, sampling, draft_probs=None):
+        out = orig(tokens, parents, logits, cache_lens, seq_ids, sampling, draft_probs)
+        num_acc, acc_nodes = out[0].tolist(), out[1].tolist()
+        _, depth = tree_mask_and_depth(parents)
+        for b in range(tokens.shape[0]):
+            for i in range(num_acc[b] + 1):
+                node = acc_nodes[b][i]
+                pos = int(cache_lens[b]) + 1 + int(depth[b, node])
+                rec[(int(seq_ids[b]), pos)] = logits[b, node].detach().clone()
+        return out
+
+    decoder._verify = verify
+    return rec
+
+
+def assert_same_logits(plain: dict, spec: dict) -> None:
+    """Every position plain decoding sampled was also sampled by ``spec`` (which may have
+    verified a few more past the token limit), with bitwise-equal logits."""
+    missing = set(plain) - set(spec)
+    assert not missing, f"{len(missing)} positions never sampled speculatively, e.g. {sorted(missing)[:3]}"
+    bad = [(k, float((plain[k] - spec[k]).abs().max())) for k in sorted(plain)
+           if not torch.equal(plain[k], spec[k])]
+    assert not bad, f"{len(bad)} of {len(plain)} positions differ, first: {bad[:3]}"

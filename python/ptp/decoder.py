@@ -5,6 +5,19 @@ Plain decoding is the same loop with a drafter that proposes nothing (one root n
 the target's logits go through ``ptp_ext.ops.verify_tree`` with N = 0, so plain and speculative
 decoding draw from the identical distribution with the identical uniforms.
 
+Row invariance: a token's logits must not depend on how many rows the call that computed them
+carried, or a sampled token whose uniform falls within float rounding of a CDF boundary (or a
+greedy near-tie) could differ between plain and speculative decoding. The tree attention op is
+row-invariant for chain drafts (a chain node sums the same keys in the same groups as a
+1-token call; tree nodes do not, their ancestors are not contiguous). The linear layers are not
+row-invariant: with torch 2.13's CPU sgemm, a 1-3 row call and the last M mod 4 rows of a call of
+M < 12 rows take other kernels than the rest and round differently (1e-6 per layer, 4e-5 in
+SmolLM2's logits; measured). With ``GenerationConfig.row_invariant`` (default on CPU) the decoder
+probes once which row counts M give every row the bits of a large call, and pads each call to the
+next such count: pad rows see only themselves, nothing sees them, their outputs are dropped.
+Chain drafts then give bitwise the logits of plain decoding (``tests/test_decoder_exact.py``,
+``tests/test_decoder_real.py``).
+
 Positions: the root of a step (the last committed token, not yet in the KV cache) sits at
 ``cache_lens[b]``; a draft node at depth d has position ``cache_lens[b] + d`` and the token it
 predicts (sampled with ``U(seed, sequence, cache_lens[b] + 1 + d)``) position one more.
@@ -37,6 +50,31 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()  # needs the Decoder's tokenizer
     max_cache_len: Optional[int] = None  # default: longest prompt + max_new_tokens + draft room
     max_draft_nodes: int = 64  # cap on draft nodes per step, whatever the drafter asks
+    # pad target calls to row counts whose rows round like a large call (probed once), so a
+    # token's logits do not depend on the draft size; None: on for CPU models, off elsewhere
+    row_invariant: Optional[bool] = None
+
+
+_SAFE_ROWS: dict = {}
+_PROBE_ROWS = 64
+
+
+def safe_row_counts(hidden: int, intermediate: int, dtype: torch.dtype) -> tuple[bool, ...]:
+    """``safe[M]`` (M = 0.._PROBE_ROWS): a CPU linear layer over M rows gives every row bitwise
+    what it gives in a ``_PROBE_ROWS``-row call (random data, the model's two matmul shapes).
+    Counts above ``_PROBE_ROWS`` count as safe when ``_PROBE_ROWS`` is."""
+    key = (hidden, intermediate, dtype)
+    if key not in _SAFE_ROWS:
+        g = torch.Generator().manual_seed(0)
+        safe = [False] + [True] * _PROBE_ROWS
+        for k_in, n_out in ((hidden, hidden), (intermediate, hidden)):
+            w = torch.randn(n_out, k_in, generator=g).to(dtype)
+            x = torch.randn(_PROBE_ROWS, k_in, generator=g).to(dtype)
+            ref = torch.nn.functional.linear(x, w)
+            for m in range(1, _PROBE_ROWS):
+                safe[m] = safe[m] and torch.equal(torch.nn.functional.linear(x[:m], w), ref[:m])
+        _SAFE_ROWS[key] = tuple(safe)
+    return _SAFE_ROWS[key]
 
 
 @dataclass
@@ -113,32 +151,63 @@ class Decoder:
     # -- one target call ----------------------------------------------------------------------
     def _forward(self, cache: RowCache, input_ids, position_ids, cache_lens, host_lens,
                  tree_mask=None, prefill=False, logits_to_keep=0, aux: Optional[AuxRows] = None,
-                 want_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 want_hidden: bool = False, pad: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits of the tree rows (``logits_to_keep`` as HF) and, when asked or when there are
-        aux rows, the final hidden states of all rows ``[B, T, hidden]``."""
+        aux rows, the final hidden states of the tree and aux rows ``[B, N1 + A, hidden]``.
+
+        ``pad`` extra rows per sequence (not with prefill) go after the tree and aux rows: they
+        see only themselves, nothing sees them, and the LM head runs over the tree rows plus
+        them, so every linear layer of the call sees at least ``B * (N1 + pad)`` rows."""
         B, N1 = input_ids.shape
-        T = N1 + (aux.num_rows if aux is not None else 0)
+        A = aux.num_rows if aux is not None else 0
+        T = N1 + A + pad
+        if pad:
+            dev = input_ids.device
+            if tree_mask is None:  # causal among the new tokens
+                tree_mask = torch.ones(N1 + A, N1 + A, dtype=torch.bool, device=dev).tril()
+            if tree_mask.dim() == 2:
+                tree_mask = tree_mask.unsqueeze(0).expand(B, -1, -1)
+            full = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
+            full[:, :N1 + A, :N1 + A] = tree_mask
+            idx = torch.arange(N1 + A, T, device=dev)
+            full[:, idx, idx] = True
+            tree_mask = full
+            position_ids = torch.cat([position_ids, cache_lens.view(B, 1).expand(B, pad)], dim=1)
+            pad_ids = input_ids[:, :1].expand(B, pad)
         cache.set_write_positions(cache_lens, host_lens, T)
         kw = dict(position_ids=position_ids, use_cache=True, **cache_kw(self.model, cache),
                   ptp_cache_lens=cache_lens, ptp_tree_mask=tree_mask, ptp_prefill=prefill)
         if aux is None and not want_hidden:
+            if pad:
+                ids = torch.cat([input_ids, pad_ids], dim=1)
+                return self.model(input_ids=ids, logits_to_keep=0, **kw).logits[:, :N1].contiguous(), None
             return self.model(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw).logits, None
         if getattr(self.model.config, "final_logit_softcapping", None):
             raise ValueError("drafters that read hidden states need a plain LM head (no logit softcapping)")
         emb = self.model.get_input_embeddings()(input_ids)
+        parts = [emb]
+        if aux is not None:
+            parts.append(aux.embeds.to(device=emb.device, dtype=emb.dtype))
+        if pad:
+            parts.append(self.model.get_input_embeddings()(pad_ids))
+        if len(parts) > 1:
+            emb = torch.cat(parts, dim=1)
         ctx = contextlib.nullcontext()
         if aux is not None:
-            emb = torch.cat([emb, aux.embeds.to(device=emb.device, dtype=emb.dtype)], dim=1)
             rows = torch.zeros(B, T, dtype=torch.bool, device=emb.device)
-            rows[:, N1:] = True
+            rows[:, N1:N1 + A] = True
             ctx = self.drafter.aux_context(rows)
         with ctx:
             hidden = self.model.get_decoder()(inputs_embeds=emb, **kw).last_hidden_state
+        lm_head = self.model.get_output_embeddings()
+        if pad:
+            kept = torch.cat([hidden[:, :N1], hidden[:, N1 + A:]], dim=1)
+            return lm_head(kept)[:, :N1].contiguous(), hidden[:, :N1 + A]
         if isinstance(logits_to_keep, torch.Tensor):
             kept = hidden[:, logits_to_keep]
         else:
             kept = hidden[:, :N1] if not logits_to_keep else hidden[:, N1 - logits_to_keep:N1]
-        return self.model.get_output_embeddings()(kept), hidden
+        return lm_head(kept), hidden
 
     def _verify(self, tokens, parents, logits, cache_lens, seq_ids, sampling: SamplingConfig,
                 draft_probs=None):
@@ -195,8 +264,20 @@ class Decoder:
             drafter.reset()
         want_hidden = bool(getattr(drafter, "wants_hidden", False))
         aux_room = int(drafter.aux_room(config.max_draft_nodes)) if hasattr(drafter, "aux_room") else 0
+        invariant = config.row_invariant if config.row_invariant is not None else \
+            self.model.device.type == "cpu"
+        safe = None
+        if invariant:
+            if self.model.device.type != "cpu":
+                raise ValueError("row_invariant padding is probed for CPU matmuls only")
+            cfg_t = self.model.config.get_text_config(decoder=True)
+            safe = safe_row_counts(cfg_t.hidden_size, getattr(cfg_t, "intermediate_size", cfg_t.hidden_size),
+                                   self.model.get_input_embeddings().weight.dtype)
+            if not any(safe[1:]):
+                safe = None  # nothing to gain on this backend
+        extra = (_PROBE_ROWS // B + 1) if safe is not None else 0
         S = config.max_cache_len or (max(lens) + config.max_new_tokens + config.max_draft_nodes + 1
-                                     + aux_room)
+                                     + aux_room + extra)
         if max(lens) + 1 > S:
             raise ValueError(f"prompt of {max(lens)} tokens does not fit the KV cache "
                              f"(max_cache_len {S})")
@@ -274,8 +355,10 @@ class Decoder:
                 host_lens = [host_lens[i] for i in alive]
             Ba = len(rows)
 
-            # draft
-            max_rows = S - max(host_lens)
+            # draft (the pad rows' room is kept back from the drafter)
+            reserve = next((p for p in range(_PROBE_ROWS + 1) if safe[min(Ba * (1 + p), _PROBE_ROWS)]),
+                           0) if safe is not None else 0
+            max_rows = S - max(host_lens) - reserve
             room = min(config.max_draft_nodes, max_rows - 1)
             draft: Optional[Draft] = None
             if room >= 0:
@@ -310,8 +393,18 @@ class Decoder:
                     positions = cache_lens.view(Ba, 1) + depth
 
             # one target call over the drafts (and the drafter's aux rows), then verify
+            pad = 0
+            if safe is not None:
+                N1, A = tokens.shape[1], (aux.num_rows if aux is not None else 0)
+                left = S - max(host_lens) - N1 - A
+
+                def ok(m: int) -> bool:
+                    return safe[min(m, _PROBE_ROWS)]
+
+                # the LM head sees the tree + pad rows, the layers those and the aux rows
+                pad = next((p for p in range(left + 1) if ok(Ba * (N1 + p)) and ok(Ba * (N1 + A + p))), 0)
             logits, hidden = self._forward(cache, tokens, positions, cache_lens, host_lens, tree_mask=mask,
-                                           aux=aux, want_hidden=want_hidden)
+                                           aux=aux, want_hidden=want_hidden, pad=pad)
             num_acc, acc_nodes, nxt = self._verify(tokens, parents, logits, cache_lens, seq_ids,
                                                    sampling, draft_probs)
             if want_hidden:

@@ -23,6 +23,11 @@ previous token), plus the latent consistency loss: mean squared distance between
 ``h_t`` (``h + SiLU(W_i h + b_i)``, ``W_i`` zero-initialised, Medusa's form) sharing the
 target's LM head; head i (1-based) predicts the token at index ``t + 1 + i``. The target is
 untouched (no adapter at all); the heads read the hidden states of the verify call.
+With ``token_input`` each head also reads the embedding ``e`` of token ``t + 1`` (the token the
+target has just committed, known when drafting): ``h + SiLU(W_i h + U_i e + b_i)``. At
+temperature 0 that token is ``argmax(LM head(h_t))``, a function of ``h_t`` that a small head
+cannot compute itself; at T > 0 it is the sampled token, information ``h_t`` does not hold.
+The heads stay independent of one another (none reads another's draft).
 """
 from __future__ import annotations
 
@@ -167,6 +172,7 @@ class MTPModel(nn.Module):
 class HeadsConfig:
     num_heads: int = 4
     base_model: str = "smollm2-135m-instruct"
+    token_input: bool = False  # heads also read the embedding of the committed token t + 1
 
     def __post_init__(self) -> None:
         if self.num_heads < 1:
@@ -192,28 +198,58 @@ class MTPHeads(nn.Module):
         hidden = w.shape[1]
         self.proj = nn.Parameter(torch.zeros(config.num_heads, hidden, hidden, device=w.device))
         self.bias = nn.Parameter(torch.zeros(config.num_heads, hidden, device=w.device))
+        self.tok_proj = (nn.Parameter(torch.zeros(config.num_heads, hidden, hidden, device=w.device))
+                         if config.token_input else None)
+
+    def _names(self) -> tuple[str, ...]:
+        return ("proj", "bias", "tok_proj") if self.tok_proj is not None else ("proj", "bias")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [self.proj, self.bias]
+        return [getattr(self, n) for n in self._names()]
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"proj": self.proj.detach(), "bias": self.bias.detach()}
+        return {n: getattr(self, n).detach() for n in self._names()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name in ("proj", "bias"):
+        extra = set(state) - set(self._names())
+        if extra:
+            raise ValueError(f"unexpected MTP-heads tensors {sorted(extra)} (token_input="
+                             f"{self.config.token_input} in the config?)")
+        for name in self._names():
+            if name not in state:
+                raise ValueError(f"MTP-heads checkpoint lacks {name!r}")
             dst = getattr(self, name)
             if state[name].shape != dst.shape:
                 raise ValueError(f"{name}: expected {list(dst.shape)}, got {list(state[name].shape)}")
             with torch.no_grad():
                 dst.copy_(state[name])
 
-    def head_hidden(self, h: torch.Tensor, head: Optional[int] = None) -> torch.Tensor:
-        """``h [..., d]`` -> ``[..., n, d]`` (or ``[..., d]`` for one head)."""
-        p, b = self.proj.to(h.dtype), self.bias.to(h.dtype)
+    def _token_term(self, tokens: Optional[torch.Tensor], like: torch.Tensor,
+                    head: Optional[int]) -> Optional[torch.Tensor]:
+        if self.tok_proj is None:
+            return None
+        if tokens is None:
+            raise ValueError("these MTP heads read the committed token (token_input): pass next_tokens")
+        if tokens.shape != like.shape[:-1]:
+            raise ValueError(f"next_tokens: expected shape {list(like.shape[:-1])}, got {list(tokens.shape)}")
+        e = self.base.get_input_embeddings()(tokens).to(like.dtype)
+        u = self.tok_proj.to(like.dtype)
         if head is not None:
-            return h + F.silu(h @ p[head].t() + b[head])
-        return h.unsqueeze(-2) + F.silu(torch.einsum("...d,ned->...ne", h, p) + b)
+            return e @ u[head].t()
+        return torch.einsum("...d,ned->...ne", e, u)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def head_hidden(self, h: torch.Tensor, head: Optional[int] = None,
+                    next_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``h [..., d]`` -> ``[..., n, d]`` (or ``[..., d]`` for one head). ``next_tokens [...]``:
+        the token each ``h`` was followed by (required with ``token_input``)."""
+        p, b = self.proj.to(h.dtype), self.bias.to(h.dtype)
+        t = self._token_term(next_tokens, h, head)
+        if head is not None:
+            pre = h @ p[head].t() + b[head]
+            return h + F.silu(pre if t is None else pre + t)
+        pre = torch.einsum("...d,ned->...ne", h, p) + b
+        return h.unsqueeze(-2) + F.silu(pre if t is None else pre + t)
+
+    def logits(self, h: torch.Tensor, next_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """All heads' logits ``[..., n, V]`` from final hidden states ``[..., d]``."""
-        return self.base.lm_head(self.head_hidden(h))
+        return self.base.lm_head(self.head_hidden(h, next_tokens=next_tokens))

@@ -126,7 +126,10 @@ class HeadsDrafter:
         dev = next(h for h in hs if h is not None).device
         H = torch.stack([h if h is not None else torch.zeros_like(next(x for x in hs if x is not None))
                          for h in hs])
-        logits = self.heads.logits(H).float()  # [B, n, V]
+        # the root (the token the target committed after the node whose hidden state is H)
+        nxt = torch.tensor([hist[-1] if good else 0 for hist, good in zip(request.histories, ok)],
+                           dtype=torch.long, device=dev)
+        logits = self.heads.logits(H, next_tokens=nxt).float()  # [B, n, V]
         rows: list[tuple[list[int], list[int]]] = []
         probs_rows: list[Optional[torch.Tensor]] = []
         for b in range(len(hs)):

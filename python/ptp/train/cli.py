@@ -73,6 +73,8 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     h = sub.add_parser("heads", help="train independent MTP heads (Medusa style) on the frozen target")
     _common(h, windows=16)
     h.add_argument("--heads", type=int, default=4, help="number of heads (tokens t+2 .. t+1+n)")
+    h.add_argument("--token-input", action=argparse.BooleanOptionalAction, default=False,
+                   help="heads also read the embedding of the committed token t+1")
     return train
 
 
@@ -133,7 +135,8 @@ def run_train(args: argparse.Namespace) -> int:
         from ptp.mtp_model import HeadsConfig, MTPHeads
         from ptp.train.mtp import heads_batch_loss
 
-        model = MTPHeads(base, HeadsConfig(num_heads=args.heads, base_model=args.model))
+        model = MTPHeads(base, HeadsConfig(num_heads=args.heads, base_model=args.model,
+                                                 token_input=args.token_input))
         loss_fn = heads_batch_loss
     remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
     tcfg = TrainConfig(mode=mode, steps=args.steps, lr=args.lr, warmup=args.warmup,

@@ -12,8 +12,9 @@ Masked-input (per sequence, like PTP's packed windows):
    ``a+j``, teacher forcing) + ``lcm_weight`` * mean ``||z_j - sg(h_{a+j})||^2 / d`` (the real
    token ``a+j`` predicts the same target ``a+1+j``: latent consistency).
 
-Heads: the real pass's ``h_t`` (no grad) feeds each head; head i's CE against token ``t+1+i``, over
-``windows_per_seq * k`` positions sampled from the answer.
+Heads: the real pass's ``h_t`` (no grad) feeds each head (with ``token_input``, also the data token
+``t+1``); head i's CE against token ``t+1+i``, over ``windows_per_seq * 8`` positions sampled from
+the answer.
 """
 from __future__ import annotations
 
@@ -120,10 +121,12 @@ def heads_batch_loss(model: MTPHeads, seqs: list[Sequence], cfg: TrainConfig, ge
     ts = torch.cat([torch.tensor(a[:m], device=dev) for a, m in zip(wb.anchors, wb.counts)])
     h = real_h[rows, ts]  # [P, d]
     targets = ids[rows.unsqueeze(1), ts.unsqueeze(1) + 1 + torch.arange(1, n + 1, device=dev)]  # [P, n]
+    nxt = ids[rows, ts + 1] if model.config.token_input else None  # the committed token t + 1
     ces, hits = [], []
     for i in range(n):  # one head at a time: memory O(P * V), not O(P * n * V)
         with amp:
-            logits = model.base.lm_head(model.head_hidden(h, i).to(model.base.lm_head.weight.dtype)).float()
+            hh = model.head_hidden(h, i, next_tokens=nxt)
+            logits = model.base.lm_head(hh.to(model.base.lm_head.weight.dtype)).float()
         ces.append(F.cross_entropy(logits, targets[:, i], reduction="none"))
         hits.append((logits.argmax(-1) == targets[:, i]).float().detach())
     ce, hit = torch.stack(ces, 1), torch.stack(hits, 1)  # [P, n]
