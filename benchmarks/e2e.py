@@ -80,13 +80,14 @@ def run_hf(model, prompts, max_new, eos, lookup_tokens=None, temperature=0.0, se
     return out
 
 
-def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, seed=0):
+def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, seed=0, row_invariant=None):
     from ptp.decoder import Decoder, GenerationConfig
     from ptp.sampling import SamplingConfig
 
     decoder = Decoder(model, tokenizer, drafter)
     cfg = GenerationConfig(max_new, eos_token_ids=tuple(eos),
-                           sampling=SamplingConfig(temperature=temperature, seed=seed))
+                           sampling=SamplingConfig(temperature=temperature, seed=seed),
+                           row_invariant=row_invariant)
     out = []
     for i, p in enumerate(prompts):
         t0 = time.perf_counter()
@@ -135,6 +136,18 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+def row_switch(value) -> "bool | None":
+    """``auto`` / ``on`` / ``off`` (also 1/0, true/false) -> None / True / False."""
+    v = str(value).lower()
+    if v in ("auto", "none"):
+        return None
+    if v in ("on", "1", "true", "yes"):
+        return True
+    if v in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"row invariance must be auto, on or off, got {value!r}")
+
+
 def main(argv=None) -> int:
     import copy
 
@@ -158,6 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-lookup-tokens", type=int, default=10)
+    ap.add_argument("--row-invariant", default="auto", choices=["auto", "on", "off"],
+                    help="pad target calls to row counts that round alike (auto: on for CPU); a "
+                         "method can override it with the option rows=on|off, e.g. none:rows=off")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help="comma list of hf, hf-pld, or drafter[:opt=val;...] (';' separates options)")
     ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
@@ -179,6 +195,7 @@ def main(argv=None) -> int:
                 lambda ps: run_hf(model, ps, N, eos, args.hf_lookup_tokens, temperature=T, seed=seed)
         else:
             name, opts = parse_method(spec)
+            rows = row_switch(opts.pop("rows", args.row_invariant))
             m = copy.deepcopy(model)  # adapters wrap the model's linears: one copy per drafter
             try:
                 drafter = make_drafter(name, m, tokenizer, **opts)
@@ -188,8 +205,9 @@ def main(argv=None) -> int:
             # a checkpoint directory is labelled by its folder name (drafter type in brackets)
             short = spec if not os.path.isdir(name) else \
                 f"{os.path.basename(os.path.normpath(name))} [{type(drafter).__name__}]" + spec[len(name):]
-            label = "ptp plain" if name == "none" else f"ptp {short}"
-            methods[label] = (lambda mm, d: lambda ps: run_ptp(mm, tokenizer, d, ps, N, eos, T, seed))(m, drafter)
+            label = "ptp plain" if spec == "none" else f"ptp {short}"
+            methods[label] = (lambda mm, d, r: lambda ps: run_ptp(mm, tokenizer, d, ps, N, eos, T, seed, r))(
+                m, drafter, rows)
     for name, fn in methods.items():  # warm-up (allocator, thread pools, lazy imports)
         fn(prompts[:1])
     results = {}

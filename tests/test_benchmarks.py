@@ -5,7 +5,7 @@ import collections
 
 import pytest
 
-from benchmarks.e2e import parse_method, select_questions
+from benchmarks.e2e import parse_method, row_switch, select_questions
 
 
 def _questions():
@@ -42,3 +42,12 @@ def test_parse_method_options():
     assert parse_method("ptp:num_slots=4,scheme=linear,min_prob=0.5") == (
         "ptp", {"num_slots": 4, "scheme": "linear", "min_prob": 0.5})
     assert parse_method("lookup") == ("lookup", {})
+
+
+def test_row_switch():
+    assert row_switch("auto") is None and row_switch("on") is True and row_switch("off") is False
+    assert row_switch(0) is False and row_switch(True) is True
+    name, opts = parse_method("none:rows=off")
+    assert name == "none" and row_switch(opts["rows"]) is False
+    with pytest.raises(ValueError, match="auto, on or off"):
+        row_switch("sometimes")

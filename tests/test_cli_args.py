@@ -65,3 +65,12 @@ def test_cli_rejects_unknown_device_and_dtype():
     assert proc.returncode != 0 and "unknown device 'tpu'" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli("--dtype", "int8")
     assert proc.returncode == 2 and "--dtype" in proc.stderr
+
+
+def test_row_invariant_flag():
+    from ptp.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["generate", "--prompt", "x"]).row_invariant is None  # auto: on for CPU
+    assert p.parse_args(["generate", "--prompt", "x", "--no-row-invariant"]).row_invariant is False
+    assert p.parse_args(["generate", "--prompt", "x", "--row-invariant"]).row_invariant is True

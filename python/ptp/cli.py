@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", dest="json_out", help="write results as JSON to this file")
+    gen.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
+                     help="pad target calls to row counts that round every row alike, so a token's "
+                          "logits do not depend on the draft (default: on for CPU; costs speed)")
 
     bench = sub.add_parser("bench-kernels", help="CPU microbenchmarks of the ptp_ext ops")
     bench.add_argument("--quick", action="store_true", help="a few shapes only")
@@ -118,7 +121,8 @@ def _generate(args) -> int:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed),
-        eos_token_ids=eos_ids(model, tokenizer), stop_strings=tuple(args.stop))
+        eos_token_ids=eos_ids(model, tokenizer), stop_strings=tuple(args.stop),
+        row_invariant=args.row_invariant)
     prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in questions]
 
     streamed: dict[int, list[int]] = {}
