@@ -77,6 +77,17 @@ def safe_row_counts(hidden: int, intermediate: int, dtype: torch.dtype) -> tuple
     return _SAFE_ROWS[key]
 
 
+def pad_rows(safe: tuple[bool, ...], batch: int, tree_rows: int, aux_rows: int, limit: int) -> int:
+    """The fewest pad rows per sequence (<= ``limit``; 0 when none fits) that make both row counts
+    of a call safe: the LM head's ``batch * (tree_rows + pad)`` and the layers'
+    ``batch * (tree_rows + aux_rows + pad)``."""
+    def ok(m: int) -> bool:
+        return safe[min(m, _PROBE_ROWS)]
+
+    return next((p for p in range(limit + 1)
+                 if ok(batch * (tree_rows + p)) and ok(batch * (tree_rows + aux_rows + p))), 0)
+
+
 @dataclass
 class SequenceResult:
     sequence_id: int
@@ -356,8 +367,7 @@ class Decoder:
             Ba = len(rows)
 
             # draft (the pad rows' room is kept back from the drafter)
-            reserve = next((p for p in range(_PROBE_ROWS + 1) if safe[min(Ba * (1 + p), _PROBE_ROWS)]),
-                           0) if safe is not None else 0
+            reserve = pad_rows(safe, Ba, 1, 0, _PROBE_ROWS) if safe is not None else 0
             max_rows = S - max(host_lens) - reserve
             room = min(config.max_draft_nodes, max_rows - 1)
             draft: Optional[Draft] = None
@@ -396,13 +406,7 @@ class Decoder:
             pad = 0
             if safe is not None:
                 N1, A = tokens.shape[1], (aux.num_rows if aux is not None else 0)
-                left = S - max(host_lens) - N1 - A
-
-                def ok(m: int) -> bool:
-                    return safe[min(m, _PROBE_ROWS)]
-
-                # the LM head sees the tree + pad rows, the layers those and the aux rows
-                pad = next((p for p in range(left + 1) if ok(Ba * (N1 + p)) and ok(Ba * (N1 + A + p))), 0)
+                pad = pad_rows(safe, Ba, N1, A, S - max(host_lens) - N1 - A)
             logits, hidden = self._forward(cache, tokens, positions, cache_lens, host_lens, tree_mask=mask,
                                            aux=aux, want_hidden=want_hidden, pad=pad)
             num_acc, acc_nodes, nxt = self._verify(tokens, parents, logits, cache_lens, seq_ids,

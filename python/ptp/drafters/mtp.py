@@ -128,7 +128,7 @@ class HeadsDrafter:
                          for h in hs])
         # the root (the token the target committed after the node whose hidden state is H)
         nxt = torch.tensor([hist[-1] if good else 0 for hist, good in zip(request.histories, ok)],
-                           dtype=torch.long, device=dev)
+                           dtype=torch.long, device=dev) if self.heads.config.token_input else None
         logits = self.heads.logits(H, next_tokens=nxt).float()  # [B, n, V]
         rows: list[tuple[list[int], list[int]]] = []
         probs_rows: list[Optional[torch.Tensor]] = []
