@@ -80,11 +80,12 @@ def test_real_coupled_sampling_equals_plain(target):
     assert _ids(spec) == _ids(plain)
 
 
-@pytest.mark.parametrize("drafter", ["lookup", "ptp"])
+@pytest.mark.parametrize("drafter", ["lookup", "lookup-tree", "ptp"])
 def test_real_logits_identical_plain_vs_speculative(target, drafter):
     """On SmolLM2 (CPU, float32) every sampled token's logits are bitwise those of plain
-    decoding with chain drafts (lookup chains; PTP's chain + u-slot aux rows): calls are padded
-    to row counts where the CPU matmuls round every row alike. Without it a 1-row call differs
+    decoding, with chain drafts (lookup chains; PTP's chain + u-slot aux rows) and tree drafts
+    (lookup with 3 branches): calls are padded to row counts where the CPU matmuls round every
+    row alike, and the CPU attention reads a tree node's ancestors at consecutive positions. Without it a 1-row call differs
     from a multi-row call by ~4e-5 in the logits, and a T = 0.7 token whose uniform lay 1e-7
     from a CDF boundary flipped (benchmarks/results/2026-11-30-cpu-ptp-k-t07.md)."""
     import copy
@@ -104,7 +105,7 @@ def test_real_logits_identical_plain_vs_speculative(target, drafter):
             pytest.skip("no shipped ptp adapter")
         spec_dec = Decoder(m, tokenizer, d)
     else:
-        spec_dec = Decoder(model, tokenizer, LookupDrafter())
+        spec_dec = Decoder(model, tokenizer, LookupDrafter(num_branches=3 if drafter == "lookup-tree" else 1))
     plain_rec, spec_rec = record_sampling_logits(plain_dec), record_sampling_logits(spec_dec)
     plain = plain_dec.generate(prompts[:2], cfg, sequence_ids=[0, 1])
     spec = spec_dec.generate(prompts[:2], cfg, sequence_ids=[0, 1])

@@ -41,6 +41,10 @@ struct UnitArgs {
   int64_t kbeg, kend;  // key positions [kbeg, kend) of this unit (kend <= L + T)
   int64_t q_stride_t;  // elements between query tokens (H_q * D)
   const bool* mask;    // [T, T] or nullptr (causal)
+  // With a mask: the new tokens row t sees, in index order (vis[t * T + i], i < vis_cnt[t]).
+  // Row t reads them as if they sat at positions L, L + 1, ... (see the kernel).
+  const int32_t* vis;
+  const int32_t* vis_cnt;
   float scale2;        // scale * log2(e)
   float* acc;          // [R, Dp] unnormalised output 
   float* m;            // [R] running max (base 2)
@@ -111,6 +115,21 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
   const scalar_t* kp = key_cache.data_ptr<scalar_t>();
   const scalar_t* vp = value_cache.data_ptr<scalar_t>();
   const bool avx2 = use_avx2();
+  // Each row's visible new tokens, in index order (with a mask). A tree node in topological order
+  // sees its ancestors and itself: read at positions L, L + 1, ..., they are exactly the keys
+  // plain decoding gives the token at position L + depth, in the same blocks and lanes, so tree
+  // nodes get bitwise plain decoding's attention too (not only chain nodes).
+  std::vector<int32_t> vis, vis_cnt;
+  if (mask) {
+    vis.assign(static_cast<size_t>(B * T * T), 0);
+    vis_cnt.assign(static_cast<size_t>(B * T), 0);
+    for (int64_t bt = 0; bt < B * T; ++bt) {
+      int32_t c = 0;
+      for (int64_t j = 0; j < T; ++j)
+        if (mask[bt * T + j]) vis[bt * T + c++] = static_cast<int32_t>(j);
+      vis_cnt[bt] = c;
+    }
+  }
 
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> work(static_cast<size_t>(
@@ -128,6 +147,8 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
       a.kend = std::min(n_keys, (sp + 1) * chunk);
       a.q_stride_t = Hq * D;
       a.mask = mask ? mask + b * T * T : nullptr;
+      a.vis = mask ? vis.data() + b * T * T : nullptr;
+      a.vis_cnt = mask ? vis_cnt.data() + b * T : nullptr;
       a.scale2 = scale2;
       a.acc = part_acc.data() + u * R * Dp;
       a.m = part_m.data() + u * R;

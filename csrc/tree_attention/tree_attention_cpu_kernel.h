@@ -248,6 +248,57 @@ static inline void rows_step(const UnitArgs& a, int r, const float* Qf, const fl
   pv_rows<NR>(a.acc + static_cast<int64_t>(r) * a.Dp, a.Dp, alpha, P, vrows, n, a.Dp);
 }
 
+// A block of keys that reaches the new tokens, with a tree mask: new token row t reads its
+// visible new tokens at consecutive positions L, L + 1, ... (vis order), so a tree node's keys
+// fall in the blocks and lanes of plain decoding's (row invariance for trees; the same attention
+// mathematically for any mask). Keys are gathered per new token; its G query rows share them.
+template <typename scalar_t>
+static inline void tree_block(const UnitArgs& a, const float* Qf, const scalar_t* k,
+                              const scalar_t* v, float* Kf, float* Kt, float* Vt, float* P,
+                              int64_t kb, int n) {
+  const int D = a.D, Dp = a.Dp, G = a.G;
+  bool valid[kBK];
+  for (int t = 0; t < a.T; ++t) {
+    const int32_t* idx = a.vis + static_cast<int64_t>(t) * a.T;
+    const int64_t cnt = a.vis_cnt[t];
+    for (int j = 0; j < kBK; ++j) {
+      const int64_t vpos = kb + j;
+      int64_t src = -1;
+      if (j < n) src = vpos < a.L ? vpos : (vpos - a.L < cnt ? a.L + idx[vpos - a.L] : -1);
+      valid[j] = src >= 0;
+      float* kd = Kf + static_cast<int64_t>(j) * D;
+      float* vd = Vt + static_cast<int64_t>(j) * Dp;
+      if (valid[j]) {
+        to_float(k + src * D, kd, D);
+        to_float(v + src * D, vd, D);
+      } else {
+        std::fill(kd, kd + D, 0.f);
+        std::fill(vd, vd + D, 0.f);
+      }
+    }
+    transpose_keys(Kf, D, Kt);
+    for (int r = t * G; r < (t + 1) * G; r += 2) {
+      const int nr = r + 2 <= (t + 1) * G ? 2 : 1;
+      if (nr == 2)
+        qk_rows<2>(Qf + static_cast<int64_t>(r) * D, D, Kt, P);
+      else
+        qk_rows<1>(Qf + static_cast<int64_t>(r) * D, D, Kt, P);
+      float alpha[2];
+      for (int rr = 0; rr < nr; ++rr) {
+        float* p = P + rr * kBK;
+        for (int j = 0; j < kBK; ++j)
+          if (!valid[j]) p[j] = -INFINITY;
+        alpha[rr] = softmax_update(p, a.m[r + rr], a.l[r + rr]);
+      }
+      float* acc = a.acc + static_cast<int64_t>(r) * Dp;
+      if (nr == 2)
+        pv_rows<2>(acc, Dp, alpha, P, Vt, n, Dp);
+      else
+        pv_rows<1>(acc, Dp, alpha, P, Vt, n, Dp);
+    }
+  }
+}
+
 template <typename scalar_t>
 void attend_unit(const scalar_t* q, const scalar_t* k, const scalar_t* v, const UnitArgs& a) {
   const int T = a.T, G = a.G, D = a.D, Dp = a.Dp;
@@ -291,6 +342,10 @@ void attend_unit(const scalar_t* q, const scalar_t* k, const scalar_t* v, const 
       }
     }
 #endif
+    if (a.vis && kb + n > a.L) {  // tree mask: per-row gathered keys (row invariance)
+      tree_block<scalar_t>(a, Qf, k, v, Kf, Kt, Vt, P, kb, n);
+      continue;
+    }
     const float* krows;  // [kBK, D]
     const float* vrows;  // [>= n, Dp]
     if (direct && n == kBK) {

@@ -8,14 +8,15 @@ decoding draw from the identical distribution with the identical uniforms.
 Row invariance: a token's logits must not depend on how many rows the call that computed them
 carried, or a sampled token whose uniform falls within float rounding of a CDF boundary (or a
 greedy near-tie) could differ between plain and speculative decoding. The tree attention op is
-row-invariant for chain drafts (a chain node sums the same keys in the same groups as a
-1-token call; tree nodes do not, their ancestors are not contiguous). The linear layers are not
+row-invariant on the CPU: a chain node sums the same keys in the same groups as a 1-token call,
+and a tree node reads its ancestors (not contiguous in the call) at consecutive positions, as
+plain decoding sees them. The linear layers are not
 row-invariant: with torch 2.13's CPU sgemm, a 1-3 row call and the last M mod 4 rows of a call of
 M < 12 rows take other kernels than the rest and round differently (1e-6 per layer, 4e-5 in
 SmolLM2's logits; measured). With ``GenerationConfig.row_invariant`` (default on CPU) the decoder
 probes once which row counts M give every row the bits of a large call, and pads each call to the
 next such count: pad rows see only themselves, nothing sees them, their outputs are dropped.
-Chain drafts then give bitwise the logits of plain decoding (``tests/test_decoder_exact.py``,
+Chain and tree drafts then give bitwise the logits of plain decoding (``tests/test_decoder_exact.py``,
 ``tests/test_decoder_real.py``).
 
 Positions: the root of a step (the last committed token, not yet in the KV cache) sits at
