@@ -3,6 +3,7 @@
 // Python-side fake (meta) implementations live in ptp_ext/ops.py next to each wrapper.
 #include <torch/library.h>
 
+#include "invariant_linear/invariant_linear.h"
 #include "sampler_mlp/sampler_mlp.h"
 #include "tree_attention/tree_attention.h"
 #include "verify/verify.h"
@@ -22,12 +23,15 @@ TORCH_LIBRARY(ptp_ext, m) {
       "sampler_mlp(Tensor hidden, Tensor prev_tokens, Tensor embedding, Tensor w1, Tensor? b1, "
       "Tensor w2, Tensor? b2, Tensor? norm1_weight, Tensor? norm1_bias, Tensor? norm2_weight, "
       "Tensor? norm2_bias, bool silu_out, float eps) -> Tensor");
+  // ---- batch-invariant linear (CPU: row-invariant target calls) -----------------------------
+  m.def("invariant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
   m.impl("tree_attention", &ptp::tree_attention_cpu);
   m.impl("verify_tree", &ptp::verify_tree_cpu);
   m.impl("sampler_mlp", &ptp::sampler_mlp_cpu);
+  m.impl("invariant_linear", &ptp::invariant_linear_cpu);
 }
 
 #ifdef PTP_WITH_CUDA
@@ -35,5 +39,6 @@ TORCH_LIBRARY_IMPL(ptp_ext, CUDA, m) {
   m.impl("tree_attention", &ptp::tree_attention_cuda);
   m.impl("verify_tree", &ptp::verify_tree_cuda);
   m.impl("sampler_mlp", &ptp::sampler_mlp_cuda);
+  m.impl("invariant_linear", &ptp::invariant_linear_cuda);
 }
 #endif

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["tree_attention", "verify_tree", "sampler_mlp"]
+__all__ = ["tree_attention", "verify_tree", "sampler_mlp", "invariant_linear"]
 
 _ops = torch.ops.ptp_ext
 
@@ -222,3 +222,46 @@ def _sampler_mlp_fake(hidden, prev_tokens, embedding, w1, b1, w2, b2, norm1_weig
     torch._check(hidden.dim() == 2, lambda: "hidden must be [N, d_h]")
     torch._check(w2.dim() == 2, lambda: "w2 must be [d_out, d_mid]")
     return hidden.new_empty((hidden.shape[0], w2.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch-invariant linear
+# ---------------------------------------------------------------------------------------------
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` where every output row is bitwise independent of the other rows
+    of the call (batch / row invariance; CPU).
+
+    BLAS picks other kernels for other row counts, so a token's logits from a 1-row decoding
+    call and from a 16-row speculative call differ by rounding (SmolLM2: ~4e-5), enough to flip
+    a sampled token on a CDF near-tie. Here each output element is one fixed sequence of float32
+    operations over its own row of ``x`` and row of ``weight``. The weights are read once per
+    call for all rows and never packed: for a few rows it runs at GEMV speed, where BLAS's
+    GEMM was 3.4x slower (SmolLM2's LM head on the dev CPU; ``benchmarks/kernels.py``).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(..., K)`` float32 / float16 / bfloat16 (leading dims are flattened).
+    weight : torch.Tensor
+        ``(M, K)``, x's dtype, contiguous.
+    bias : torch.Tensor, optional
+        ``(M,)``, x's dtype.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., M)`` in x's dtype (float32 accumulation).
+    """
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape [..., K], got a {x.dim()}-d tensor")
+    lead = x.shape[:-1]
+    y = _ops.invariant_linear(x.reshape(lead.numel(), x.shape[-1]).contiguous(), weight, bias)
+    return y.view(*lead, y.shape[-1])
+
+
+@torch.library.register_fake("ptp_ext::invariant_linear")
+def _invariant_linear_fake(x, weight, bias):
+    torch._check(x.dim() == 2, lambda: "x must be [N, K]")
+    torch._check(weight.dim() == 2, lambda: "weight must be [M, K]")
+    return x.new_empty((x.shape[0], weight.shape[0]))

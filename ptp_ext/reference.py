@@ -20,6 +20,7 @@ __all__ = [
     "pick",
     "verify_tree_ref",
     "sampler_mlp_ref",
+    "invariant_linear_ref",
     "chain_parents",
 ]
 
@@ -220,3 +221,10 @@ def sampler_mlp_ref(
     if norm2_weight is not None:
         y = F.layer_norm(y, (y.shape[-1],), f(norm2_weight), f(norm2_bias), eps)
     return y.to(hidden.dtype)
+
+
+def invariant_linear_ref(x: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference for :func:`ptp_ext.ops.invariant_linear`: ``F.linear`` in float32 (equal up to
+    rounding; it is not row-invariant itself)."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)

@@ -207,6 +207,33 @@ def test_heads_coupled_sampling_equals_plain_tiny(token_input):
     assert spec == plain
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_heads_with_lookup_branch_equal_plain_tiny(mode, temperature):
+    """``lookup=n``: prompt lookup's continuation merged into the heads' draft as a trie branch;
+    greedy and coupled sampling stay plain decoding's tokens, and the branch is used."""
+    h = _heads(True, token_input=True)
+    prompts = [p + p for p in _prompts(3)]  # repeated text: lookup finds matches
+    s = SamplingConfig(temperature=temperature, seed=8)
+    plain, plain_calls = _generate(h.base, prompts, None, s)
+    d = HeadsDrafter(h, tree=mode == "tree", max_nodes=8, lookup=1, lookup_depth=4)
+    spec, calls = _generate(h.base, prompts, d, s)
+    assert spec == plain
+    assert d.lookup_used > 0
+    assert calls < plain_calls
+
+
+def test_heads_lookup_merge_is_a_trie():
+    from ptp.drafters.mtp import _merge
+
+    tokens, parents = [0, 5, 6, 7], [-1, 0, 1, 0]  # root -> 5 -> 6, root -> 7
+    assert _merge(tokens, parents, [5, 6, 9, 4], room=8) == 2  # shares 5 -> 6, adds 9 -> 4
+    assert tokens == [0, 5, 6, 7, 9, 4] and parents == [-1, 0, 1, 0, 2, 4]
+    assert _merge(tokens, parents, [8, 1, 2], room=2) == 2  # budget: two new nodes only
+    assert tokens[-2:] == [8, 1] and parents[-2:] == [0, 6]
+    assert _merge(tokens, parents, [7], room=0) == 0  # already there
+
+
 def _chi2_ok(samples, probs, n):
     counts = torch.bincount(torch.tensor(samples), minlength=probs.numel()).double()
     exp = probs.double() * n
@@ -285,6 +312,10 @@ def test_bad_options():
         MaskedInputDrafter(_mtp(False), num_masks=9)
     with pytest.raises(ValueError, match="verify"):
         HeadsDrafter(_heads(False), verify="magic")
+    with pytest.raises(ValueError, match="coupled verification"):
+        HeadsDrafter(_heads(False), verify="rejection", lookup=2)
+    with pytest.raises(ValueError, match="lookup"):
+        HeadsDrafter(_heads(False), lookup=-1)
 
 
 @pytest.mark.slow

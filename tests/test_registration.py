@@ -1,4 +1,4 @@
-"""The op surface of ptp_ext: the three ops registered under torch.ops.ptp_ext with the contract's
+"""The op surface of ptp_ext: the four ops registered under torch.ops.ptp_ext with the contract's
 schemas (csrc/registration.cpp), a kernel per dispatch key consistent with ptp_ext.with_cuda(),
 fake implementations that trace under FakeTensorMode, and a documented public wrapper per op."""
 from __future__ import annotations
@@ -24,6 +24,7 @@ SCHEMAS = {
         "Tensor? b1, Tensor w2, Tensor? b2, Tensor? norm1_weight, Tensor? norm1_bias, "
         "Tensor? norm2_weight, Tensor? norm2_bias, bool silu_out, float eps) -> Tensor"
     ),
+    "invariant_linear": "ptp_ext::invariant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
 }
 
 
@@ -32,7 +33,7 @@ def _registered_ops() -> list[str]:
                   if n.startswith("ptp_ext::"))
 
 
-def test_the_three_ops_are_registered():
+def test_the_ops_are_registered():
     ops = _registered_ops()
     missing = sorted(set(SCHEMAS) - set(ops))
     assert not missing, f"ops missing from torch.ops.ptp_ext: {missing} (registered: {ops})"
@@ -104,3 +105,9 @@ def test_fake_sampler_mlp():
         y = torch.ops.ptp_ext.sampler_mlp(hidden, prev, emb, w1, None, w2, None, None, None,
                                           None, None, False, 1e-5)
     assert y.shape == (N, d_out) and y.dtype == torch.float32
+
+
+def test_fake_invariant_linear():
+    with FakeTensorMode():
+        y = torch.ops.ptp_ext.invariant_linear(torch.empty(5, 24), torch.empty(40, 24), None)
+    assert y.shape == (5, 40) and y.dtype == torch.float32

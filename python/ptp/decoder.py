@@ -7,17 +7,18 @@ decoding draw from the identical distribution with the identical uniforms.
 
 Row invariance: a token's logits must not depend on how many rows the call that computed them
 carried, or a sampled token whose uniform falls within float rounding of a CDF boundary (or a
-greedy near-tie) could differ between plain and speculative decoding. The tree attention op is
-row-invariant on the CPU: a chain node sums the same keys in the same groups as a 1-token call,
-and a tree node reads its ancestors (not contiguous in the call) at consecutive positions, as
-plain decoding sees them. The linear layers are not
-row-invariant: with torch 2.13's CPU sgemm, a 1-3 row call and the last M mod 4 rows of a call of
-M < 12 rows take other kernels than the rest and round differently (1e-6 per layer, 4e-5 in
-SmolLM2's logits; measured). With ``GenerationConfig.row_invariant`` (default on CPU) the decoder
-probes once which row counts M give every row the bits of a large call, and pads each call to the
-next such count: pad rows see only themselves, nothing sees them, their outputs are dropped.
-Chain and tree drafts then give bitwise the logits of plain decoding (``tests/test_decoder_exact.py``,
-``tests/test_decoder_real.py``).
+greedy near-tie) could differ between plain and speculative decoding. BLAS is not row-invariant:
+torch 2.13's CPU sgemm rounds a 1-3 row call and the last M mod 4 rows of a call of M < 12 rows
+differently from the rest (1e-6 per layer, 4e-5 in SmolLM2's logits; measured). With
+``GenerationConfig.row_invariant`` (default on CPU) every ``nn.Linear`` of the target runs through
+``ptp_ext.ops.invariant_linear`` in the decoding calls (each output row one fixed sequence of
+float32 operations; it also reads the weights once per call, faster than BLAS for these row
+counts), and the CPU tree attention is row-invariant by construction: a chain node sums the same
+keys in the same groups as a 1-token call, and a tree node reads its ancestors (not contiguous in
+the call) at consecutive positions, as plain decoding sees them. Chain and tree drafts then give
+bitwise the logits of plain decoding (``tests/test_decoder_exact.py``,
+``tests/test_decoder_real.py``). The prefill is the same call in plain and speculative decoding
+and keeps BLAS.
 
 Positions: the root of a step (the last committed token, not yet in the KV cache) sits at
 ``cache_lens[b]``; a draft node at depth d has position ``cache_lens[b] + d`` and the token it
@@ -40,7 +41,8 @@ from .models import cache_kw
 from .drafters.base import AuxRows, Draft, DraftRequest, Drafter, NoDrafter, StepOutcome
 from .sampling import SamplingConfig, uniforms
 
-__all__ = ["GenerationConfig", "SequenceResult", "Decoder", "tree_mask_and_depth", "aux_mask_and_positions"]
+__all__ = ["GenerationConfig", "SequenceResult", "Decoder", "InvariantLinears", "tree_mask_and_depth",
+           "aux_mask_and_positions"]
 
 
 @dataclass
@@ -51,42 +53,39 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()  # needs the Decoder's tokenizer
     max_cache_len: Optional[int] = None  # default: longest prompt + max_new_tokens + draft room
     max_draft_nodes: int = 64  # cap on draft nodes per step, whatever the drafter asks
-    # pad target calls to row counts whose rows round like a large call (probed once), so a
-    # token's logits do not depend on the draft size; None: on for CPU models, off elsewhere
+    # decoding calls through ptp_ext.ops.invariant_linear, so a token's logits do not depend on
+    # the draft size (bitwise); None: on for CPU models, off elsewhere
     row_invariant: Optional[bool] = None
 
 
-_SAFE_ROWS: dict = {}
-_PROBE_ROWS = 64
+class InvariantLinears:
+    """Routes every ``nn.Linear`` of ``model`` through :func:`ptp_ext.ops.invariant_linear` while
+    ``active`` is true (inside the context; outside it the layers are untouched). Subclasses of
+    ``nn.Linear`` (quantised layers and the like) keep their own forward."""
 
+    def __init__(self, model: torch.nn.Module):
+        self.active = False
+        self.layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
 
-def safe_row_counts(hidden: int, intermediate: int, dtype: torch.dtype) -> tuple[bool, ...]:
-    """``safe[M]`` (M = 0.._PROBE_ROWS): a CPU linear layer over M rows gives every row bitwise
-    what it gives in a ``_PROBE_ROWS``-row call (random data, the model's two matmul shapes).
-    Counts above ``_PROBE_ROWS`` count as safe when ``_PROBE_ROWS`` is."""
-    key = (hidden, intermediate, dtype)
-    if key not in _SAFE_ROWS:
-        g = torch.Generator().manual_seed(0)
-        safe = [False] + [True] * _PROBE_ROWS
-        for k_in, n_out in ((hidden, hidden), (intermediate, hidden)):
-            w = torch.randn(n_out, k_in, generator=g).to(dtype)
-            x = torch.randn(_PROBE_ROWS, k_in, generator=g).to(dtype)
-            ref = torch.nn.functional.linear(x, w)
-            for m in range(1, _PROBE_ROWS):
-                safe[m] = safe[m] and torch.equal(torch.nn.functional.linear(x[:m], w), ref[:m])
-        _SAFE_ROWS[key] = tuple(safe)
-    return _SAFE_ROWS[key]
+    def _forward(self, layer: torch.nn.Linear):
+        plain = torch.nn.Linear.forward
 
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not self.active:
+                return plain(layer, x)
+            w = layer.weight if layer.weight.is_contiguous() else layer.weight.contiguous()
+            return ops.invariant_linear(x, w, layer.bias)
+        return forward
 
-def pad_rows(safe: tuple[bool, ...], batch: int, tree_rows: int, aux_rows: int, limit: int) -> int:
-    """The fewest pad rows per sequence (<= ``limit``; 0 when none fits) that make both row counts
-    of a call safe: the LM head's ``batch * (tree_rows + pad)`` and the layers'
-    ``batch * (tree_rows + aux_rows + pad)``."""
-    def ok(m: int) -> bool:
-        return safe[min(m, _PROBE_ROWS)]
+    def __enter__(self) -> "InvariantLinears":
+        for layer in self.layers:
+            layer.forward = self._forward(layer)
+        return self
 
-    return next((p for p in range(limit + 1)
-                 if ok(batch * (tree_rows + p)) and ok(batch * (tree_rows + aux_rows + p))), 0)
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        self.active = False
 
 
 @dataclass
@@ -163,58 +162,30 @@ class Decoder:
     # -- one target call ----------------------------------------------------------------------
     def _forward(self, cache: RowCache, input_ids, position_ids, cache_lens, host_lens,
                  tree_mask=None, prefill=False, logits_to_keep=0, aux: Optional[AuxRows] = None,
-                 want_hidden: bool = False, pad: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 want_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits of the tree rows (``logits_to_keep`` as HF) and, when asked or when there are
-        aux rows, the final hidden states of the tree and aux rows ``[B, N1 + A, hidden]``.
-
-        ``pad`` extra rows per sequence (not with prefill) go after the tree and aux rows: they
-        see only themselves, nothing sees them, and the LM head runs over the tree rows plus
-        them, so every linear layer of the call sees at least ``B * (N1 + pad)`` rows."""
+        aux rows, the final hidden states of the tree and aux rows ``[B, N1 + A, hidden]``."""
         B, N1 = input_ids.shape
         A = aux.num_rows if aux is not None else 0
-        T = N1 + A + pad
-        if pad:
-            dev = input_ids.device
-            if tree_mask is None:  # causal among the new tokens
-                tree_mask = torch.ones(N1 + A, N1 + A, dtype=torch.bool, device=dev).tril()
-            if tree_mask.dim() == 2:
-                tree_mask = tree_mask.unsqueeze(0).expand(B, -1, -1)
-            full = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
-            full[:, :N1 + A, :N1 + A] = tree_mask
-            idx = torch.arange(N1 + A, T, device=dev)
-            full[:, idx, idx] = True
-            tree_mask = full
-            position_ids = torch.cat([position_ids, cache_lens.view(B, 1).expand(B, pad)], dim=1)
-            pad_ids = input_ids[:, :1].expand(B, pad)
+        T = N1 + A
         cache.set_write_positions(cache_lens, host_lens, T)
         kw = dict(position_ids=position_ids, use_cache=True, **cache_kw(self.model, cache),
                   ptp_cache_lens=cache_lens, ptp_tree_mask=tree_mask, ptp_prefill=prefill)
         if aux is None and not want_hidden:
-            if pad:
-                ids = torch.cat([input_ids, pad_ids], dim=1)
-                return self.model(input_ids=ids, logits_to_keep=0, **kw).logits[:, :N1].contiguous(), None
             return self.model(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw).logits, None
         if getattr(self.model.config, "final_logit_softcapping", None):
             raise ValueError("drafters that read hidden states need a plain LM head (no logit softcapping)")
         emb = self.model.get_input_embeddings()(input_ids)
-        parts = [emb]
         if aux is not None:
-            parts.append(aux.embeds.to(device=emb.device, dtype=emb.dtype))
-        if pad:
-            parts.append(self.model.get_input_embeddings()(pad_ids))
-        if len(parts) > 1:
-            emb = torch.cat(parts, dim=1)
+            emb = torch.cat([emb, aux.embeds.to(device=emb.device, dtype=emb.dtype)], dim=1)
         ctx = contextlib.nullcontext()
         if aux is not None:
             rows = torch.zeros(B, T, dtype=torch.bool, device=emb.device)
-            rows[:, N1:N1 + A] = True
+            rows[:, N1:] = True
             ctx = self.drafter.aux_context(rows)
         with ctx:
             hidden = self.model.get_decoder()(inputs_embeds=emb, **kw).last_hidden_state
         lm_head = self.model.get_output_embeddings()
-        if pad:
-            kept = torch.cat([hidden[:, :N1], hidden[:, N1 + A:]], dim=1)
-            return lm_head(kept)[:, :N1].contiguous(), hidden[:, :N1 + A]
         if isinstance(logits_to_keep, torch.Tensor):
             kept = hidden[:, logits_to_keep]
         else:
@@ -252,14 +223,23 @@ class Decoder:
         implementation is ``"ptp"`` during the call and restored afterwards.
         """
         previous = self.model.config._attn_implementation
+        invariant = config.row_invariant if config.row_invariant is not None else \
+            self.model.device.type == "cpu"
+        if invariant and self.model.device.type != "cpu":
+            raise ValueError("row_invariant decoding is implemented for CPU models (the CUDA "
+                             "attention and BLAS paths are not row-invariant)")
         try:
-            return self._generate(prompts, config, sequence_ids, on_tokens)
+            if not invariant:
+                return self._generate(prompts, config, sequence_ids, on_tokens, None)
+            with InvariantLinears(self.model) as linears:
+                return self._generate(prompts, config, sequence_ids, on_tokens, linears)
         finally:
             if previous and previous != self.impl:
                 self.model.set_attn_implementation(previous)
 
     @torch.inference_mode()
-    def _generate(self, prompts, config: GenerationConfig, sequence_ids, on_tokens) -> list[SequenceResult]:
+    def _generate(self, prompts, config: GenerationConfig, sequence_ids, on_tokens,
+                  linears: Optional[InvariantLinears]) -> list[SequenceResult]:
         t0 = time.perf_counter()
         B = len(prompts)
         if B == 0:
@@ -276,20 +256,8 @@ class Decoder:
             drafter.reset()
         want_hidden = bool(getattr(drafter, "wants_hidden", False))
         aux_room = int(drafter.aux_room(config.max_draft_nodes)) if hasattr(drafter, "aux_room") else 0
-        invariant = config.row_invariant if config.row_invariant is not None else \
-            self.model.device.type == "cpu"
-        safe = None
-        if invariant:
-            if self.model.device.type != "cpu":
-                raise ValueError("row_invariant padding is probed for CPU matmuls only")
-            cfg_t = self.model.config.get_text_config(decoder=True)
-            safe = safe_row_counts(cfg_t.hidden_size, getattr(cfg_t, "intermediate_size", cfg_t.hidden_size),
-                                   self.model.get_input_embeddings().weight.dtype)
-            if not any(safe[1:]):
-                safe = None  # nothing to gain on this backend
-        extra = (_PROBE_ROWS // B + 1) if safe is not None else 0
         S = config.max_cache_len or (max(lens) + config.max_new_tokens + config.max_draft_nodes + 1
-                                     + aux_room + extra)
+                                     + aux_room)
         if max(lens) + 1 > S:
             raise ValueError(f"prompt of {max(lens)} tokens does not fit the KV cache "
                              f"(max_cache_len {S})")
@@ -367,9 +335,8 @@ class Decoder:
                 host_lens = [host_lens[i] for i in alive]
             Ba = len(rows)
 
-            # draft (the pad rows' room is kept back from the drafter)
-            reserve = pad_rows(safe, Ba, 1, 0, _PROBE_ROWS) if safe is not None else 0
-            max_rows = S - max(host_lens) - reserve
+            # draft
+            max_rows = S - max(host_lens)
             room = min(config.max_draft_nodes, max_rows - 1)
             draft: Optional[Draft] = None
             if room >= 0:
@@ -404,12 +371,14 @@ class Decoder:
                     positions = cache_lens.view(Ba, 1) + depth
 
             # one target call over the drafts (and the drafter's aux rows), then verify
-            pad = 0
-            if safe is not None:
-                N1, A = tokens.shape[1], (aux.num_rows if aux is not None else 0)
-                pad = pad_rows(safe, Ba, N1, A, S - max(host_lens) - N1 - A)
-            logits, hidden = self._forward(cache, tokens, positions, cache_lens, host_lens, tree_mask=mask,
-                                           aux=aux, want_hidden=want_hidden, pad=pad)
+            if linears is not None:
+                linears.active = True
+            try:
+                logits, hidden = self._forward(cache, tokens, positions, cache_lens, host_lens,
+                                               tree_mask=mask, aux=aux, want_hidden=want_hidden)
+            finally:
+                if linears is not None:
+                    linears.active = False
             num_acc, acc_nodes, nxt = self._verify(tokens, parents, logits, cache_lens, seq_ids,
                                                    sampling, draft_probs)
             if want_hidden:

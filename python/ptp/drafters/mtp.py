@@ -14,6 +14,11 @@ Both draft inside the verification call, so a decoding step costs one target cal
   ``Pick(U(seed, seq, index), q_i)`` with the decoder's uniform stream (token-identical to plain
   sampling); ``verify="rejection"`` samples the drafts from q_i with an independent stream and
   passes q to rejection sampling (the target's distribution, not the same tokens).
+  ``lookup=n`` (n >= 1; 0 = off) adds prompt lookup's continuation (the most recent earlier
+  occurrence of the row's last n..3 tokens, up to ``lookup_depth`` tokens) as one more branch of
+  the draft tree, merged into it as a trie: the heads draft what the model writes, lookup what it
+  copies (RAG, summaries, translation, code edits). Greedy and coupled verification (a tree of
+  any shape is verified exactly); not with ``verify="rejection"``.
 
 Temperature 0 verification is greedy for both: the output is plain greedy decoding's.
 """
@@ -84,9 +89,21 @@ class HeadsDrafter:
     wants_hidden = True
 
     def __init__(self, heads: MTPHeads, tree: bool = False, max_nodes: int = 16, top: int = 4,
-                 verify: str = "coupled") -> None:
+                 verify: str = "coupled", lookup: int = 0, lookup_depth: int = 8) -> None:
         if verify not in ("coupled", "rejection"):
             raise ValueError(f"verify must be 'coupled' or 'rejection', got {verify!r}")
+        if int(lookup) < 0 or int(lookup_depth) < 1:
+            raise ValueError(f"need lookup >= 0 and lookup_depth >= 1, got {lookup}, {lookup_depth}")
+        if int(lookup) > 0 and verify == "rejection":
+            raise ValueError("lookup branches need coupled verification (verify='coupled'): rejection "
+                             "sampling here verifies one chain drafted from the heads' q")
+        self.lookup = None
+        if int(lookup) > 0:
+            from .lookup import LookupDrafter
+
+            self.lookup = LookupDrafter(max_draft_tokens=int(lookup_depth), max_ngram=max(3, int(lookup)),
+                                        min_ngram=int(lookup))
+        self.lookup_used = 0  # statistics: rows whose draft got a lookup branch
         self.heads = heads.eval()
         self.tree = bool(tree)
         self.max_nodes = int(max_nodes)
@@ -122,7 +139,7 @@ class HeadsDrafter:
             ok.append(good)
             hs.append(st[1] if good else None)
         if not any(ok):
-            return None
+            return self.lookup.propose(request) if self.lookup is not None else None
         dev = next(h for h in hs if h is not None).device
         H = torch.stack([h if h is not None else torch.zeros_like(next(x for x in hs if x is not None))
                          for h in hs])
@@ -155,14 +172,25 @@ class HeadsDrafter:
                 qs.append(q)
             rows.append((toks, list(range(-1, len(toks) - 1))))
             probs_rows.append(torch.stack(qs) if qs else None)
+        if self.lookup is not None:
+            for b, (t, p) in enumerate(rows):
+                room = request.max_nodes - (len(t) - 1)
+                if room <= 0:
+                    continue
+                conts = self.lookup.continuations(request.histories[b], min(self.lookup.max_draft_tokens, room))
+                if conts and _merge(t, p, conts[0], room):
+                    self.lookup_used += 1
         width = max(len(t) for t, _ in rows)
         B = len(rows)
         tokens = torch.zeros(B, width, dtype=torch.long)
         parents = torch.full((B, width), -1, dtype=torch.long)
+        is_chain = True
         for b, (t, p) in enumerate(rows):
             tokens[b, :len(t)] = torch.tensor(t)
             parents[b, :len(p)] = torch.tensor(p)
-        is_chain = not (s.greedy and self.tree)
+            is_chain = is_chain and p == list(range(-1, len(p) - 1))
+        if width == 1:
+            return None
         draft_probs = None
         if not s.greedy and self.verify == "rejection":
             V = logits.shape[-1]
@@ -197,6 +225,25 @@ class HeadsDrafter:
         return tokens, parents
 
 
+def _merge(tokens: list[int], parents: list[int], cont: list[int], room: int) -> int:
+    """Inserts the chain ``cont`` below the root of the tree (tokens, parents) as a trie path (in
+    place, at most ``room`` new nodes); returns the number of nodes added."""
+    children = {(par, tok): i for i, (tok, par) in enumerate(zip(tokens, parents)) if i}
+    node, added = 0, 0
+    for t in cont:
+        nxt = children.get((node, t))
+        if nxt is None:
+            if added == room:
+                break
+            nxt = len(tokens)
+            tokens.append(t)
+            parents.append(node)
+            children[(node, t)] = nxt
+            added += 1
+        node = nxt
+    return added
+
+
 def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadratic", **kw):
     from ptp.train.checkpoint import load_mtp
 
@@ -207,7 +254,8 @@ def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadrati
                               scheme=scheme, **kw)
 
 
-def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=4, verify="coupled", **kw):
+def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=4, verify="coupled", lookup=0,
+                   lookup_depth=8, **kw):
     from ptp.train.checkpoint import load_heads
 
     ckpt = path or DEFAULT_HEADS
@@ -216,7 +264,7 @@ def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=4, veri
     if isinstance(tree, str):
         tree = tree.lower() in ("1", "true", "yes", "tree")
     return HeadsDrafter(load_heads(model, ckpt), tree=tree, max_nodes=int(max_nodes), top=int(top),
-                        verify=verify, **kw)
+                        verify=verify, lookup=int(lookup), lookup_depth=int(lookup_depth), **kw)
 
 
 register_drafter("mtp", _mtp_factory)

@@ -1,0 +1,52 @@
+// CUDA launcher of invariant_linear: shared argument check, device guard, current stream; the
+// kernel (and why it is row-invariant) is in invariant_linear_kernels.cuh. Meant for
+// decoding-sized calls (rows in the tens); no host synchronisation, CUDA-graph safe.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <ATen/ops/empty.h>
+
+#include "invariant_linear.h"
+#include "invariant_linear_kernels.cuh"
+
+namespace ptp {
+namespace {
+
+namespace k = invariant_linear_kernels;
+
+template <typename T>
+void run(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+         at::Tensor& y, cudaStream_t stream) {
+  C10_CUDA_CHECK(k::launch<T>(static_cast<const T*>(x.data_ptr()),
+                              static_cast<const T*>(weight.data_ptr()),
+                              bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
+                              static_cast<T*>(y.data_ptr()), x.size(0), x.size(1), weight.size(0),
+                              stream));
+}
+
+}  // namespace
+
+at::Tensor invariant_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias) {
+  check_invariant_linear_inputs(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (x.size(0) == 0 || weight.size(0) == 0) return y;
+  PTP_CHECK((weight.size(0) + k::kWarps - 1) / k::kWarps < (int64_t{1} << 31),
+            "invariant_linear: too many output features for one grid");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      run<float>(x, weight, bias, y, stream);
+      break;
+    case at::kHalf:
+      run<__half>(x, weight, bias, y, stream);
+      break;
+    default:
+      run<__nv_bfloat16>(x, weight, bias, y, stream);
+  }
+  return y;
+}
+
+}  // namespace ptp

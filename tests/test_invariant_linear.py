@@ -1,0 +1,113 @@
+"""invariant_linear against its reference (F.linear in float32) and its one promise: every output
+row is bitwise the same whatever the other rows of the call (row / batch invariance).
+
+Order (STYLE.md): reference grid, invariance, CPU/CUDA agreement, opcheck, errors, compile.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptp_ext
+from ptp_ext.ops import invariant_linear
+from ptp_ext.reference import invariant_linear_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available() or not ptp_ext.with_cuda(),
+                          reason="needs a GPU and a CUDA build of ptp_ext")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=4e-3, rtol=4e-3),
+       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def make(n, k, m, dtype=torch.float32, bias=True, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g).to(dtype=dtype, device=device)
+    w = (torch.randn(m, k, generator=g) * k ** -0.5).to(dtype=dtype, device=device)
+    b = (torch.randn(m, generator=g) * 0.1).to(dtype=dtype, device=device) if bias else None
+    return x, w, b
+
+
+# ---- reference grid ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,m", [(1, 576, 576), (3, 64, 200), (16, 576, 1536), (5, 13, 7),
+                                   (2, 1536, 130), (33, 40, 65), (1, 8, 1), (7, 3, 4)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_reference(device, dtype, n, k, m, bias):
+    x, w, b = make(n, k, m, dtype, bias, device)
+    y = invariant_linear(x, w, b)
+    assert y.dtype == dtype and y.shape == (n, m)
+    torch.testing.assert_close(y.float(), invariant_linear_ref(x, w, b).float(), **TOL[dtype])
+
+
+def test_leading_dims_and_empty():
+    x, w, b = make(6, 24, 10)
+    y = invariant_linear(x.view(2, 3, 24), w, b)
+    assert y.shape == (2, 3, 10)
+    torch.testing.assert_close(y.view(6, 10), invariant_linear_ref(x, w, b))
+    assert invariant_linear(x[:0], w, b).shape == (0, 10)
+    assert torch.equal(invariant_linear(torch.empty(4, 0), torch.empty(3, 0), b[:3]),
+                       b[:3].expand(4, 3))
+
+
+# ---- row invariance ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,m", [(576, 576), (576, 1536), (1536, 576), (67, 129)])
+def test_rows_are_bitwise_independent_of_the_call(device, dtype, k, m):
+    """Row i of an N-row call == the same row in a 1-row call and in any other N (BLAS fails
+    this: torch 2.13's CPU sgemm rounds 1-3-row calls and the tail rows of calls under 12
+    rows differently)."""
+    x, w, b = make(40, k, m, dtype, True, device)
+    full = invariant_linear(x, w, b)
+    for n in (1, 2, 3, 4, 5, 7, 8, 11, 12, 17, 39):
+        assert torch.equal(invariant_linear(x[:n], w, b), full[:n]), n
+    for i in (0, 9, 39):  # a row alone, taken from the middle of the batch
+        assert torch.equal(invariant_linear(x[i:i + 1], w, b), full[i:i + 1]), i
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_and_cuda_agree(dtype):
+    x, w, b = make(9, 300, 77, dtype)
+    y = invariant_linear(x.cuda(), w.cuda(), b.cuda()).cpu()
+    torch.testing.assert_close(y.float(), invariant_linear(x, w, b).float(), **TOL[dtype])
+
+
+# ---- opcheck -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(device, bias):
+    x, w, b = make(4, 32, 12, torch.float32, bias, device)
+    torch.library.opcheck(torch.ops.ptp_ext.invariant_linear.default, (x, w, b))
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def test_bad_arguments_raise_clear_errors():
+    x, w, b = make(4, 32, 12)
+    with pytest.raises(ValueError, match=r"weight must have shape \[M, K\] = \[\*, 32\]"):
+        invariant_linear(x, w[:, :31].contiguous())
+    with pytest.raises(ValueError, match="weight must be Float, got Double"):
+        invariant_linear(x, w.double())
+    with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16"):
+        invariant_linear(x.long(), w)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        invariant_linear(x, w, b[:5])
+    with pytest.raises(ValueError, match="bias must be"):
+        invariant_linear(x, w, b.half())
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        invariant_linear(x, w.t().contiguous().t())
+    with pytest.raises(ValueError, match="x must have shape"):
+        invariant_linear(torch.tensor(1.0), w)
+
+
+# ---- torch.compile -----------------------------------------------------------------------------
+def test_torch_compile_fullgraph():
+    x, w, b = make(3, 32, 12)
+
+    def f(x, w, b):
+        return torch.relu(invariant_linear(x, w, b)) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, w, b), f(x, w, b))
