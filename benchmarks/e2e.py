@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-lookup-tokens", type=int, default=10)
     ap.add_argument("--row-invariant", default="auto", choices=["auto", "on", "off"],
-                    help="pad target calls to row counts that round alike (auto: on for CPU); a "
+                    help="row-invariant decoding calls (invariant_linear; auto: on for CPU); a "
                          "method can override it with the option rows=on|off, e.g. none:rows=off")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help="comma list of hf, hf-pld, or drafter[:opt=val;...] (';' separates options)")

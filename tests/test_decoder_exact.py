@@ -86,9 +86,10 @@ def test_invariant_linears_patch_and_restore(model):
     layer = next(m for m in model.modules() if type(m) is torch.nn.Linear)
     x = torch.randn(3, layer.in_features)
     ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    with InvariantLinears(model) as lin:
+    with InvariantLinears(model, small_rows=2) as lin:
         assert len(lin.layers) > 0
-        assert torch.equal(layer(x), ref)  # inactive: the layer's own forward
+        assert torch.equal(layer(x), ref)  # inactive, 3 rows > small_rows: the layer's own forward
+        torch.testing.assert_close(layer(x[:2]), ref[:2], rtol=1e-5, atol=1e-5)
         lin.active = True
         y = layer(x)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -38,7 +38,9 @@ inline void check_invariant_linear_inputs(const at::Tensor& x, const at::Tensor&
 
 at::Tensor invariant_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias);
+#ifdef PTP_WITH_CUDA
 at::Tensor invariant_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias);
+#endif
 
 }  // namespace ptp

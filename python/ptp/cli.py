@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", dest="json_out", help="write results as JSON to this file")
     gen.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
-                     help="pad target calls to row counts that round every row alike, so a token's "
-                          "logits do not depend on the draft (default: on for CPU; costs speed)")
+                     help="run the target's linear layers through ptp_ext's invariant_linear in the "
+                          "decoding calls, so a token's logits do not depend on the draft size "
+                          "(bitwise; default: on for CPU models)")
 
     bench = sub.add_parser("bench-kernels", help="CPU microbenchmarks of the ptp_ext ops")
     bench.add_argument("--quick", action="store_true", help="a few shapes only")

@@ -60,18 +60,22 @@ class GenerationConfig:
 
 class InvariantLinears:
     """Routes every ``nn.Linear`` of ``model`` through :func:`ptp_ext.ops.invariant_linear` while
-    ``active`` is true (inside the context; outside it the layers are untouched). Subclasses of
-    ``nn.Linear`` (quantised layers and the like) keep their own forward."""
+    ``active`` is true (the target's decoding calls, whatever their row count), and for calls of
+    at most ``small_rows`` rows otherwise (drafters' calls: not needed for exactness, but it is
+    faster than BLAS there); larger calls (the prefill) keep BLAS. Only inside the context;
+    outside it the layers are untouched. Subclasses of ``nn.Linear`` (quantised layers and the
+    like) keep their own forward."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, small_rows: int = 32):
         self.active = False
+        self.small_rows = int(small_rows)
         self.layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
 
     def _forward(self, layer: torch.nn.Linear):
         plain = torch.nn.Linear.forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if not self.active:
+            if not self.active and (x.dim() == 0 or x.numel() > self.small_rows * x.shape[-1]):
                 return plain(layer, x)
             w = layer.weight if layer.weight.is_contiguous() else layer.weight.contiguous()
             return ops.invariant_linear(x, w, layer.bias)
