@@ -68,6 +68,7 @@ def test_rows_are_bitwise_independent_of_the_call(device, dtype, k, m):
 
 
 @CUDA
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_and_cuda_agree(dtype):
     x, w, b = make(9, 300, 77, dtype)
