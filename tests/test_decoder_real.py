@@ -10,6 +10,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 from ptp._testing import assert_same_logits, hf_greedy, maybe_reference_ops, record_sampling_logits
 from ptp.cli import chat_prompt_ids, eos_ids, read_specbench
@@ -112,3 +113,25 @@ def test_real_logits_identical_plain_vs_speculative(target, drafter):
     assert _ids(spec) == _ids(plain)
     assert len(spec_rec) >= sum(len(r.new_token_ids) for r in spec)
     assert_same_logits(plain_rec, spec_rec)
+
+
+def test_real_bfloat16_cpu_logits_identical_plain_vs_speculative(target):
+    """bfloat16 on the CPU, batch 1: with BLAS, SmolLM2's bf16 logits depend on the call's row
+    count enough to flip greedy tokens (measured: lookup == plain on 3 of 6 dev prompts x 64
+    tokens); through invariant_linear every greedy token's logits are bitwise plain decoding's,
+    for lookup chains and trees."""
+    import copy
+
+    model, tokenizer, prompts = target
+    if model.device.type != "cpu":
+        pytest.skip("row invariance is implemented for the CPU backend")
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    cfg = _config(bf, tokenizer)
+    for drafter in (LookupDrafter(), LookupDrafter(num_branches=3)):
+        plain_dec, spec_dec = Decoder(bf, tokenizer), Decoder(bf, tokenizer, drafter)
+        plain_rec, spec_rec = record_sampling_logits(plain_dec), record_sampling_logits(spec_dec)
+        for i, p in enumerate(prompts[:2]):
+            plain = plain_dec.generate([p], cfg, sequence_ids=[i])
+            spec = spec_dec.generate([p], cfg, sequence_ids=[i])
+            assert _ids(spec) == _ids(plain)
+        assert_same_logits(plain_rec, spec_rec)

@@ -113,11 +113,13 @@ def _generate(args) -> int:
         drafter = make_drafter(args.drafter, model, tokenizer, **_drafter_options(args.drafter_option))
     except (FileNotFoundError, ValueError, TypeError) as e:  # bad --model/--drafter/--device: a message, no trace
         raise SystemExit(f"ptp generate: error: {e}")
-    if args.dtype != "float32" and args.drafter != "none":
-        print(f"[ptp] warning: --dtype {args.dtype}: the target's logits change with the number of rows "
-              f"in a call (other kernels, other rounding at {args.dtype}), so a near-tie can resolve "
-              f"differently than in plain decoding and the text can differ from --drafter none; "
-              f"float32 is token-identical", file=sys.stderr)
+    row_invariant = args.row_invariant if args.row_invariant is not None else device.type == "cpu"
+    if args.dtype != "float32" and args.drafter != "none" and not row_invariant:
+        print(f"[ptp] warning: --dtype {args.dtype} without row-invariant calls: the target's logits "
+              f"change with the number of rows in a call (other kernels, other rounding at "
+              f"{args.dtype}), so a near-tie can resolve differently than in plain decoding and the "
+              f"text can differ from --drafter none; float32 (or a CPU model with --row-invariant, "
+              f"the CPU default) is token-identical", file=sys.stderr)
     decoder = Decoder(model, tokenizer, drafter)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
