@@ -97,7 +97,7 @@ def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, s
 
 
 DEFAULT_METHODS = ("hf,hf-pld,none,lookup,lookup:num_branches=3,ptp,ptp:scheme=linear,"
-                   "ptp:scheme=separate,mtp,mtp:scheme=linear,heads,heads:tree=1")
+                   "ptp:scheme=separate,mtp,mtp:scheme=linear,heads,heads:tree=1,heads:tree=1;lookup=1")
 
 
 def select_questions(questions: list, limit: int, how: str = "categories") -> list:
