@@ -16,12 +16,8 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PTP_IL_HAVE_X86 1
-#endif
-
 #include "invariant_linear.h"
+#include "../common/cpu_isa.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -31,36 +27,17 @@ namespace il_base {
 #include "invariant_linear_cpu_kernel.h"
 }  // namespace il_base
 
-#ifdef PTP_IL_HAVE_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#define PTP_IL_AVX2 1
+#ifdef PTP_HAVE_X86
+PTP_AVX2_BEGIN
+#define PTP_CPU_AVX2 1
 namespace il_avx2 {
 #include "invariant_linear_cpu_kernel.h"
 }  // namespace il_avx2
-#undef PTP_IL_AVX2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#undef PTP_CPU_AVX2
+PTP_AVX2_END
 #endif
 
 namespace {
-
-bool use_avx2() {
-#ifdef PTP_IL_HAVE_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 constexpr int64_t kBlock = 64;  // weight rows per parallel task
 
@@ -75,7 +52,7 @@ void run(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::
   const float* xp = xf.data_ptr<float>();
   float* yp = yf.data_ptr<float>();
   const scalar_t* wp = weight.data_ptr<scalar_t>();
-  const bool avx2 = use_avx2();
+  const bool avx2 = cpu_has_avx2();
   const int64_t blocks = (M + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> wbuf(kF32 ? 0 : static_cast<size_t>(kBlock * K));
@@ -89,7 +66,7 @@ void run(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::
         for (int64_t i = 0; i < (n1 - n0) * K; ++i) wbuf[i] = static_cast<float>(src[i]);
         w = wbuf.data();
       }
-#ifdef PTP_IL_HAVE_X86
+#ifdef PTP_HAVE_X86
       if (avx2) {
         il_avx2::rows_block(xp, N, K, w, n0, n1, yp, M);
         continue;

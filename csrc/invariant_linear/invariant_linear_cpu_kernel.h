@@ -1,33 +1,15 @@
 // The inner kernel of invariant_linear_cpu, included twice (baseline ISA and AVX2 + FMA + F16C,
-// see invariant_linear_cpu.cpp); it must not include anything itself.
+// see invariant_linear_cpu.cpp); it includes nothing but common/cpu_simd.inc.
 //
 // y[m, n] = hsum(acc) + tail (+ bias[n]), acc an 8-lane float32 accumulator over the full
 // 8-float chunks of k in order, tail the scalar sum of the last K % 8 products in order, hsum a
 // fixed left-to-right lane sum. That sequence depends on (m, n) only: the register tiles (4
 // weight rows x 3, 2 or 1 x rows) share loads, never partial sums.
 
-typedef float vf __attribute__((vector_size(32)));
-constexpr int kW = 8;
+#include "../common/cpu_simd.inc"
 
-static inline vf vload(const float* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-static inline vf vfma(vf a, vf b, vf c) {
-#ifdef PTP_IL_AVX2
-  return _mm256_fmadd_ps(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-static inline float vhsum(vf v) {
-  float r = v[0];
-  for (int i = 1; i < kW; ++i) r += v[i];
-  return r;
-}
 static inline float sfma(float a, float b, float c) {
-#ifdef PTP_IL_AVX2
+#ifdef PTP_CPU_AVX2
   return __builtin_fmaf(a, b, c);
 #else
   return a * b + c;
@@ -45,7 +27,7 @@ static inline void tile(const float* x, const float* w, int64_t K, float* out, i
     for (int j = 0; j < NW; ++j) acc[r][j] = vf{};
   const int64_t K8 = K / kW * kW;
   for (int64_t k = 0; k < K8; k += kW) {
-#ifdef PTP_IL_AVX2
+#ifdef PTP_CPU_AVX2
     if (pf && (k & 15) == 0)
       for (int j = 0; j < NW; ++j)
         _mm_prefetch(reinterpret_cast<const char*>(pf + j * K + k), _MM_HINT_T0);

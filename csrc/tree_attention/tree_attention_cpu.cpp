@@ -21,12 +21,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PTP_TA_HAVE_X86 1
-#endif
-
 #include "tree_attention.h"
+#include "../common/cpu_isa.h"
 
 // The baseline copy of the kernel passes 32-byte vectors between inline helpers only: no ABI
 // concern.
@@ -56,36 +52,17 @@ namespace ta_base {
 #include "tree_attention_cpu_kernel.h"
 }  // namespace ta_base
 
-#ifdef PTP_TA_HAVE_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#define PTP_TA_AVX2 1
+#ifdef PTP_HAVE_X86
+PTP_AVX2_BEGIN
+#define PTP_CPU_AVX2 1
 namespace ta_avx2 {
 #include "tree_attention_cpu_kernel.h"
 }  // namespace ta_avx2
-#undef PTP_TA_AVX2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#undef PTP_CPU_AVX2
+PTP_AVX2_END
 #endif
 
 namespace {
-
-bool use_avx2() {
-#ifdef PTP_TA_HAVE_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 template <typename scalar_t>
 void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
@@ -114,7 +91,7 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
   const scalar_t* qp = query.data_ptr<scalar_t>();
   const scalar_t* kp = key_cache.data_ptr<scalar_t>();
   const scalar_t* vp = value_cache.data_ptr<scalar_t>();
-  const bool avx2 = use_avx2();
+  const bool avx2 = cpu_has_avx2();
   // Each row's visible new tokens, in index order (with a mask). A tree node in topological order
   // sees its ancestors and itself: read at positions L, L + 1, ..., they are exactly the keys
   // plain decoding gives the token at position L + depth, in the same blocks and lanes, so tree
@@ -157,7 +134,7 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
       const scalar_t* q = qp + b * T * Hq * D + h * G * D;
       const scalar_t* k = kp + (b * Hkv + h) * S * D;
       const scalar_t* v = vp + (b * Hkv + h) * S * D;
-#ifdef PTP_TA_HAVE_X86
+#ifdef PTP_HAVE_X86
       if (avx2) {
         ta_avx2::attend_unit<scalar_t>(q, k, v, a);
         continue;

@@ -3,29 +3,22 @@
 // K/V tile read (GQA). Online softmax in base 2, float32 throughout.
 //
 // This file is included twice by tree_attention_cpu.cpp, inside two namespaces: once compiled for
-// the baseline ISA and once under `#pragma GCC target("avx2,fma,f16c")` with PTP_TA_AVX2 defined;
-// the driver picks one at run time. It must not include anything itself.
+// the baseline ISA and once under `#pragma GCC target("avx2,fma,f16c")` with PTP_CPU_AVX2 defined;
+// the driver picks one at run time. It includes nothing but common/cpu_simd.inc.
 //
 // Per block of BK keys: K is converted to float and transposed to Kt [D][BK] (so the scores of a
 // query row are an outer-product accumulation along contiguous keys, no horizontal sums) and V to
 // Vt [BK][Dp]; then for each pair of query rows (one row for an odd last): scores (8 vector
 // accumulators), mask, online softmax update, and P @ V accumulated in 32-float chunks of the head dim held in registers.
 
-typedef float vf __attribute__((vector_size(32)));
+#include "../common/cpu_simd.inc"
+
 typedef int32_t vi __attribute__((vector_size(32)));
-constexpr int kW = 8;    // floats per vector
 constexpr int kBK = 32;  // keys per block
 
-static inline vf vload(const float* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-static inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
-static inline vf vset1(float a) { return vf{a, a, a, a, a, a, a, a}; }
 // Broadcast of *p (a single load on AVX2).
 static inline vf vbcast(const float* p) {
-#ifdef PTP_TA_AVX2
+#ifdef PTP_CPU_AVX2
   return _mm256_broadcast_ss(p);
 #else
   return vset1(*p);
@@ -33,26 +26,14 @@ static inline vf vbcast(const float* p) {
 }
 // Keeps a loaded vector in a register: without it GCC folds the load into every FMA that uses
 // it, and the micro-kernels become load-bound (two loads per FMA instead of one per two).
-#ifdef PTP_TA_AVX2
+#ifdef PTP_CPU_AVX2
 #define PTP_IN_REG(x) asm("" : "+x"(x))
 #else
 #define PTP_IN_REG(x) (void)0
 #endif
-static inline vf vfma(vf a, vf b, vf c) {
-#ifdef PTP_TA_AVX2
-  return _mm256_fmadd_ps(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
 static inline float vhmax(vf v) {
   float r = v[0];
   for (int i = 1; i < kW; ++i) r = v[i] > r ? v[i] : r;
-  return r;
-}
-static inline float vhsum(vf v) {
-  float r = 0.f;
-  for (int i = 0; i < kW; ++i) r += v[i];
   return r;
 }
 
@@ -90,7 +71,7 @@ inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int n)
     __builtin_memcpy(dst + i, &b, 4);
   }
 }
-#ifdef PTP_TA_AVX2
+#ifdef PTP_CPU_AVX2
 template <>
 inline void to_float<c10::Half>(const c10::Half* src, float* dst, int n) {
   int i = 0;
@@ -109,7 +90,7 @@ static inline int64_t work_floats(int R, int D, int Dp) {
 // Kt[d][j] = krows[j][d] for j < kBK, d < D (8 x 8 register transposes on AVX2).
 static inline void transpose_keys(const float* krows, int D, float* Kt) {
   int d0 = 0;
-#ifdef PTP_TA_AVX2
+#ifdef PTP_CPU_AVX2
   for (; d0 + 8 <= D; d0 += 8) {
     for (int j0 = 0; j0 < kBK; j0 += 8) {
       const float* src = krows + static_cast<int64_t>(j0) * D + d0;
@@ -326,7 +307,7 @@ void attend_unit(const scalar_t* q, const scalar_t* k, const scalar_t* v, const 
   const bool direct = kIsFloat && D == Dp;
   for (int64_t kb = a.kbeg; kb < a.kend; kb += kBK) {
     const int n = static_cast<int>(std::min<int64_t>(kBK, a.kend - kb));
-#ifdef PTP_TA_AVX2
+#ifdef PTP_CPU_AVX2
     // Prefetch the keys and values kPrefetchBlocks ahead (hides DRAM latency when the rows per
     // block are few and a block's compute is short).
     constexpr int kPrefetchBlocks = 2;
