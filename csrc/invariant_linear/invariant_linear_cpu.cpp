@@ -5,8 +5,9 @@
 // from memory for all x rows (x stays in cache), so a small-N call costs about one pass over
 // the weights, like BLAS's GEMV, and no call packs the weight matrix (BLAS GEMMs for 2-16 rows
 // did: 3.4x slower than GEMV for SmolLM2's LM head on this CPU). fp16 / bf16 weights are
-// converted per block into a per-thread float32 buffer. The kernel is compiled twice (baseline
-// ISA and AVX2 + FMA + F16C) and chosen at run time, like tree_attention_cpu.
+// converted per block into a per-thread float32 buffer. The kernel is compiled three times
+// (baseline ISA; AVX2 + FMA + F16C; the same 8-lane code with AVX-512VL's 32 registers, for taller
+// register tiles) and chosen at run time, like tree_attention_cpu.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -35,6 +36,16 @@ namespace il_avx2 {
 }  // namespace il_avx2
 #undef PTP_CPU_AVX2
 PTP_AVX2_END
+
+PTP_AVX512VL_BEGIN
+#define PTP_CPU_AVX2 1
+#define PTP_IL_MAX_TILE 6
+namespace il_avx512 {
+#include "invariant_linear_cpu_kernel.h"
+}  // namespace il_avx512
+#undef PTP_IL_MAX_TILE
+#undef PTP_CPU_AVX2
+PTP_AVX512VL_END
 #endif
 
 namespace {
@@ -53,9 +64,13 @@ void run(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::
   float* yp = yf.data_ptr<float>();
   const scalar_t* wp = weight.data_ptr<scalar_t>();
   const bool avx2 = cpu_has_avx2();
+  const bool avx512 = cpu_has_avx512vl();
   const int64_t blocks = (M + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> wbuf(kF32 ? 0 : static_cast<size_t>(kBlock * K));
+    // float32 weights are read in place: prefetch within this task's rows
+    const float* pf_end = nullptr;
+    if constexpr (kF32) pf_end = wp + std::min(M, b1 * kBlock) * K;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * kBlock, n1 = std::min(M, n0 + kBlock);
       const float* w;
@@ -67,8 +82,12 @@ void run(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::
         w = wbuf.data();
       }
 #ifdef PTP_HAVE_X86
+      if (avx512) {
+        il_avx512::rows_block(xp, N, K, w, n0, n1, yp, M, pf_end);
+        continue;
+      }
       if (avx2) {
-        il_avx2::rows_block(xp, N, K, w, n0, n1, yp, M);
+        il_avx2::rows_block(xp, N, K, w, n0, n1, yp, M, pf_end);
         continue;
       }
 #endif

@@ -18,13 +18,18 @@ Both draft inside the verification call, so a decoding step costs one target cal
   occurrence of the row's last n..3 tokens, up to ``lookup_depth`` tokens) as one more branch of
   the draft tree, merged into it as a trie: the heads draft what the model writes, lookup what it
   copies (RAG, summaries, translation, code edits). Greedy and coupled verification (a tree of
-  any shape is verified exactly); not with ``verify="rejection"``.
+  any shape is verified exactly); not with ``verify="rejection"``. Row savers (the drafts change,
+  never the output): ``min_prob=P`` stops a chain, or the best-first tree, where the heads'
+  path probability falls below P; ``draft_vocab=K`` drafts over the K tokens most frequent in
+  the heads' training answers (default: 8,192 when the checkpoint stores their counts, else the
+  full vocabulary; 0 = full), so the heads' LM-head pass reads K rows of the LM head, not V.
 
 Temperature 0 verification is greedy for both: the output is plain greedy decoding's.
 """
 from __future__ import annotations
 
 import heapq
+import math
 import os
 from typing import Optional
 
@@ -43,6 +48,7 @@ __all__ = ["MaskedInputDrafter", "HeadsDrafter", "DEFAULT_MTP", "DEFAULT_HEADS"]
 WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
 DEFAULT_MTP = os.path.join(WEIGHTS, "mtp-smollm2-135m-instruct")
 DEFAULT_HEADS = os.path.join(WEIGHTS, "heads-smollm2-135m-instruct")
+AUTO_DRAFT_VOCAB = 8192  # draft vocabulary of heads whose checkpoint has token counts
 _DRAFT_SALT = 7919  # the drafts' own stream under rejection verification (never salt 0..N)
 
 
@@ -89,7 +95,8 @@ class HeadsDrafter:
     wants_hidden = True
 
     def __init__(self, heads: MTPHeads, tree: bool = False, max_nodes: int = 16, top: int = 4,
-                 verify: str = "coupled", lookup: int = 0, lookup_depth: int = 8) -> None:
+                 verify: str = "coupled", lookup: int = 0, lookup_depth: int = 8,
+                 min_prob: float = 0.0, draft_vocab: Optional[int] = None) -> None:
         if verify not in ("coupled", "rejection"):
             raise ValueError(f"verify must be 'coupled' or 'rejection', got {verify!r}")
         if int(lookup) < 0 or int(lookup_depth) < 1:
@@ -97,6 +104,9 @@ class HeadsDrafter:
         if int(lookup) > 0 and verify == "rejection":
             raise ValueError("lookup branches need coupled verification (verify='coupled'): rejection "
                              "sampling here verifies one chain drafted from the heads' q")
+        if not 0.0 <= float(min_prob) < 1.0:
+            raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
+        self.min_prob = float(min_prob)
         self.lookup = None
         if int(lookup) > 0:
             from .lookup import LookupDrafter
@@ -105,6 +115,10 @@ class HeadsDrafter:
                                         min_ngram=int(lookup))
         self.lookup_used = 0  # statistics: rows whose draft got a lookup branch
         self.heads = heads.eval()
+        self.vocab_size = heads.base.get_input_embeddings().weight.shape[0]
+        if draft_vocab is None:  # auto: the 8,192 most frequent answer tokens, if the checkpoint knows them
+            draft_vocab = AUTO_DRAFT_VOCAB if heads.token_counts is not None else 0
+        heads.set_draft_vocab(int(draft_vocab))
         self.tree = bool(tree)
         self.max_nodes = int(max_nodes)
         self.top = int(top)
@@ -146,7 +160,9 @@ class HeadsDrafter:
         # the root (the token the target committed after the node whose hidden state is H)
         nxt = torch.tensor([hist[-1] if good else 0 for hist, good in zip(request.histories, ok)],
                            dtype=torch.long, device=dev) if self.heads.config.token_input else None
-        logits = self.heads.logits(H, next_tokens=nxt).float()  # [B, n, V]
+        logits, vocab = self.heads.draft_logits(H, next_tokens=nxt)  # [B, n, V or K]
+        logits = logits.float()
+        ids = vocab.tolist() if vocab is not None else None  # draft-vocabulary index -> token id
         rows: list[tuple[list[int], list[int]]] = []
         probs_rows: list[Optional[torch.Tensor]] = []
         for b in range(len(hs)):
@@ -156,19 +172,31 @@ class HeadsDrafter:
                 probs_rows.append(None)
                 continue
             if s.greedy and self.tree:
-                rows.append(self._tree(logits[b], budget))
+                rows.append(self._tree(logits[b], budget, ids))
                 probs_rows.append(None)
                 continue
-            toks, qs = [0], []
+            toks, qs, path_p = [0], [], 1.0
             for i in range(min(n, budget)):
                 idx = root + 1 + i  # head i+1's token sits i+1 places after the root
                 if s.greedy:
-                    toks.append(int(logits[b, i].argmax()))
+                    t = int(logits[b, i].argmax())
+                    if self.min_prob > 0.0:
+                        path_p *= float(torch.softmax(logits[b, i], -1)[t])
+                        if path_p < self.min_prob:
+                            break
+                    toks.append(ids[t] if ids is not None else t)
                     continue
                 q = sampling_probs(logits[b, i], s.temperature, s.top_k, s.top_p)
                 salt = 0 if self.verify == "coupled" else _DRAFT_SALT
                 u = uniforms(s.seed, torch.tensor(request.sequence_ids[b]), torch.tensor(idx), salt=salt)
-                toks.append(int(vector_pick(u, q)))
+                t = int(vector_pick(u, q))
+                path_p *= float(q[t])
+                if self.min_prob > 0.0 and path_p < self.min_prob:
+                    break
+                if vocab is not None:  # q over the full vocabulary (rejection sampling reads it)
+                    q = torch.zeros(self.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, vocab, q)
+                    t = ids[t]
+                toks.append(t)
                 qs.append(q)
             rows.append((toks, list(range(-1, len(toks) - 1))))
             probs_rows.append(torch.stack(qs) if qs else None)
@@ -193,7 +221,7 @@ class HeadsDrafter:
             return None
         draft_probs = None
         if not s.greedy and self.verify == "rejection":
-            V = logits.shape[-1]
+            V = self.vocab_size
             draft_probs = torch.zeros(B, width, V, dtype=torch.float32, device=dev)
             for b, q in enumerate(probs_rows):
                 if q is None:
@@ -205,17 +233,23 @@ class HeadsDrafter:
                     draft_probs[b, 1 + q.shape[0]:, 0] = 1.0
         return Draft(tokens=tokens, parents=parents, is_chain=is_chain, draft_probs=draft_probs)
 
-    def _tree(self, logits: torch.Tensor, budget: int) -> tuple[list[int], list[int]]:
+    def _tree(self, logits: torch.Tensor, budget: int, ids: Optional[list[int]] = None
+              ) -> tuple[list[int], list[int]]:
         """Best-first tree: a node at depth d (head d) scores the product of its path's probs."""
         n = logits.shape[0]
         logp = torch.log_softmax(logits, -1)
         top_lp, top_id = logp.topk(self.top, dim=-1)
         top_lp, top_id = top_lp.tolist(), top_id.tolist()
+        if ids is not None:
+            top_id = [[ids[c] for c in row] for row in top_id]
         tokens, parents = [0], [-1]
         heap = [(-top_lp[0][c], 0, c, 0) for c in range(self.top)]  # (-score, depth, cand, parent)
         heapq.heapify(heap)
+        floor = math.log(self.min_prob) if self.min_prob > 0.0 else -math.inf
         while heap and len(tokens) - 1 < budget:
             neg, d, c, par = heapq.heappop(heap)
+            if -neg < floor:  # best-first: every node left scores lower still
+                break
             node = len(tokens)
             tokens.append(top_id[d][c])
             parents.append(par)
@@ -255,7 +289,7 @@ def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadrati
 
 
 def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=4, verify="coupled", lookup=0,
-                   lookup_depth=8, **kw):
+                   lookup_depth=8, min_prob=0.0, draft_vocab=None, **kw):
     from ptp.train.checkpoint import load_heads
 
     ckpt = path or DEFAULT_HEADS
@@ -264,7 +298,9 @@ def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=4, veri
     if isinstance(tree, str):
         tree = tree.lower() in ("1", "true", "yes", "tree")
     return HeadsDrafter(load_heads(model, ckpt), tree=tree, max_nodes=int(max_nodes), top=int(top),
-                        verify=verify, lookup=int(lookup), lookup_depth=int(lookup_depth), **kw)
+                        verify=verify, lookup=int(lookup), lookup_depth=int(lookup_depth),
+                        min_prob=float(min_prob),
+                        draft_vocab=None if draft_vocab is None else int(draft_vocab), **kw)
 
 
 register_drafter("mtp", _mtp_factory)

@@ -29,7 +29,9 @@ def save_adapter(model, out_dir: str, extra: Optional[dict[str, Any]] = None,
     """
     drafter_type = drafter_type or getattr(model, "DRAFTER_TYPE", "ptp")
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.adapter_state_dict().items()}
+    # counts stay float32 (a float16 file would turn counts above 65504 into inf)
+    tensors = {k: v.detach().to("cpu", torch.float32 if k == "token_counts" else dtype).contiguous()
+               for k, v in model.adapter_state_dict().items()}
     tmp = os.path.join(out_dir, ADAPTER + ".tmp")
     save_file(tensors, tmp, metadata={"format": "ptp-adapter"})
     os.replace(tmp, os.path.join(out_dir, ADAPTER))

@@ -135,8 +135,11 @@ def run_train(args: argparse.Namespace) -> int:
         from ptp.mtp_model import HeadsConfig, MTPHeads
         from ptp.train.mtp import heads_batch_loss
 
+        from ptp.train.data import answer_token_counts
+
         model = MTPHeads(base, HeadsConfig(num_heads=args.heads, base_model=args.model,
                                                  token_input=args.token_input))
+        model.set_token_counts(answer_token_counts(seqs, base.get_input_embeddings().weight.shape[0]))
         loss_fn = heads_batch_loss
     remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
     tcfg = TrainConfig(mode=mode, steps=args.steps, lr=args.lr, warmup=args.warmup,

@@ -133,3 +133,16 @@ def text_sequences(tok, texts: list[str], max_len: int = 512) -> list[Sequence]:
         if len(ids) > 4:
             out.append(Sequence(ids, 1))
     return out
+
+
+def answer_token_counts(seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs in the answers (``ids[prompt_len:]``) of ``seqs``, float32
+    ``[vocab_size]``: the MTP heads keep it to choose their draft vocabulary."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for s in seqs:
+        a = s.ids[s.prompt_len:].long().view(-1)
+        if a.numel() and int(a.max()) >= vocab_size:
+            raise ValueError(f"token id {int(a.max())} is outside the model's vocabulary ({vocab_size}): "
+                             "data made for another model?")
+        counts += torch.bincount(a, minlength=vocab_size).double()
+    return counts.float()
