@@ -91,7 +91,7 @@ def test_loss_decreases(variant, mode, temperature):
                                      lora=LoRAConfig(rank=4, alpha=8)))
     cfg = TrainConfig(mode=mode, windows_per_seq=8, lr=3e-3, warmup=1)
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
-    first = float(sequence_loss(model, seqs[0], cfg, gen, random.Random(1))[0])
+    first = float(sequence_loss(model, seqs[0], cfg, gen, random.Random(1))[0].detach())
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr)
     for step in range(40):
         loss, _ = sequence_loss(model, seqs[step % len(seqs)], cfg, gen, rng)
