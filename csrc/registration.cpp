@@ -3,6 +3,7 @@
 // Python-side fake (meta) implementations live in ptp_ext/ops.py next to each wrapper.
 #include <torch/library.h>
 
+#include "invariant_linear/gated_lora_linear.h"
 #include "invariant_linear/invariant_linear.h"
 #include "sampler_mlp/sampler_mlp.h"
 #include "tree_attention/tree_attention.h"
@@ -25,6 +26,10 @@ TORCH_LIBRARY(ptp_ext, m) {
       "Tensor? norm2_bias, bool silu_out, float eps) -> Tensor");
   // ---- batch-invariant linear (CPU: row-invariant target calls) -----------------------------
   m.def("invariant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // ---- invariant linear + gated LoRA on a suffix of rows (self-speculative drafters) ---------
+  m.def(
+      "gated_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "float scale, int aux_start) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
@@ -32,6 +37,7 @@ TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
   m.impl("verify_tree", &ptp::verify_tree_cpu);
   m.impl("sampler_mlp", &ptp::sampler_mlp_cpu);
   m.impl("invariant_linear", &ptp::invariant_linear_cpu);
+  m.impl("gated_lora_linear", &ptp::gated_lora_linear_cpu);
 }
 
 #ifdef PTP_WITH_CUDA
@@ -40,5 +46,6 @@ TORCH_LIBRARY_IMPL(ptp_ext, CUDA, m) {
   m.impl("verify_tree", &ptp::verify_tree_cuda);
   m.impl("sampler_mlp", &ptp::sampler_mlp_cuda);
   m.impl("invariant_linear", &ptp::invariant_linear_cuda);
+  m.impl("gated_lora_linear", &ptp::gated_lora_linear_cuda);
 }
 #endif

@@ -11,9 +11,9 @@ import torch  # noqa: F401  (the extension links against libtorch: load it first
 
 from . import _C  # noqa: F401  (registers torch.ops.ptp_ext.*)
 from . import ops, reference
-from .ops import invariant_linear, sampler_mlp, tree_attention, verify_tree
+from .ops import gated_lora_linear, invariant_linear, sampler_mlp, tree_attention, verify_tree
 
-__all__ = ["ops", "reference", "tree_attention", "verify_tree", "sampler_mlp", "invariant_linear", "with_cuda"]
+__all__ = ["ops", "reference", "tree_attention", "verify_tree", "sampler_mlp", "invariant_linear", "gated_lora_linear", "with_cuda"]
 __version__ = "0.1.0"
 
 

@@ -265,3 +265,51 @@ def _invariant_linear_fake(x, weight, bias):
     torch._check(x.dim() == 2, lambda: "x must be [N, K]")
     torch._check(weight.dim() == 2, lambda: "weight must be [M, K]")
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch-invariant linear + gated LoRA on a suffix of rows
+# ---------------------------------------------------------------------------------------------
+def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                      aux_start: int) -> torch.Tensor:
+    """:func:`invariant_linear` on every row plus ``scale * (x @ lora_a.T) @ lora_b.T`` on the
+    rows ``x[:, aux_start:]`` only, in one call.
+
+    This is the gated LoRA of a self-speculative drafter (``ptp.lora.GatedLoRALinear``: the
+    adapter acts on the auxiliary rows, u-slots or mask tokens, appended after the real tokens of
+    every batch row). Rows before ``aux_start`` are bitwise ``invariant_linear(x, weight, bias)``,
+    so the target's own rows never depend on the adapter. All products go through the
+    row-invariant kernel. One op call replaces about ten small tensor ops per adapted layer.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(batch_size, seq_len, K)`` float32 / float16 / bfloat16, contiguous.
+    weight : torch.Tensor
+        ``(M, K)``, x's dtype, contiguous.
+    bias : torch.Tensor, optional
+        ``(M,)``, x's dtype.
+    lora_a : torch.Tensor
+        ``(R, K)`` float32 (PEFT's ``lora_A``).
+    lora_b : torch.Tensor
+        ``(M, R)`` float32 (PEFT's ``lora_B``).
+    scale : float
+        LoRA scaling (``alpha / rank``).
+    aux_start : int
+        First auxiliary position, ``0 <= aux_start <= seq_len``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(batch_size, seq_len, M)`` in x's dtype; the delta is computed in float32.
+    """
+    return _ops.gated_lora_linear(x, weight, bias, lora_a, lora_b, float(scale), int(aux_start))
+
+
+@torch.library.register_fake("ptp_ext::gated_lora_linear")
+def _gated_lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, aux_start):
+    torch._check(x.dim() == 3, lambda: "x must be [B, S, K]")
+    torch._check(weight.dim() == 2, lambda: "weight must be [M, K]")
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[0]))
+

@@ -21,6 +21,7 @@ __all__ = [
     "verify_tree_ref",
     "sampler_mlp_ref",
     "invariant_linear_ref",
+    "gated_lora_linear_ref",
     "chain_parents",
 ]
 
@@ -228,3 +229,17 @@ def invariant_linear_ref(x: torch.Tensor, weight: torch.Tensor,
     """Reference for :func:`ptp_ext.ops.invariant_linear`: ``F.linear`` in float32 (equal up to
     rounding; it is not row-invariant itself)."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def gated_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                          aux_start: int) -> torch.Tensor:
+    """Reference for :func:`ptp_ext.ops.gated_lora_linear`: the base linear on every row, the
+    LoRA delta (float32) added on the rows ``x[:, aux_start:]``."""
+    y = invariant_linear_ref(x, weight, bias)
+    tail = x[:, aux_start:].float()
+    delta = (tail @ lora_a.float().t()) @ lora_b.float().t() * scale
+    out = y.float()
+    out[:, aux_start:] = y[:, aux_start:].float() + delta
+    return out.to(x.dtype)
+

@@ -1,4 +1,4 @@
-"""The op surface of ptp_ext: the four ops registered under torch.ops.ptp_ext with the contract's
+"""The op surface of ptp_ext: the five ops registered under torch.ops.ptp_ext with the contract's
 schemas (csrc/registration.cpp), a kernel per dispatch key consistent with ptp_ext.with_cuda(),
 fake implementations that trace under FakeTensorMode, and a documented public wrapper per op."""
 from __future__ import annotations
@@ -25,6 +25,10 @@ SCHEMAS = {
         "Tensor? norm2_weight, Tensor? norm2_bias, bool silu_out, float eps) -> Tensor"
     ),
     "invariant_linear": "ptp_ext::invariant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    "gated_lora_linear": (
+        "ptp_ext::gated_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
+        "Tensor lora_b, float scale, int aux_start) -> Tensor"
+    ),
 }
 
 
@@ -111,3 +115,11 @@ def test_fake_invariant_linear():
     with FakeTensorMode():
         y = torch.ops.ptp_ext.invariant_linear(torch.empty(5, 24), torch.empty(40, 24), None)
     assert y.shape == (5, 40) and y.dtype == torch.float32
+
+
+def test_fake_gated_lora_linear():
+    with FakeTensorMode():
+        y = torch.ops.ptp_ext.gated_lora_linear(torch.empty(2, 5, 24), torch.empty(40, 24), None,
+                                                torch.empty(4, 24), torch.empty(40, 4), 2.0, 3)
+    assert y.shape == (2, 5, 40) and y.dtype == torch.float32
+

@@ -1,12 +1,16 @@
 // CUDA launcher of invariant_linear: shared argument check, device guard, current stream; the
 // kernel (and why it is row-invariant) is in invariant_linear_kernels.cuh. Meant for
 // decoding-sized calls (rows in the tens); no host synchronisation, CUDA-graph safe.
+// Also gated_lora_linear on CUDA: the composite of gated_lora_linear.h over this launcher (three
+// products through the kernel, one add on the current stream).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 
+#include "gated_lora_linear.h"
 #include "invariant_linear.h"
 #include "invariant_linear_kernels.cuh"
 
@@ -47,6 +51,14 @@ at::Tensor invariant_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
       run<__nv_bfloat16>(x, weight, bias, y, stream);
   }
   return y;
+}
+
+at::Tensor gated_lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                  const at::Tensor& lora_b, double scale, int64_t aux_start) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return gated_lora_linear_impl(x, weight, bias, lora_a, lora_b, scale, aux_start,
+                                &invariant_linear_cuda);
 }
 
 }  // namespace ptp

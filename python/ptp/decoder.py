@@ -37,6 +37,7 @@ from ptp_ext import ops
 
 from .attention import register as register_attention
 from .cache import RowCache
+from .lora import GatedLoRALinear
 from .models import cache_kw
 from .drafters.base import AuxRows, Draft, DraftRequest, Drafter, NoDrafter, StepOutcome
 from .sampling import SamplingConfig, uniforms
@@ -70,12 +71,19 @@ class InvariantLinears:
         self.active = False
         self.small_rows = int(small_rows)
         self.layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        # gated-LoRA wrappers (self-speculative drafters) fuse base + adapter into one op call
+        # (ptp_ext.ops.gated_lora_linear) whenever their base layer would take the op
+        self.lora_layers = [m for m in model.modules() if isinstance(m, GatedLoRALinear)]
+
+    def wants(self, x: torch.Tensor) -> bool:
+        """Whether a linear layer's call on ``x`` goes through the row-invariant op."""
+        return self.active or (x.dim() > 0 and x.numel() <= self.small_rows * x.shape[-1])
 
     def _forward(self, layer: torch.nn.Linear):
         plain = torch.nn.Linear.forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if not self.active and (x.dim() == 0 or x.numel() > self.small_rows * x.shape[-1]):
+            if not self.wants(x):
                 return plain(layer, x)
             w = layer.weight if layer.weight.is_contiguous() else layer.weight.contiguous()
             return ops.invariant_linear(x, w, layer.bias)
@@ -84,11 +92,15 @@ class InvariantLinears:
     def __enter__(self) -> "InvariantLinears":
         for layer in self.layers:
             layer.forward = self._forward(layer)
+        for layer in self.lora_layers:
+            layer.invariant = self
         return self
 
     def __exit__(self, *exc) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
+        for layer in self.lora_layers:
+            layer.invariant = None
         self.active = False
 
 
