@@ -4,7 +4,9 @@ For every wrapped ``nn.Linear`` ``W``: ``y = W x`` on all rows, then ``y[r] += s
 the auxiliary rows ``r`` only (a slice add when the aux rows are a common suffix of every batch
 row, the layout of the decoder and the packed forwards; ``index_select`` + ``index_add``
 otherwise; never a multiplication by a 0/1 gate), so real-token rows are *bit-identical* with
-the adapter on and off. That makes a
+the adapter on and off. In the decoder's row-invariant CPU calls (``ptp.decoder.InvariantLinears``)
+the suffix case is one op, ``ptp_ext.ops.gated_lora_linear`` (base rows bitwise the op's
+``invariant_linear``, as the base layer computes them there). That makes a
 self-speculative drafter (the target plus this adapter) verify exactly.
 
 The rows travel with the forward through a :class:`LoRAGate` shared by all wrapped layers: set it
