@@ -70,10 +70,8 @@ inline bool cpu_has_avx2() {
 // True when this CPU also has AVX-512F and AVX-512VL (checked once).
 inline bool cpu_has_avx512vl() {
 #ifdef PTP_HAVE_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512vl");
-  return ok && cpu_isa_cap() >= 2;
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  return ok && cpu_has_avx2() && cpu_isa_cap() >= 2;
 #else
   return false;
 #endif

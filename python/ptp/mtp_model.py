@@ -204,6 +204,7 @@ class MTPHeads(nn.Module):
         # with the checkpoint): it picks the draft vocabulary (:meth:`set_draft_vocab`).
         self.token_counts: Optional[torch.Tensor] = None
         self.vocab_ids: Optional[torch.Tensor] = None  # draft vocabulary (None: the full one)
+        self.vocab_id_list: Optional[list[int]] = None  # the same as a list (index -> token id)
         self._vocab_weight: Optional[torch.Tensor] = None
         self._vocab_bias: Optional[torch.Tensor] = None
 
@@ -224,7 +225,7 @@ class MTPHeads(nn.Module):
         if size < 0:
             raise ValueError(f"draft_vocab must be >= 0, got {size}")
         if size == 0 or size >= V:
-            self.vocab_ids = self._vocab_weight = self._vocab_bias = None
+            self.vocab_ids = self.vocab_id_list = self._vocab_weight = self._vocab_bias = None
             return
         if self.token_counts is None:
             raise ValueError("draft_vocab needs the token counts of the heads' training data, and this "
@@ -234,6 +235,7 @@ class MTPHeads(nn.Module):
         lm = self.base.lm_head
         ids = order[:size].sort().values.to(lm.weight.device)
         self.vocab_ids = ids
+        self.vocab_id_list = ids.tolist()
         self._vocab_weight = lm.weight.detach().index_select(0, ids).contiguous()
         bias = getattr(lm, "bias", None)
         self._vocab_bias = bias.detach().index_select(0, ids) if bias is not None else None

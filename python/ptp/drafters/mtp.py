@@ -162,7 +162,10 @@ class HeadsDrafter:
                            dtype=torch.long, device=dev) if self.heads.config.token_input else None
         logits, vocab = self.heads.draft_logits(H, next_tokens=nxt)  # [B, n, V or K]
         logits = logits.float()
-        ids = vocab.tolist() if vocab is not None else None  # draft-vocabulary index -> token id
+        ids = self.heads.vocab_id_list  # draft-vocabulary index -> token id (None: full vocabulary)
+        # greedy min_prob: each head's argmax probability, for all rows at once
+        top_p = (torch.softmax(logits, -1).amax(-1).tolist()
+                 if s.greedy and not self.tree and self.min_prob > 0.0 else None)
         rows: list[tuple[list[int], list[int]]] = []
         probs_rows: list[Optional[torch.Tensor]] = []
         for b in range(len(hs)):
@@ -180,8 +183,8 @@ class HeadsDrafter:
                 idx = root + 1 + i  # head i+1's token sits i+1 places after the root
                 if s.greedy:
                     t = int(logits[b, i].argmax())
-                    if self.min_prob > 0.0:
-                        path_p *= float(torch.softmax(logits[b, i], -1)[t])
+                    if top_p is not None:
+                        path_p *= top_p[b][i]
                         if path_p < self.min_prob:
                             break
                     toks.append(ids[t] if ids is not None else t)
