@@ -80,14 +80,15 @@ def run_hf(model, prompts, max_new, eos, lookup_tokens=None, temperature=0.0, se
     return out
 
 
-def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, seed=0, row_invariant=None):
+def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, seed=0, row_invariant=None,
+            fast_path=None):
     from ptp.decoder import Decoder, GenerationConfig
     from ptp.sampling import SamplingConfig
 
     decoder = Decoder(model, tokenizer, drafter)
     cfg = GenerationConfig(max_new, eos_token_ids=tuple(eos),
                            sampling=SamplingConfig(temperature=temperature, seed=seed),
-                           row_invariant=row_invariant)
+                           row_invariant=row_invariant, fast_path=fast_path)
     out = []
     for i, p in enumerate(prompts):
         t0 = time.perf_counter()
@@ -175,7 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-lookup-tokens", type=int, default=10)
     ap.add_argument("--row-invariant", default="auto", choices=["auto", "on", "off"],
                     help="row-invariant decoding calls (invariant_linear; auto: on for CPU); a "
-                         "method can override it with the option rows=on|off, e.g. none:rows=off")
+                         "method can override it with the option rows=on|off, e.g. none:rows=off; "
+                         "likewise fast=off runs a method's decoding calls through the HF forward "
+                         "instead of ptp.fastpath's direct layer loop (default: auto)")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help="comma list of hf, hf-pld, or drafter[:opt=val;...] (';' separates options)")
     ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
@@ -198,6 +201,7 @@ def main(argv=None) -> int:
         else:
             name, opts = parse_method(spec)
             rows = row_switch(opts.pop("rows", args.row_invariant))
+            fast = row_switch(opts.pop("fast", "auto"))
             m = copy.deepcopy(model)  # adapters wrap the model's linears: one copy per drafter
             try:
                 drafter = make_drafter(name, m, tokenizer, **opts)
@@ -208,8 +212,8 @@ def main(argv=None) -> int:
             short = spec if not os.path.isdir(name) else \
                 f"{os.path.basename(os.path.normpath(name))} [{type(drafter).__name__}]" + spec[len(name):]
             label = "ptp plain" if spec == "none" else f"ptp {short}"
-            methods[label] = (lambda mm, d, r: lambda ps: run_ptp(mm, tokenizer, d, ps, N, eos, T, seed, r))(
-                m, drafter, rows)
+            methods[label] = (lambda mm, d, r, f: lambda ps: run_ptp(mm, tokenizer, d, ps, N, eos, T, seed, r, f))(
+                m, drafter, rows, fast)
     for name, fn in methods.items():  # warm-up (allocator, thread pools, lazy imports)
         fn(prompts[:1])
     results = {}

@@ -37,6 +37,7 @@ from ptp_ext import ops
 
 from .attention import register as register_attention
 from .cache import RowCache
+from .fastpath import FastForward, fast_forward_for
 from .lora import GatedLoRALinear
 from .models import cache_kw
 from .drafters.base import AuxRows, Draft, DraftRequest, Drafter, NoDrafter, StepOutcome
@@ -57,6 +58,10 @@ class GenerationConfig:
     # decoding calls through ptp_ext.ops.invariant_linear, so a token's logits do not depend on
     # the draft size (bitwise); None: on for CPU models, off elsewhere
     row_invariant: Optional[bool] = None
+    # decoding calls of Llama / Mistral / Qwen2 models through ptp.fastpath's direct layer loop
+    # (bitwise the HF forward's results, without its per-module overhead); None: wherever the
+    # model's structure is supported, False: always the HF forward
+    fast_path: Optional[bool] = None
 
 
 class InvariantLinears:
@@ -174,6 +179,8 @@ class Decoder:
         self.sliding_window = getattr(cfg, "sliding_window", None)
         if getattr(cfg, "use_sliding_window", True) is False:
             self.sliding_window = None
+        self._fast: Optional[FastForward] = None  # set per generate() call (the drafter may wrap layers)
+        self._linears: Optional[InvariantLinears] = None
 
     # -- one target call ----------------------------------------------------------------------
     def _forward(self, cache: RowCache, input_ids, position_ids, cache_lens, host_lens,
@@ -185,6 +192,11 @@ class Decoder:
         A = aux.num_rows if aux is not None else 0
         T = N1 + A
         cache.set_write_positions(cache_lens, host_lens, T)
+        fast = self._fast if not prefill else None
+        if fast is not None and aux is None and not want_hidden:
+            hidden = fast(fast.embed(input_ids), position_ids, cache, cache_lens, tree_mask, self._linears)
+            kept = hidden if not logits_to_keep else hidden[:, -logits_to_keep:]
+            return fast.logits(kept, self._linears), None
         kw = dict(position_ids=position_ids, use_cache=True, **cache_kw(self.model, cache),
                   ptp_cache_lens=cache_lens, ptp_tree_mask=tree_mask, ptp_prefill=prefill)
         if aux is None and not want_hidden:
@@ -200,13 +212,17 @@ class Decoder:
             rows[:, N1:] = True
             ctx = self.drafter.aux_context(rows)
         with ctx:
-            hidden = self.model.get_decoder()(inputs_embeds=emb, **kw).last_hidden_state
-        lm_head = self.model.get_output_embeddings()
+            if fast is not None:
+                hidden = fast(emb, position_ids, cache, cache_lens, tree_mask, self._linears)
+            else:
+                hidden = self.model.get_decoder()(inputs_embeds=emb, **kw).last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor):
             kept = hidden[:, logits_to_keep]
         else:
             kept = hidden[:, :N1] if not logits_to_keep else hidden[:, N1 - logits_to_keep:N1]
-        return lm_head(kept), hidden
+        if fast is not None:
+            return fast.logits(kept, self._linears), hidden
+        return self.model.get_output_embeddings()(kept), hidden
 
     def _verify(self, tokens, parents, logits, cache_lens, seq_ids, sampling: SamplingConfig,
                 draft_probs=None):
@@ -244,12 +260,19 @@ class Decoder:
         if invariant and self.model.device.type != "cpu":
             raise ValueError("row_invariant decoding is implemented for CPU models (the CUDA "
                              "attention and BLAS paths are not row-invariant)")
+        self._fast = fast_forward_for(self.model) if config.fast_path is not False else None
+        if config.fast_path and self._fast is None:
+            raise ValueError(f"fast_path=True: {type(self.model).__name__} is not a structure "
+                             f"ptp.fastpath supports (Llama, Mistral, Qwen2 causal LMs); use None "
+                             f"or False")
         try:
             if not invariant:
                 return self._generate(prompts, config, sequence_ids, on_tokens, None)
             with InvariantLinears(self.model) as linears:
                 return self._generate(prompts, config, sequence_ids, on_tokens, linears)
         finally:
+            self._fast = None
+            self._linears = None
             if previous and previous != self.impl:
                 self.model.set_attn_implementation(previous)
 
@@ -257,6 +280,7 @@ class Decoder:
     def _generate(self, prompts, config: GenerationConfig, sequence_ids, on_tokens,
                   linears: Optional[InvariantLinears]) -> list[SequenceResult]:
         t0 = time.perf_counter()
+        self._linears = linears
         B = len(prompts)
         if B == 0:
             return []
