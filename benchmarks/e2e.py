@@ -178,7 +178,9 @@ def main(argv=None) -> int:
                     help="row-invariant decoding calls (invariant_linear; auto: on for CPU); a "
                          "method can override it with the option rows=on|off, e.g. none:rows=off; "
                          "likewise fast=off runs a method's decoding calls through the HF forward "
-                         "instead of ptp.fastpath's direct layer loop (default: auto)")
+                         "instead of ptp.fastpath's direct layer loop (default: auto), and "
+                         "quant=off its linears through the float32 weights instead of the GGUF "
+                         "blocks ptp.quant attached (quant_linear)")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help="comma list of hf, hf-pld, or drafter[:opt=val;...] (';' separates options)")
     ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
@@ -202,7 +204,12 @@ def main(argv=None) -> int:
             name, opts = parse_method(spec)
             rows = row_switch(opts.pop("rows", args.row_invariant))
             fast = row_switch(opts.pop("fast", "auto"))
+            quant = row_switch(opts.pop("quant", "auto"))
             m = copy.deepcopy(model)  # adapters wrap the model's linears: one copy per drafter
+            if quant is False:  # the float32 weights instead of the attached GGUF blocks
+                from ptp.quant import quantized_weights
+
+                quantized_weights(m).clear()
             try:
                 drafter = make_drafter(name, m, tokenizer, **opts)
             except FileNotFoundError as e:

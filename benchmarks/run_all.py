@@ -17,7 +17,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["bench_tree_attention.py", "bench_verify.py", "bench_sampler_mlp.py", "bench_invariant_linear.py"]
+SCRIPTS = ["bench_tree_attention.py", "bench_verify.py", "bench_sampler_mlp.py", "bench_invariant_linear.py",
+           "bench_quant_linear.py"]
 
 
 def child_env() -> dict[str, str]:

@@ -5,6 +5,7 @@
 
 #include "invariant_linear/gated_lora_linear.h"
 #include "invariant_linear/invariant_linear.h"
+#include "invariant_linear/quant_linear.h"
 #include "sampler_mlp/sampler_mlp.h"
 #include "tree_attention/tree_attention.h"
 #include "verify/verify.h"
@@ -30,6 +31,8 @@ TORCH_LIBRARY(ptp_ext, m) {
   m.def(
       "gated_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
       "float scale, int aux_start) -> Tensor");
+  // ---- invariant linear over GGUF-quantised weights (bitwise that of the dequantised ones) --
+  m.def("quant_linear(Tensor x, Tensor qweight, str format, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
@@ -38,6 +41,7 @@ TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
   m.impl("sampler_mlp", &ptp::sampler_mlp_cpu);
   m.impl("invariant_linear", &ptp::invariant_linear_cpu);
   m.impl("gated_lora_linear", &ptp::gated_lora_linear_cpu);
+  m.impl("quant_linear", &ptp::quant_linear_cpu);
 }
 
 #ifdef PTP_WITH_CUDA
@@ -47,5 +51,6 @@ TORCH_LIBRARY_IMPL(ptp_ext, CUDA, m) {
   m.impl("sampler_mlp", &ptp::sampler_mlp_cuda);
   m.impl("invariant_linear", &ptp::invariant_linear_cuda);
   m.impl("gated_lora_linear", &ptp::gated_lora_linear_cuda);
+  m.impl("quant_linear", &ptp::quant_linear_cuda);
 }
 #endif

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["tree_attention", "verify_tree", "sampler_mlp", "invariant_linear"]
+__all__ = ["tree_attention", "verify_tree", "sampler_mlp", "invariant_linear", "gated_lora_linear",
+           "quant_linear"]
 
 _ops = torch.ops.ptp_ext
 
@@ -313,3 +314,48 @@ def _gated_lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, aux_start):
     torch._check(weight.dim() == 2, lambda: "weight must be [M, K]")
     return x.new_empty((x.shape[0], x.shape[1], weight.shape[0]))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch-invariant linear over GGUF-quantised weights
+# ---------------------------------------------------------------------------------------------
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, format: str,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`invariant_linear` with the weights in a GGUF block format, dequantised on the fly;
+    bitwise ``invariant_linear(x, dequantize(qweight), bias)`` (CPU).
+
+    A quantised checkpoint's float32 weights are each exactly one block formula, so reading the
+    blocks (Q4_1: 4.5 bits per weight, Q8_0: 8.5) instead of the float32 copy (32 bits) gives the
+    same outputs from a fraction of the memory traffic: the weight stream is what bounds a
+    decoding call on a CPU. ``ptp.quant`` builds the blocks of a model loaded from a GGUF and
+    checks them against the loaded weights.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(..., K)`` float32, K a multiple of 32 (leading dims are flattened).
+    qweight : torch.Tensor
+        ``(M, K / 32 * block_bytes)`` uint8, contiguous: each row's K / 32 blocks in order.
+    format : str
+        ``"q8_0"`` (34-byte blocks: fp16 d, 32 int8; ``w = d * q``) or ``"q4_1"`` (20-byte
+        blocks: fp16 d, fp16 m, 16 bytes of nibbles, low nibbles first; ``w = d * q + m``).
+    bias : torch.Tensor, optional
+        ``(M,)`` float32.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., M)`` float32.
+    """
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape [..., K], got a {x.dim()}-d tensor")
+    lead = x.shape[:-1]
+    y = _ops.quant_linear(x.reshape(lead.numel(), x.shape[-1]).contiguous(), qweight, str(format), bias)
+    return y.view(*lead, y.shape[-1])
+
+
+@torch.library.register_fake("ptp_ext::quant_linear")
+def _quant_linear_fake(x, qweight, format, bias):
+    torch._check(x.dim() == 2, lambda: "x must be [N, K]")
+    torch._check(qweight.dim() == 2, lambda: "qweight must be [M, K / 32 * block_bytes]")
+    return x.new_empty((x.shape[0], qweight.shape[0]))

@@ -22,6 +22,10 @@ __all__ = [
     "sampler_mlp_ref",
     "invariant_linear_ref",
     "gated_lora_linear_ref",
+    "dequantize_ref",
+    "quantize_ref",
+    "quant_linear_ref",
+    "QUANT_BLOCK_BYTES",
     "chain_parents",
 ]
 
@@ -243,3 +247,59 @@ def gated_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     out[:, aux_start:] = y[:, aux_start:].float() + delta
     return out.to(x.dtype)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF block formats (quant_linear)
+# ---------------------------------------------------------------------------------------------
+QUANT_BLOCK_BYTES = {"q8_0": 34, "q4_1": 20}  # bytes per block of 32 weights
+
+
+def dequantize_ref(qweight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``uint8 [M, K / 32 * bytes]`` GGUF blocks -> float32 ``[M, K]``, the formulas of the gguf
+    package (which transformers uses to load a GGUF): Q8_0 ``d * q``; Q4_1 ``d * q + m`` with the
+    low nibbles of the 16 bytes as weights 0-15 and the high nibbles as 16-31 of each block."""
+    if fmt not in QUANT_BLOCK_BYTES:
+        raise ValueError(f"format must be one of {sorted(QUANT_BLOCK_BYTES)}, got {fmt!r}")
+    bb = QUANT_BLOCK_BYTES[fmt]
+    M = qweight.shape[0]
+    blocks = qweight.reshape(M, -1, bb)
+    d = blocks[..., :2].contiguous().view(torch.float16).float()  # [M, nb, 1]
+    if fmt == "q8_0":
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()
+        return (d * q).reshape(M, -1)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+    qs = blocks[..., 4:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
+    return (d * q + m).reshape(M, -1)
+
+
+def quantize_ref(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """float ``[M, K]`` (K a multiple of 32) -> GGUF blocks ``uint8 [M, K / 32 * bytes]`` (for
+    tests and benchmarks: round-to-nearest block quantisation, as llama.cpp's reference
+    quantiser does it)."""
+    if fmt not in QUANT_BLOCK_BYTES:
+        raise ValueError(f"format must be one of {sorted(QUANT_BLOCK_BYTES)}, got {fmt!r}")
+    M, K = weight.shape
+    if K % 32:
+        raise ValueError(f"K must be a multiple of 32, got {K}")
+    w = weight.float().reshape(M, K // 32, 32)
+    if fmt == "q8_0":
+        amax = w.abs().amax(-1, keepdim=True)
+        d = (amax / 127.0).to(torch.float16)
+        inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(amax))
+        q = (w * inv).round().clamp(-128, 127).to(torch.int8)
+        return torch.cat([d.view(torch.uint8), q.view(torch.uint8)], dim=-1).reshape(M, -1)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    d = ((hi - lo) / 15.0).to(torch.float16)
+    m = lo.to(torch.float16)
+    inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(lo))
+    q = ((w - m.float()) * inv).round().clamp(0, 15).to(torch.uint8)
+    qs = q[..., :16] | (q[..., 16:] << 4)
+    return torch.cat([d.view(torch.uint8), m.view(torch.uint8), qs], dim=-1).reshape(M, -1)
+
+
+def quant_linear_ref(x: torch.Tensor, qweight: torch.Tensor, fmt: str,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference for :func:`ptp_ext.ops.quant_linear`: ``F.linear`` on the dequantised weights."""
+    return invariant_linear_ref(x, dequantize_ref(qweight, fmt), bias)

@@ -1,4 +1,4 @@
-"""The op surface of ptp_ext: the five ops registered under torch.ops.ptp_ext with the contract's
+"""The op surface of ptp_ext: the six ops registered under torch.ops.ptp_ext with the contract's
 schemas (csrc/registration.cpp), a kernel per dispatch key consistent with ptp_ext.with_cuda(),
 fake implementations that trace under FakeTensorMode, and a documented public wrapper per op."""
 from __future__ import annotations
@@ -29,6 +29,7 @@ SCHEMAS = {
         "ptp_ext::gated_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
         "Tensor lora_b, float scale, int aux_start) -> Tensor"
     ),
+    "quant_linear": "ptp_ext::quant_linear(Tensor x, Tensor qweight, str format, Tensor? bias) -> Tensor",
 }
 
 
@@ -123,3 +124,10 @@ def test_fake_gated_lora_linear():
                                                 torch.empty(4, 24), torch.empty(40, 4), 2.0, 3)
     assert y.shape == (2, 5, 40) and y.dtype == torch.float32
 
+
+
+def test_fake_quant_linear():
+    with FakeTensorMode():
+        y = torch.ops.ptp_ext.quant_linear(torch.empty(5, 64), torch.empty(40, 40, dtype=torch.uint8),
+                                           "q4_1", None)
+    assert y.shape == (5, 40) and y.dtype == torch.float32

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "invariant_linear.h"
+#include "quant_linear.h"
 #include "../common/cpu_isa.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -98,7 +99,46 @@ void run(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::
   if (!kF32) y.copy_(yf);
 }
 
+// quant_linear: the blocks are dequantised in registers inside the register tiles (qtile), so
+// the only memory stream is the blocks themselves; parallel over blocks of kQuantRows rows.
+constexpr int64_t kQuantRows = 16;
+
+template <bool kQ41>
+void run_quant(const at::Tensor& x, const at::Tensor& qweight, at::Tensor& y) {
+  const int64_t N = x.size(0), K = x.size(1), M = qweight.size(0), row_bytes = qweight.size(1);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  const bool avx2 = cpu_has_avx2();
+  const bool avx512 = cpu_has_avx512vl();
+  const int64_t blocks = (M + kQuantRows - 1) / kQuantRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * kQuantRows, n1 = std::min(M, b1 * kQuantRows);
+    std::vector<float> buf(static_cast<size_t>(4 * K));  // one dequantised weight tile
+#ifdef PTP_HAVE_X86
+    if (avx512) return il_avx512::qrows_block<kQ41>(xp, N, K, qp, row_bytes, n0, n1, yp, M, buf.data());
+    if (avx2) return il_avx2::qrows_block<kQ41>(xp, N, K, qp, row_bytes, n0, n1, yp, M, buf.data());
+#endif
+    il_base::qrows_block<kQ41>(xp, N, K, qp, row_bytes, n0, n1, yp, M, buf.data());
+  });
+}
+
 }  // namespace
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, c10::string_view format,
+                            const std::optional<at::Tensor>& bias) {
+  check_quant_linear_inputs(x, qweight, format, bias);
+  at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
+  if (x.size(0) == 0 || qweight.size(0) == 0) return y;
+  if (x.size(1) == 0) return bias.has_value() ? y.copy_(bias->unsqueeze(0).expand_as(y)) : y.zero_();
+  if (format == "q4_1") {
+    run_quant<true>(x, qweight, y);
+  } else {
+    run_quant<false>(x, qweight, y);
+  }
+  if (bias.has_value()) y.add_(*bias);  // elementwise: row invariant, as invariant_linear's
+  return y;
+}
 
 at::Tensor invariant_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {

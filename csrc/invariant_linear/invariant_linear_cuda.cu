@@ -13,6 +13,7 @@
 #include "gated_lora_linear.h"
 #include "invariant_linear.h"
 #include "invariant_linear_kernels.cuh"
+#include "quant_linear.h"
 
 namespace ptp {
 namespace {
@@ -50,6 +51,22 @@ at::Tensor invariant_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
     default:
       run<__nv_bfloat16>(x, weight, bias, y, stream);
   }
+  return y;
+}
+
+at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, c10::string_view format,
+                             const std::optional<at::Tensor>& bias) {
+  check_quant_linear_inputs(x, qweight, format, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
+  if (x.size(0) == 0 || qweight.size(0) == 0) return y;
+  PTP_CHECK((qweight.size(0) + k::kWarps - 1) / k::kWarps < (int64_t{1} << 31),
+            "quant_linear: too many output features for one grid");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const auto launch = format == "q4_1" ? &k::launch_quant<true> : &k::launch_quant<false>;
+  C10_CUDA_CHECK(launch(x.data_ptr<float>(), qweight.data_ptr<uint8_t>(), b, y.data_ptr<float>(),
+                        x.size(0), x.size(1), qweight.size(0), qweight.size(1), stream));
   return y;
 }
 

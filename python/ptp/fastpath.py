@@ -8,8 +8,10 @@ calls the same tensor operations directly:
 * the model's own norm and rotary code (``type(m).forward(m, ...)``: only the module dispatch is
   skipped), the model module's own ``apply_rotary_pos_emb``;
 * the projections: ``ptp_ext``'s ``invariant_linear`` op when the decoder routes linears through
-  it (:class:`ptp.decoder.InvariantLinears`), else ``F.linear``; a wrapped projection (the gated
-  LoRA of a self-speculative drafter with its gate on, a quantised layer) is called as a module;
+  it (:class:`ptp.decoder.InvariantLinears`), or ``quant_linear`` over the layer's GGUF blocks
+  when :mod:`ptp.quant` attached them (bitwise the same results from a quarter to an eighth of
+  the weight bytes), else ``F.linear``; a wrapped projection (the gated LoRA of a
+  self-speculative drafter with its gate on, a quantised layer) is called as a module;
 * the KV cache write and ``ptp_ext``'s ``tree_attention``, as the ``"ptp"`` attention does.
 
 So the hidden states are *bitwise* those of the HF forward with the ``"ptp"`` attention
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from ptp_ext import ops
 
 from .lora import GatedLoRALinear
+from .quant import quantized_weights
 
 __all__ = ["FastForward", "fast_forward_for", "SUPPORTED_MODELS"]
 
@@ -48,22 +51,45 @@ _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layern
 
 
 class _Proj:
-    """One projection: ``invariant_linear`` in row-invariant calls, ``F.linear`` otherwise; a
-    wrapped layer runs its own forward (a gated LoRA with its gate off is its base layer)."""
+    """One projection: ``invariant_linear`` / ``quant_linear`` (the layer's attached GGUF blocks,
+    :mod:`ptp.quant`) in row-invariant calls, ``F.linear`` otherwise; a wrapped layer runs its own
+    forward (a gated LoRA with its gate off is its base layer; with its gate on and blocks
+    attached, ``gated_lora_linear``'s composite with the base through ``quant_linear``)."""
 
-    __slots__ = ("m", "linear", "lora")
+    __slots__ = ("m", "linear", "lora", "qweight", "format")
 
-    def __init__(self, m: nn.Module):
+    def __init__(self, m: nn.Module, quant: dict):
         self.m = m
         self.lora = isinstance(m, GatedLoRALinear) and type(m.base) is nn.Linear
         self.linear = m.base if self.lora else (m if type(m) is nn.Linear else None)
+        qw = quant.get(self.linear) if self.linear is not None else None
+        if qw is not None and not qw.matches(self.linear.weight):
+            qw = None  # the weight changed since its blocks were checked: float32 path
+        self.qweight = qw.qweight if qw is not None else None
+        self.format = qw.format if qw is not None else None
 
     def __call__(self, x: torch.Tensor, invariant: bool) -> torch.Tensor:
         lin = self.linear
-        if lin is None or (self.lora and self.m.gate.index is not None):
+        if lin is None:
             return self.m(x)
+        if self.lora and self.m.gate.index is not None:
+            s = self.m.gate.suffix
+            if (self.qweight is None or not invariant or s is None or x.dim() != 3
+                    or torch.is_grad_enabled()):
+                return self.m(x)
+            # gated_lora_linear's composite with the base through the blocks: bitwise the op
+            m = self.m
+            y = ops.quant_linear(x, self.qweight, self.format, lin.bias)
+            B, S, K = x.shape
+            if S > s:
+                xa = x[:, s:].reshape(-1, K).contiguous()
+                d = ops.invariant_linear(ops.invariant_linear(xa, m.lora_A), m.lora_B)
+                y[:, s:].add_(d.view(B, S - s, -1), alpha=m.scale)
+            return y
         if not invariant:
             return F.linear(x, lin.weight, lin.bias)
+        if self.qweight is not None:
+            return ops.quant_linear(x, self.qweight, self.format, lin.bias)
         w = lin.weight if lin.weight.is_contiguous() else lin.weight.contiguous()
         return ops.invariant_linear(x, w, lin.bias)
 
@@ -72,12 +98,13 @@ class _Layer:
     __slots__ = ("ln1", "ln2", "q", "k", "v", "o", "gate", "up", "down", "act", "head_dim", "scaling",
                  "norm_forward")
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, quant: dict):
         attn, mlp = layer.self_attn, layer.mlp
         self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
         self.norm_forward = type(self.ln1).forward
-        self.q, self.k, self.v, self.o = (_Proj(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-        self.gate, self.up, self.down = (_Proj(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.q, self.k, self.v, self.o = (_Proj(p, quant) for p in (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                     attn.o_proj))
+        self.gate, self.up, self.down = (_Proj(p, quant) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         act = mlp.act_fn
         self.act = F.silu if type(act) is nn.SiLU else act
         self.head_dim = int(attn.head_dim)
@@ -128,8 +155,12 @@ class FastForward:
         self.embed = inner.embed_tokens
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
-        self.head = _Proj(model.get_output_embeddings())
-        self.layers = [_Layer(layer) for layer in inner.layers]
+        quant = quantized_weights(model)
+        self.head = _Proj(model.get_output_embeddings(), quant)
+        self.layers = [_Layer(layer, quant) for layer in inner.layers]
+        self.num_quantized = sum(p.qweight is not None for L in self.layers
+                                 for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down)) + \
+            (self.head.qweight is not None)
         mod = sys.modules[type(inner.layers[0].self_attn).__module__]
         self.apply_rotary: Callable = mod.apply_rotary_pos_emb
 

@@ -124,9 +124,15 @@ def load_target(name_or_path: str | None = "smollm2", dtype: torch.dtype = torch
     """Load ``(model, tokenizer)``: ``smollm2`` (default) or any ``from_pretrained`` name/path."""
     if name_or_path is None or name_or_path.lower() in SMOLLM2_ALIASES:
         model, tokenizer = _load_smollm2(dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = model.to(device).eval()
+        if model.device.type == "cpu":
+            # decoding calls read the GGUF's blocks (bitwise the same float32 weights; ptp.quant)
+            from .quant import maybe_attach_default
+
+            maybe_attach_default(model, os.path.join(smollm2_gguf_dir(), _GGUF_FILE))
+        return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     return model.to(device).eval(), tokenizer
 
 
