@@ -302,8 +302,8 @@ def _decode(model, drafter, n=24, temperature=0.0):
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("drafter", ["lookup", "ptp"])
 def test_decoding_through_the_blocks_is_bitwise(tmp_path, temperature, drafter):
-    """The fast path reads every attached layer's blocks (a PTP drafter's gated-LoRA layers
-    too: the composite of gated_lora_linear over quant_linear); the committed tokens, their
+    """The fast path reads every attached layer's blocks (a PTP drafter's gated-LoRA layers when
+    their gate is off; gated_lora_linear's float32 op when it is on); the committed tokens, their
     logits and the hidden states drafters read are bitwise those of the float32 weights."""
     from ptp._testing import assert_same_logits
     from ptp.drafters import LookupDrafter
