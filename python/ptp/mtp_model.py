@@ -207,6 +207,7 @@ class MTPHeads(nn.Module):
         self.vocab_id_list: Optional[list[int]] = None  # the same as a list (index -> token id)
         self._vocab_weight: Optional[torch.Tensor] = None
         self._vocab_bias: Optional[torch.Tensor] = None
+        self._vocab_q: Optional[tuple[torch.Tensor, str]] = None  # the same rows as GGUF blocks
 
     def set_token_counts(self, counts: torch.Tensor) -> None:
         V = self.base.get_input_embeddings().weight.shape[0]
@@ -226,6 +227,7 @@ class MTPHeads(nn.Module):
             raise ValueError(f"draft_vocab must be >= 0, got {size}")
         if size == 0 or size >= V:
             self.vocab_ids = self.vocab_id_list = self._vocab_weight = self._vocab_bias = None
+            self._vocab_q = None
             return
         if self.token_counts is None:
             raise ValueError("draft_vocab needs the token counts of the heads' training data, and this "
@@ -239,6 +241,14 @@ class MTPHeads(nn.Module):
         self._vocab_weight = lm.weight.detach().index_select(0, ids).contiguous()
         bias = getattr(lm, "bias", None)
         self._vocab_bias = bias.detach().index_select(0, ids) if bias is not None else None
+        # the LM head's GGUF blocks (ptp.quant), if attached: the same rows as blocks (Q8_0: a
+        # quarter of the bytes), bitwise the same logits through quant_linear
+        from ptp.quant import quantized_weights
+
+        qw = quantized_weights(self.base).get(lm)
+        self._vocab_q = None
+        if qw is not None and qw.matches(lm.weight):
+            self._vocab_q = (qw.qweight.index_select(0, ids).contiguous(), qw.format)
 
     def _names(self) -> tuple[str, ...]:
         return ("proj", "bias", "tok_proj") if self.tok_proj is not None else ("proj", "bias")
@@ -312,8 +322,12 @@ class MTPHeads(nn.Module):
         z = z.to(w.dtype)
         if z.device.type == "cpu":
             # a few rows: the op reads the weights once (CPU BLAS's GEMM for 2-16 rows is 2-3x slower)
-            from ptp_ext.ops import invariant_linear
+            from ptp_ext.ops import invariant_linear, quant_linear
 
-            out = invariant_linear(z.reshape(-1, z.shape[-1]), w, b)
+            q = self._vocab_q
+            if q is not None and z.dtype == torch.float32:
+                out = quant_linear(z.reshape(-1, z.shape[-1]), q[0], q[1], b)
+            else:
+                out = invariant_linear(z.reshape(-1, z.shape[-1]), w, b)
             return out.view(*z.shape[:-1], w.shape[0]), self.vocab_ids
         return F.linear(z, w, b), self.vocab_ids
