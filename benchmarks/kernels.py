@@ -1,11 +1,12 @@
-"""GPU kernel benchmarks of ptp_ext (issue 5): the three bench scripts with ``--device cuda``.
+"""GPU kernel benchmarks of ptp_ext (issue 5): the bench scripts with ``--device cuda``.
 
     python benchmarks/kernels.py [--quick] [--out benchmarks/results/<date>-<gpu>-kernels.md]
 
 Measures the device-to-device copy bandwidth once (printed, and passed to the scripts as
 ``PTP_COPY_BANDWIDTH_GBS`` so each reports its fraction of it without measuring again), then runs
-``bench_tree_attention.py``, ``bench_verify.py`` and ``bench_sampler_mlp.py`` (CUDA-event timing,
-warm-up, medians, rotating inputs, ratios to the PyTorch references: see each script) and
+the scripts of ``benchmarks/run_all.py``'s ``SCRIPTS`` (tree attention, verify, sampler MLP,
+invariant and quant linear; CUDA-event timing, warm-up, medians, ratios to the PyTorch
+references: see each script) and
 writes a markdown report with date, device, versions and the exact command. Without a GPU it
 prints "skipped" and exits 0.
 """
