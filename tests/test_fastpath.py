@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptp._testing import assert_same_logits, maybe_reference_ops, record_sampling_logits
+from ptp._testing import (assert_same_logits, maybe_reference_ops, record_drafter_hidden,
+                          record_sampling_logits)
 from ptp.decoder import Decoder, GenerationConfig
 from ptp.drafters import LookupDrafter
 from ptp.drafters.ptp_drafter import PTPSlotDrafter
@@ -45,16 +46,7 @@ def _record(model, drafter, prompts, fast, n=32, **cfg):
     """(token ids, logits per committed position, hidden states handed to the drafter)."""
     dec = Decoder(model, drafter=drafter)
     rec = record_sampling_logits(dec)
-    hidden = []
-    if drafter is not None and getattr(drafter, "wants_hidden", False):
-        orig = drafter.observe
-
-        def observe(outcome):
-            hidden.append(outcome.hidden.clone())
-            if outcome.aux_hidden is not None:
-                hidden.append(outcome.aux_hidden.clone())
-            orig(outcome)
-        drafter.observe = observe
+    hidden = record_drafter_hidden(drafter)
     res = dec.generate(prompts, GenerationConfig(max_new_tokens=n, fast_path=fast, **cfg))
     return [r.new_token_ids for r in res], rec, hidden
 

@@ -276,22 +276,13 @@ def test_attach_checks_every_layer_bitwise(tmp_path):
 
 
 def _decode(model, drafter, n=24, temperature=0.0):
-    from ptp._testing import record_sampling_logits
+    from ptp._testing import record_drafter_hidden, record_sampling_logits
     from ptp.decoder import Decoder, GenerationConfig
     from ptp.sampling import SamplingConfig
 
     dec = Decoder(model, drafter=drafter)
     rec = record_sampling_logits(dec)
-    hidden = []
-    if drafter is not None and getattr(drafter, "wants_hidden", False):
-        orig = drafter.observe
-
-        def observe(outcome):
-            hidden.append(outcome.hidden.clone())
-            if outcome.aux_hidden is not None:
-                hidden.append(outcome.aux_hidden.clone())
-            orig(outcome)
-        drafter.observe = observe
+    hidden = record_drafter_hidden(drafter)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 96, (k,), generator=g).tolist() for k in (6, 11)]
     out = dec.generate(prompts, GenerationConfig(max_new_tokens=n,

@@ -90,6 +90,23 @@ def record_sampling_logits(decoder) -> dict:
     return rec
 
 
+def record_drafter_hidden(drafter) -> list:
+    """Patch ``drafter.observe`` (if it reads hidden states) to record, per step, the tree rows'
+    and the aux rows' final hidden states it is handed; returns the (growing) list."""
+    hidden: list = []
+    if drafter is None or not getattr(drafter, "wants_hidden", False):
+        return hidden
+    orig = drafter.observe
+
+    def observe(outcome):
+        hidden.append(outcome.hidden.clone())
+        if outcome.aux_hidden is not None:
+            hidden.append(outcome.aux_hidden.clone())
+        orig(outcome)
+    drafter.observe = observe
+    return hidden
+
+
 def assert_same_logits(plain: dict, spec: dict) -> None:
     """Every position plain decoding sampled was also sampled by ``spec`` (which may have
     verified a few more past the token limit), with bitwise-equal logits."""

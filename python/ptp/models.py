@@ -124,14 +124,13 @@ def load_target(name_or_path: str | None = "smollm2", dtype: torch.dtype = torch
     """Load ``(model, tokenizer)``: ``smollm2`` (default), a ``.gguf`` file, or any
     ``from_pretrained`` name/path. SmolLM2 and GGUF files on the CPU in float32 get their GGUF
     blocks attached (:mod:`ptp.quant`: the decoding calls read them, bitwise the same logits)."""
+    from .quant import maybe_attach_default
+
     if name_or_path is None or name_or_path.lower() in SMOLLM2_ALIASES:
         model, tokenizer = _load_smollm2(dtype)
         model = model.to(device).eval()
-        if model.device.type == "cpu":
-            # decoding calls read the GGUF's blocks (bitwise the same float32 weights; ptp.quant)
-            from .quant import maybe_attach_default
-
-            maybe_attach_default(model, os.path.join(smollm2_gguf_dir(), _GGUF_FILE))
+        # CPU decoding calls read the GGUF's blocks (bitwise the same float32 weights; ptp.quant)
+        maybe_attach_default(model, os.path.join(smollm2_gguf_dir(), _GGUF_FILE))
         return model, tokenizer
     if name_or_path.endswith(".gguf"):
         # a GGUF file: transformers dequantises it; on the CPU in float32 the decoding calls then
@@ -142,10 +141,7 @@ def load_target(name_or_path: str | None = "smollm2", dtype: torch.dtype = torch
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=fname, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=fname)
         model = model.to(dtype).to(device).eval()
-        if model.device.type == "cpu":
-            from .quant import maybe_attach_default
-
-            maybe_attach_default(model, name_or_path)
+        maybe_attach_default(model, name_or_path)
         return model, tokenizer
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -10,8 +10,9 @@ arithmetic as ``invariant_linear``).
 :func:`attach_gguf` matches the file's tensors to the model's ``nn.Linear`` layers and keeps a
 layer's blocks only if their dequantisation equals the layer's weight **bitwise** (trying the
 row orders transformers may have applied); any other layer stays on the float32 path. The
-default model (``load_target("smollm2")``) attaches its GGUF itself; for another model loaded
-with ``from_pretrained(dir, gguf_file=...)``, call ``attach_gguf(model, path)``.
+default model (``load_target("smollm2")``) and ``load_target("file.gguf")`` attach the file
+themselves; for a model loaded with ``from_pretrained(dir, gguf_file=...)``, call
+``attach_gguf(model, path)``.
 """
 from __future__ import annotations
 
@@ -162,11 +163,13 @@ def attached_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def maybe_attach_default(model: nn.Module, path: Optional[str]) -> None:
-    """Attach ``path``'s blocks when ``PTP_QUANT_LINEAR`` is not ``0`` (best effort: a model
-    that does not match keeps its float32 path)."""
+    """Attach ``path``'s blocks to a CPU model when ``PTP_QUANT_LINEAR`` is not ``0`` (best
+    effort: a model that does not match, or without the gguf package, keeps its float32 path)."""
     if path is None or os.environ.get("PTP_QUANT_LINEAR", "1") == "0":
+        return
+    if next(model.parameters()).device.type != "cpu":  # quant_linear serves the CPU decoding calls
         return
     try:
         attach_gguf(model, path)
     except ImportError:  # no gguf package: float32 path
-        pass
+        return
