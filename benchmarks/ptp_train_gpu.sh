@@ -52,14 +52,17 @@ COMMON=(--model "$MODEL" --data "$DATA" --steps 100000 --warmup 50 --save-every 
         --no-progress --threads 4 --max-minutes "$MINUTES")
 pids=()
 for name in $DRAFTERS; do
+  extra=()
   case "$name" in
     ptp) args=(ptp --variant "$VARIANT" --temperature "$TEMPERATURE" --slots 8 --rank 16 --alpha 32
                --windows 64 --lr 5e-4) ;;
     mtp) args=(mtp --masks 8 --rank 16 --windows 48 --lr 1e-3) ;;
-    heads) args=(heads --heads 4 --windows 64 --lr 1e-3) ;;
+    # heads: cached hidden states (ptp.train.heads); ~11 passes over 6,400 sequences, cosine
+    heads) args=(heads --heads 4 --token-input --lr 1e-3)
+           extra=(--steps 8000 --positions-per-step 1024 --lr-schedule cosine --holdout 64) ;;
     *) echo "unknown drafter $name (ptp, mtp, heads)"; exit 2 ;;
   esac
-  $PY -m ptp train "${args[@]}" --out "$OUT/$name" "${COMMON[@]}" > "$OUT/train-$name.log" 2>&1 &
+  $PY -m ptp train "${args[@]}" --out "$OUT/$name" "${COMMON[@]}" "${extra[@]}" > "$OUT/train-$name.log" 2>&1 &
   pids+=($!)
 done
 rc=0

@@ -75,6 +75,17 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     h.add_argument("--heads", type=int, default=4, help="number of heads (tokens t+2 .. t+1+n)")
     h.add_argument("--token-input", action=argparse.BooleanOptionalAction, default=False,
                    help="heads also read the embedding of the committed token t+1")
+    h.add_argument("--cached-hidden", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the target once over the data and train on its cached hidden states "
+                        "(ptp.train.heads; --steps then counts steps of --positions-per-step anchors); "
+                        "--no-cached-hidden: the per-sequence loop (--windows, --micro-batch)")
+    h.add_argument("--positions-per-step", type=int, default=256, help="anchors per step (cached)")
+    h.add_argument("--train-vocab", type=int, default=8192,
+                   help="softmax over the N most frequent answer tokens, the draft vocabulary "
+                        "decoding uses (cached; 0: full vocabulary)")
+    h.add_argument("--holdout", type=int, default=0,
+                   help="sequences kept out of training and measured at each checkpoint (cached)")
+    h.add_argument("--weight-decay", type=float, default=0.0)
     return train
 
 
@@ -141,6 +152,25 @@ def run_train(args: argparse.Namespace) -> int:
                                                  token_input=args.token_input))
         model.set_token_counts(answer_token_counts(seqs, base.get_input_embeddings().weight.shape[0]))
         loss_fn = heads_batch_loss
+        if args.cached_hidden:
+            from ptp.train.heads import HeadsTrainConfig, load_or_compute_hidden, train_heads_cached
+
+            cache = (os.path.join(args.out, "text-hidden.safetensors") if args.text_file
+                     else (args.data or os.path.join(args.out, "data")) + "-hidden.safetensors")
+            H, offsets = load_or_compute_hidden(base, seqs, cache, args.model, device=args.device,
+                                                progress=not args.no_progress)
+            remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
+            hcfg = HeadsTrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup,
+                                    lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
+                                    positions_per_step=args.positions_per_step,
+                                    train_vocab=args.train_vocab, holdout=args.holdout, seed=args.seed,
+                                    save_every=args.save_every,
+                                    max_minutes=max(remaining, 0.01) if args.max_minutes else 0.0,
+                                    device=args.device, save_dtype=args.save_dtype)
+            metrics = train_heads_cached(model, seqs, H, offsets, hcfg, args.out, extra_meta=data_meta,
+                                         progress=not args.no_progress)
+            print(f"saved {args.out}: {metrics}")
+            return 0
     remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
     tcfg = TrainConfig(mode=mode, steps=args.steps, lr=args.lr, warmup=args.warmup,
                        lr_schedule=args.lr_schedule,

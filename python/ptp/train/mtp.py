@@ -14,7 +14,8 @@ Masked-input (per sequence, like PTP's packed windows):
 
 Heads: the real pass's ``h_t`` (no grad) feeds each head (with ``token_input``, also the data token
 ``t+1``); head i's CE against token ``t+1+i``, over ``windows_per_seq * 8`` positions sampled from
-the answer.
+the answer. This per-sequence loop reruns the target every step; ``ptp train heads`` now trains on
+cached hidden states instead (:mod:`ptp.train.heads`; ``--no-cached-hidden`` selects this loop).
 """
 from __future__ import annotations
 

@@ -1,0 +1,349 @@
+"""MTP heads trained on cached hidden states (``ptp train heads``, the default since 2026-12-01).
+
+The heads read only the frozen target's final hidden state ``h_t`` (and, with ``token_input``, the
+embedding of the committed token ``t+1``). So the target runs **once** over the training data:
+:func:`answer_hidden_states` keeps ``h_t`` for every answer anchor (positions ``prompt_len-1 ..
+L-2`` of each sequence), saved beside the data as ``<data>-hidden.safetensors`` (float16; 220 MB
+for the 190k answer tokens of the v2 set, 10 minutes on the 2-core CPU, reused by later runs).
+Every optimizer step then trains on ``positions_per_step`` anchors drawn from all sequences, at
+the cost of the heads and their LM-head rows alone: 2 passes over the v2 set take 2-3 minutes on
+that CPU, where the per-sequence loop (:func:`ptp.train.mtp.heads_batch_loss`, which reruns the
+target every step) took 37 minutes for 1.75 passes.
+
+Loss of head i at anchor t: cross-entropy of the data token ``t+2+i`` over the **draft
+vocabulary**, the ``train_vocab`` most frequent answer tokens, which is what decoding drafts over
+(``MTPHeads.set_draft_vocab``: the same counts, the same ids). Anchors whose target lies outside
+it are left out of that head's loss (the heads can never draft such a token). ``train_vocab=0``
+trains over the full vocabulary.
+
+Batches are a fixed function of ``(seed, step)`` (epoch ``e`` walks ``randperm(N)`` seeded with
+``seed + e``), so a run resumed from its ``trainer_state.pt`` draws what an uninterrupted one
+would. ``holdout`` sequences (drawn with ``seed``) are kept out of training; their accuracy per
+head and accepted chain prefix are measured at every checkpoint (``metrics["heldout"]``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ptp.mtp_model import MTPHeads
+from ptp.train.checkpoint import TRAINER_STATE, save_adapter
+from ptp.train.data import Sequence
+
+__all__ = ["HeadsTrainConfig", "HeadPositions", "answer_hidden_states", "load_or_compute_hidden",
+           "head_positions", "train_heads_cached"]
+
+
+@dataclass
+class HeadsTrainConfig:
+    steps: int = 3000
+    lr: float = 1e-3
+    warmup: int = 20
+    lr_schedule: str = "cosine"  # "constant" after warm-up, or "cosine" decay to 10% at ``steps``
+    weight_decay: float = 0.0
+    positions_per_step: int = 256
+    train_vocab: int = 8192  # 0: the full vocabulary
+    holdout: int = 0  # sequences kept out of training, measured at every checkpoint
+    seed: int = 0
+    save_every: int = 500
+    max_minutes: float = 0.0
+    device: str = "cpu"
+    save_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.positions_per_step < 1:
+            raise ValueError(f"positions_per_step must be >= 1, got {self.positions_per_step}")
+        if self.train_vocab < 0:
+            raise ValueError(f"train_vocab must be >= 0, got {self.train_vocab}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+
+
+def _anchor_range(s: Sequence) -> tuple[int, int]:
+    """Answer anchors of ``s`` whose hidden state is kept: ``prompt_len-1 .. L-2`` (h_t predicts
+    token t+1, which must be an answer token)."""
+    return max(s.prompt_len - 1, 0), s.ids.numel() - 2
+
+
+@torch.no_grad()
+def answer_hidden_states(base, seqs: list[Sequence], device="cpu", batch_tokens: int = 8192,
+                         progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's final (normed) hidden state at every answer anchor of every sequence:
+    ``H [N, d]`` float16 (CPU) and ``offsets [S+1]`` (sequence s owns rows ``offsets[s] ..
+    offsets[s+1]-1``, anchors ``prompt_len-1 ..`` in order). Sequences run in right-padded
+    batches of similar length (about ``batch_tokens`` padded tokens each); right padding needs no
+    mask in a causal pass."""
+    from tqdm.auto import tqdm
+
+    from ptp.train.trainer import padded_batch
+
+    counts = []
+    for s in seqs:
+        lo, hi = _anchor_range(s)
+        counts.append(max(hi - lo + 1, 0))
+    offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
+    d = base.get_input_embeddings().weight.shape[1]
+    H = torch.zeros(int(offsets[-1]), d, dtype=torch.float16)
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i].ids.numel())
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    with tqdm(total=len(seqs), desc="target hidden states", disable=not progress, mininterval=5.0) as bar:
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * seqs[order[end]].ids.numel() <= batch_tokens:
+                end += 1
+            idx = order[start:end]
+            ids, _ = padded_batch([seqs[i] for i in idx], device)
+            with amp:
+                h = base.model(input_ids=ids, use_cache=False).last_hidden_state
+            for r, i in enumerate(idx):
+                if counts[i]:
+                    lo, hi = _anchor_range(seqs[i])
+                    H[offsets[i]:offsets[i + 1]] = h[r, lo:hi + 1].float().cpu().to(torch.float16)
+            bar.update(len(idx))
+            start = end
+    return H, offsets
+
+
+def _cache_meta(seqs: list[Sequence], model_name: str, d: int) -> dict:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for s in seqs:
+        digest.update(int(s.prompt_len).to_bytes(8, "little"))
+        digest.update(s.ids.to(torch.int64).numpy().tobytes())
+    return {"model": model_name, "hidden": str(d), "sequences": str(len(seqs)),
+            "tokens": str(sum(int(s.ids.numel()) for s in seqs)), "ids_sha256": digest.hexdigest()}
+
+
+def load_or_compute_hidden(base, seqs: list[Sequence], path: str, model_name: str, device="cpu",
+                           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`answer_hidden_states` of ``seqs``, cached in ``path`` (``<data>-hidden.safetensors``).
+    A cache made for other sequences, another model or another hidden size is recomputed."""
+    d = base.get_input_embeddings().weight.shape[1]
+    meta = _cache_meta(seqs, model_name, d)
+    if os.path.exists(path):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            if f.metadata() == meta:
+                t = load_file(path)
+                return t["h"], t["offsets"]
+        print(f"{path}: made for other data or another model; recomputing", file=sys.stderr)
+    H, offsets = answer_hidden_states(base, seqs, device=device, progress=progress)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({"h": H, "offsets": offsets}, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+    return H, offsets
+
+
+@dataclass
+class HeadPositions:
+    """Training anchors: ``rows [N]`` (rows of H), ``next [N]`` (token t+1), ``targets [N, n]``
+    (tokens t+2 .. t+1+n)."""
+    rows: torch.Tensor
+    next: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.rows.numel())
+
+
+def head_positions(seqs: list[Sequence], offsets: torch.Tensor, num_heads: int,
+                   which: Optional[list[int]] = None) -> HeadPositions:
+    """Every anchor t of the sequences ``which`` (default all) whose n targets exist
+    (``t+1+n <= L-1``)."""
+    rows, nxt, tgt = [], [], []
+    ar = torch.arange(num_heads)
+    for i in (range(len(seqs)) if which is None else which):
+        s = seqs[i]
+        lo, hi = _anchor_range(s)
+        last = s.ids.numel() - 2 - num_heads
+        if last < lo:
+            continue
+        t = torch.arange(lo, last + 1)
+        rows.append(int(offsets[i]) + t - lo)
+        ids = s.ids.long().view(-1)
+        nxt.append(ids[t + 1])
+        tgt.append(ids[t.unsqueeze(1) + 2 + ar])
+    if not rows:
+        z = torch.zeros(0, dtype=torch.long)
+        return HeadPositions(z, z, torch.zeros(0, num_heads, dtype=torch.long))
+    return HeadPositions(torch.cat(rows), torch.cat(nxt), torch.cat(tgt))
+
+
+class _Vocab:
+    """The train vocabulary: ids, LM-head rows (and bias), token id -> index (-100 outside)."""
+
+    def __init__(self, model: MTPHeads, size: int, device):
+        lm = model.base.lm_head
+        V = lm.weight.shape[0]
+        if size == 0 or size >= V:
+            self.ids = torch.arange(V, device=device)
+        else:
+            if model.token_counts is None:
+                raise ValueError("train_vocab needs the heads' token counts (set_token_counts)")
+            order = torch.sort(-model.token_counts, stable=True).indices  # as set_draft_vocab
+            self.ids = order[:size].sort().values.to(device)
+        self.weight = lm.weight.detach().index_select(0, self.ids).float()
+        b = getattr(lm, "bias", None)
+        self.bias = None if b is None else b.detach().index_select(0, self.ids).float()
+        self.index = torch.full((V,), -100, dtype=torch.long, device=device)
+        self.index[self.ids] = torch.arange(self.ids.numel(), device=device)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, self.weight, self.bias)
+
+
+def _losses(model: MTPHeads, vocab: _Vocab, h: torch.Tensor, nxt: torch.Tensor, targets: torch.Tensor):
+    """Mean CE over heads (each head's CE over its in-vocabulary targets) and hits ``[P, n]``
+    (argmax == target; a target outside the vocabulary is a miss)."""
+    n = model.config.num_heads
+    tk = vocab.index[targets]
+    loss, hits = 0.0, []
+    for i in range(n):
+        z = vocab.logits(model.head_hidden(h, i, next_tokens=nxt if model.config.token_input else None))
+        valid = tk[:, i] >= 0
+        if bool(valid.any()):
+            loss = loss + F.cross_entropy(z, tk[:, i], ignore_index=-100) / n
+        hits.append((z.argmax(-1) == tk[:, i]).detach())
+    return loss, torch.stack(hits, 1).float()
+
+
+@torch.no_grad()
+def evaluate_heads(model: MTPHeads, vocab: _Vocab, H: torch.Tensor, pos: HeadPositions,
+                   device, chunk: int = 2048) -> dict:
+    """Accuracy per head and mean accepted chain prefix (greedy, heads' argmax) on ``pos``."""
+    if len(pos) == 0:
+        return {}
+    hits = []
+    for s in range(0, len(pos), chunk):
+        h = H[pos.rows[s:s + chunk]].to(device).float()
+        _, hit = _losses(model, vocab, h, pos.next[s:s + chunk].to(device), pos.targets[s:s + chunk].to(device))
+        hits.append(hit)
+    hit = torch.cat(hits)
+    return {"acc": [round(float(x), 4) for x in hit.mean(0)],
+            "prefix": round(float(hit.cumprod(1).sum(1).mean()), 4), "positions": len(pos)}
+
+
+def _lr_factor(cfg: HeadsTrainConfig, step: int) -> float:
+    f = min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
+        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        f = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+    return f
+
+
+def _batch(cfg: HeadsTrainConfig, N: int, step: int) -> torch.Tensor:
+    """Indices of step ``step``'s anchors: epoch ``e`` walks ``randperm(N)`` seeded ``seed + e``
+    (the last incomplete batch of an epoch is skipped); a function of ``(seed, step)`` only."""
+    bs = min(cfg.positions_per_step, N)
+    per_epoch = N // bs
+    epoch, b = divmod(step, per_epoch)
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+    return perm[b * bs:(b + 1) * bs]
+
+
+def train_heads_cached(model: MTPHeads, seqs: list[Sequence], H: torch.Tensor, offsets: torch.Tensor,
+                       cfg: HeadsTrainConfig, out_dir: str, extra_meta: Optional[dict] = None,
+                       resume: bool = True, progress: bool = True) -> dict:
+    """Train ``model``'s heads on the cached hidden states ``H``/``offsets`` of ``seqs``
+    (:func:`answer_hidden_states`); checkpoints to ``out_dir`` (resumed from it); returns the last
+    metrics. ``model.token_counts`` must be set when ``cfg.train_vocab`` restricts the vocabulary."""
+    from tqdm.auto import tqdm
+
+    if H.shape[0] != int(offsets[-1]) or offsets.numel() != len(seqs) + 1:
+        raise ValueError(f"hidden states do not match the sequences: {H.shape[0]} rows, "
+                         f"{offsets.numel() - 1} sequences in the cache, {len(seqs)} given")
+    d = model.base.get_input_embeddings().weight.shape[1]
+    if H.shape[1] != d:
+        raise ValueError(f"hidden states have size {H.shape[1]}, the model {d}")
+    dev = torch.device(cfg.device)
+    n = model.config.num_heads
+    split = list(range(len(seqs)))
+    random.Random(cfg.seed).shuffle(split)
+    held = sorted(split[:cfg.holdout])
+    held_set = set(held)
+    train_pos = head_positions(seqs, offsets, n, [i for i in range(len(seqs)) if i not in held_set])
+    held_pos = head_positions(seqs, offsets, n, held)
+    if len(train_pos) == 0:
+        raise ValueError(f"no training anchors: every sequence's answer is shorter than {n + 2} tokens")
+    vocab = _Vocab(model, cfg.train_vocab, dev)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
+    step = 0
+    state_path = os.path.join(out_dir, TRAINER_STATE)
+    if resume and os.path.exists(state_path):
+        st = torch.load(state_path, weights_only=False)
+        model.load_adapter_state_dict({k: v.to(dev) for k, v in
+                                       load_file(os.path.join(out_dir, "adapter.safetensors")).items()})
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step = st["step"]
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("ptp", "__main__.py")):
+        argv[0] = "python -m ptp"
+    meta = {"train": {"cached_hidden": True, **asdict(cfg)}, "command": " ".join(argv), **(extra_meta or {}),
+            "train_positions": len(train_pos)}
+    ema: dict = {}
+    start_time = time.time()
+
+    def checkpoint() -> dict:
+        metrics = dict(ema)
+        if len(held_pos):
+            model.eval()
+            metrics["heldout"] = evaluate_heads(model, vocab, H, held_pos, dev)
+            model.train()
+        save_adapter(model, out_dir, {**meta, "step": step, "metrics": metrics},
+                     dtype=getattr(torch, cfg.save_dtype))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+                   state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+        return metrics
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="heads (cached hidden states)", disable=not progress,
+               mininterval=5.0)
+    while step < cfg.steps:
+        if cfg.max_minutes and time.time() - start_time > 60 * cfg.max_minutes:
+            break
+        b = _batch(cfg, len(train_pos), step)
+        h = H[train_pos.rows[b]].to(dev).float()
+        loss, hit = _losses(model, vocab, h, train_pos.next[b].to(dev), train_pos.targets[b].to(dev))
+        opt.zero_grad(set_to_none=True)
+        if torch.is_tensor(loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        sched.step()
+        step += 1
+        scalars = {"loss": float(loss.detach() if torch.is_tensor(loss) else loss),
+                   "acc0": float(hit[:, 0].mean()), "accK": float(hit[:, -1].mean()),
+                   "prefix": float(hit.cumprod(1).sum(1).mean())}
+        for k, v in scalars.items():
+            ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
+        if step % cfg.save_every == 0:
+            m = checkpoint()
+            if not progress:
+                print(f"step {step} {(time.time() - start_time) / 60:.1f} min "
+                      + " ".join(f"{k} {v:.3f}" for k, v in ema.items())
+                      + (f" heldout {m['heldout']}" if "heldout" in m else ""), flush=True)
+    bar.close()
+    metrics = checkpoint()
+    model.eval()
+    return {**metrics, "step": step, "minutes": (time.time() - start_time) / 60}

@@ -1,0 +1,202 @@
+"""MTP heads trained on cached hidden states (``ptp.train.heads``): the cache equals the target's
+own hidden states, the anchors and the loss equal the direct computation, resume equals an
+uninterrupted run, a trained checkpoint decodes exactly (tiny models)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptp._testing import maybe_reference_ops
+from ptp.decoder import Decoder, GenerationConfig
+from ptp.drafters import make_drafter
+from ptp.models import tiny_model
+from ptp.mtp_model import HeadsConfig, MTPHeads
+from ptp.train.data import Sequence, answer_token_counts
+from ptp.train.heads import (HeadsTrainConfig, _losses, _Vocab, answer_hidden_states, head_positions,
+                             load_or_compute_hidden, train_heads_cached)
+
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def _ops():
+    with maybe_reference_ops():
+        yield
+
+
+def _seqs(base, n=8, seed=0):
+    """Greedy answers of the tiny target to random prompts of varied lengths (as the data is)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for i in range(n):
+            p = torch.randint(3, VOCAB, (1, 4 + (i * 3) % 9), generator=g)
+            new = 10 + (i * 5) % 13
+            ids = base.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, pad_token_id=0)
+            out.append(Sequence(ids[0], p.shape[1]))
+    return out
+
+
+def _heads(base, token_input=True, n=3):
+    return MTPHeads(base, HeadsConfig(num_heads=n, token_input=token_input))
+
+
+def test_hidden_states_are_the_targets_own():
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    seqs = _seqs(base)
+    H, off = answer_hidden_states(base, seqs, batch_tokens=40, progress=False)  # several padded batches
+    assert H.dtype == torch.float16 and off.numel() == len(seqs) + 1 and H.shape[0] == int(off[-1])
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            ref = base.model(input_ids=s.ids.view(1, -1)).last_hidden_state[0]
+            rows = ref[s.prompt_len - 1:s.ids.numel() - 1]
+            assert off[i + 1] - off[i] == rows.shape[0]
+            torch.testing.assert_close(H[off[i]:off[i + 1]].float(), rows, atol=2e-3, rtol=2e-3)
+
+
+def test_head_positions_index_the_right_tokens():
+    seqs = [Sequence(torch.arange(10, 22), 4), Sequence(torch.arange(30, 37), 5), Sequence(torch.arange(50, 60), 3)]
+    off = torch.tensor([0, 8, 10, 17])
+    pos = head_positions(seqs, off, num_heads=3)
+    # sequence 0: anchors 3 .. 12-2-3=7; sequence 1 (L=7, n=3): anchors 4 .. 2: none; sequence 2: 2 .. 5
+    assert pos.rows.tolist() == [0, 1, 2, 3, 4] + [10, 11, 12, 13]
+    assert pos.next.tolist() == [14, 15, 16, 17, 18] + [53, 54, 55, 56]
+    assert pos.targets[0].tolist() == [15, 16, 17] and pos.targets[-1].tolist() == [57, 58, 59]
+    held = head_positions(seqs, off, num_heads=3, which=[2])
+    assert held.rows.tolist() == [10, 11, 12, 13]
+
+
+@pytest.mark.parametrize("token_input", [False, True])
+@pytest.mark.parametrize("train_vocab", [0, 8])
+def test_loss_is_the_heads_cross_entropy(token_input, train_vocab):
+    base = tiny_model("llama", vocab_size=VOCAB, seed=1)
+    h = _heads(base, token_input)
+    with torch.no_grad():
+        h.proj.normal_(0, 0.2)
+        if token_input:
+            h.tok_proj.normal_(0, 0.2)
+    seqs = _seqs(base, n=4)
+    h.set_token_counts(answer_token_counts(seqs, VOCAB))
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    pos = head_positions(seqs, off, 3)
+    vocab = _Vocab(h, train_vocab, "cpu")
+    x = H[pos.rows].float()
+    loss, hit = _losses(h, vocab, x, pos.next, pos.targets)
+    full = h.logits(x, pos.next if token_input else None)  # [P, n, V]
+    if train_vocab:
+        h.set_draft_vocab(train_vocab)
+        assert torch.equal(vocab.ids, h.vocab_ids)  # the decoder's draft vocabulary
+        full = full[..., vocab.ids]
+    tk = vocab.index[pos.targets]
+    ref = sum(F.cross_entropy(full[:, i], tk[:, i], ignore_index=-100) for i in range(3)) / 3
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hit, (full.argmax(-1) == tk).float())
+    if train_vocab:
+        assert bool((tk < 0).any())  # some targets outside the draft vocabulary: skipped
+
+
+def test_train_resume_checkpoint_and_exact_decoding(tmp_path):
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    seqs = _seqs(base, n=10)
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    counts = answer_token_counts(seqs, VOCAB)
+    # constant schedule: the 30-step run's cosine would follow its own --steps
+    cfg = HeadsTrainConfig(steps=60, lr=1e-2, positions_per_step=32, train_vocab=0, holdout=2, save_every=30,
+                           lr_schedule="constant")
+
+    def fresh():
+        h = _heads(base)
+        h.set_token_counts(counts)
+        return h
+
+    a = fresh()
+    m = train_heads_cached(a, seqs, H, off, cfg, str(tmp_path / "a"), progress=False)
+    assert m["step"] == 60 and m["heldout"]["positions"] > 0 and len(m["heldout"]["acc"]) == 3
+    # resumed at step 30 == uninterrupted
+    b = fresh()
+    train_heads_cached(b, seqs, H, off, HeadsTrainConfig(**{**cfg.__dict__, "steps": 30}), str(tmp_path / "b"),
+                       progress=False)
+    b2 = fresh()
+    train_heads_cached(b2, seqs, H, off, cfg, str(tmp_path / "b"), progress=False)
+    for k in ("proj", "bias", "tok_proj"):
+        torch.testing.assert_close(getattr(b2, k), getattr(a, k), rtol=0, atol=0)
+    # it learned: training accuracy of head 0 above an untrained head's
+    untrained = fresh()
+    from ptp.train.heads import evaluate_heads
+
+    pos = head_positions(seqs, off, 3)
+    assert evaluate_heads(a, _Vocab(a, 0, "cpu"), H, pos, "cpu")["acc"][0] > \
+        evaluate_heads(untrained, _Vocab(untrained, 0, "cpu"), H, pos, "cpu")["acc"][0] + 0.2
+    # the checkpoint loads as a drafter and decodes exactly what plain greedy decoding gives
+    drafter = make_drafter(str(tmp_path / "a"), base, tree=1)
+    prompts = [s.ids[:s.prompt_len].tolist() for s in seqs[:3]]
+    cfg_g = GenerationConfig(max_new_tokens=24)
+    spec = Decoder(base, drafter=drafter).generate(prompts, cfg_g)
+    plain = Decoder(base).generate(prompts, cfg_g)
+    assert [r.new_token_ids for r in spec] == [r.new_token_ids for r in plain]
+    assert sum(r.target_calls for r in spec) < sum(r.target_calls for r in plain)
+
+
+def test_hidden_cache_reused_and_invalidated(tmp_path):
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    seqs = _seqs(base, n=4)
+    path = str(tmp_path / "data-hidden.safetensors")
+    H, off = load_or_compute_hidden(base, seqs, path, "tiny", progress=False)
+    t = os.path.getmtime(path)
+    H2, off2 = load_or_compute_hidden(base, seqs, path, "tiny", progress=False)
+    assert os.path.getmtime(path) == t and torch.equal(H, H2) and torch.equal(off, off2)
+    other = seqs[:3] + [Sequence(seqs[3].ids.flip(0), seqs[3].prompt_len)]
+    H3, off3 = load_or_compute_hidden(base, other, path, "tiny", progress=False)
+    assert not torch.equal(H3, H)
+
+
+def test_errors():
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    seqs = _seqs(base, n=3)
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    h = _heads(base)
+    with pytest.raises(ValueError, match="do not match"):
+        train_heads_cached(h, seqs[:2], H, off, HeadsTrainConfig(steps=1), "/nonexistent", progress=False)
+    with pytest.raises(ValueError, match="hidden states have size"):
+        train_heads_cached(h, seqs, H[:, :5], off, HeadsTrainConfig(steps=1), "/nonexistent", progress=False)
+    with pytest.raises(ValueError, match="token counts"):
+        train_heads_cached(h, seqs, H, off, HeadsTrainConfig(steps=1, train_vocab=10), "/nonexistent",
+                           progress=False)
+    with pytest.raises(ValueError, match="positions_per_step"):
+        HeadsTrainConfig(positions_per_step=0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        HeadsTrainConfig(lr_schedule="linear")
+    short = [Sequence(torch.arange(3, 9), 4)]
+    with pytest.raises(ValueError, match="no training anchors"):
+        H1, o1 = answer_hidden_states(base, short, progress=False)
+        train_heads_cached(h, short, H1, o1, HeadsTrainConfig(steps=1, train_vocab=0), "/nonexistent", progress=False)
+
+
+def test_cli_trains_heads_on_cached_hidden_states(tmp_path, monkeypatch):
+    """``ptp train heads`` (cached path, the default): the hidden cache lands beside the data, the
+    checkpoint records the settings and the held-out figures, and it loads as a drafter."""
+    import json
+
+    import ptp.train.models as tm
+    from ptp.train.cli import main
+    from ptp.train.data import DataConfig, save_sequences
+
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    monkeypatch.setattr(tm, "load_target", lambda *a, **k: (base, None))
+    seqs = _seqs(base, n=10)
+    data = str(tmp_path / "data")
+    save_sequences(data, seqs, DataConfig(num_prompts=10), ["p"] * 10)
+    out = str(tmp_path / "run")
+    assert main(["heads", "--out", out, "--data", data, "--heads", "3", "--token-input", "--steps", "40",
+                 "--positions-per-step", "16", "--train-vocab", "20", "--holdout", "2", "--lr", "1e-2",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert os.path.exists(data + "-hidden.safetensors")
+    meta = json.load(open(os.path.join(out, "config.json")))
+    assert meta["step"] == 40 and meta["train"]["cached_hidden"] and meta["train"]["train_vocab"] == 20
+    assert meta["metrics"]["heldout"]["positions"] > 0
+    drafter = make_drafter(out, base)
+    assert drafter.heads.config.num_heads == 3 and drafter.heads.token_counts is not None
