@@ -51,3 +51,17 @@ def test_row_switch():
     assert name == "none" and row_switch(opts["rows"]) is False
     with pytest.raises(ValueError, match="auto, on or off"):
         row_switch("sometimes")
+
+
+def test_heads_tree_sim_accepted_depth():
+    from benchmarks.heads_tree_sim import accepted_depth
+
+    # root -> 5 -> 6 -> 1, root -> 7 -> 8, root -> 5 -> 9
+    tokens, parents = [0, 5, 6, 7, 1, 8, 9], [-1, 0, 1, 0, 2, 3, 1]
+    assert accepted_depth(tokens, parents, [5, 6, 1, 4]) == 3
+    assert accepted_depth(tokens, parents, [5, 9, 2, 2]) == 2
+    assert accepted_depth(tokens, parents, [7, 8, 0, 0]) == 2
+    assert accepted_depth(tokens, parents, [7, 3, 0, 0]) == 1
+    assert accepted_depth(tokens, parents, [2, 5, 6, 1]) == 0  # a path must start at the root
+    assert accepted_depth(tokens, parents, [5, 6]) == 2  # no deeper than the truth
+    assert accepted_depth([0], [-1], [1, 2]) == 0

@@ -311,6 +311,43 @@ def test_heads_token_counts_roundtrip_and_errors(tmp_path):
         plain.set_draft_vocab(-1)
     with pytest.raises(ValueError, match="min_prob"):
         HeadsDrafter(plain, min_prob=1.5)
+    with pytest.raises(ValueError, match="top >= 1"):
+        HeadsDrafter(plain, tree=True, top=0)
+
+
+@pytest.mark.parametrize("top", [2, 5, 8, 200])
+def test_heads_tree_takes_the_best_paths_of_the_candidate_grid(top):
+    """The best-first tree holds exactly the ``budget`` highest-scoring paths (sum of the heads'
+    log-probs) among the paths through each head's ``top`` candidates (all V when top > V)."""
+    h = _heads(False, token_input=True)
+    d = HeadsDrafter(h, tree=True, top=top)
+    n, budget = 3, 10
+    logits = torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(top)) * 2.0
+    tokens, parents = d._tree(logits, budget)
+    k = min(top, VOCAB)
+    cand = torch.log_softmax(logits, -1).topk(k, -1)
+    scores: dict = {}
+
+    def walk(path: tuple, score: float) -> None:
+        depth = len(path)
+        for c in range(min(k, 12)):  # deeper ranks than 12 never make a 10-node tree here
+            p, sc = path + (int(cand.indices[depth, c]),), score + float(cand.values[depth, c])
+            scores[p] = sc
+            if depth + 1 < n:
+                walk(p, sc)
+    walk((), 0.0)
+    paths = []
+    for i in range(1, len(tokens)):
+        assert 0 <= parents[i] < i
+        p, j = [], i
+        while j > 0:
+            p.append(tokens[j])
+            j = parents[j]
+        paths.append(tuple(reversed(p)))
+    assert len(paths) == budget == len(set(paths))
+    assert all(p in scores for p in paths)  # only each head's top candidates
+    best = sorted(scores.values(), reverse=True)[:budget]
+    assert sorted((scores[p] for p in paths), reverse=True) == pytest.approx(best, abs=1e-4)
 
 
 def _chi2_ok(samples, probs, n):

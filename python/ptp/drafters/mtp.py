@@ -94,7 +94,7 @@ class HeadsDrafter:
     name = "heads"
     wants_hidden = True
 
-    def __init__(self, heads: MTPHeads, tree: bool = False, max_nodes: int = 16, top: int = 4,
+    def __init__(self, heads: MTPHeads, tree: bool = False, max_nodes: int = 16, top: int = 8,
                  verify: str = "coupled", lookup: int = 0, lookup_depth: int = 8,
                  min_prob: float = 0.0, draft_vocab: Optional[int] = None) -> None:
         if verify not in ("coupled", "rejection"):
@@ -106,6 +106,8 @@ class HeadsDrafter:
                              "sampling here verifies one chain drafted from the heads' q")
         if not 0.0 <= float(min_prob) < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
+        if int(top) < 1 or int(max_nodes) < 1:
+            raise ValueError(f"need top >= 1 and max_nodes >= 1, got top={top}, max_nodes={max_nodes}")
         self.min_prob = float(min_prob)
         self.lookup = None
         if int(lookup) > 0:
@@ -238,15 +240,18 @@ class HeadsDrafter:
 
     def _tree(self, logits: torch.Tensor, budget: int, ids: Optional[list[int]] = None
               ) -> tuple[list[int], list[int]]:
-        """Best-first tree: a node at depth d (head d) scores the product of its path's probs."""
+        """Best-first tree: a node at depth d (head d) scores the product of its path's probs, and
+        each head offers its ``top`` most likely tokens. A child never scores above its parent, so
+        the ``budget`` nodes taken are the ``budget`` best paths of the candidate grid."""
         n = logits.shape[0]
+        top = min(self.top, logits.shape[-1])
         logp = torch.log_softmax(logits, -1)
-        top_lp, top_id = logp.topk(self.top, dim=-1)
+        top_lp, top_id = logp.topk(top, dim=-1)
         top_lp, top_id = top_lp.tolist(), top_id.tolist()
         if ids is not None:
             top_id = [[ids[c] for c in row] for row in top_id]
         tokens, parents = [0], [-1]
-        heap = [(-top_lp[0][c], 0, c, 0) for c in range(self.top)]  # (-score, depth, cand, parent)
+        heap = [(-top_lp[0][c], 0, c, 0) for c in range(top)]  # (-score, depth, cand, parent)
         heapq.heapify(heap)
         floor = math.log(self.min_prob) if self.min_prob > 0.0 else -math.inf
         while heap and len(tokens) - 1 < budget:
@@ -257,7 +262,7 @@ class HeadsDrafter:
             tokens.append(top_id[d][c])
             parents.append(par)
             if d + 1 < n:
-                for c2 in range(self.top):
+                for c2 in range(top):
                     heapq.heappush(heap, (neg - top_lp[d + 1][c2], d + 1, c2, node))
         return tokens, parents
 
@@ -291,7 +296,7 @@ def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadrati
                               scheme=scheme, **kw)
 
 
-def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=4, verify="coupled", lookup=0,
+def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=8, verify="coupled", lookup=0,
                    lookup_depth=8, min_prob=0.0, draft_vocab=None, **kw):
     from ptp.train.checkpoint import load_heads
 
