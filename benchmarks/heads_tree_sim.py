@@ -18,7 +18,6 @@ import argparse
 import datetime
 import os
 import platform
-import random
 import sys
 import time
 
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
     from ptp.models import load_target
     from ptp.train.checkpoint import load_heads
     from ptp.train.data import load_sequences
-    from ptp.train.heads import head_positions, load_or_compute_hidden
+    from ptp.train.heads import head_positions, holdout_indices, load_or_compute_hidden
 
     torch.set_num_threads(args.threads)
     if not os.path.exists(args.data + ".safetensors"):
@@ -79,12 +78,10 @@ def main(argv=None) -> int:
     n = heads.config.num_heads
     seqs, _ = load_sequences(args.data)
     H, offsets = load_or_compute_hidden(base, seqs, args.data + "-hidden.safetensors", args.model)
-    split = list(range(len(seqs)))
-    random.Random(args.seed).shuffle(split)  # the trainer's split (ptp.train.heads.train_heads_cached)
-    pos = head_positions(seqs, offsets, n, sorted(split[:args.holdout]))
+    pos = head_positions(seqs, offsets, n, holdout_indices(len(seqs), args.holdout, args.seed))
     N = len(pos) if args.max_positions <= 0 else min(len(pos), args.max_positions)
     budgets, tops = _ints(args.budgets), _ints(args.tops)
-    drafters = {t: HeadsDrafter(heads, tree=True, top=t, draft_vocab=args.draft_vocab) for t in tops}
+    drafter = HeadsDrafter(heads, tree=True, draft_vocab=args.draft_vocab)
     ids = heads.vocab_id_list
     totals = {(b, t): 0 for b in budgets for t in tops}
     chain = 0
@@ -105,8 +102,9 @@ def main(argv=None) -> int:
                     k += 1
                 chain += k
                 for t in tops:
+                    drafter.top = t
                     for b in budgets:
-                        tk, pr = drafters[t]._tree(logits[j], b, ids)
+                        tk, pr = drafter._tree(logits[j], b, ids)
                         totals[(b, t)] += accepted_depth(tk, pr, truth)
     secs = time.time() - t0
     lines = [f"# MTP heads tree simulation ({datetime.date.today().isoformat()})", "",

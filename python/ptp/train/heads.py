@@ -238,6 +238,13 @@ def evaluate_heads(model: MTPHeads, vocab: _Vocab, H: torch.Tensor, pos: HeadPos
             "prefix": round(float(hit.cumprod(1).sum(1).mean()), 4), "positions": len(pos)}
 
 
+def holdout_indices(num_seqs: int, holdout: int, seed: int) -> list[int]:
+    """The sequences ``--holdout``/``--seed`` keep out of training (sorted indices)."""
+    split = list(range(num_seqs))
+    random.Random(seed).shuffle(split)
+    return sorted(split[:holdout])
+
+
 def _lr_factor(cfg: HeadsTrainConfig, step: int) -> float:
     f = min(1.0, (step + 1) / max(1, cfg.warmup))
     if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
@@ -272,9 +279,7 @@ def train_heads_cached(model: MTPHeads, seqs: list[Sequence], H: torch.Tensor, o
         raise ValueError(f"hidden states have size {H.shape[1]}, the model {d}")
     dev = torch.device(cfg.device)
     n = model.config.num_heads
-    split = list(range(len(seqs)))
-    random.Random(cfg.seed).shuffle(split)
-    held = sorted(split[:cfg.holdout])
+    held = holdout_indices(len(seqs), cfg.holdout, cfg.seed)
     held_set = set(held)
     train_pos = head_positions(seqs, offsets, n, [i for i in range(len(seqs)) if i not in held_set])
     held_pos = head_positions(seqs, offsets, n, held)
