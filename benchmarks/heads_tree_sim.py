@@ -1,16 +1,25 @@
-"""Offline tree simulation for MTP heads: tokens per target call of the heads' best-first tree
-(``HeadsDrafter._tree``, the code decoding runs) on the held-out sequences of a heads training
-run, for a grid of tree sizes (``max_nodes``) and candidates per head (``top``).
+"""Offline tree simulation for MTP heads: tokens per target call of the heads' chain and
+best-first tree (``HeadsDrafter._tree``, the code decoding runs) for a grid of tree sizes
+(``max_nodes``) and candidates per head (``top``), on greedy text of the target:
 
-The data is teacher-greedy text (``ptp train heads`` data), so at temperature 0 a drafted path is
-accepted exactly when it matches the sequence's next tokens: tokens per call = 1 + the depth of
-the deepest matching path. No target calls are made; the heads read the cached final hidden
-states (``<data>-hidden.safetensors``, computed once if missing). The held-out split is the
-trainer's (``--holdout``/``--seed`` as in the training command), so these sequences were never
-trained on.
+- ``--data``: the held-out sequences of a heads training run (``--holdout``/``--seed`` as in the
+  training command, so these sequences were never trained on; ``--holdout 0`` takes every
+  sequence, for a set saved with ``--save-data`` that no drafter was trained on);
+- ``--prompts``: an evaluation file (Spec-Bench jsonl); the target answers ``--limit`` of its
+  prompts greedily, one at a time (evaluation only; ``--save-data`` keeps the answers).
+
+At temperature 0 a drafted path is accepted exactly when it matches the text's next tokens. Two
+figures per setting: *decoding* walks each sequence as greedy decoding does (a step anchored at j
+commits 1 + its accepted depth, the next step starts after them), which is what ``e2e.py``
+measures (on the 13 dev prompts: 1.390 chain / 1.677 tree vs 1.39 / 1.67 decoded); *all
+positions* averages 1 + the accepted depth over every position, which counts a run of k accepted
+tokens k + 1 times and so overstates decoding. No target calls are made for the heads; they read
+the final hidden states (cached beside ``--data`` as ``<data>-hidden.safetensors``).
 
     PYTHONPATH=$PWD:$PWD/python python benchmarks/heads_tree_sim.py --data /work/runs/data-v4 \\
         --holdout 64 --budgets 8,16,32 --tops 4,6,8
+    PYTHONPATH=$PWD:$PWD/python python benchmarks/heads_tree_sim.py \\
+        --prompts ../shared/data/specbench_dev.jsonl --limit 13 --save-data /tmp/dev13
 """
 from __future__ import annotations
 
@@ -46,10 +55,56 @@ def accepted_depth(tokens: list[int], parents: list[int], truth: list[int]) -> i
     return best
 
 
+def decode_walk(acc: list[int], segments: list[int]) -> tuple[int, int]:
+    """Tokens and target calls of greedy decoding over consecutive anchors: ``acc[j]`` is the
+    accepted depth of a step anchored at position j, ``segments`` the number of anchors of each
+    sequence (``acc`` holds them back to back). A step at j commits 1 + acc[j] tokens and the
+    next step is anchored at j + 1 + acc[j], so positions inside an accepted run never start a
+    step: tokens / calls is what decoding measures, while the mean of 1 + acc over all
+    positions overweights the predictable runs (a run of k accepted tokens counts k + 1 times)."""
+    tokens = calls = start = 0
+    for n in segments:
+        j = 0
+        while j < n:
+            step = 1 + acc[start + j]
+            calls += 1
+            tokens += min(step, n - j)
+            j += step
+        start += n
+    return tokens, calls
+
+
+def _eval_sequences(base, tok, path: str, limit: int, max_new: int):
+    """Greedy answers of the target to the first turns of an evaluation file (Spec-Bench
+    format), one prompt at a time, as :class:`ptp.train.data.Sequence` s."""
+    from benchmarks.e2e import select_questions
+    from ptp.cli import chat_prompt_ids, eos_ids, read_specbench
+    from ptp.train.data import Sequence
+
+    qs = select_questions(read_specbench(path), limit)
+    eos = list(eos_ids(base, tok))
+    out = []
+    for q in qs:
+        ids = torch.tensor([chat_prompt_ids(tok, q["turns"][0])])
+        with torch.no_grad():
+            res = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos[0])
+        out.append(Sequence(res[0].cpu(), ids.shape[1]))
+    return out, qs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--heads", default=None, help="heads checkpoint (default: the shipped `heads`)")
-    ap.add_argument("--data", required=True, help="data path prefix of a `ptp train heads` run")
+    ap.add_argument("--data", default=None, help="data path prefix of a `ptp train heads` run")
+    ap.add_argument("--prompts", default=None,
+                    help="instead of --data: an evaluation file (Spec-Bench jsonl); the target "
+                         "answers --limit of its prompts greedily (evaluation only)")
+    ap.add_argument("--limit", type=int, default=13, help="with --prompts: questions, spread over the categories")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="with --prompts")
+    ap.add_argument("--save-data", default=None,
+                    help="with --prompts: save the answers as a data set (PREFIX.safetensors/.json) "
+                         "to reuse with --data PREFIX --holdout 0")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--holdout", type=int, default=64, help="as in the training command")
     ap.add_argument("--seed", type=int, default=0, help="as in the training command")
@@ -65,26 +120,62 @@ def main(argv=None) -> int:
     from ptp.models import load_target
     from ptp.train.checkpoint import load_heads
     from ptp.train.data import load_sequences
-    from ptp.train.heads import head_positions, holdout_indices, load_or_compute_hidden
+    from ptp.train.heads import (_anchor_range, answer_hidden_states, head_positions, holdout_indices,
+                                 load_or_compute_hidden)
 
     torch.set_num_threads(args.threads)
-    if not os.path.exists(args.data + ".safetensors"):
+    if (args.data is None) == (args.prompts is None):
+        raise ValueError("give exactly one of --data (held-out training data) and --prompts (an evaluation file)")
+    if args.data is not None and not os.path.exists(args.data + ".safetensors"):
         raise FileNotFoundError(f"no data at {args.data}.safetensors (the --data of a `ptp train heads` run)")
-    if args.holdout < 1:
-        raise ValueError("--holdout must be >= 1: the simulation runs on held-out sequences only")
-    base, _ = load_target(args.model)
+    if args.holdout < 0:
+        raise ValueError("--holdout must be >= 0")
+    if args.save_data and args.prompts is None:
+        raise ValueError("--save-data goes with --prompts")
+    if args.prompts is not None and not os.path.exists(args.prompts):
+        raise FileNotFoundError(f"no prompt file at {args.prompts}")
+    base, tok = load_target(args.model)
     ckpt = args.heads or DEFAULT_HEADS
     heads = load_heads(base, ckpt)
     n = heads.config.num_heads
-    seqs, _ = load_sequences(args.data)
-    H, offsets = load_or_compute_hidden(base, seqs, args.data + "-hidden.safetensors", args.model)
-    pos = head_positions(seqs, offsets, n, holdout_indices(len(seqs), args.holdout, args.seed))
-    N = len(pos) if args.max_positions <= 0 else min(len(pos), args.max_positions)
+    if args.data is not None:
+        seqs, _ = load_sequences(args.data)
+        H, offsets = load_or_compute_hidden(base, seqs, args.data + "-hidden.safetensors", args.model)
+        if args.holdout:
+            which = holdout_indices(len(seqs), args.holdout, args.seed)
+            what = f"held-out positions of {args.holdout} sequences of `{args.data}`"
+        else:  # an evaluation set (--save-data): every sequence
+            which = list(range(len(seqs)))
+            what = f"positions of all {len(seqs)} sequences of `{args.data}`"
+    else:
+        seqs, qs = _eval_sequences(base, tok, args.prompts, args.limit, args.max_new_tokens)
+        if args.save_data:
+            from ptp.train.data import DataConfig, save_sequences
+
+            save_sequences(args.save_data, seqs, DataConfig(num_prompts=len(seqs), max_new_tokens=args.max_new_tokens,
+                                                            batch_size=1, model=args.model, prompt_set="eval"),
+                           [q["turns"][0] for q in qs])
+        H, offsets = answer_hidden_states(base, seqs, progress=False)
+        which = list(range(len(seqs)))
+        what = (f"positions of the target's greedy answers ({args.max_new_tokens} new tokens max) to "
+                f"{len(seqs)} prompts of `{os.path.basename(args.prompts)}`")
+    pos = head_positions(seqs, offsets, n, which)
+    segments = [max(0, seqs[i].ids.numel() - 2 - n - _anchor_range(seqs[i])[0] + 1) for i in which]
+    assert sum(segments) == len(pos)
+    if args.max_positions > 0 and args.max_positions < len(pos):  # whole sequences only
+        keep, total = [], 0
+        for m in segments:
+            if total + m > args.max_positions:
+                break
+            keep.append(m)
+            total += m
+        segments = keep
+    N = sum(segments)
     budgets, tops = _ints(args.budgets), _ints(args.tops)
     drafter = HeadsDrafter(heads, tree=True, draft_vocab=args.draft_vocab)
     ids = heads.vocab_id_list
-    totals = {(b, t): 0 for b in budgets for t in tops}
-    chain = 0
+    accs = {(b, t): [] for b in budgets for t in tops}
+    chain = []
     t0 = time.time()
     with torch.no_grad():
         for s in range(0, N, 512):
@@ -100,24 +191,35 @@ def main(argv=None) -> int:
                 k = 0
                 while k < n and guess[k] == truth[k]:
                     k += 1
-                chain += k
+                chain.append(k)
                 for t in tops:
                     drafter.top = t
                     for b in budgets:
                         tk, pr = drafter._tree(logits[j], b, ids)
-                        totals[(b, t)] += accepted_depth(tk, pr, truth)
+                        accs[(b, t)].append(accepted_depth(tk, pr, truth))
     secs = time.time() - t0
+    def walk(acc):
+        t, c = decode_walk(acc, segments)
+        return t / max(c, 1)
+
     lines = [f"# MTP heads tree simulation ({datetime.date.today().isoformat()})", "",
              f"Command: `PYTHONPATH=$PWD:$PWD/python python benchmarks/heads_tree_sim.py {' '.join(argv or sys.argv[1:])}`",
              "", f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
              f"{args.threads} threads; simulation {secs:.0f} s. Heads: `{os.path.relpath(ckpt, ROOT) if ckpt.startswith(ROOT) else ckpt}` "
-             f"({n} heads). {N} held-out positions of {args.holdout} sequences. Tokens per target call "
-             "at temperature 0 = 1 + the deepest drafted path that matches the teacher's next tokens.", "",
-             f"Chain (each head's argmax): {1 + chain / N:.3f} tokens per call.", "",
-             "| max_nodes \\ top | " + " | ".join(str(t) for t in tops) + " |",
-             "|---|" + "---|" * len(tops)]
+             f"({n} heads). {N} {what}. At temperature 0 a step accepts the deepest drafted "
+             "path that matches the greedy text.", "",
+             "- *decoding*: tokens per target call of greedy decoding that walks each sequence "
+             "(a step anchored at j commits 1 + its accepted depth and the next step starts "
+             "after them), what `e2e.py` measures;",
+             "- *all positions*: 1 + the mean accepted depth over every position, which weighs "
+             "each accepted run once per token in it and so overstates decoding.", "",
+             f"Chain (each head's argmax): decoding {walk(chain):.3f}, all positions "
+             f"{1 + sum(chain) / max(N, 1):.3f} tokens per call.", "",
+             "| max_nodes \\ top | " + " | ".join(f"{t}: decoding | {t}: all positions" for t in tops) + " |",
+             "|---|" + "---|---|" * len(tops)]
     for b in budgets:
-        lines.append(f"| {b} | " + " | ".join(f"{1 + totals[(b, t)] / N:.3f}" for t in tops) + " |")
+        lines.append(f"| {b} | " + " | ".join(f"{walk(accs[(b, t)]):.3f} | {1 + sum(accs[(b, t)]) / max(N, 1):.3f}"
+                                            for t in tops) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

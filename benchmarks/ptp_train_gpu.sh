@@ -57,9 +57,11 @@ for name in $DRAFTERS; do
     ptp) args=(ptp --variant "$VARIANT" --temperature "$TEMPERATURE" --slots 8 --rank 16 --alpha 32
                --windows 64 --lr 5e-4) ;;
     mtp) args=(mtp --masks 8 --rank 16 --windows 48 --lr 1e-3) ;;
-    # heads: cached hidden states (ptp.train.heads); ~11 passes over 6,400 sequences, cosine
+    # heads: cached hidden states (ptp.train.heads); ~11 passes over 6,400 sequences, cosine;
+    # distillation weight 0.5 (2026-12-02-cpu-heads-soft-pilot.md: +0.06 held-out, +0.03 dev)
     heads) args=(heads --heads 4 --token-input --lr 1e-3)
-           extra=(--steps 8000 --positions-per-step 1024 --lr-schedule cosine --holdout 64) ;;
+           extra=(--steps 8000 --positions-per-step 1024 --lr-schedule cosine --holdout 64
+                  --soft-weight "${HEADS_SOFT_WEIGHT:-0.5}") ;;
     *) echo "unknown drafter $name (ptp, mtp, heads)"; exit 2 ;;
   esac
   $PY -m ptp train "${args[@]}" --out "$OUT/$name" "${COMMON[@]}" "${extra[@]}" > "$OUT/train-$name.log" 2>&1 &

@@ -53,6 +53,22 @@ def test_row_switch():
         row_switch("sometimes")
 
 
+def test_heads_tree_sim_decode_walk():
+    from benchmarks.heads_tree_sim import decode_walk
+
+    # one sequence of 6 anchors: steps at 0 (accepts 2 -> 3 tokens), 3 (0 -> 1), 4 (3 -> capped at 2)
+    assert decode_walk([2, 9, 9, 0, 3, 9], [6]) == (6, 3)
+    # two sequences back to back: the walk restarts at each; nothing accepted -> one call per token
+    assert decode_walk([0, 0, 1, 0, 0], [2, 3]) == (5, 4)
+    # a predictable run is one step in decoding but counts at each of its positions in the
+    # all-positions mean: 7 tokens / 4 calls = 1.75 against 1 + 6 / 7 = 1.857
+    acc = [3, 2, 1, 0, 0, 0, 0]
+    assert decode_walk(acc, [7]) == (7, 4) and 7 / 4 < 1 + sum(acc) / len(acc)
+    t, c = decode_walk([1, 0, 1, 0], [4])
+    assert (t, c) == (4, 2)
+    assert decode_walk([], []) == (0, 0)
+
+
 def test_heads_tree_sim_accepted_depth():
     from benchmarks.heads_tree_sim import accepted_depth
 

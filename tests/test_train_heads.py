@@ -99,6 +99,52 @@ def test_loss_is_the_heads_cross_entropy(token_input, train_vocab):
         assert bool((tk < 0).any())  # some targets outside the draft vocabulary: skipped
 
 
+def test_teacher_rows_hold_the_targets_prediction_of_each_heads_token():
+    """Head i's distillation target at anchor t is the LM head on row ``rows + 1 + i`` of the cache
+    (h_{t+1+i}); on the target's own greedy text its argmax is the data token t+2+i."""
+    base = tiny_model("llama", vocab_size=VOCAB, seed=2)
+    seqs = _seqs(base, n=6)
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    pos = head_positions(seqs, off, 3)
+    with torch.no_grad():
+        for i in range(3):
+            pred = base.lm_head(H[pos.rows + 1 + i].float()).argmax(-1)
+            assert (pred == pos.targets[:, i]).float().mean() > 0.99  # float16 cache: near ties may flip
+            assert not torch.equal(pred, pos.targets[:, (i + 1) % 3])
+
+
+@pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
+def test_soft_loss_mixes_data_and_target_distribution(w):
+    base = tiny_model("llama", vocab_size=VOCAB, seed=1)
+    h = _heads(base)
+    with torch.no_grad():
+        h.proj.normal_(0, 0.2)
+        h.tok_proj.normal_(0, 0.2)
+    seqs = _seqs(base, n=4)
+    h.set_token_counts(answer_token_counts(seqs, VOCAB))
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    pos = head_positions(seqs, off, 3)
+    vocab = _Vocab(h, 8, "cpu")
+    x = H[pos.rows].float()
+    teacher = [H[pos.rows + 1 + i].float() for i in range(3)]
+    loss, _ = _losses(h, vocab, x, pos.next, pos.targets, teacher, w)
+    full = h.logits(x, pos.next)[..., vocab.ids]  # [P, n, 8]
+    tk = vocab.index[pos.targets]
+    ref = 0.0
+    for i in range(3):
+        p = torch.softmax(base.lm_head(teacher[i])[:, vocab.ids], -1)
+        soft = -(p * torch.log_softmax(full[:, i], -1)).sum(-1).mean()
+        ref = ref + ((1 - w) * F.cross_entropy(full[:, i], tk[:, i], ignore_index=-100) + w * soft) / 3
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    plain, _ = _losses(h, vocab, x, pos.next, pos.targets)
+    if w == 0.0:
+        torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    else:
+        assert abs(float(loss.detach()) - float(plain.detach())) > 1e-4
+    with pytest.raises(ValueError, match="soft_weight"):
+        HeadsTrainConfig(soft_weight=1.5)
+
+
 def test_train_resume_checkpoint_and_exact_decoding(tmp_path):
     base = tiny_model("llama", vocab_size=VOCAB, seed=0)
     seqs = _seqs(base, n=10)
@@ -149,6 +195,12 @@ def test_hidden_cache_reused_and_invalidated(tmp_path):
     t = os.path.getmtime(path)
     H2, off2 = load_or_compute_hidden(base, seqs, path, "tiny", progress=False)
     assert os.path.getmtime(path) == t and torch.equal(H, H2) and torch.equal(off, off2)
+    # the SmolLM2 aliases name one model: a cache made under one is reused under another
+    alias = str(tmp_path / "alias-hidden.safetensors")
+    load_or_compute_hidden(base, seqs, alias, "smollm2", progress=False)
+    t = os.path.getmtime(alias)
+    load_or_compute_hidden(base, seqs, alias, "SmolLM2-135M-Instruct", progress=False)
+    assert os.path.getmtime(alias) == t
     other = seqs[:3] + [Sequence(seqs[3].ids.flip(0), seqs[3].prompt_len)]
     H3, off3 = load_or_compute_hidden(base, other, path, "tiny", progress=False)
     assert not torch.equal(H3, H)
@@ -193,10 +245,11 @@ def test_cli_trains_heads_on_cached_hidden_states(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     assert main(["heads", "--out", out, "--data", data, "--heads", "3", "--token-input", "--steps", "40",
                  "--positions-per-step", "16", "--train-vocab", "20", "--holdout", "2", "--lr", "1e-2",
-                 "--no-progress", "--device", "cpu"]) == 0
+                 "--soft-weight", "0.5", "--no-progress", "--device", "cpu"]) == 0
     assert os.path.exists(data + "-hidden.safetensors")
     meta = json.load(open(os.path.join(out, "config.json")))
     assert meta["step"] == 40 and meta["train"]["cached_hidden"] and meta["train"]["train_vocab"] == 20
+    assert meta["train"]["soft_weight"] == 0.5
     assert meta["metrics"]["heldout"]["positions"] > 0
     drafter = make_drafter(out, base)
     assert drafter.heads.config.num_heads == 3 and drafter.heads.token_counts is not None

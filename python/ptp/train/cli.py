@@ -86,6 +86,9 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     h.add_argument("--holdout", type=int, default=0,
                    help="sequences kept out of training and measured at each checkpoint (cached)")
     h.add_argument("--weight-decay", type=float, default=0.0)
+    h.add_argument("--soft-weight", type=float, default=0.0,
+                   help="distillation weight w in [0, 1] (cached hidden states): each head's loss is "
+                        "(1-w) CE(data token) + w CE(the target's own distribution of that token)")
     return train
 
 
@@ -162,6 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
             remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
             hcfg = HeadsTrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup,
                                     lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
+                                    soft_weight=args.soft_weight,
                                     positions_per_step=args.positions_per_step,
                                     train_vocab=args.train_vocab, holdout=args.holdout, seed=args.seed,
                                     save_every=args.save_every,
