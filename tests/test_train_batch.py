@@ -124,20 +124,25 @@ def test_batched_slot_layout_matches_packed_layout():
 
 
 def test_train_micro_batch_matches_one_at_a_time(tmp_path):
-    """Three optimizer steps of 3 sequences each: micro_batch 3 == micro_batch 1 (float rounding)."""
-    states = []
+    """Three optimizer steps of 3 sequences each: micro_batch 3 == micro_batch 1 up to float
+    rounding. Adam divides by sqrt(v), so a gradient element near zero can turn a rounding
+    difference of the padded batch's GEMMs into a visible one: the tolerance is 1% of one step
+    (lr 1e-2), and the weights must have moved by far more than it."""
+    states, init = [], None
     for mb in (1, 3):
         torch.manual_seed(0)
         model = PTPModel(tiny_model("llama", vocab_size=VOCAB),
                          PTPConfig(num_slots=4, lora=LoRAConfig(rank=4, alpha=8)))
+        if init is None:
+            init = {k: v.clone() for k, v in model.adapter_state_dict().items()}
         cfg = TrainConfig(steps=3, windows_per_seq=6, seqs_per_step=3, micro_batch=mb, warmup=1, lr=1e-2)
         m = train(model, _seqs(), cfg, str(tmp_path / f"mb{mb}"), progress=False)
         assert m["step"] == 3
         states.append(model.adapter_state_dict())
-    moved = 0
+    moved = 0.0
     for key, v in states[0].items():
-        torch.testing.assert_close(states[1][key], v, rtol=1e-3, atol=1e-5)
-        moved += 1
-    assert moved > 0
+        torch.testing.assert_close(states[1][key], v, rtol=1e-3, atol=1e-4)
+        moved = max(moved, float((v - init[key]).abs().max()))
+    assert moved > 1e-2  # three steps of lr 1e-2: 100x the tolerance
     with pytest.raises(ValueError, match="micro_batch"):
         train(model, _seqs(), TrainConfig(steps=1, micro_batch=0), str(tmp_path / "bad"), progress=False)
