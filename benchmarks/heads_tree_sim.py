@@ -120,8 +120,7 @@ def main(argv=None) -> int:
     from ptp.models import load_target
     from ptp.train.checkpoint import load_heads
     from ptp.train.data import load_sequences
-    from ptp.train.heads import (_anchor_range, answer_hidden_states, head_positions, holdout_indices,
-                                 load_or_compute_hidden)
+    from ptp.train.heads import answer_hidden_states, head_positions, holdout_indices, load_or_compute_hidden
 
     torch.set_num_threads(args.threads)
     if (args.data is None) == (args.prompts is None):
@@ -155,13 +154,18 @@ def main(argv=None) -> int:
             save_sequences(args.save_data, seqs, DataConfig(num_prompts=len(seqs), max_new_tokens=args.max_new_tokens,
                                                             batch_size=1, model=args.model, prompt_set="eval"),
                            [q["turns"][0] for q in qs])
-        H, offsets = answer_hidden_states(base, seqs, progress=False)
+        if args.save_data:  # cached where `--data PREFIX --holdout 0` looks for it
+            H, offsets = load_or_compute_hidden(base, seqs, args.save_data + "-hidden.safetensors", args.model,
+                                                progress=False)
+        else:
+            H, offsets = answer_hidden_states(base, seqs, progress=False)
         which = list(range(len(seqs)))
         what = (f"positions of the target's greedy answers ({args.max_new_tokens} new tokens max) to "
                 f"{len(seqs)} prompts of `{os.path.basename(args.prompts)}`")
     pos = head_positions(seqs, offsets, n, which)
-    segments = [max(0, seqs[i].ids.numel() - 2 - n - _anchor_range(seqs[i])[0] + 1) for i in which]
-    assert sum(segments) == len(pos)
+    # anchors per sequence, in order (sequence s owns rows offsets[s] .. offsets[s+1]-1)
+    owner = torch.searchsorted(offsets, pos.rows, right=True) - 1
+    segments = torch.bincount(owner, minlength=len(seqs))[which].tolist()
     if args.max_positions > 0 and args.max_positions < len(pos):  # whole sequences only
         keep, total = [], 0
         for m in segments:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ptp.models import SMOLLM2_ALIASES
 from ptp.mtp_model import MTPHeads
 from ptp.train.checkpoint import TRAINER_STATE, save_adapter
 from ptp.train.data import Sequence
@@ -135,8 +136,6 @@ def _cache_meta(seqs: list[Sequence], model_name: str, d: int) -> dict:
     for s in seqs:
         digest.update(int(s.prompt_len).to_bytes(8, "little"))
         digest.update(s.ids.to(torch.int64).numpy().tobytes())
-    from ptp.models import SMOLLM2_ALIASES
-
     if model_name.lower() in SMOLLM2_ALIASES:  # one model under several names: one cache
         model_name = SMOLLM2_ALIASES[-1]
     return {"model": model_name, "hidden": str(d), "sequences": str(len(seqs)),
