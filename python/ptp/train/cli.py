@@ -22,6 +22,10 @@ def _common(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--gen-batch", type=int, default=16)
+    p.add_argument("--gen-backend", choices=["auto", "ptp", "hf"], default="auto",
+                   help="teacher generation: ptp's own decoder (plain decoding, exact, row-invariant "
+                        "on the CPU: 2.1x transformers' generate there), hf (transformers generate), "
+                        "auto (ptp on the CPU, hf elsewhere)")
     p.add_argument("--prompt-set", choices=["v2", "v1"], default="v2",
                    help="training prompts (ptp.train.prompts): v2 two-stage varied set, v1 the first 320-template set")
     p.add_argument("--data", default=None,
@@ -93,7 +97,8 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
 
 
 def _sequences(args, base, tok):
-    from ptp.train.data import DataConfig, generate_sequences, load_sequences, save_sequences, text_sequences
+    from ptp.train.data import (DataConfig, generate_sequences, load_sequences, resolve_backend, save_sequences,
+                                text_sequences)
 
     data_path = args.data or os.path.join(args.out, "data")
     if args.text_file:
@@ -105,7 +110,7 @@ def _sequences(args, base, tok):
     if not os.path.exists(data_path + ".safetensors"):
         dcfg = DataConfig(num_prompts=args.num_prompts, seed=args.seed, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, batch_size=args.gen_batch, model=args.model,
-                          prompt_set=args.prompt_set)
+                          prompt_set=args.prompt_set, backend=resolve_backend(base, args.gen_backend))
         seqs, prompts = generate_sequences(base, tok, dcfg, progress=not args.no_progress)
         save_sequences(data_path, seqs, dcfg, prompts)
     seqs, meta = load_sequences(data_path)

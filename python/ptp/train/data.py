@@ -7,6 +7,15 @@ inside it) comes from the very logits it trains against. Temperature 0: greedy a
 used). Temperature > 0: answers are sampled from the plain temperature distribution (no top-k /
 top-p at generation, so every token has a non-empty bin under the training distribution).
 
+Two generation backends (``DataConfig.backend``): ``"ptp"`` decodes with this project's own
+:class:`ptp.decoder.Decoder` (drafter ``none``): every answer is exactly the target's plain
+single-sequence decoding whatever the batch it shared (row-invariant calls on the CPU), finished
+answers leave the batch, and sampled answers take the position-indexed uniform stream, so token
+``j`` of sequence ``i`` was picked by ``U(seed, i, prompt_len + j)`` (:func:`ptp.sampling.uniforms`).
+``"hf"`` is transformers' batched ``generate`` (left padded). ``"auto"`` (default) takes ``ptp`` on
+the CPU, where it is 2.1x faster (SmolLM2, 32 answers x 160 tokens on a 2-core AMD EPYC: 0.82 vs
+1.69 s per answer, the same 32 answers), and ``hf`` elsewhere.
+
 Stored as ``<path>.safetensors`` (one flat int32 tensor + offsets) plus ``<path>.json``
 (the command's settings and the prompts), so a data set is reproducible and inspectable.
 """
@@ -33,6 +42,7 @@ class DataConfig:
     batch_size: int = 16
     model: str = "smollm2-135m-instruct"
     prompt_set: str = "v2"  # "v2": two-stage varied set (default); "v1": the first 320-template set
+    backend: str = "auto"  # "ptp" (ptp.decoder), "hf" (transformers generate), "auto": ptp on the CPU
 
 
 @dataclass
@@ -46,10 +56,34 @@ def chat_ids(tok, prompt: str) -> list[int]:
                                    tokenize=True, return_dict=False)
 
 
+BACKENDS = ("auto", "ptp", "hf")
+
+
+def resolve_backend(model, backend: str) -> str:
+    """``auto`` -> ``ptp`` for a CPU model, ``hf`` elsewhere (the decoder's GPU path is exact but its
+    end-to-end speed is unmeasured); ``ptp`` / ``hf`` as given."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown generation backend {backend!r} (one of {', '.join(BACKENDS)})")
+    if backend != "auto":
+        return backend
+    return "ptp" if next(model.parameters()).device.type == "cpu" else "hf"
+
+
+def _truncate_at_eos(ans: torch.Tensor, eos) -> torch.Tensor:
+    if eos is None:
+        return ans
+    hit = (ans == eos).nonzero()
+    return ans[: int(hit[0, 0]) + 1] if hit.numel() else ans
+
+
 @torch.no_grad()
-def _answer(model, tok, prompts: list[str], cfg: DataConfig, gen: torch.Generator, bar) -> list[Sequence]:
-    """The teacher answers ``prompts`` (batched, left padded; batches formed by prompt length so
-    little compute goes to padding); returned in the order of ``prompts``."""
+def _answer(model, tok, prompts: list[str], cfg: DataConfig, gen: torch.Generator, bar,
+            first_id: int = 0) -> list[Sequence]:
+    """The teacher answers ``prompts`` (batches formed by prompt length, so little compute goes to
+    padding); returned in the order of ``prompts``. ``first_id`` numbers the prompts in the
+    uniform stream of the ``ptp`` backend (prompt ``r`` is sequence ``first_id + r``)."""
+    if resolve_backend(model, cfg.backend) == "ptp":
+        return _answer_decoder(model, tok, prompts, cfg, bar, first_id)
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     chats = [chat_ids(tok, p) for p in prompts]
@@ -70,12 +104,33 @@ def _answer(model, tok, prompts: list[str], cfg: DataConfig, gen: torch.Generato
         res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, **kw)
         for r, (i, b) in enumerate(zip(idx, batch)):
-            ans = res[r, width:].cpu()
-            eos = (ans == tok.eos_token_id).nonzero()
-            if eos.numel():
-                ans = ans[: int(eos[0, 0]) + 1]
+            ans = _truncate_at_eos(res[r, width:].cpu(), tok.eos_token_id)
             out[i] = Sequence(torch.cat([torch.tensor(b), ans]), len(b))
         bar.update(len(batch))
+    return out  # type: ignore[return-value]
+
+
+def _answer_decoder(model, tok, prompts: list[str], cfg: DataConfig, bar, first_id: int) -> list[Sequence]:
+    """``_answer`` through :class:`ptp.decoder.Decoder` with no drafter (plain decoding)."""
+    from ptp.decoder import Decoder, GenerationConfig
+    from ptp.drafters import make_drafter
+    from ptp.sampling import SamplingConfig
+
+    decoder = Decoder(model, tok, make_drafter("none", model, tok))
+    eos = tok.eos_token_id
+    config = GenerationConfig(max_new_tokens=cfg.max_new_tokens,
+                              sampling=SamplingConfig(temperature=cfg.temperature, seed=cfg.seed),
+                              eos_token_ids=() if eos is None else (int(eos),))
+    chats = [chat_ids(tok, p) for p in prompts]
+    order = sorted(range(len(chats)), key=lambda i: len(chats[i]))
+    out: list[Optional[Sequence]] = [None] * len(chats)
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start : start + cfg.batch_size]
+        results = decoder.generate([chats[i] for i in idx], config, sequence_ids=[first_id + i for i in idx])
+        for i, res in zip(idx, results):
+            ans = _truncate_at_eos(torch.tensor(res.new_token_ids, dtype=torch.long), eos)
+            out[i] = Sequence(torch.cat([torch.tensor(chats[i], dtype=torch.long), ans]), len(chats[i]))
+        bar.update(len(idx))
     return out  # type: ignore[return-value]
 
 
@@ -83,8 +138,13 @@ def _answer(model, tok, prompts: list[str], cfg: DataConfig, gen: torch.Generato
 def generate_sequences(model, tok, cfg: DataConfig, progress: bool = True) -> tuple[list[Sequence], list[str]]:
     """The teacher answers the training prompts: ``build_prompts`` (v1) or the two-stage v2 plan
     (stage 1 writes passages and questions, stage 2 works on them; see ``ptp.train.prompts``)."""
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
+    if cfg.batch_size < 1:
+        raise ValueError(f"generation batch size must be >= 1, got {cfg.batch_size}")
+    cfg = replace(cfg, backend=resolve_backend(model, cfg.backend))  # the saved config names it
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     if cfg.prompt_set == "v1":
         prompts = build_prompts(cfg.num_prompts, cfg.seed)
@@ -98,7 +158,7 @@ def generate_sequences(model, tok, cfg: DataConfig, progress: bool = True) -> tu
         seqs1 = _answer(model, tok, first, cfg, gen, bar)
         texts = [tok.decode(s.ids[s.prompt_len:], skip_special_tokens=True) for s in seqs1]
         second = derive_prompts(stage1, texts, cfg.seed) + plain
-        seqs2 = _answer(model, tok, second, cfg, gen, bar)
+        seqs2 = _answer(model, tok, second, cfg, gen, bar, first_id=len(first))
     return seqs1 + seqs2, first + second
 
 
