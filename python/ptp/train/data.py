@@ -144,7 +144,7 @@ def generate_sequences(model, tok, cfg: DataConfig, progress: bool = True) -> tu
 
     if cfg.batch_size < 1:
         raise ValueError(f"generation batch size must be >= 1, got {cfg.batch_size}")
-    cfg = replace(cfg, backend=resolve_backend(model, cfg.backend))  # the saved config names it
+    cfg = replace(cfg, backend=resolve_backend(model, cfg.backend))  # once, for both stages
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     if cfg.prompt_set == "v1":
         prompts = build_prompts(cfg.num_prompts, cfg.seed)
