@@ -137,3 +137,57 @@ def test_cli_gen_backend_flag():
         assert parser.parse_args(["train", kind, "--out", "x", "--gen-backend", "hf"]).gen_backend == "hf"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "heads", "--out", "x", "--gen-backend", "vllm"])
+
+
+@pytest.mark.parametrize("temperature,batch", [(0.0, 2), (1.0, 5)])
+def test_recorded_hidden_states_are_the_targets_own(model, temperature, batch):
+    """``record_hidden``: the decoding calls keep the final hidden state of every answer anchor
+    (``prompt_len-1 .. L-2``), equal to a teacher-forced pass over the finished sequence (what
+    ``answer_hidden_states`` computes), and recording changes no token."""
+    from ptp.train.heads import answer_hidden_states, recorded_hidden
+
+    tok = WordTokenizer()
+    cfg = DataConfig(max_new_tokens=9, batch_size=batch, temperature=temperature, seed=3, backend="ptp")
+    bar = _Bar()
+    seqs = _answer(model, tok, PROMPTS, cfg, torch.Generator(), bar, first_id=2, record_hidden=True)
+    plain = _answers(model, tok, cfg, first_id=2)
+    assert [s.ids.tolist() for s in seqs] == [s.ids.tolist() for s in plain]
+    assert all(s.hidden is None for s in plain)
+    H, off = recorded_hidden(seqs)
+    H_ref, off_ref = answer_hidden_states(model, seqs, progress=False)
+    assert H.dtype == torch.float16 and torch.equal(off, off_ref)
+    torch.testing.assert_close(H.float(), H_ref.float(), atol=2e-3, rtol=2e-3)
+    # a shifted row (the anchor one place off) is far from the reference: the test can fail
+    assert not torch.allclose(H[1:].float(), H_ref[:-1].float(), atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="recorded hidden states"):
+        recorded_hidden(plain)
+    with pytest.raises(ValueError, match="only the ptp generation backend"):
+        _answer(model, tok, PROMPTS, DataConfig(backend="hf"), torch.Generator(), _Bar(), record_hidden=True)
+
+
+def test_cli_heads_data_records_hidden_states(model, tmp_path, monkeypatch):
+    """``ptp train heads`` writing its own data with the ptp backend saves the hidden-state cache
+    with the data, and training reads it instead of running the target over the data again."""
+    import ptp.train.heads as th
+    import ptp.train.models as tm
+    from ptp.train.cli import main
+    from ptp.train.heads import answer_hidden_states, load_or_compute_hidden
+
+    monkeypatch.setattr(tm, "load_target", lambda *a, **k: (model, WordTokenizer()))
+
+    def no_pass(*a, **k):
+        raise AssertionError("the hidden states were recomputed")
+
+    monkeypatch.setattr(th, "answer_hidden_states", no_pass)
+    data, out = str(tmp_path / "data"), str(tmp_path / "run")
+    assert main(["heads", "--out", out, "--data", data, "--num-prompts", "8", "--max-new-tokens", "6",
+                 "--gen-batch", "3", "--heads", "2", "--token-input", "--steps", "3", "--positions-per-step",
+                 "8", "--train-vocab", "0", "--holdout", "1", "--no-progress", "--device", "cpu",
+                 "--model", "tiny"]) == 0
+    seqs, meta = load_sequences(data)
+    assert meta["config"]["backend"] == "ptp" and len(seqs) == 8
+    H, off = load_or_compute_hidden(model, seqs, data + "-hidden.safetensors", "tiny", progress=False)
+    monkeypatch.undo()
+    H_ref, off_ref = answer_hidden_states(model, seqs, progress=False)
+    assert torch.equal(off, off_ref)
+    torch.testing.assert_close(H.float(), H_ref.float(), atol=2e-3, rtol=2e-3)

@@ -111,8 +111,15 @@ def _sequences(args, base, tok):
         dcfg = DataConfig(num_prompts=args.num_prompts, seed=args.seed, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, batch_size=args.gen_batch, model=args.model,
                           prompt_set=args.prompt_set, backend=resolve_backend(base, args.gen_backend))
-        seqs, prompts = generate_sequences(base, tok, dcfg, progress=not args.no_progress)
+        # heads on cached hidden states: the decoder backend records them while it answers
+        record = args.train_command == "heads" and args.cached_hidden and dcfg.backend == "ptp"
+        seqs, prompts = generate_sequences(base, tok, dcfg, progress=not args.no_progress, record_hidden=record)
         save_sequences(data_path, seqs, dcfg, prompts)
+        if record:
+            from ptp.train.heads import recorded_hidden, save_hidden
+
+            H, offsets = recorded_hidden(seqs)
+            save_hidden(data_path + "-hidden.safetensors", seqs, H, offsets, args.model)
     seqs, meta = load_sequences(data_path)
     return seqs, {"data": meta["config"], "data_tokens": meta["num_tokens"]}
 

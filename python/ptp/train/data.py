@@ -49,6 +49,9 @@ class DataConfig:
 class Sequence:
     ids: torch.Tensor  # [L] long
     prompt_len: int
+    # the target's final hidden states at the answer anchors ``prompt_len-1 .. L-2`` ([L - prompt_len,
+    # d] float16), when the generation recorded them (``generate_sequences(record_hidden=True)``)
+    hidden: Optional[torch.Tensor] = None
 
 
 def chat_ids(tok, prompt: str) -> list[int]:
@@ -78,12 +81,15 @@ def _truncate_at_eos(ans: torch.Tensor, eos) -> torch.Tensor:
 
 @torch.no_grad()
 def _answer(model, tok, prompts: list[str], cfg: DataConfig, gen: torch.Generator, bar,
-            first_id: int = 0) -> list[Sequence]:
+            first_id: int = 0, record_hidden: bool = False) -> list[Sequence]:
     """The teacher answers ``prompts`` (batches formed by prompt length, so little compute goes to
     padding); returned in the order of ``prompts``. ``first_id`` numbers the prompts in the
-    uniform stream of the ``ptp`` backend (prompt ``r`` is sequence ``first_id + r``)."""
+    uniform stream of the ``ptp`` backend (prompt ``r`` is sequence ``first_id + r``).
+    ``record_hidden`` (``ptp`` backend only) fills each ``Sequence.hidden`` from the decoding calls."""
     if resolve_backend(model, cfg.backend) == "ptp":
-        return _answer_decoder(model, tok, prompts, cfg, bar, first_id)
+        return _answer_decoder(model, tok, prompts, cfg, bar, first_id, record_hidden)
+    if record_hidden:
+        raise ValueError("only the ptp generation backend records hidden states")
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     chats = [chat_ids(tok, p) for p in prompts]
@@ -110,13 +116,48 @@ def _answer(model, tok, prompts: list[str], cfg: DataConfig, gen: torch.Generato
     return out  # type: ignore[return-value]
 
 
-def _answer_decoder(model, tok, prompts: list[str], cfg: DataConfig, bar, first_id: int) -> list[Sequence]:
+class _HiddenRecorder:
+    """Plain decoding (it drafts nothing) that keeps the target's final hidden state of every fed
+    token: the prefill's last prompt token, then each step's root (the token committed before it).
+    Those are exactly the answer anchors ``prompt_len-1 .. L-2`` of the finished sequence, computed
+    by the very calls the ``heads`` drafter reads at decode time, so the training pass over the
+    data (``ptp.train.heads.answer_hidden_states``) is not needed."""
+
+    name = "none"
+    wants_hidden = True
+
+    def __init__(self) -> None:
+        self.rows: dict[int, list[torch.Tensor]] = {}
+
+    def reset(self) -> None:
+        self.rows = {}
+
+    def propose(self, request):
+        return None
+
+    def observe(self, outcome) -> None:
+        if outcome.hidden.shape[1] != 1:
+            raise RuntimeError("the hidden-state recorder expects one node (the root) per step")
+        h = outcome.hidden[:, 0].float().cpu().to(torch.float16)
+        for b, seq in enumerate(outcome.sequence_ids):
+            self.rows.setdefault(seq, []).append(h[b])
+
+    def take(self, seq: int, count: int) -> torch.Tensor:
+        rows = self.rows.pop(seq)
+        if len(rows) < count:
+            raise RuntimeError(f"sequence {seq}: {len(rows)} hidden states recorded for {count} anchors")
+        return torch.stack(rows[:count])
+
+
+def _answer_decoder(model, tok, prompts: list[str], cfg: DataConfig, bar, first_id: int,
+                    record_hidden: bool = False) -> list[Sequence]:
     """``_answer`` through :class:`ptp.decoder.Decoder` with no drafter (plain decoding)."""
     from ptp.decoder import Decoder, GenerationConfig
     from ptp.drafters import make_drafter
     from ptp.sampling import SamplingConfig
 
-    decoder = Decoder(model, tok, make_drafter("none", model, tok))
+    recorder = _HiddenRecorder() if record_hidden else None
+    decoder = Decoder(model, tok, recorder if recorder is not None else make_drafter("none", model, tok))
     eos = tok.eos_token_id
     config = GenerationConfig(max_new_tokens=cfg.max_new_tokens,
                               sampling=SamplingConfig(temperature=cfg.temperature, seed=cfg.seed),
@@ -129,15 +170,19 @@ def _answer_decoder(model, tok, prompts: list[str], cfg: DataConfig, bar, first_
         results = decoder.generate([chats[i] for i in idx], config, sequence_ids=[first_id + i for i in idx])
         for i, res in zip(idx, results):
             ans = _truncate_at_eos(torch.tensor(res.new_token_ids, dtype=torch.long), eos)
-            out[i] = Sequence(torch.cat([torch.tensor(chats[i], dtype=torch.long), ans]), len(chats[i]))
+            hidden = recorder.take(first_id + i, ans.numel()) if recorder is not None else None
+            out[i] = Sequence(torch.cat([torch.tensor(chats[i], dtype=torch.long), ans]), len(chats[i]), hidden)
         bar.update(len(idx))
     return out  # type: ignore[return-value]
 
 
 @torch.no_grad()
-def generate_sequences(model, tok, cfg: DataConfig, progress: bool = True) -> tuple[list[Sequence], list[str]]:
+def generate_sequences(model, tok, cfg: DataConfig, progress: bool = True,
+                       record_hidden: bool = False) -> tuple[list[Sequence], list[str]]:
     """The teacher answers the training prompts: ``build_prompts`` (v1) or the two-stage v2 plan
-    (stage 1 writes passages and questions, stage 2 works on them; see ``ptp.train.prompts``)."""
+    (stage 1 writes passages and questions, stage 2 works on them; see ``ptp.train.prompts``).
+    ``record_hidden`` (``ptp`` backend only) also keeps each answer's hidden states
+    (``Sequence.hidden``), which the ``heads`` trainer would otherwise recompute."""
     from dataclasses import replace
 
     from tqdm.auto import tqdm
@@ -149,16 +194,16 @@ def generate_sequences(model, tok, cfg: DataConfig, progress: bool = True) -> tu
     if cfg.prompt_set == "v1":
         prompts = build_prompts(cfg.num_prompts, cfg.seed)
         with tqdm(total=len(prompts), desc="teacher answers", disable=not progress) as bar:
-            return _answer(model, tok, prompts, cfg, gen, bar), prompts
+            return _answer(model, tok, prompts, cfg, gen, bar, record_hidden=record_hidden), prompts
     if cfg.prompt_set != "v2":
         raise ValueError(f"unknown prompt set {cfg.prompt_set!r} (v1 or v2)")
     stage1, plain = build_prompt_plan(cfg.num_prompts, cfg.seed)
     first = [p for p, _ in stage1]
     with tqdm(total=2 * len(stage1) + len(plain), desc="teacher answers", disable=not progress) as bar:
-        seqs1 = _answer(model, tok, first, cfg, gen, bar)
+        seqs1 = _answer(model, tok, first, cfg, gen, bar, record_hidden=record_hidden)
         texts = [tok.decode(s.ids[s.prompt_len:], skip_special_tokens=True) for s in seqs1]
         second = derive_prompts(stage1, texts, cfg.seed) + plain
-        seqs2 = _answer(model, tok, second, cfg, gen, bar, first_id=len(first))
+        seqs2 = _answer(model, tok, second, cfg, gen, bar, first_id=len(first), record_hidden=record_hidden)
     return seqs1 + seqs2, first + second
 
 
