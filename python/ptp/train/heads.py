@@ -91,6 +91,17 @@ def _anchor_range(s: Sequence) -> tuple[int, int]:
     return max(s.prompt_len - 1, 0), s.ids.numel() - 2
 
 
+def _anchor_offsets(seqs: list[Sequence]) -> tuple[list[int], torch.Tensor]:
+    """Anchors per sequence and the row offsets ``[S+1]`` of their hidden states in ``H``."""
+    counts = []
+    for s in seqs:
+        lo, hi = _anchor_range(s)
+        counts.append(max(hi - lo + 1, 0))
+    offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
+    return counts, offsets
+
+
 @torch.no_grad()
 def answer_hidden_states(base, seqs: list[Sequence], device="cpu", batch_tokens: int = 8192,
                          progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,12 +114,7 @@ def answer_hidden_states(base, seqs: list[Sequence], device="cpu", batch_tokens:
 
     from ptp.train.trainer import padded_batch
 
-    counts = []
-    for s in seqs:
-        lo, hi = _anchor_range(s)
-        counts.append(max(hi - lo + 1, 0))
-    offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
-    offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
+    counts, offsets = _anchor_offsets(seqs)
     d = base.get_input_embeddings().weight.shape[1]
     H = torch.zeros(int(offsets[-1]), d, dtype=torch.float16)
     order = sorted(range(len(seqs)), key=lambda i: seqs[i].ids.numel())
@@ -175,16 +181,11 @@ def save_hidden(path: str, seqs: list[Sequence], H: torch.Tensor, offsets: torch
 def recorded_hidden(seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H, offsets)`` as :func:`answer_hidden_states` returns them, from the hidden states the
     generation recorded (``Sequence.hidden``, see ``generate_sequences(record_hidden=True)``)."""
-    counts = []
-    for i, s in enumerate(seqs):
-        lo, hi = _anchor_range(s)
-        n = max(hi - lo + 1, 0)
+    counts, offsets = _anchor_offsets(seqs)
+    for i, (s, n) in enumerate(zip(seqs, counts)):
         if s.hidden is None or s.hidden.shape[0] != n:
             got = "none" if s.hidden is None else s.hidden.shape[0]
             raise ValueError(f"sequence {i}: {got} recorded hidden states for {n} answer anchors")
-        counts.append(n)
-    offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
-    offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
     return torch.cat([s.hidden for s in seqs]).to(torch.float16), offsets
 
 
