@@ -114,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-positions", type=int, default=0, help="0: every held-out position")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="markdown file (default: print only)")
+    ap.add_argument("--per-sequence", action="store_true",
+                    help="also a table per sequence: chain tokens per call, first-head accuracy, the "
+                         "share of the heads' tokens inside the draft vocabulary (where the heads fail)")
     args = ap.parse_args(argv)
     sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
     from ptp.drafters.mtp import DEFAULT_HEADS, HeadsDrafter
@@ -138,7 +141,8 @@ def main(argv=None) -> int:
     heads = load_heads(base, ckpt)
     n = heads.config.num_heads
     if args.data is not None:
-        seqs, _ = load_sequences(args.data)
+        seqs, data_meta = load_sequences(args.data)
+        labels = [str(p) for p in data_meta.get("prompts", [])]
         H, offsets = load_or_compute_hidden(base, seqs, args.data + "-hidden.safetensors", args.model)
         if args.holdout:
             which = holdout_indices(len(seqs), args.holdout, args.seed)
@@ -148,6 +152,7 @@ def main(argv=None) -> int:
             what = f"positions of all {len(seqs)} sequences of `{args.data}`"
     else:
         seqs, qs = _eval_sequences(base, tok, args.prompts, args.limit, args.max_new_tokens)
+        labels = [f"[{q.get('category', '?')}] {q['turns'][0]}" for q in qs]
         if args.save_data:
             from ptp.train.data import DataConfig, save_sequences
 
@@ -179,7 +184,8 @@ def main(argv=None) -> int:
     drafter = HeadsDrafter(heads, tree=True, draft_vocab=args.draft_vocab)
     ids = heads.vocab_id_list
     accs = {(b, t): [] for b in budgets for t in tops}
-    chain = []
+    chain, first, in_vocab = [], [], []
+    vocab_set = None if ids is None else set(ids)
     t0 = time.time()
     with torch.no_grad():
         for s in range(0, N, 512):
@@ -196,6 +202,8 @@ def main(argv=None) -> int:
                 while k < n and guess[k] == truth[k]:
                     k += 1
                 chain.append(k)
+                first.append(guess[0] == truth[0])
+                in_vocab.append(1.0 if vocab_set is None else sum(x in vocab_set for x in truth) / n)
                 for t in tops:
                     drafter.top = t
                     for b in budgets:
@@ -224,6 +232,20 @@ def main(argv=None) -> int:
     for b in budgets:
         lines.append(f"| {b} | " + " | ".join(f"{walk(accs[(b, t)]):.3f} | {1 + sum(accs[(b, t)]) / max(N, 1):.3f}"
                                             for t in tops) + " |")
+    if args.per_sequence:
+        lines += ["", "Per sequence (chain): tokens per call decoded, first-head accuracy, share of the "
+                  "heads' tokens inside the draft vocabulary (a token outside it is never drafted).", "",
+                  "| sequence | anchors | chain tokens/call | head-1 acc | in draft vocab | prompt |",
+                  "|---|---|---|---|---|---|"]
+        lo = 0
+        for s_idx, m in zip(which, segments):
+            if m:
+                t, c = decode_walk(chain[lo:lo + m], [m])
+                label = labels[s_idx] if s_idx < len(labels) else ""
+                label = " ".join(label.split())[:70].replace("|", "/")
+                lines.append(f"| {s_idx} | {m} | {t / max(c, 1):.2f} | {sum(first[lo:lo + m]) / m:.2f} | "
+                             f"{sum(in_vocab[lo:lo + m]) / m:.2f} | {label} |")
+            lo += m
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

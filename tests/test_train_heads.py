@@ -16,7 +16,7 @@ from ptp.models import tiny_model
 from ptp.mtp_model import HeadsConfig, MTPHeads
 from ptp.train.data import Sequence, answer_token_counts
 from ptp.train.heads import (HeadsTrainConfig, _losses, _Vocab, answer_hidden_states, head_positions,
-                             load_or_compute_hidden, train_heads_cached)
+                             load_or_compute_hidden, teacher_topk, train_heads_cached)
 
 VOCAB = 97
 
@@ -113,8 +113,7 @@ def test_teacher_rows_hold_the_targets_prediction_of_each_heads_token():
             assert not torch.equal(pred, pos.targets[:, (i + 1) % 3])
 
 
-@pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
-def test_soft_loss_mixes_data_and_target_distribution(w):
+def _soft_setup(train_vocab=12):
     base = tiny_model("llama", vocab_size=VOCAB, seed=1)
     h = _heads(base)
     with torch.no_grad():
@@ -124,7 +123,12 @@ def test_soft_loss_mixes_data_and_target_distribution(w):
     h.set_token_counts(answer_token_counts(seqs, VOCAB))
     H, off = answer_hidden_states(base, seqs, progress=False)
     pos = head_positions(seqs, off, 3)
-    vocab = _Vocab(h, 8, "cpu")
+    return base, h, H, pos, _Vocab(h, train_vocab, "cpu")
+
+
+@pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
+def test_soft_loss_mixes_data_and_target_distribution(w):
+    base, h, H, pos, vocab = _soft_setup(train_vocab=8)
     x = H[pos.rows].float()
     teacher = [H[pos.rows + 1 + i].float() for i in range(3)]
     loss, _ = _losses(h, vocab, x, pos.next, pos.targets, teacher, w)
@@ -143,6 +147,71 @@ def test_soft_loss_mixes_data_and_target_distribution(w):
         assert abs(float(loss.detach()) - float(plain.detach())) > 1e-4
     with pytest.raises(ValueError, match="soft_weight"):
         HeadsTrainConfig(soft_weight=1.5)
+
+
+def test_teacher_topk_is_the_targets_top_k_over_the_train_vocabulary():
+    base, h, H, pos, vocab = _soft_setup()
+    idx, p = teacher_topk(vocab, H, 5, chunk=7, progress=False)  # chunks that do not divide N
+    assert idx.shape == p.shape == (H.shape[0], 5) and idx.dtype == torch.int32
+    with torch.no_grad():
+        ref = torch.softmax(base.lm_head(H.float())[:, vocab.ids], -1)
+    v, i = ref.topk(5, -1)
+    torch.testing.assert_close(p, v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref.gather(-1, idx.long()), v, rtol=1e-5, atol=1e-6)  # ties may swap ids
+    assert (p[:, :-1] >= p[:, 1:]).all()
+    full_idx, full_p = teacher_topk(vocab, H, 100, progress=False)  # k capped at the vocabulary
+    assert full_idx.shape[1] == vocab.ids.numel()
+    torch.testing.assert_close(full_p.sum(-1), torch.ones(H.shape[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w", [0.3, 1.0])
+def test_soft_topk_loss_is_the_exact_loss_restricted_to_the_top_k(w):
+    """With K = the whole train vocabulary the precomputed targets give the exact loss; with a
+    smaller K, exactly the exact loss's terms of the K most likely tokens."""
+    base, h, H, pos, vocab = _soft_setup()
+    x = H[pos.rows].float()
+    teacher = [H[pos.rows + 1 + i].float() for i in range(3)]
+    r = pos.rows.unsqueeze(1) + 1 + torch.arange(3)
+    exact, hit_exact = _losses(h, vocab, x, pos.next, pos.targets, teacher, w)
+    idx, p = teacher_topk(vocab, H, vocab.ids.numel(), progress=False)
+    full, hit = _losses(h, vocab, x, pos.next, pos.targets, None, w, teacher_topk=(idx[r], p[r]))
+    torch.testing.assert_close(full, exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hit, hit_exact)
+    idx, p = teacher_topk(vocab, H, 3, progress=False)
+    got, _ = _losses(h, vocab, x, pos.next, pos.targets, None, w, teacher_topk=(idx[r], p[r]))
+    logits = h.logits(x, pos.next)[..., vocab.ids]
+    tk = vocab.index[pos.targets]
+    ref = 0.0
+    for i in range(3):
+        logp = torch.log_softmax(logits[:, i], -1)
+        q = torch.softmax(base.lm_head(teacher[i])[:, vocab.ids], -1)
+        top = q.topk(3, -1)
+        soft = -(top.values * logp.gather(-1, top.indices)).sum(-1).mean()
+        ref = ref + ((1 - w) * F.cross_entropy(logits[:, i], tk[:, i], ignore_index=-100) + w * soft) / 3
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert abs(float(got.detach()) - float(exact.detach())) > 1e-4  # the dropped tail is not nothing
+    with pytest.raises(ValueError, match="soft_topk"):
+        HeadsTrainConfig(soft_topk=-1)
+
+
+def test_train_with_soft_topk_matches_the_exact_run_at_full_k(tmp_path):
+    """A run with the precomputed targets at K = the train vocabulary is the exact run (same
+    batches, the same loss up to float rounding), and the default K trains too."""
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    seqs = _seqs(base, n=8)
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    counts = answer_token_counts(seqs, VOCAB)
+    out = {}
+    for k in (0, 12, 4):
+        h = _heads(base)
+        h.set_token_counts(counts)
+        cfg = HeadsTrainConfig(steps=20, lr=1e-2, positions_per_step=16, train_vocab=12, soft_weight=0.5,
+                               soft_topk=k, save_every=100, lr_schedule="constant")
+        m = train_heads_cached(h, seqs, H, off, cfg, str(tmp_path / f"k{k}"), progress=False)
+        out[k] = (m["loss"], h.proj.detach().clone())
+    torch.testing.assert_close(out[12][1], out[0][1], rtol=1e-4, atol=1e-5)
+    assert abs(out[12][0] - out[0][0]) < 1e-4
+    assert not torch.allclose(out[4][1], out[0][1], rtol=1e-4, atol=1e-5)
 
 
 def test_train_resume_checkpoint_and_exact_decoding(tmp_path):
@@ -249,7 +318,64 @@ def test_cli_trains_heads_on_cached_hidden_states(tmp_path, monkeypatch):
     assert os.path.exists(data + "-hidden.safetensors")
     meta = json.load(open(os.path.join(out, "config.json")))
     assert meta["step"] == 40 and meta["train"]["cached_hidden"] and meta["train"]["train_vocab"] == 20
-    assert meta["train"]["soft_weight"] == 0.5
+    assert meta["train"]["soft_weight"] == 0.5 and meta["train"]["soft_topk"] == 32
+    assert meta["train"]["eval_every"] == 500 and meta["metrics"]["heldout"]["step"] == 40
     assert meta["metrics"]["heldout"]["positions"] > 0
     drafter = make_drafter(out, base)
     assert drafter.heads.config.num_heads == 3 and drafter.heads.token_counts is not None
+
+
+@pytest.mark.parametrize("token_input", [False, True])
+def test_evaluate_heads_is_the_training_losses_hits(token_input):
+    """The held-out check (argmax only) counts exactly the hits of the training loss's pass, over
+    a restricted vocabulary (targets outside it are misses) and in chunks."""
+    from ptp.train.heads import evaluate_heads
+
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    seqs = _seqs(base, n=6)
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    h = MTPHeads(base, HeadsConfig(num_heads=3, token_input=token_input))
+    with torch.no_grad():
+        for p in h.trainable_parameters():
+            p.normal_(0, 0.3)
+    h.set_token_counts(answer_token_counts(seqs, VOCAB))
+    vocab = _Vocab(h, 20, "cpu")
+    pos = head_positions(seqs, off, 3, list(range(6)))
+    _, hit = _losses(h, vocab, H[pos.rows].float(), pos.next, pos.targets)
+    got = evaluate_heads(h, vocab, H, pos, "cpu", chunk=7)
+    assert got["positions"] == len(pos)
+    assert got["acc"] == [round(float(x), 4) for x in hit.mean(0)]
+    assert got["prefix"] == round(float(hit.cumprod(1).sum(1).mean()), 4)
+    assert 0 < got["acc"][0] < 1  # random heads: some hits, some misses
+
+
+def test_heldout_check_runs_every_eval_every_steps_and_at_the_end(tmp_path, monkeypatch):
+    """Checkpoints every 2 steps, held-out every 4 (and at the first checkpoint and the end): the
+    checkpoints in between repeat the last figures, tagged with the step they were measured at."""
+    import json
+
+    import ptp.train.heads as th
+
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    seqs = _seqs(base, n=8)
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    h = _heads(base)
+    calls = []
+    real = th.evaluate_heads
+    monkeypatch.setattr(th, "evaluate_heads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seen = []
+    real_save = th.save_adapter
+
+    def save(m, d, meta, **k):
+        seen.append((meta["step"], meta["metrics"]["heldout"]["step"]))
+        return real_save(m, d, meta, **k)
+
+    monkeypatch.setattr(th, "save_adapter", save)
+    cfg = HeadsTrainConfig(steps=10, positions_per_step=16, train_vocab=0, holdout=2, save_every=2, eval_every=4)
+    m = train_heads_cached(h, seqs, H, off, cfg, str(tmp_path), progress=False)
+    # step 10: the periodic checkpoint repeats step 8's figures, the final one measures again
+    assert seen == [(2, 2), (4, 4), (6, 4), (8, 8), (10, 8), (10, 10)]
+    assert len(calls) == 4 and m["heldout"]["step"] == 10
+    assert json.load(open(tmp_path / "config.json"))["metrics"]["heldout"]["step"] == 10
+    with pytest.raises(ValueError, match="eval_every"):
+        HeadsTrainConfig(eval_every=0)

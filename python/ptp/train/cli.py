@@ -88,11 +88,17 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
                    help="softmax over the N most frequent answer tokens, the draft vocabulary "
                         "decoding uses (cached; 0: full vocabulary)")
     h.add_argument("--holdout", type=int, default=0,
-                   help="sequences kept out of training and measured at each checkpoint (cached)")
+                   help="sequences kept out of training and measured every --eval-every steps (cached)")
+    h.add_argument("--eval-every", type=int, default=500,
+                   help="held-out check every N steps and at the end (cached; a few seconds each on a CPU)")
     h.add_argument("--weight-decay", type=float, default=0.0)
     h.add_argument("--soft-weight", type=float, default=0.0,
                    help="distillation weight w in [0, 1] (cached hidden states): each head's loss is "
                         "(1-w) CE(data token) + w CE(the target's own distribution of that token)")
+    h.add_argument("--soft-topk", type=int, default=32,
+                   help="with --soft-weight: the target's distribution as its K most likely tokens, "
+                        "computed once per cached row before training (0: the whole distribution, "
+                        "recomputed every step)")
     return train
 
 
@@ -177,10 +183,10 @@ def run_train(args: argparse.Namespace) -> int:
             remaining = args.max_minutes - (time.time() - t0) / 60 if args.max_minutes else 0.0
             hcfg = HeadsTrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup,
                                     lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
-                                    soft_weight=args.soft_weight,
+                                    soft_weight=args.soft_weight, soft_topk=args.soft_topk,
                                     positions_per_step=args.positions_per_step,
                                     train_vocab=args.train_vocab, holdout=args.holdout, seed=args.seed,
-                                    save_every=args.save_every,
+                                    save_every=args.save_every, eval_every=args.eval_every,
                                     max_minutes=max(remaining, 0.01) if args.max_minutes else 0.0,
                                     device=args.device, save_dtype=args.save_dtype)
             metrics = train_heads_cached(model, seqs, H, offsets, hcfg, args.out, extra_meta=data_meta,
