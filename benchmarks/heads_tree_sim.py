@@ -1,5 +1,6 @@
 """Offline tree simulation for MTP heads: tokens per target call of the heads' chain and
-best-first tree (``HeadsDrafter._tree``, the code decoding runs) for a grid of tree sizes
+best-first tree (``HeadsDrafter.draft_chains`` / ``greedy_trees``, the code decoding runs; chain-input
+heads draft one depth at a time) for a grid of tree sizes
 (``max_nodes``) and candidates per head (``top``), on greedy text of the target:
 
 - ``--data``: the held-out sequences of a heads training run (``--holdout``/``--seed`` as in the
@@ -187,28 +188,32 @@ def main(argv=None) -> int:
     chain, first, in_vocab = [], [], []
     vocab_set = None if ids is None else set(ids)
     t0 = time.time()
+    from ptp.drafters.base import DraftRequest
+    from ptp.sampling import SamplingConfig
+
     with torch.no_grad():
         for s in range(0, N, 512):
             e = min(N, s + 512)
             h = H[pos.rows[s:e]].float()
-            nxt = pos.next[s:e] if heads.config.token_input else None
-            logits, _ = heads.draft_logits(h, next_tokens=nxt)
-            logits = logits.float()
-            am = logits.argmax(-1)
+            roots = pos.next[s:e].tolist()
+            # the drafter's own greedy chain and trees (chain-input heads: one depth at a time)
+            req = DraftRequest(histories=[[0]] * (e - s), sequence_ids=list(range(e - s)), max_nodes=n,
+                               sampling=SamplingConfig())
+            chains, _ = drafter.draft_chains(h, roots, [True] * (e - s), n, req)
             for j in range(e - s):
                 truth = pos.targets[s + j].tolist()
-                guess = [ids[c] if ids is not None else c for c in am[j].tolist()]
+                guess = chains[j][0][1:]
                 k = 0
-                while k < n and guess[k] == truth[k]:
+                while k < len(guess) and guess[k] == truth[k]:
                     k += 1
                 chain.append(k)
                 first.append(guess[0] == truth[0])
                 in_vocab.append(1.0 if vocab_set is None else sum(x in vocab_set for x in truth) / n)
-                for t in tops:
-                    drafter.top = t
-                    for b in budgets:
-                        tk, pr = drafter._tree(logits[j], b, ids)
-                        accs[(b, t)].append(accepted_depth(tk, pr, truth))
+            for t in tops:
+                drafter.top = t
+                for b in budgets:
+                    for j, (tk, pr) in enumerate(drafter.greedy_trees(h, roots, b)):
+                        accs[(b, t)].append(accepted_depth(tk, pr, pos.targets[s + j].tolist()))
     secs = time.time() - t0
     def walk(acc):
         t, c = decode_walk(acc, segments)

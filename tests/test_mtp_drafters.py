@@ -3,6 +3,7 @@ exactness through the decoder (speculative == plain, token for token) on tiny mo
 with the shipped checkpoints (slow)."""
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -83,17 +84,20 @@ def _mtp(trained: bool, sampler: bool = True):
     return _CACHE[key]
 
 
-def _heads(trained: bool, token_input: bool = False):
-    key = ("heads", trained, token_input)
+def _heads(trained: bool, token_input: bool = False, chain_input: bool = False):
+    """Tiny heads; ``token_input`` may also be the form's name: "plain", "token" or "chain"."""
+    if isinstance(token_input, str):
+        token_input, chain_input = token_input != "plain", token_input == "chain"
+    key = ("heads", trained, token_input, chain_input)
     if key not in _CACHE:
         base = tiny_model("llama", vocab_size=VOCAB, seed=0)
-        h = MTPHeads(base, HeadsConfig(num_heads=3, token_input=token_input))
+        h = MTPHeads(base, HeadsConfig(num_heads=3, token_input=token_input, chain_input=chain_input))
         if trained:
             _fit(h, heads_sequence_loss, _seqs(base), steps=40, lr=1e-2)
         else:
             with torch.no_grad():
                 h.proj.normal_(0, 0.1)
-                if token_input:
+                if h.config.token_input:
                     h.tok_proj.normal_(0, 0.1)
         _CACHE[key] = h.eval()
     return _CACHE[key]
@@ -115,17 +119,44 @@ def test_mtp_losses_decrease_and_gate_keeps_real_rows():
     assert torch.equal(base(ids).logits, ref)  # adapter off on real rows: bit-identical
 
 
-@pytest.mark.parametrize("token_input", [False, True])
+@pytest.mark.parametrize("token_input", ["plain", "token", "chain"])
 def test_heads_loss_decreases_and_target_untouched(token_input):
     base = tiny_model("llama", vocab_size=VOCAB, seed=3)
     ids = torch.tensor([_prompts(1)[0]])
     ref = base(ids).logits
-    h = MTPHeads(base, HeadsConfig(num_heads=2, token_input=token_input))
+    h = MTPHeads(base, HeadsConfig(num_heads=2, token_input=token_input != "plain",
+                                   chain_input=token_input == "chain"))
     first, last = _fit(h, heads_sequence_loss, _seqs(base), steps=30, lr=1e-2)
     assert last < first
     assert torch.equal(base(ids).logits, ref)
-    if token_input:
+    if token_input != "plain":
         assert h.tok_proj.abs().sum() > 0  # the token path is trained
+        assert (h.tok_proj.abs().sum((1, 2)) > 0).all()  # every head's
+
+
+def test_heads_chain_input_reads_each_heads_token():
+    """With chain_input head i reads tokens[..., i] (and h) only: changing token i changes head i
+    alone; one head's path equals the all-heads path; input_tokens shifts the data's tokens; the
+    shapes are checked."""
+    h = _heads(trained=False, token_input="chain")
+    assert h.config.token_input  # implied
+    x = torch.randn(4, h.proj.shape[-1])
+    toks = torch.randint(0, VOCAB, (4, 3), generator=torch.Generator().manual_seed(1))
+    a = h.logits(x, next_tokens=toks)
+    for i in range(3):
+        other = toks.clone()
+        other[:, i] = (other[:, i] + 1) % VOCAB
+        b = h.logits(x, next_tokens=other)
+        for j in range(3):
+            assert torch.equal(a[:, j], b[:, j]) == (j != i)
+        torch.testing.assert_close(h.base.lm_head(h.head_hidden(x, i, next_tokens=toks[:, i])), a[:, i])
+        torch.testing.assert_close(h.draft_logits(x, next_tokens=toks[:, i], head=i)[0], a[:, i])
+    nxt, tgt = torch.tensor([7, 8]), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert h.input_tokens(nxt, tgt).tolist() == [[7, 1, 2], [8, 4, 5]]
+    with pytest.raises(ValueError, match=r"expected shape \[4, 3\]"):
+        h.logits(x, next_tokens=toks[:, 0])
+    with pytest.raises(ValueError, match="previous head's token"):
+        h.logits(x)
 
 
 def test_heads_token_input_reads_the_token():
@@ -182,7 +213,7 @@ def test_mtp_row_saving_and_lookup_options_equal_plain_tiny(temperature):
     assert d.lookup_used > 0 and d.aux_room(8) == 2 * d.num_slots
 
 
-@pytest.mark.parametrize("token_input", [False, True])
+@pytest.mark.parametrize("token_input", ["plain", "token", "chain"])
 @pytest.mark.parametrize("trained", [False, True])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_heads_greedy_equals_plain_tiny(trained, mode, token_input):
@@ -197,7 +228,7 @@ def test_heads_greedy_equals_plain_tiny(trained, mode, token_input):
         assert calls < plain_calls
 
 
-@pytest.mark.parametrize("token_input", [False, True])
+@pytest.mark.parametrize("token_input", ["plain", "token", "chain"])
 def test_heads_coupled_sampling_equals_plain_tiny(token_input):
     h = _heads(True, token_input)
     prompts = _prompts(3)
@@ -207,12 +238,13 @@ def test_heads_coupled_sampling_equals_plain_tiny(token_input):
     assert spec == plain
 
 
+@pytest.mark.parametrize("form", ["token", "chain"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
-def test_heads_with_lookup_branch_equal_plain_tiny(mode, temperature):
+def test_heads_with_lookup_branch_equal_plain_tiny(mode, temperature, form):
     """``lookup=n``: prompt lookup's continuation merged into the heads' draft as a trie branch;
     greedy and coupled sampling stay plain decoding's tokens, and the branch is used."""
-    h = _heads(True, token_input=True)
+    h = _heads(True, token_input=form)
     prompts = [p + p for p in _prompts(3)]  # repeated text: lookup finds matches
     s = SamplingConfig(temperature=temperature, seed=8)
     plain, plain_calls = _generate(h.base, prompts, None, s)
@@ -234,11 +266,11 @@ def test_heads_lookup_merge_is_a_trie():
     assert _merge(tokens, parents, [7], room=0) == 0  # already there
 
 
-def _counted_heads():
-    """Trained token-input heads with the token counts of their training answers."""
+def _counted_heads(form: str = "token"):
+    """Trained token-input (or chain-input) heads with the token counts of their training answers."""
     from ptp.train.data import answer_token_counts
 
-    h = _heads(True, token_input=True)
+    h = _heads(True, token_input=form)
     h.set_token_counts(answer_token_counts(_seqs(h.base), VOCAB))
     return h
 
@@ -261,12 +293,13 @@ def test_heads_draft_vocab_logits_are_the_full_logits_of_those_tokens():
     assert h.draft_logits(hs, next_tokens=nxt)[1] is None
 
 
+@pytest.mark.parametrize("form", ["token", "chain"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
-def test_heads_row_savers_equal_plain_tiny(mode, temperature):
+def test_heads_row_savers_equal_plain_tiny(mode, temperature, form):
     """``draft_vocab`` and ``min_prob`` change the drafts, never the tokens: drafts stay inside the
     draft vocabulary, and a higher ``min_prob`` drafts fewer nodes."""
-    h = _counted_heads()
+    h = _counted_heads(form)
     prompts = _prompts(3)
     s = SamplingConfig(temperature=temperature, seed=8)
     plain, plain_calls = _generate(h.base, prompts, None, s)
@@ -315,6 +348,19 @@ def test_heads_token_counts_roundtrip_and_errors(tmp_path):
         HeadsDrafter(plain, tree=True, top=0)
 
 
+def _tree_paths(tokens, parents):
+    """Each non-root node's token path from the root (parents come before children)."""
+    paths = []
+    for i in range(1, len(tokens)):
+        assert 0 <= parents[i] < i
+        p, j = [], i
+        while j > 0:
+            p.append(tokens[j])
+            j = parents[j]
+        paths.append(tuple(reversed(p)))
+    return paths
+
+
 @pytest.mark.parametrize("top", [2, 5, 8, 200])
 def test_heads_tree_takes_the_best_paths_of_the_candidate_grid(top):
     """The best-first tree holds exactly the ``budget`` highest-scoring paths (sum of the heads'
@@ -336,18 +382,62 @@ def test_heads_tree_takes_the_best_paths_of_the_candidate_grid(top):
             if depth + 1 < n:
                 walk(p, sc)
     walk((), 0.0)
-    paths = []
-    for i in range(1, len(tokens)):
-        assert 0 <= parents[i] < i
-        p, j = [], i
-        while j > 0:
-            p.append(tokens[j])
-            j = parents[j]
-        paths.append(tuple(reversed(p)))
+    paths = _tree_paths(tokens, parents)
     assert len(paths) == budget == len(set(paths))
     assert all(p in scores for p in paths)  # only each head's top candidates
     best = sorted(scores.values(), reverse=True)[:budget]
     assert sorted((scores[p] for p in paths), reverse=True) == pytest.approx(best, abs=1e-4)
+
+
+@pytest.mark.parametrize("top,budget,min_prob", [(2, 6, 0.0), (3, 10, 0.0), (4, 12, 0.0), (3, 10, 0.02),
+                                                 (200, 5, 0.0)])
+def test_heads_chain_input_tree_takes_the_best_conditional_paths(top, budget, min_prob):
+    """Chain-input heads: the tree (one depth at a time, children from each node's own token)
+    holds the ``budget`` highest-scoring paths among all paths whose every node is one of the
+    ``top`` tokens of its head run on its parent's token (brute force over that grid; path score =
+    the sum of the exact conditional log-probs), none below ``min_prob``; the same for a batch of
+    rows as row by row; and the greedy chain is each head's argmax given the previous argmax."""
+    h = _heads(False, token_input="chain")
+    d = HeadsDrafter(h, tree=True, top=top, min_prob=min_prob)
+    g = torch.Generator().manual_seed(top * 100 + budget)
+    H = torch.randn(3, h.proj.shape[-1], generator=g)
+    roots = [5, 17, 60]
+    trees = d.greedy_trees(H, roots, budget)
+    floor = math.log(min_prob) if min_prob else -math.inf
+    torch.set_grad_enabled(False)
+    for b in range(3):
+        scores: dict = {}
+
+        def walk(path: tuple, tok: int, score: float) -> None:
+            i = len(path)
+            lp = torch.log_softmax(h.draft_logits(H[b:b + 1], next_tokens=torch.tensor([tok]), head=i)[0][0], -1)
+            v, ix = lp.topk(min(top, VOCAB))
+            for c in range(min(top, budget + 1)):  # deeper ranks never make the tree
+                p, sc = path + (int(ix[c]),), score + float(v[c])
+                scores[p] = sc
+                if i + 1 < 3:
+                    walk(p, int(ix[c]), sc)
+        walk((), roots[b], 0.0)
+        tokens, parents = trees[b]
+        assert tokens[0] == 0 and parents[0] == -1
+        paths = _tree_paths(tokens, parents)
+        assert len(set(paths)) == len(paths) and all(p in scores for p in paths)
+        best = [x for x in sorted(scores.values(), reverse=True) if x >= floor][:budget]
+        assert sorted((scores[p] for p in paths), reverse=True) == pytest.approx(best, abs=1e-4)
+        assert d.greedy_trees(H[b:b + 1], roots[b:b + 1], budget)[0] == (tokens, parents)
+    # the greedy chain: argmax of head i given the argmax of head i - 1
+    from ptp.drafters.base import DraftRequest
+
+    req = DraftRequest(histories=[[1, r] for r in roots], sequence_ids=[0, 1, 2], max_nodes=8,
+                       sampling=SamplingConfig())
+    rows, _ = HeadsDrafter(h).draft_chains(H, roots, [True] * 3, 3, req)
+    for b in range(3):
+        prev, want = roots[b], []
+        for i in range(3):
+            prev = int(h.draft_logits(H[b:b + 1], next_tokens=torch.tensor([prev]), head=i)[0][0].argmax())
+            want.append(prev)
+        assert rows[b] == ([0] + want, [-1, 0, 1, 2])
+    torch.set_grad_enabled(True)
 
 
 def _chi2_ok(samples, probs, n):
@@ -362,15 +452,15 @@ def _chi2_ok(samples, probs, n):
     return chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
 
 
-@pytest.mark.parametrize("draft_vocab", [0, 40])
-def test_heads_rejection_sampling_follows_target_distribution(draft_vocab):
+@pytest.mark.parametrize("form,draft_vocab", [("token", 0), ("token", 40), ("chain", 40)])
+def test_heads_rejection_sampling_follows_target_distribution(form, draft_vocab):
     """Rejection verification with the heads' q: the second token (the first one decided by
     rejection sampling against a head's draft) follows the target's exact marginal
     ``sum_t1 p(t1) p(t2 | t1)`` (chi-square over 400 seeds); also with q over a draft
     vocabulary (zero outside it)."""
     from ptp.drafters.ptp_drafter import sdpa_attention
 
-    h = _counted_heads()
+    h = _counted_heads(form)
     base = h.base
     prompt = _prompts(1)[0]
     T = 1.5
@@ -410,6 +500,11 @@ def test_checkpoints_roundtrip_and_registry(tmp_path):
     save_adapter(ht, str(tmp_path / "heads-tok"))
     d = make_drafter(str(tmp_path / "heads-tok"), tiny_model("llama", vocab_size=VOCAB, seed=0))
     assert d.heads.config.token_input and torch.equal(d.heads.tok_proj, ht.tok_proj)
+    assert not d.heads.config.chain_input
+    hc = _heads(trained=True, token_input="chain")
+    save_adapter(hc, str(tmp_path / "heads-chain"))
+    d = make_drafter(str(tmp_path / "heads-chain"), tiny_model("llama", vocab_size=VOCAB, seed=0))
+    assert d.heads.config.chain_input and torch.equal(d.heads.tok_proj, hc.tok_proj)
     with pytest.raises(ValueError, match="unexpected MTP-heads tensors"):
         d.heads.load_adapter_state_dict({**ht.adapter_state_dict(), "extra": ht.bias})
     with pytest.raises(ValueError, match="lacks 'tok_proj'"):

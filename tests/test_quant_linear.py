@@ -395,7 +395,8 @@ def test_heads_draft_vocabulary_reads_the_lm_heads_blocks():
     assert heads._vocab_q is not None and heads._vocab_q[1] == "q8_0"
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 576, generator=g)
-    nxt = torch.tensor([5, 900, 17]) if heads.config.token_input else None
+    n = heads.config.num_heads  # what the heads read: none, the committed token, or (chain) n tokens
+    nxt = heads.input_tokens(torch.tensor([5, 900, 17]), torch.arange(100, 100 + 3 * n).view(3, n))
     with torch.no_grad():
         with_blocks, ids = heads.draft_logits(h, next_tokens=nxt)
         quantized_weights(model).clear()

@@ -100,10 +100,11 @@ def test_mtp_batch_equals_one_at_a_time(family):
     _compare(model, mtp_batch_loss, TrainConfig(windows_per_seq=6), _seqs())
 
 
-@pytest.mark.parametrize("token_input", [False, True])
+@pytest.mark.parametrize("token_input", [False, True, "chain"])
 def test_heads_batch_equals_one_at_a_time(token_input):
     torch.manual_seed(0)
-    model = MTPHeads(tiny_model("llama", vocab_size=VOCAB), HeadsConfig(num_heads=3, token_input=token_input))
+    model = MTPHeads(tiny_model("llama", vocab_size=VOCAB),
+                     HeadsConfig(num_heads=3, token_input=bool(token_input), chain_input=token_input == "chain"))
     _perturb(model)
     seqs = _seqs()
     seqs[2] = Sequence(seqs[2].ids[:7], 6)  # too short for 3 heads

@@ -42,7 +42,19 @@ def _seqs(base, n=8, seed=0):
 
 
 def _heads(base, token_input=True, n=3):
-    return MTPHeads(base, HeadsConfig(num_heads=n, token_input=token_input))
+    """``token_input``: a bool, or "chain" for chain-input heads (head i reads token t+1+i)."""
+    return MTPHeads(base, HeadsConfig(num_heads=n, token_input=bool(token_input),
+                                      chain_input=token_input == "chain"))
+
+
+def _head_tokens(pos, form):
+    """What the heads read at each anchor, built here from the data: none, the committed token
+    t+1, or (chain) tokens t+1 .. t+n."""
+    if not form:
+        return None
+    if form == "chain":
+        return torch.stack([pos.next] + [pos.targets[:, i] for i in range(pos.targets.shape[1] - 1)], 1)
+    return pos.next
 
 
 def test_hidden_states_are_the_targets_own():
@@ -70,7 +82,7 @@ def test_head_positions_index_the_right_tokens():
     assert held.rows.tolist() == [10, 11, 12, 13]
 
 
-@pytest.mark.parametrize("token_input", [False, True])
+@pytest.mark.parametrize("token_input", [False, True, "chain"])
 @pytest.mark.parametrize("train_vocab", [0, 8])
 def test_loss_is_the_heads_cross_entropy(token_input, train_vocab):
     base = tiny_model("llama", vocab_size=VOCAB, seed=1)
@@ -86,7 +98,7 @@ def test_loss_is_the_heads_cross_entropy(token_input, train_vocab):
     vocab = _Vocab(h, train_vocab, "cpu")
     x = H[pos.rows].float()
     loss, hit = _losses(h, vocab, x, pos.next, pos.targets)
-    full = h.logits(x, pos.next if token_input else None)  # [P, n, V]
+    full = h.logits(x, _head_tokens(pos, token_input))  # [P, n, V]
     if train_vocab:
         h.set_draft_vocab(train_vocab)
         assert torch.equal(vocab.ids, h.vocab_ids)  # the decoder's draft vocabulary
@@ -214,7 +226,8 @@ def test_train_with_soft_topk_matches_the_exact_run_at_full_k(tmp_path):
     assert not torch.allclose(out[4][1], out[0][1], rtol=1e-4, atol=1e-5)
 
 
-def test_train_resume_checkpoint_and_exact_decoding(tmp_path):
+@pytest.mark.parametrize("form", [True, "chain"])
+def test_train_resume_checkpoint_and_exact_decoding(tmp_path, form):
     base = tiny_model("llama", vocab_size=VOCAB, seed=0)
     seqs = _seqs(base, n=10)
     H, off = answer_hidden_states(base, seqs, progress=False)
@@ -224,7 +237,7 @@ def test_train_resume_checkpoint_and_exact_decoding(tmp_path):
                            lr_schedule="constant")
 
     def fresh():
-        h = _heads(base)
+        h = _heads(base, form)
         h.set_token_counts(counts)
         return h
 
@@ -254,6 +267,42 @@ def test_train_resume_checkpoint_and_exact_decoding(tmp_path):
     plain = Decoder(base).generate(prompts, cfg_g)
     assert [r.new_token_ids for r in spec] == [r.new_token_ids for r in plain]
     assert sum(r.target_calls for r in spec) < sum(r.target_calls for r in plain)
+    assert drafter.heads.config.chain_input == (form == "chain")
+
+
+def test_chain_input_heldout_prefix_is_the_greedy_chains():
+    """Chain-input heads: the teacher-forced held-out prefix (evaluate_heads) is exactly the mean
+    accepted depth of the drafter's greedy chain (head i reads the drafted token, which equals the
+    data's while heads 0..i-1 are right), position by position through the drafter's own code."""
+    from ptp.drafters.base import DraftRequest
+    from ptp.drafters.mtp import HeadsDrafter
+    from ptp.sampling import SamplingConfig
+    from ptp.train.heads import evaluate_heads
+
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    seqs = _seqs(base, n=6)
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    h = _heads(base, "chain")
+    h.set_token_counts(answer_token_counts(seqs, VOCAB))
+    pos = head_positions(seqs, off, 3)
+    cfg = HeadsTrainConfig(steps=40, lr=1e-2, positions_per_step=32, train_vocab=20, lr_schedule="constant")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        train_heads_cached(h, seqs, H, off, cfg, d, progress=False)
+    got = evaluate_heads(h, _Vocab(h, 20, "cpu"), H, pos, "cpu")
+    drafter = HeadsDrafter(h, draft_vocab=20)
+    P = len(pos)
+    req = DraftRequest(histories=[[0]] * P, sequence_ids=list(range(P)), max_nodes=3, sampling=SamplingConfig())
+    rows, _ = drafter.draft_chains(H[pos.rows].float(), pos.next.tolist(), [True] * P, 3, req)
+    depth = []
+    for (toks, _), truth in zip(rows, pos.targets.tolist()):
+        k = 0
+        while k < 3 and toks[1 + k] == truth[k]:
+            k += 1
+        depth.append(k)
+    assert got["prefix"] == round(sum(depth) / P, 4)
+    assert 0 < got["prefix"] and got["acc"][1] > 0  # trained: deeper heads hit too
 
 
 def test_hidden_cache_reused_and_invalidated(tmp_path):
@@ -297,7 +346,8 @@ def test_errors():
         train_heads_cached(h, short, H1, o1, HeadsTrainConfig(steps=1, train_vocab=0), "/nonexistent", progress=False)
 
 
-def test_cli_trains_heads_on_cached_hidden_states(tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", ["--token-input", "--chain-input"])
+def test_cli_trains_heads_on_cached_hidden_states(tmp_path, monkeypatch, form):
     """``ptp train heads`` (cached path, the default): the hidden cache lands beside the data, the
     checkpoint records the settings and the held-out figures, and it loads as a drafter."""
     import json
@@ -312,7 +362,7 @@ def test_cli_trains_heads_on_cached_hidden_states(tmp_path, monkeypatch):
     data = str(tmp_path / "data")
     save_sequences(data, seqs, DataConfig(num_prompts=10), ["p"] * 10)
     out = str(tmp_path / "run")
-    assert main(["heads", "--out", out, "--data", data, "--heads", "3", "--token-input", "--steps", "40",
+    assert main(["heads", "--out", out, "--data", data, "--heads", "3", form, "--steps", "40",
                  "--positions-per-step", "16", "--train-vocab", "20", "--holdout", "2", "--lr", "1e-2",
                  "--soft-weight", "0.5", "--no-progress", "--device", "cpu"]) == 0
     assert os.path.exists(data + "-hidden.safetensors")
@@ -321,11 +371,13 @@ def test_cli_trains_heads_on_cached_hidden_states(tmp_path, monkeypatch):
     assert meta["train"]["soft_weight"] == 0.5 and meta["train"]["soft_topk"] == 32
     assert meta["train"]["eval_every"] == 500 and meta["metrics"]["heldout"]["step"] == 40
     assert meta["metrics"]["heldout"]["positions"] > 0
+    assert meta["heads"]["token_input"] and meta["heads"]["chain_input"] == (form == "--chain-input")
     drafter = make_drafter(out, base)
     assert drafter.heads.config.num_heads == 3 and drafter.heads.token_counts is not None
+    assert drafter.heads.config.chain_input == (form == "--chain-input")
 
 
-@pytest.mark.parametrize("token_input", [False, True])
+@pytest.mark.parametrize("token_input", [False, True, "chain"])
 def test_evaluate_heads_is_the_training_losses_hits(token_input):
     """The held-out check (argmax only) counts exactly the hits of the training loss's pass, over
     a restricted vocabulary (targets outside it are misses) and in chunks."""
@@ -334,7 +386,7 @@ def test_evaluate_heads_is_the_training_losses_hits(token_input):
     base = tiny_model("llama", vocab_size=VOCAB, seed=0)
     seqs = _seqs(base, n=6)
     H, off = answer_hidden_states(base, seqs, progress=False)
-    h = MTPHeads(base, HeadsConfig(num_heads=3, token_input=token_input))
+    h = _heads(base, token_input)
     with torch.no_grad():
         for p in h.trainable_parameters():
             p.normal_(0, 0.3)

@@ -10,7 +10,10 @@ Both draft inside the verification call, so a decoding step costs one target cal
 * ``heads`` (:class:`HeadsDrafter`): the heads read the final hidden state of the last accepted
   node (``observe``); head i proposes the token i places after the verified next token. Greedy:
   a chain of each head's argmax, or a tree of the best candidates by the product of the heads'
-  probabilities (``tree=True``, ``max_nodes``). Sampling: ``verify="coupled"`` (default) drafts
+  probabilities (``tree=True``, ``max_nodes``). Chain-input heads (``HeadsConfig.chain_input``:
+  head i reads the token drafted at depth i) draft one depth at a time: the chain feeds each
+  argmax to the next head, and the tree expands each candidate node with the next head run on
+  that node's own token (:meth:`HeadsDrafter.greedy_trees`). Sampling: ``verify="coupled"`` (default) drafts
   ``Pick(U(seed, seq, index), q_i)`` with the decoder's uniform stream (token-identical to plain
   sampling); ``verify="rejection"`` samples the drafts from q_i with an independent stream and
   passes q to rejection sampling (the target's distribution, not the same tokens).
@@ -160,51 +163,13 @@ class HeadsDrafter:
         H = torch.stack([h if h is not None else torch.zeros_like(next(x for x in hs if x is not None))
                          for h in hs])
         # the root (the token the target committed after the node whose hidden state is H)
-        nxt = torch.tensor([hist[-1] if good else 0 for hist, good in zip(request.histories, ok)],
-                           dtype=torch.long, device=dev) if self.heads.config.token_input else None
-        logits, vocab = self.heads.draft_logits(H, next_tokens=nxt)  # [B, n, V or K]
-        logits = logits.float()
-        ids = self.heads.vocab_id_list  # draft-vocabulary index -> token id (None: full vocabulary)
-        # greedy min_prob: each head's argmax probability, for all rows at once
-        top_p = (torch.softmax(logits, -1).amax(-1).tolist()
-                 if s.greedy and not self.tree and self.min_prob > 0.0 else None)
-        rows: list[tuple[list[int], list[int]]] = []
-        probs_rows: list[Optional[torch.Tensor]] = []
-        for b in range(len(hs)):
-            root = len(request.histories[b]) - 1
-            if not ok[b]:
-                rows.append(([0], [-1]))
-                probs_rows.append(None)
-                continue
-            if s.greedy and self.tree:
-                rows.append(self._tree(logits[b], budget, ids))
-                probs_rows.append(None)
-                continue
-            toks, qs, path_p = [0], [], 1.0
-            for i in range(min(n, budget)):
-                idx = root + 1 + i  # head i+1's token sits i+1 places after the root
-                if s.greedy:
-                    t = int(logits[b, i].argmax())
-                    if top_p is not None:
-                        path_p *= top_p[b][i]
-                        if path_p < self.min_prob:
-                            break
-                    toks.append(ids[t] if ids is not None else t)
-                    continue
-                q = sampling_probs(logits[b, i], s.temperature, s.top_k, s.top_p)
-                salt = 0 if self.verify == "coupled" else _DRAFT_SALT
-                u = uniforms(s.seed, torch.tensor(request.sequence_ids[b]), torch.tensor(idx), salt=salt)
-                t = int(vector_pick(u, q))
-                path_p *= float(q[t])
-                if self.min_prob > 0.0 and path_p < self.min_prob:
-                    break
-                if vocab is not None:  # q over the full vocabulary (rejection sampling reads it)
-                    q = torch.zeros(self.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, vocab, q)
-                    t = ids[t]
-                toks.append(t)
-                qs.append(q)
-            rows.append((toks, list(range(-1, len(toks) - 1))))
-            probs_rows.append(torch.stack(qs) if qs else None)
+        roots = [hist[-1] if good else 0 for hist, good in zip(request.histories, ok)]
+        if s.greedy and self.tree:
+            trees = self.greedy_trees(H, roots, budget)
+            rows = [t if good else ([0], [-1]) for t, good in zip(trees, ok)]
+            probs_rows: list[Optional[torch.Tensor]] = [None] * len(rows)
+        else:
+            rows, probs_rows = self.draft_chains(H, roots, ok, budget, request)
         if self.lookup is not None:
             for b, (t, p) in enumerate(rows):
                 room = request.max_nodes - (len(t) - 1)
@@ -237,6 +202,138 @@ class HeadsDrafter:
                     draft_probs[b, 0, 0] = 1.0
                     draft_probs[b, 1 + q.shape[0]:, 0] = 1.0
         return Draft(tokens=tokens, parents=parents, is_chain=is_chain, draft_probs=draft_probs)
+
+    def draft_chains(self, H: torch.Tensor, roots: list[int], ok: list[bool], budget: int, request: DraftRequest
+                ) -> tuple[list[tuple[list[int], list[int]]], list[Optional[torch.Tensor]]]:
+        """One chain per row, depth by depth: greedy (each head's argmax) or sampled (coupled or
+        the drafts' own stream), each with its head's q (rejection). Independent heads run in one
+        pass; chain-input heads (``chain_input``) one head per depth, reading the token just drafted."""
+        s = request.sampling
+        n = self.heads.config.num_heads
+        cfg = self.heads.config
+        ids = self.heads.vocab_id_list
+        B, dev = H.shape[0], H.device
+        all_logits, vocab = None, self.heads.vocab_ids
+        if not cfg.chain_input:
+            nxt = torch.tensor(roots, dtype=torch.long, device=dev) if cfg.token_input else None
+            all_logits, vocab = self.heads.draft_logits(H, next_tokens=nxt)  # [B, n, V or K]
+            all_logits = all_logits.float()
+        toks = [[0] for _ in range(B)]
+        qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        path_p = [1.0] * B
+        live = list(ok)
+        prev = list(roots)
+        for i in range(min(n, budget)):
+            if not any(live):
+                break
+            if all_logits is not None:
+                logits = all_logits[:, i]
+            else:
+                logits = self.heads.draft_logits(H, next_tokens=torch.tensor(prev, dtype=torch.long, device=dev),
+                                                 head=i)[0].float()  # [B, V or K]
+            top_p = (torch.softmax(logits, -1).amax(-1).tolist()
+                     if s.greedy and self.min_prob > 0.0 else None)
+            am = logits.argmax(-1).tolist() if s.greedy else None
+            for b in range(B):
+                if not live[b]:
+                    continue
+                idx = len(request.histories[b]) + i  # head i+1's token sits i+1 places after the root
+                if s.greedy:
+                    t = am[b]
+                    if top_p is not None:
+                        path_p[b] *= top_p[b]
+                        if path_p[b] < self.min_prob:
+                            live[b] = False
+                            continue
+                    t = ids[t] if ids is not None else t
+                    toks[b].append(t)
+                    prev[b] = t
+                    continue
+                q = sampling_probs(logits[b], s.temperature, s.top_k, s.top_p)
+                salt = 0 if self.verify == "coupled" else _DRAFT_SALT
+                u = uniforms(s.seed, torch.tensor(request.sequence_ids[b]), torch.tensor(idx), salt=salt)
+                t = int(vector_pick(u, q))
+                path_p[b] *= float(q[t])
+                if self.min_prob > 0.0 and path_p[b] < self.min_prob:
+                    live[b] = False
+                    continue
+                if vocab is not None:  # q over the full vocabulary (rejection sampling reads it)
+                    q = torch.zeros(self.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, vocab, q)
+                    t = ids[t]
+                toks[b].append(t)
+                qs[b].append(q)
+                prev[b] = t
+        rows = [(t, list(range(-1, len(t) - 1))) if good else ([0], [-1]) for t, good in zip(toks, ok)]
+        probs = [torch.stack(q) if q and good else None for q, good in zip(qs, ok)]
+        return rows, probs
+
+    @torch.no_grad()
+    def greedy_trees(self, H: torch.Tensor, roots: list[int], budget: int
+                     ) -> list[tuple[list[int], list[int]]]:
+        """Greedy draft trees (tokens, parents; node 0 the root) of at most ``budget`` nodes below
+        the root for hidden states ``H [B, d]`` and committed tokens ``roots``: the best-first tree
+        (:meth:`_tree`) for independent heads; for chain-input heads :meth:`_chain_tree`."""
+        if self.heads.config.chain_input:
+            return self._chain_tree(H, roots, budget)
+        cfg = self.heads.config
+        nxt = torch.tensor(roots, dtype=torch.long, device=H.device) if cfg.token_input else None
+        logits = self.heads.draft_logits(H, next_tokens=nxt)[0].float()
+        return [self._tree(logits[b], budget, self.heads.vocab_id_list) for b in range(H.shape[0])]
+
+    def _chain_tree(self, H: torch.Tensor, roots: list[int], budget: int
+                    ) -> list[tuple[list[int], list[int]]]:
+        """Best-first tree of chain-input heads, one depth at a time for all rows at once: a node
+        at depth d + 1 is one of the ``top`` tokens of head d run on its parent's token, and scores
+        its path's log-probability (the product of exact conditionals, each given the path). A
+        node is expanded only while it can still be among the ``budget`` best (a child never
+        scores above its parent and the cut-off only rises as candidates are added), so a depth
+        costs at most ``budget`` rows of one head per row, usually far fewer. The ``budget`` best
+        candidates (parents before children, ``min_prob`` as in :meth:`_tree`) make the tree."""
+        n = self.heads.config.num_heads
+        ids = self.heads.vocab_id_list
+        floor = math.log(self.min_prob) if self.min_prob > 0.0 else -math.inf
+        B, dev = H.shape[0], H.device
+        # per row: candidates (score, depth, token id, parent candidate or -1 for the root)
+        cands: list[list[tuple[float, int, int, int]]] = [[] for _ in range(B)]
+        front = [(b, -1, int(roots[b]), 0.0) for b in range(B)]  # (row, candidate, token read, score)
+        for d in range(n):
+            if not front:
+                break
+            rows = torch.tensor([f[0] for f in front], device=dev)
+            toks = torch.tensor([f[2] for f in front], dtype=torch.long, device=dev)
+            logits = self.heads.draft_logits(H[rows], next_tokens=toks, head=d)[0].float()
+            top = min(self.top, logits.shape[-1])
+            tlp, tid = torch.log_softmax(logits, -1).topk(top, dim=-1)
+            tlp, tid = tlp.tolist(), tid.tolist()
+            for f, (b, par, _, sc) in enumerate(front):
+                for c in range(top):
+                    t = tid[f][c]
+                    cands[b].append((sc + tlp[f][c], d, ids[t] if ids is not None else t, par))
+            if d + 1 == n:
+                break
+            front = []
+            for b in range(B):
+                scores = sorted((c[0] for c in cands[b]), reverse=True)
+                cut = max(scores[budget - 1] if len(scores) >= budget else -math.inf, floor)
+                deep = sorted((i for i, c in enumerate(cands[b]) if c[1] == d and c[0] >= cut),
+                              key=lambda i: -cands[b][i][0])[:budget]
+                front += [(b, i, cands[b][i][2], cands[b][i][0]) for i in deep]
+        out = []
+        for b in range(B):
+            cs = cands[b]
+            order = sorted(range(len(cs)), key=lambda i: (-cs[i][0], cs[i][1], i))
+            tokens, parents, node_of = [0], [-1], {-1: 0}
+            for i in order:
+                if len(tokens) - 1 >= budget or cs[i][0] < floor:
+                    break
+                par = node_of.get(cs[i][3])
+                if par is None:  # parent not taken (cannot happen: it scores at least as high)
+                    continue
+                node_of[i] = len(tokens)
+                tokens.append(cs[i][2])
+                parents.append(par)
+            out.append((tokens, parents))
+        return out
 
     def _tree(self, logits: torch.Tensor, budget: int, ids: Optional[list[int]] = None
               ) -> tuple[list[int], list[int]]:

@@ -79,6 +79,9 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     h.add_argument("--heads", type=int, default=4, help="number of heads (tokens t+2 .. t+1+n)")
     h.add_argument("--token-input", action=argparse.BooleanOptionalAction, default=False,
                    help="heads also read the embedding of the committed token t+1")
+    h.add_argument("--chain-input", action=argparse.BooleanOptionalAction, default=False,
+                   help="head i reads the token t+1+i (the previous head's; Hydra-style sequential "
+                        "heads, drafted one depth at a time) instead of t+1; implies --token-input")
     h.add_argument("--cached-hidden", action=argparse.BooleanOptionalAction, default=True,
                    help="run the target once over the data and train on its cached hidden states "
                         "(ptp.train.heads; --steps then counts steps of --positions-per-step anchors); "
@@ -170,7 +173,8 @@ def run_train(args: argparse.Namespace) -> int:
         from ptp.train.data import answer_token_counts
 
         model = MTPHeads(base, HeadsConfig(num_heads=args.heads, base_model=args.model,
-                                                 token_input=args.token_input))
+                                                 token_input=args.token_input,
+                                                 chain_input=args.chain_input))
         model.set_token_counts(answer_token_counts(seqs, base.get_input_embeddings().weight.shape[0]))
         loss_fn = heads_batch_loss
         if args.cached_hidden:

@@ -277,7 +277,7 @@ def _losses(model: MTPHeads, vocab: _Vocab, h: torch.Tensor, nxt: torch.Tensor, 
     terms). All heads share one LM-head pass over ``[P * n]`` rows."""
     n = model.config.num_heads
     tk = vocab.index[targets]
-    z = model.head_hidden(h, next_tokens=nxt if model.config.token_input else None)  # [P, n, d]
+    z = model.head_hidden(h, next_tokens=model.input_tokens(nxt, targets))  # [P, n, d]
     logits = vocab.logits(z)  # [P, n, K]
     logp = torch.log_softmax(logits, -1)
     soft_all = None
@@ -335,8 +335,10 @@ def evaluate_heads(model: MTPHeads, vocab: _Vocab, H: torch.Tensor, pos: HeadPos
     hits = []
     for s in range(0, len(pos), chunk):
         h = H[pos.rows[s:s + chunk]].to(device).float()
-        nxt = pos.next[s:s + chunk].to(device) if model.config.token_input else None
-        z = model.head_hidden(h, next_tokens=nxt)  # [P, n, d]; argmax only, no softmax
+        # chain_input: teacher-forced, which is the greedy chain's prefix (head i reads the data
+        # token exactly when heads 0..i-1 were right)
+        tok = model.input_tokens(pos.next[s:s + chunk].to(device), pos.targets[s:s + chunk].to(device))
+        z = model.head_hidden(h, next_tokens=tok)  # [P, n, d]; argmax only, no softmax
         hits.append((vocab.logits(z).argmax(-1) == vocab.index[pos.targets[s:s + chunk].to(device)]).float())
     hit = torch.cat(hits)
     return {"acc": [round(float(x), 4) for x in hit.mean(0)],
