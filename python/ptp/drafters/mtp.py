@@ -203,6 +203,13 @@ class HeadsDrafter:
                     draft_probs[b, 1 + q.shape[0]:, 0] = 1.0
         return Draft(tokens=tokens, parents=parents, is_chain=is_chain, draft_probs=draft_probs)
 
+    def _independent_logits(self, H: torch.Tensor, roots: list[int]) -> torch.Tensor:
+        """All independent heads' float logits ``[B, n, V or K]`` in one pass (token-input heads
+        read the committed tokens ``roots``)."""
+        nxt = torch.tensor(roots, dtype=torch.long, device=H.device) if self.heads.config.token_input else None
+        return self.heads.draft_logits(H, next_tokens=nxt)[0].float()
+
+    @torch.no_grad()
     def draft_chains(self, H: torch.Tensor, roots: list[int], ok: list[bool], budget: int, request: DraftRequest
                 ) -> tuple[list[tuple[list[int], list[int]]], list[Optional[torch.Tensor]]]:
         """One chain per row, depth by depth: greedy (each head's argmax) or sampled (coupled or
@@ -213,11 +220,8 @@ class HeadsDrafter:
         cfg = self.heads.config
         ids = self.heads.vocab_id_list
         B, dev = H.shape[0], H.device
-        all_logits, vocab = None, self.heads.vocab_ids
-        if not cfg.chain_input:
-            nxt = torch.tensor(roots, dtype=torch.long, device=dev) if cfg.token_input else None
-            all_logits, vocab = self.heads.draft_logits(H, next_tokens=nxt)  # [B, n, V or K]
-            all_logits = all_logits.float()
+        vocab = self.heads.vocab_ids
+        all_logits = None if cfg.chain_input else self._independent_logits(H, roots)  # [B, n, V or K]
         toks = [[0] for _ in range(B)]
         qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
         path_p = [1.0] * B
@@ -275,9 +279,7 @@ class HeadsDrafter:
         (:meth:`_tree`) for independent heads; for chain-input heads :meth:`_chain_tree`."""
         if self.heads.config.chain_input:
             return self._chain_tree(H, roots, budget)
-        cfg = self.heads.config
-        nxt = torch.tensor(roots, dtype=torch.long, device=H.device) if cfg.token_input else None
-        logits = self.heads.draft_logits(H, next_tokens=nxt)[0].float()
+        logits = self._independent_logits(H, roots)
         return [self._tree(logits[b], budget, self.heads.vocab_id_list) for b in range(H.shape[0])]
 
     def _chain_tree(self, H: torch.Tensor, roots: list[int], budget: int
