@@ -197,7 +197,10 @@ def main(argv=None) -> int:
             h = H[pos.rows[s:e]].float()
             roots = pos.next[s:e].tolist()
             # the drafter's own greedy chain and trees (chain-input heads: one depth at a time)
-            req = DraftRequest(histories=[[0]] * (e - s), sequence_ids=list(range(e - s)), max_nodes=n,
+            # copy heads read each anchor's committed tokens (0 .. t+1); the others only the root
+            hists = ([seqs[int(q)].ids[:int(t) + 2].tolist() for q, t in zip(pos.seq[s:e], pos.t[s:e])]
+                     if heads.config.copy_attn else [[0]] * (e - s))
+            req = DraftRequest(histories=hists, sequence_ids=list(range(e - s)), max_nodes=n,
                                sampling=SamplingConfig())
             chains, _ = drafter.draft_chains(h, roots, [True] * (e - s), n, req)
             for j in range(e - s):
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
             for t in tops:
                 drafter.top = t
                 for b in budgets:
-                    for j, (tk, pr) in enumerate(drafter.greedy_trees(h, roots, b)):
+                    for j, (tk, pr) in enumerate(drafter.greedy_trees(h, roots, b, hists)):
                         accs[(b, t)].append(accepted_depth(tk, pr, pos.targets[s + j].tolist()))
     secs = time.time() - t0
     def walk(acc):

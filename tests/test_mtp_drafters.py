@@ -85,13 +85,16 @@ def _mtp(trained: bool, sampler: bool = True):
 
 
 def _heads(trained: bool, token_input: bool = False, chain_input: bool = False):
-    """Tiny heads; ``token_input`` may also be the form's name: "plain", "token" or "chain"."""
+    """Tiny heads; ``token_input`` may also be the form's name: "plain", "token", "chain" or
+    "copy" (chain input plus the context attention)."""
+    copy = token_input == "copy"
     if isinstance(token_input, str):
-        token_input, chain_input = token_input != "plain", token_input == "chain"
-    key = ("heads", trained, token_input, chain_input)
+        token_input, chain_input = token_input != "plain", token_input in ("chain", "copy")
+    key = ("heads", trained, token_input, chain_input, copy)
     if key not in _CACHE:
         base = tiny_model("llama", vocab_size=VOCAB, seed=0)
-        h = MTPHeads(base, HeadsConfig(num_heads=3, token_input=token_input, chain_input=chain_input))
+        h = MTPHeads(base, HeadsConfig(num_heads=3, token_input=token_input, chain_input=chain_input,
+                                       copy_attn=copy))
         if trained:
             _fit(h, heads_sequence_loss, _seqs(base), steps=40, lr=1e-2)
         else:
@@ -99,6 +102,10 @@ def _heads(trained: bool, token_input: bool = False, chain_input: bool = False):
                 h.proj.normal_(0, 0.1)
                 if h.config.token_input:
                     h.tok_proj.normal_(0, 0.1)
+                if copy:
+                    h.copy_proj.normal_(0, 0.1)
+                    h.copy_gate.normal_(0, 1.0)
+                    h.copy_null.normal_(0, 0.3)
         _CACHE[key] = h.eval()
     return _CACHE[key]
 
@@ -213,7 +220,7 @@ def test_mtp_row_saving_and_lookup_options_equal_plain_tiny(temperature):
     assert d.lookup_used > 0 and d.aux_room(8) == 2 * d.num_slots
 
 
-@pytest.mark.parametrize("token_input", ["plain", "token", "chain"])
+@pytest.mark.parametrize("token_input", ["plain", "token", "chain", "copy"])
 @pytest.mark.parametrize("trained", [False, True])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_heads_greedy_equals_plain_tiny(trained, mode, token_input):
@@ -228,7 +235,7 @@ def test_heads_greedy_equals_plain_tiny(trained, mode, token_input):
         assert calls < plain_calls
 
 
-@pytest.mark.parametrize("token_input", ["plain", "token", "chain"])
+@pytest.mark.parametrize("token_input", ["plain", "token", "chain", "copy"])
 def test_heads_coupled_sampling_equals_plain_tiny(token_input):
     h = _heads(True, token_input)
     prompts = _prompts(3)
@@ -238,7 +245,7 @@ def test_heads_coupled_sampling_equals_plain_tiny(token_input):
     assert spec == plain
 
 
-@pytest.mark.parametrize("form", ["token", "chain"])
+@pytest.mark.parametrize("form", ["token", "chain", "copy"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_heads_with_lookup_branch_equal_plain_tiny(mode, temperature, form):
@@ -293,7 +300,7 @@ def test_heads_draft_vocab_logits_are_the_full_logits_of_those_tokens():
     assert h.draft_logits(hs, next_tokens=nxt)[1] is None
 
 
-@pytest.mark.parametrize("form", ["token", "chain"])
+@pytest.mark.parametrize("form", ["token", "chain", "copy"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_heads_row_savers_equal_plain_tiny(mode, temperature, form):
@@ -440,6 +447,173 @@ def test_heads_chain_input_tree_takes_the_best_conditional_paths(top, budget, mi
     torch.set_grad_enabled(True)
 
 
+def _copy_tensors(rows: list) -> "CopyInputs":
+    """CopyInputs ``[Q, M]`` from per-query loop-reference match lists (padded, invalid past each)."""
+    from ptp.mtp_model import CopyInputs
+
+    M = max(1, max(len(r) for r in rows))
+    vals = torch.zeros(len(rows), M, dtype=torch.long)
+    feats = torch.zeros(len(rows), M, 3)
+    valid = torch.zeros(len(rows), M, dtype=torch.bool)
+    for q, r in enumerate(rows):
+        for k, (v, m2, m3, logd) in enumerate(r):
+            vals[q, k], valid[q, k] = v, True
+            feats[q, k] = torch.tensor([m2, m3, logd])
+    return CopyInputs(vals, feats, valid)
+
+
+@pytest.mark.parametrize("max_matches", [1, 3, 50])
+def test_copy_matches_equal_the_loop_reference(max_matches):
+    """``copy_matches``: the most recent earlier occurrences of each query token (keys j with
+    x_{j+1} committed), with the bigram/trigram agreement of the path before it and the log
+    distance, for several queries per context over padded contexts of varied lengths."""
+    from ptp._testing import copy_matches_loop
+    from ptp.mtp_model import copy_matches
+
+    g = torch.Generator().manual_seed(max_matches)
+    Q, K, L = 5, 4, 40
+    lens = [40, 1, 2, 17, 33]
+    ctx = torch.randint(0, 5, (Q, L), generator=g)  # five symbols: many matches, some n-gram agreement
+    for q, n in enumerate(lens):
+        ctx[q, n:] = 99  # padding that would match y = 99 if it were read
+    y = torch.randint(0, 5, (Q, K), generator=g)
+    y[0, 0] = 99
+    y1 = torch.randint(0, 5, (Q, K), generator=g)
+    y2 = torch.randint(0, 5, (Q, K), generator=g)
+    y2[1, 1] = -2
+    pos = torch.tensor(lens).view(-1, 1) - 1 + torch.arange(K)
+    got = copy_matches(ctx, torch.tensor(lens), y, y1, y2, pos, max_matches)
+    assert got.values.shape == (Q, K, min(max_matches, L))
+    total = 0
+    for q in range(Q):
+        hist = ctx[q, :lens[q]].tolist()
+        for k in range(K):
+            ref = copy_matches_loop(hist, int(y2[q, k]), int(y1[q, k]), int(y[q, k]), int(pos[q, k]), max_matches)
+            v = got.valid[q, k]
+            mine = [(int(a), *[float(x) for x in f]) for a, f in zip(got.values[q, k][v], got.feats[q, k][v])]
+            assert [m[:3] for m in mine] == [r[:3] for r in ref], (q, k)
+            assert [m[3] for m in mine] == pytest.approx([r[3] for r in ref], abs=1e-5), (q, k)
+            total += len(ref)
+    assert total >= 8 * min(max_matches, 2)  # the case is not vacuous
+
+
+def test_copy_head_block_equals_the_loop_reference():
+    """A copy head's block equals its formula computed by loops (attention over the "no copy"
+    logit and the matches, values the embeddings of the following tokens), one head at a time and
+    all heads at once; with the copy parameters at zero it is the chain head it extends."""
+    from ptp._testing import copy_head_loop, copy_matches_loop
+
+    h = _heads(False, token_input="copy")
+    torch.set_grad_enabled(False)
+    try:
+        with torch.no_grad():
+            h.copy_score.normal_(0, 1.0)
+        g = torch.Generator().manual_seed(3)
+        hist = torch.randint(3, 9, (30,), generator=g).tolist()
+        H = torch.randn(4, h.proj.shape[-1], generator=g)
+        paths = [hist[-3:] + torch.randint(3, 9, (2,), generator=g).tolist() for _ in range(4)]
+        rows_all = []
+        for i in range(3):
+            rows = [copy_matches_loop(hist, p[i], p[i + 1], p[i + 2], len(hist) - 1 + i, 16) for p in paths]
+            assert any(rows)
+            rows_all.append(rows)
+            tok = torch.tensor([p[i + 2] for p in paths])
+            got = h.head_hidden(H, head=i, next_tokens=tok, copy=_copy_tensors(rows))
+            for b in range(4):
+                torch.testing.assert_close(got[b], copy_head_loop(h, H[b], i, paths[b][i + 2], rows[b]),
+                                           rtol=1e-5, atol=1e-5)
+            # a copy head reads its context: other matches, another output
+            other = h.head_hidden(H, head=i, next_tokens=tok, copy=_copy_tensors([[] for _ in paths]))
+            assert not torch.allclose(other, got)
+        # all heads in one call (queries [B, n, M])
+        from ptp.mtp_model import CopyInputs
+
+        per = [_copy_tensors(r) for r in rows_all]
+        M = max(c.values.shape[-1] for c in per)
+
+        def pad(x, val):
+            return torch.nn.functional.pad(x, [0, M - x.shape[1]] if x.dim() == 2 else [0, 0, 0, M - x.shape[1]],
+                                           value=val)
+        allc = CopyInputs(torch.stack([pad(c.values, 0) for c in per], 1),
+                          torch.stack([pad(c.feats, 0.0) for c in per], 1),
+                          torch.stack([pad(c.valid, False) for c in per], 1))
+        toks = torch.tensor([p[2:] for p in paths])
+        together = h.head_hidden(H, next_tokens=toks, copy=allc)
+        for i in range(3):
+            torch.testing.assert_close(together[:, i], h.head_hidden(H, head=i, next_tokens=toks[:, i],
+                                                                     copy=per[i]), rtol=1e-5, atol=1e-5)
+        # zero copy parameters: the chain-input head with the same weights
+        chain = _heads(False, token_input="chain")
+        z = MTPHeads(h.base, HeadsConfig(num_heads=3, copy_attn=True))
+        z.load_adapter_state_dict({**{k: getattr(chain, k) for k in ("proj", "bias", "tok_proj")},
+                                   **{k: getattr(z, k) for k in ("copy_score", "copy_null", "copy_proj",
+                                                                   "copy_gate")}})
+        torch.testing.assert_close(z.head_hidden(H, next_tokens=toks, copy=allc),
+                                   chain.head_hidden(H, next_tokens=toks), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="copy"):
+            h.head_hidden(H, next_tokens=toks)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+@pytest.mark.parametrize("top,budget", [(2, 6), (3, 10), (200, 5)])
+def test_heads_copy_tree_takes_the_best_conditional_paths(top, budget):
+    """Copy heads: the best-first tree holds the ``budget`` best paths of the candidate grid when
+    every node's head reads its own path's context matches (brute force with the loop
+    references: the row's history, the node's token and the two tokens before it on the path),
+    and the greedy chain is each head's argmax given the previous argmax and its matches."""
+    from ptp._testing import copy_matches_loop
+    from ptp.drafters.base import DraftRequest
+
+    h = _heads(False, token_input="copy")
+    d = HeadsDrafter(h, tree=True, top=top)
+    g = torch.Generator().manual_seed(top + budget)
+    H = torch.randn(2, h.proj.shape[-1], generator=g)
+    hists = [torch.randint(3, 12, (n,), generator=g).tolist() for n in (25, 2)]
+    roots = [hh[-1] for hh in hists]
+    torch.set_grad_enabled(False)
+    try:
+        def head_lp(b, i, path_tail):  # path_tail: the path's last three tokens (y2, y1, y)
+            m = copy_matches_loop(hists[b], *path_tail, len(hists[b]) - 1 + i, 16)
+            lg = h.draft_logits(H[b:b + 1], next_tokens=torch.tensor([path_tail[2]]), head=i,
+                                copy=_copy_tensors([m]))[0][0]
+            return torch.log_softmax(lg, -1)
+
+        trees = d.greedy_trees(H, roots, budget, hists)
+        for b in range(2):
+            scores: dict = {}
+            start = tuple(([-2, -2] + hists[b])[-3:])
+
+            def walk(path: tuple, tail: tuple, score: float) -> None:
+                i = len(path)
+                v, ix = head_lp(b, i, tail).topk(min(top, VOCAB))
+                for c in range(min(top, budget + 1)):
+                    t = int(ix[c])
+                    p, sc = path + (t,), score + float(v[c])
+                    scores[p] = sc
+                    if i + 1 < 3:
+                        walk(p, (tail[1], tail[2], t), sc)
+            walk((), start, 0.0)
+            tokens, parents = trees[b]
+            paths = _tree_paths(tokens, parents)
+            assert len(set(paths)) == len(paths) and all(p in scores for p in paths)
+            best = sorted(scores.values(), reverse=True)[:budget]
+            assert sorted((scores[p] for p in paths), reverse=True) == pytest.approx(best, abs=1e-4)
+        req = DraftRequest(histories=hists, sequence_ids=[0, 1], max_nodes=8, sampling=SamplingConfig())
+        rows, _ = HeadsDrafter(h).draft_chains(H, roots, [True, True], 3, req)
+        for b in range(2):
+            tail, want = tuple(([-2, -2] + hists[b])[-3:]), []
+            for i in range(3):
+                t = int(head_lp(b, i, tail).argmax())
+                want.append(t)
+                tail = (tail[1], tail[2], t)
+            assert rows[b] == ([0] + want, [-1, 0, 1, 2])
+        with pytest.raises(ValueError, match="histories"):
+            d.greedy_trees(H, roots, budget)
+    finally:
+        torch.set_grad_enabled(True)
+
+
 def _chi2_ok(samples, probs, n):
     counts = torch.bincount(torch.tensor(samples), minlength=probs.numel()).double()
     exp = probs.double() * n
@@ -452,7 +626,7 @@ def _chi2_ok(samples, probs, n):
     return chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
 
 
-@pytest.mark.parametrize("form,draft_vocab", [("token", 0), ("token", 40), ("chain", 40)])
+@pytest.mark.parametrize("form,draft_vocab", [("token", 0), ("token", 40), ("chain", 40), ("copy", 40)])
 def test_heads_rejection_sampling_follows_target_distribution(form, draft_vocab):
     """Rejection verification with the heads' q: the second token (the first one decided by
     rejection sampling against a head's draft) follows the target's exact marginal

@@ -42,9 +42,36 @@ def _seqs(base, n=8, seed=0):
 
 
 def _heads(base, token_input=True, n=3):
-    """``token_input``: a bool, or "chain" for chain-input heads (head i reads token t+1+i)."""
+    """``token_input``: a bool, "chain" for chain-input heads (head i reads token t+1+i) or "copy"
+    (chain input and the context attention)."""
     return MTPHeads(base, HeadsConfig(num_heads=n, token_input=bool(token_input),
-                                      chain_input=token_input == "chain"))
+                                      chain_input=token_input == "chain", copy_attn=token_input == "copy"))
+
+
+def _copy_ref(seqs, pos, n):
+    """Copy inputs ``[P, n, M]`` of every anchor from the loop reference (teacher-forced: head i
+    reads the data token t+1+i; the context is the sequence through t+1)."""
+    from ptp._testing import copy_matches_loop
+    from ptp.mtp_model import CopyInputs
+
+    rows = []
+    for q, t in zip(pos.seq.tolist(), pos.t.tolist()):
+        ids = seqs[q].ids.tolist()
+        hist = ids[:t + 2]
+        for i in range(n):
+            p = t + 1 + i
+            tail = [ids[k] if k >= 0 else -2 for k in (p - 2, p - 1, p)]
+            rows.append(copy_matches_loop(hist, *tail, p, 16))
+    M = max(1, max(len(r) for r in rows))
+    vals = torch.zeros(len(rows), M, dtype=torch.long)
+    feats = torch.zeros(len(rows), M, 3)
+    valid = torch.zeros(len(rows), M, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        for k, (v, *f) in enumerate(row):
+            vals[r, k], valid[r, k] = v, True
+            feats[r, k] = torch.tensor(f)
+    P = len(pos)
+    return CopyInputs(vals.view(P, n, M), feats.view(P, n, M, 3), valid.view(P, n, M))
 
 
 def _head_tokens(pos, form):
@@ -52,7 +79,7 @@ def _head_tokens(pos, form):
     t+1, or (chain) tokens t+1 .. t+n."""
     if not form:
         return None
-    if form == "chain":
+    if form in ("chain", "copy"):
         return torch.stack([pos.next] + [pos.targets[:, i] for i in range(pos.targets.shape[1] - 1)], 1)
     return pos.next
 
@@ -82,23 +109,33 @@ def test_head_positions_index_the_right_tokens():
     assert held.rows.tolist() == [10, 11, 12, 13]
 
 
-@pytest.mark.parametrize("token_input", [False, True, "chain"])
+@pytest.mark.parametrize("token_input", [False, True, "chain", "copy"])
 @pytest.mark.parametrize("train_vocab", [0, 8])
 def test_loss_is_the_heads_cross_entropy(token_input, train_vocab):
+    from ptp.train.heads import _copy_for, padded_ids
+
     base = tiny_model("llama", vocab_size=VOCAB, seed=1)
     h = _heads(base, token_input)
     with torch.no_grad():
         h.proj.normal_(0, 0.2)
         if token_input:
             h.tok_proj.normal_(0, 0.2)
+        if token_input == "copy":
+            h.copy_proj.normal_(0, 0.2)
+            h.copy_gate.normal_(0, 1.0)
     seqs = _seqs(base, n=4)
     h.set_token_counts(answer_token_counts(seqs, VOCAB))
     H, off = answer_hidden_states(base, seqs, progress=False)
     pos = head_positions(seqs, off, 3)
     vocab = _Vocab(h, train_vocab, "cpu")
     x = H[pos.rows].float()
-    loss, hit = _losses(h, vocab, x, pos.next, pos.targets)
-    full = h.logits(x, _head_tokens(pos, token_input))  # [P, n, V]
+    # the training path's copy inputs (padded ids of all sequences) vs the loop reference's
+    copy = _copy_for(h, padded_ids(seqs), pos, torch.arange(len(pos)), "cpu")
+    ref_copy = _copy_ref(seqs, pos, 3) if token_input == "copy" else None
+    if ref_copy is not None:
+        assert int(ref_copy.valid.sum()) > 0
+    loss, hit = _losses(h, vocab, x, pos.next, pos.targets, copy=copy)
+    full = h.logits(x, _head_tokens(pos, token_input), copy=ref_copy)  # [P, n, V]
     if train_vocab:
         h.set_draft_vocab(train_vocab)
         assert torch.equal(vocab.ids, h.vocab_ids)  # the decoder's draft vocabulary
@@ -226,7 +263,7 @@ def test_train_with_soft_topk_matches_the_exact_run_at_full_k(tmp_path):
     assert not torch.allclose(out[4][1], out[0][1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("form", [True, "chain"])
+@pytest.mark.parametrize("form", [True, "chain", "copy"])
 def test_train_resume_checkpoint_and_exact_decoding(tmp_path, form):
     base = tiny_model("llama", vocab_size=VOCAB, seed=0)
     seqs = _seqs(base, n=10)
@@ -250,15 +287,16 @@ def test_train_resume_checkpoint_and_exact_decoding(tmp_path, form):
                        progress=False)
     b2 = fresh()
     train_heads_cached(b2, seqs, H, off, cfg, str(tmp_path / "b"), progress=False)
-    for k in ("proj", "bias", "tok_proj"):
+    for k in a.trainable_names():
         torch.testing.assert_close(getattr(b2, k), getattr(a, k), rtol=0, atol=0)
     # it learned: training accuracy of head 0 above an untrained head's
     untrained = fresh()
-    from ptp.train.heads import evaluate_heads
+    from ptp.train.heads import evaluate_heads, padded_ids
 
     pos = head_positions(seqs, off, 3)
-    assert evaluate_heads(a, _Vocab(a, 0, "cpu"), H, pos, "cpu")["acc"][0] > \
-        evaluate_heads(untrained, _Vocab(untrained, 0, "cpu"), H, pos, "cpu")["acc"][0] + 0.2
+    ids = padded_ids(seqs)
+    assert evaluate_heads(a, _Vocab(a, 0, "cpu"), H, pos, "cpu", ids=ids)["acc"][0] > \
+        evaluate_heads(untrained, _Vocab(untrained, 0, "cpu"), H, pos, "cpu", ids=ids)["acc"][0] + 0.2
     # the checkpoint loads as a drafter and decodes exactly what plain greedy decoding gives
     drafter = make_drafter(str(tmp_path / "a"), base, tree=1)
     prompts = [s.ids[:s.prompt_len].tolist() for s in seqs[:3]]
@@ -267,10 +305,12 @@ def test_train_resume_checkpoint_and_exact_decoding(tmp_path, form):
     plain = Decoder(base).generate(prompts, cfg_g)
     assert [r.new_token_ids for r in spec] == [r.new_token_ids for r in plain]
     assert sum(r.target_calls for r in spec) < sum(r.target_calls for r in plain)
-    assert drafter.heads.config.chain_input == (form == "chain")
+    assert drafter.heads.config.chain_input == (form in ("chain", "copy"))
+    assert drafter.heads.config.copy_attn == (form == "copy")
 
 
-def test_chain_input_heldout_prefix_is_the_greedy_chains():
+@pytest.mark.parametrize("form", ["chain", "copy"])
+def test_chain_input_heldout_prefix_is_the_greedy_chains(form):
     """Chain-input heads: the teacher-forced held-out prefix (evaluate_heads) is exactly the mean
     accepted depth of the drafter's greedy chain (head i reads the drafted token, which equals the
     data's while heads 0..i-1 are right), position by position through the drafter's own code."""
@@ -282,7 +322,7 @@ def test_chain_input_heldout_prefix_is_the_greedy_chains():
     base = tiny_model("llama", vocab_size=VOCAB, seed=0)
     seqs = _seqs(base, n=6)
     H, off = answer_hidden_states(base, seqs, progress=False)
-    h = _heads(base, "chain")
+    h = _heads(base, form)
     h.set_token_counts(answer_token_counts(seqs, VOCAB))
     pos = head_positions(seqs, off, 3)
     cfg = HeadsTrainConfig(steps=40, lr=1e-2, positions_per_step=32, train_vocab=20, lr_schedule="constant")
@@ -290,10 +330,14 @@ def test_chain_input_heldout_prefix_is_the_greedy_chains():
 
     with tempfile.TemporaryDirectory() as d:
         train_heads_cached(h, seqs, H, off, cfg, d, progress=False)
-    got = evaluate_heads(h, _Vocab(h, 20, "cpu"), H, pos, "cpu")
+    from ptp.train.heads import padded_ids
+
+    got = evaluate_heads(h, _Vocab(h, 20, "cpu"), H, pos, "cpu", ids=padded_ids(seqs))
     drafter = HeadsDrafter(h, draft_vocab=20)
     P = len(pos)
-    req = DraftRequest(histories=[[0]] * P, sequence_ids=list(range(P)), max_nodes=3, sampling=SamplingConfig())
+    # each anchor's committed tokens 0 .. t+1 (copy heads attend over them)
+    hists = [seqs[q].ids[:t + 2].tolist() for q, t in zip(pos.seq.tolist(), pos.t.tolist())]
+    req = DraftRequest(histories=hists, sequence_ids=list(range(P)), max_nodes=3, sampling=SamplingConfig())
     rows, _ = drafter.draft_chains(H[pos.rows].float(), pos.next.tolist(), [True] * P, 3, req)
     depth = []
     for (toks, _), truth in zip(rows, pos.targets.tolist()):
@@ -346,7 +390,7 @@ def test_errors():
         train_heads_cached(h, short, H1, o1, HeadsTrainConfig(steps=1, train_vocab=0), "/nonexistent", progress=False)
 
 
-@pytest.mark.parametrize("form", ["--token-input", "--chain-input"])
+@pytest.mark.parametrize("form", ["--token-input", "--chain-input", "--copy-attn"])
 def test_cli_trains_heads_on_cached_hidden_states(tmp_path, monkeypatch, form):
     """``ptp train heads`` (cached path, the default): the hidden cache lands beside the data, the
     checkpoint records the settings and the held-out figures, and it loads as a drafter."""
@@ -371,13 +415,15 @@ def test_cli_trains_heads_on_cached_hidden_states(tmp_path, monkeypatch, form):
     assert meta["train"]["soft_weight"] == 0.5 and meta["train"]["soft_topk"] == 32
     assert meta["train"]["eval_every"] == 500 and meta["metrics"]["heldout"]["step"] == 40
     assert meta["metrics"]["heldout"]["positions"] > 0
-    assert meta["heads"]["token_input"] and meta["heads"]["chain_input"] == (form == "--chain-input")
+    assert meta["heads"]["token_input"] and meta["heads"]["chain_input"] == (form != "--token-input")
+    assert meta["heads"]["copy_attn"] == (form == "--copy-attn")
     drafter = make_drafter(out, base)
     assert drafter.heads.config.num_heads == 3 and drafter.heads.token_counts is not None
-    assert drafter.heads.config.chain_input == (form == "--chain-input")
+    assert drafter.heads.config.chain_input == (form != "--token-input")
+    assert drafter.heads.config.copy_attn == (form == "--copy-attn")
 
 
-@pytest.mark.parametrize("token_input", [False, True, "chain"])
+@pytest.mark.parametrize("token_input", [False, True, "chain", "copy"])
 def test_evaluate_heads_is_the_training_losses_hits(token_input):
     """The held-out check (argmax only) counts exactly the hits of the training loss's pass, over
     a restricted vocabulary (targets outside it are misses) and in chunks."""
@@ -393,8 +439,12 @@ def test_evaluate_heads_is_the_training_losses_hits(token_input):
     h.set_token_counts(answer_token_counts(seqs, VOCAB))
     vocab = _Vocab(h, 20, "cpu")
     pos = head_positions(seqs, off, 3, list(range(6)))
-    _, hit = _losses(h, vocab, H[pos.rows].float(), pos.next, pos.targets)
-    got = evaluate_heads(h, vocab, H, pos, "cpu", chunk=7)
+    from ptp.train.heads import _copy_for, padded_ids
+
+    ids = padded_ids(seqs)
+    _, hit = _losses(h, vocab, H[pos.rows].float(), pos.next, pos.targets,
+                     copy=_copy_for(h, ids, pos, torch.arange(len(pos)), "cpu"))
+    got = evaluate_heads(h, vocab, H, pos, "cpu", chunk=7, ids=ids)
     assert got["positions"] == len(pos)
     assert got["acc"] == [round(float(x), 4) for x in hit.mean(0)]
     assert got["prefix"] == round(float(hit.cumprod(1).sum(1).mean()), 4)
@@ -431,3 +481,60 @@ def test_heldout_check_runs_every_eval_every_steps_and_at_the_end(tmp_path, monk
     assert json.load(open(tmp_path / "config.json"))["metrics"]["heldout"]["step"] == 10
     with pytest.raises(ValueError, match="eval_every"):
         HeadsTrainConfig(eval_every=0)
+
+
+def test_copy_heads_learn_to_copy_what_chain_heads_cannot():
+    """Answers that repeat their prompt (random tokens): the next tokens are in the context, not in
+    a random tiny model's hidden state. Copy heads (context attention) learn to draft them on
+    held-out sequences; chain heads trained the same way do not (a tied LM head, as SmolLM2's)."""
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0, tie_word_embeddings=True)
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for i in range(200):  # enough sequences that 100 steps cannot memorise them
+        p = torch.randint(3, VOCAB, (10 + i % 5,), generator=g)
+        seqs.append(Sequence(torch.cat([p, p, p[:6]]), p.numel()))
+    H, off = answer_hidden_states(base, seqs, progress=False)
+    counts = answer_token_counts(seqs, VOCAB)
+    cfg = HeadsTrainConfig(steps=100, lr=5e-2, positions_per_step=64, train_vocab=0, holdout=8,
+                           lr_schedule="constant")
+    prefix = {}
+    import tempfile
+
+    for form in ("chain", "copy"):
+        h = _heads(base, form)
+        h.set_token_counts(counts)
+        with tempfile.TemporaryDirectory() as d:
+            prefix[form] = train_heads_cached(h, seqs, H, off, cfg, d, progress=False)["heldout"]["prefix"]
+    assert prefix["copy"] > 2.5 and prefix["chain"] < 0.3, prefix
+
+
+def test_cli_init_from_starts_copy_heads_from_chain_heads(tmp_path, monkeypatch):
+    """``--init-from DIR``: the new heads start from DIR's tensors (chain heads -> copy heads: the
+    copy parameters keep their init, so the start decodes as the chain heads); a checkpoint of
+    another shape is refused."""
+    import ptp.train.models as tm
+    from ptp.train.checkpoint import load_heads
+    from ptp.train.cli import main
+    from ptp.train.data import DataConfig, save_sequences
+
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    monkeypatch.setattr(tm, "load_target", lambda *a, **k: (base, None))
+    seqs = _seqs(base, n=8)
+    data = str(tmp_path / "data")
+    save_sequences(data, seqs, DataConfig(num_prompts=8), ["p"] * 8)
+    common = ["--data", data, "--heads", "3", "--positions-per-step", "16", "--train-vocab", "0",
+              "--lr", "1e-2", "--no-progress", "--device", "cpu"]
+    chain_dir, copy_dir = str(tmp_path / "chain"), str(tmp_path / "copy")
+    assert main(["heads", "--out", chain_dir, "--chain-input", "--steps", "20"] + common) == 0
+    assert main(["heads", "--out", copy_dir, "--copy-attn", "--init-from", chain_dir, "--steps", "0"] + common) == 0
+    chain, copy = load_heads(base, chain_dir), load_heads(base, copy_dir)
+    assert copy.config.copy_attn and float(chain.proj.detach().abs().sum()) > 0
+    for k in ("proj", "bias", "tok_proj"):
+        assert torch.equal(getattr(copy, k), getattr(chain, k))
+    assert not copy.copy_proj.detach().any() and not copy.copy_gate.detach().any()
+    with pytest.raises(ValueError, match="shape"):
+        main(["heads", "--out", str(tmp_path / "four"), "--chain-input", "--init-from", chain_dir,
+              "--steps", "0"] + [c if c != "3" else "4" for c in common])
+    with pytest.raises(FileNotFoundError):
+        main(["heads", "--out", str(tmp_path / "x"), "--chain-input", "--init-from", str(tmp_path / "none"),
+              "--steps", "0"] + common)

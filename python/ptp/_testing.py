@@ -115,3 +115,41 @@ def assert_same_logits(plain: dict, spec: dict) -> None:
     bad = [(k, float((plain[k] - spec[k]).abs().max())) for k in sorted(plain)
            if not torch.equal(plain[k], spec[k])]
     assert not bad, f"{len(bad)} of {len(plain)} positions differ, first: {bad[:3]}"
+
+
+def copy_matches_loop(hist: list, y2: int, y1: int, y: int, pos: int, max_matches: int) -> list:
+    """Loop reference of :func:`ptp.mtp_model.copy_matches` for one query: the ``max_matches``
+    most recent ``j`` with ``hist[j] == y`` and ``j + 1 < len(hist)``, each as ``(hist[j + 1],
+    bigram, trigram, log(pos - j))``, most recent first."""
+    import math
+
+    out = []
+    for j in range(len(hist) - 2, -1, -1):
+        if hist[j] != y:
+            continue
+        m2 = j >= 1 and hist[j - 1] == y1
+        m3 = m2 and j >= 2 and hist[j - 2] == y2
+        out.append((int(hist[j + 1]), float(m2), float(m3), math.log(max(pos - j, 1))))
+        if len(out) == max_matches:
+            break
+    return out
+
+
+def copy_head_loop(heads, h, head: int, y: int, matches: list):
+    """Loop reference of one copy head's block (``MTPHeads.head_hidden`` with ``copy_attn``) for
+    one query: ``h + silu(W h + U e(y) + C o + b) + g * o``, ``o`` the attention over the "no
+    copy" logit and the ``matches`` of :func:`copy_matches_loop`."""
+    import torch.nn.functional as F
+
+    E = heads.base.get_input_embeddings().weight
+    w, a = heads.copy_score[head], heads.copy_null[head]
+    logits = [float(h @ a[:-1] + a[-1])]
+    for _, m2, m3, logd in matches:
+        logits.append(float(w[0] + w[1] * m2 + w[2] * m3 - F.softplus(w[3]) * logd))
+    att = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)[1:]
+    o = torch.zeros(E.shape[1], dtype=torch.float64)
+    for (v, *_), p in zip(matches, att):
+        o += float(p) * E[v].double()
+    o = o.to(h.dtype)
+    pre = heads.proj[head] @ h + heads.bias[head] + heads.tok_proj[head] @ E[y] + heads.copy_proj[head] @ o
+    return h + F.silu(pre) + heads.copy_gate[head] * o

@@ -33,6 +33,18 @@ just before its own target: head 0 the committed token ``t + 1``, head i >= 1 th
 tree is drafted one depth at a time and each node's children condition on that node's token. On the
 v6 data this lifts the teacher-forced (= greedy chain) accepted prefix from 0.859 to 0.989 at equal
 steps (``benchmarks/results/2026-12-03-cpu-heads-chain-input-pilot.md``).
+
+With ``copy_attn`` (implies ``chain_input``) each head also attends over the committed context, a
+learned prompt lookup inside the head: the keys are the earlier occurrences ``j`` of the token the
+head reads (``x_j == y``, the ``copy_matches`` most recent ones, :func:`copy_matches`), each
+scored ``w0 + w2 [x_{j-1} == y_{-1}] + w3 [.. and x_{j-2} == y_{-2}] - softplus(s) log(p - j)``
+(bigram and trigram agreement with the path before ``y``, recency) against a "no copy" logit
+``a . h + c``; the value is the embedding of the token that followed, ``e(x_{j+1})``. The
+attention output ``o`` enters the block twice: ``h + SiLU(W_i h + U_i e + C_i o + b_i) + g_i * o``
+(SmolLM2 ties its LM head to the embeddings, so ``g_i * o`` raises the copied token's logit
+directly). ``C_i`` and ``g_i`` start at zero, so copy heads start as the chain heads they extend.
+The context side has no parameters (exact token matches), so training needs only the token ids
+beside the cached hidden states and drafting costs a comparison over the row's history.
 """
 from __future__ import annotations
 
@@ -47,7 +59,7 @@ from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, load_lora_state_dic
 from ptp.ptp_model import packed_forward
 from ptp_ext.reference import sampler_mlp_ref
 
-__all__ = ["MTPConfig", "SamplerHead", "MTPModel", "HeadsConfig", "MTPHeads"]
+__all__ = ["MTPConfig", "SamplerHead", "MTPModel", "HeadsConfig", "MTPHeads", "CopyInputs", "copy_matches"]
 
 
 @dataclass
@@ -180,15 +192,75 @@ class HeadsConfig:
     token_input: bool = False  # heads also read the embedding of the committed token t + 1
     # head i reads the token t + 1 + i (the previous head's), not t + 1: drafting goes depth by depth
     chain_input: bool = False
+    # heads also attend over the committed context's earlier occurrences of the token they read
+    # (a learned prompt lookup; implies chain_input), keeping the copy_matches most recent ones
+    copy_attn: bool = False
+    copy_matches: int = 16
 
     def __post_init__(self) -> None:
         if self.num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        if self.copy_matches < 1:
+            raise ValueError(f"copy_matches must be >= 1, got {self.copy_matches}")
+        if self.copy_attn:
+            self.chain_input = True  # the copy query is the token the head reads and the path before it
         if self.chain_input:
             self.token_input = True  # a chain-input head reads a token embedding too
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_NO_TOKEN = -2  # a path token before the sequence start (never equal to a token or the padding -1)
+
+
+@dataclass
+class CopyInputs:
+    """What a copy head's context attention reads for each query (:func:`copy_matches`): ``values``
+    ``[..., M]`` the token after each match (0 where invalid), ``feats [..., M, 3]`` (bigram
+    agreement, trigram agreement, log distance) and ``valid [..., M]``."""
+    values: torch.Tensor
+    feats: torch.Tensor
+    valid: torch.Tensor
+
+    def index(self, i) -> "CopyInputs":
+        """The queries ``[..., i, :]`` (one head of ``[..., n, M]`` inputs)."""
+        return CopyInputs(self.values[..., i, :], self.feats[..., i, :, :], self.valid[..., i, :])
+
+
+def copy_matches(ctx: torch.Tensor, ctx_len: torch.Tensor, y: torch.Tensor, y1: torch.Tensor,
+                 y2: torch.Tensor, pos: torch.Tensor, max_matches: int) -> CopyInputs:
+    """The ``max_matches`` most recent earlier occurrences of each query token in its context.
+
+    ``ctx [Q, L]`` committed token ids (right-padded with -1), ``ctx_len [Q]`` their lengths; ``K``
+    queries per context: ``y [Q, K]`` the token a head reads, ``y1``/``y2 [Q, K]`` the two tokens
+    before it on its path (-2 before the sequence start), ``pos [Q, K]`` the position of ``y``. A
+    key ``j`` is a committed pair: ``x_j == y`` with ``x_{j+1}`` committed (``j <= ctx_len - 2``).
+    Returns :class:`CopyInputs` of shape ``[Q, K, M]`` (``M = min(max_matches, L)``)."""
+    if ctx.dim() != 2 or y.dim() != 2 or y.shape[0] != ctx.shape[0]:
+        raise ValueError(f"copy_matches: ctx [Q, L] and queries [Q, K], got {list(ctx.shape)} and {list(y.shape)}")
+    Q, L = ctx.shape
+    K = y.shape[1]
+    M = max(1, min(int(max_matches), L))
+    if L == 0:
+        z = torch.zeros(Q, K, 1, dtype=torch.long, device=y.device)
+        return CopyInputs(z, torch.zeros(Q, K, 1, 3, device=y.device), z.bool())
+    j = torch.arange(L, device=ctx.device)
+    keyok = j.unsqueeze(0) <= (ctx_len.to(ctx.device) - 2).unsqueeze(1)  # [Q, L]
+    eq = (ctx.unsqueeze(1) == y.unsqueeze(2)) & keyok.unsqueeze(1)  # [Q, K, L]
+    at = torch.where(eq, j, -1).topk(M, dim=-1).values  # most recent first; -1: no match
+    valid = at >= 0
+    jj = at.clamp(min=0)
+    flat = jj.view(Q, K * M)
+
+    def tok(off: int) -> torch.Tensor:
+        return ctx.gather(1, (flat + off).clamp(0, L - 1)).view(Q, K, M)
+
+    values = torch.where(valid, tok(1), 0)
+    m2 = valid & (jj >= 1) & (tok(-1) == y1.unsqueeze(2))
+    m3 = m2 & (jj >= 2) & (tok(-2) == y2.unsqueeze(2))
+    logd = torch.log((pos.unsqueeze(2) - jj).clamp(min=1).float())
+    return CopyInputs(values, torch.stack([m2.float(), m3.float(), logd], -1), valid)
 
 
 class MTPHeads(nn.Module):
@@ -209,6 +281,14 @@ class MTPHeads(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.num_heads, hidden, device=w.device))
         self.tok_proj = (nn.Parameter(torch.zeros(config.num_heads, hidden, hidden, device=w.device))
                          if config.token_input else None)
+        n = config.num_heads
+        self.copy_score = self.copy_null = self.copy_proj = self.copy_gate = None
+        if config.copy_attn:
+            # per head: (w0, w_bigram, w_trigram, recency slope before softplus)
+            self.copy_score = nn.Parameter(torch.tensor([[0.0, 1.0, 1.0, 0.0]] * n, device=w.device))
+            self.copy_null = nn.Parameter(torch.zeros(n, hidden + 1, device=w.device))  # "no copy": a . h + c
+            self.copy_proj = nn.Parameter(torch.zeros(n, hidden, hidden, device=w.device))
+            self.copy_gate = nn.Parameter(torch.zeros(n, hidden, device=w.device))
         # How often each token occurs in the answers the heads were trained on (optional; saved
         # with the checkpoint): it picks the draft vocabulary (:meth:`set_draft_vocab`).
         self.token_counts: Optional[torch.Tensor] = None
@@ -260,10 +340,16 @@ class MTPHeads(nn.Module):
             self._vocab_q = (qw.qweight.index_select(0, ids).contiguous(), qw.format)
 
     def _names(self) -> tuple[str, ...]:
-        return ("proj", "bias", "tok_proj") if self.tok_proj is not None else ("proj", "bias")
+        names = ("proj", "bias", "tok_proj") if self.tok_proj is not None else ("proj", "bias")
+        if self.copy_score is not None:
+            names += ("copy_score", "copy_null", "copy_proj", "copy_gate")
+        return names
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, n) for n in self._names()]
+
+    def trainable_names(self) -> tuple[str, ...]:
+        return self._names()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         out = {n: getattr(self, n).detach() for n in self._names()}
@@ -279,7 +365,7 @@ class MTPHeads(nn.Module):
         extra = set(state) - set(self._names())
         if extra:
             raise ValueError(f"unexpected MTP-heads tensors {sorted(extra)} (token_input="
-                             f"{self.config.token_input} in the config?)")
+                             f"{self.config.token_input}, copy_attn={self.config.copy_attn} in the config?)")
         for name in self._names():
             if name not in state:
                 raise ValueError(f"MTP-heads checkpoint lacks {name!r}")
@@ -322,29 +408,87 @@ class MTPHeads(nn.Module):
             return torch.einsum("...nd,ned->...ne", e, u)
         return torch.einsum("...d,ned->...ne", e, u)
 
+    def copy_inputs(self, ctx: torch.Tensor, ctx_len: torch.Tensor, y: torch.Tensor, y1: torch.Tensor,
+                    y2: torch.Tensor, pos: torch.Tensor) -> CopyInputs:
+        """:func:`copy_matches` with this model's ``copy_matches``."""
+        return copy_matches(ctx, ctx_len, y, y1, y2, pos, self.config.copy_matches)
+
+    def teacher_copy_inputs(self, ids: torch.Tensor, t: torch.Tensor) -> Optional[CopyInputs]:
+        """Copy inputs of all n heads at anchors ``t [P]`` of the sequences ``ids [P, L]`` (each
+        row the anchor's whole sequence; padding after it is never read), teacher-forced as
+        :meth:`input_tokens`: head i reads the data token ``t + 1 + i`` and the path before it,
+        over the context committed at the anchor (tokens ``0 .. t + 1``). ``None`` without copy_attn."""
+        if not self.config.copy_attn:
+            return None
+        n = self.config.num_heads
+        pos = t.unsqueeze(1) + 1 + torch.arange(n, device=t.device)  # [P, n]
+        if pos.numel() and int(pos.max()) >= ids.shape[1]:
+            raise ValueError("teacher_copy_inputs: an anchor's n input tokens must lie inside its sequence")
+
+        def at(q: torch.Tensor) -> torch.Tensor:
+            return torch.where(q >= 0, ids.gather(1, q.clamp(min=0)), _NO_TOKEN)
+
+        return self.copy_inputs(ids, t + 2, at(pos), at(pos - 1), at(pos - 2), pos)
+
+    def _copy_out(self, copy: Optional[CopyInputs], h: torch.Tensor, head: Optional[int]) -> Optional[torch.Tensor]:
+        """The context attention's output ``o``: ``[..., n, d]`` (``[..., d]`` for one head)."""
+        if self.copy_score is None:
+            return None
+        if copy is None:
+            raise ValueError("these MTP heads attend over the context (copy_attn): pass copy=CopyInputs "
+                             "(MTPHeads.copy_inputs)")
+        n = self.config.num_heads
+        want = list(h.shape[:-1]) + ([] if head is not None else [n])
+        if list(copy.values.shape[:-1]) != want:
+            raise ValueError(f"copy inputs: expected queries of shape {want}, got {list(copy.values.shape[:-1])}")
+        w = self.copy_score if head is None else self.copy_score[head]  # [(n,) 4]
+        nl = self.copy_null if head is None else self.copy_null[head]  # [(n,) d + 1]
+        f = copy.feats.to(h.dtype)
+        score = (w[..., 0:1] + w[..., 1:2] * f[..., 0] + w[..., 2:3] * f[..., 1]
+                 - F.softplus(w[..., 3:4]) * f[..., 2])  # [..., (n,) M]
+        score = score.masked_fill(~copy.valid, float("-inf"))
+        if head is None:
+            null = torch.einsum("...d,nd->...n", h, nl[:, :-1].to(h.dtype)) + nl[:, -1].to(h.dtype)
+        else:
+            null = h @ nl[:-1].to(h.dtype) + nl[-1].to(h.dtype)
+        att = torch.softmax(torch.cat([null.unsqueeze(-1), score], -1), -1)[..., 1:]
+        e = self.base.get_input_embeddings()(copy.values).to(h.dtype)  # [..., (n,) M, d]
+        return torch.einsum("...m,...md->...d", att, e)
+
     def head_hidden(self, h: torch.Tensor, head: Optional[int] = None,
-                    next_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    next_tokens: Optional[torch.Tensor] = None, copy: Optional[CopyInputs] = None) -> torch.Tensor:
         """``h [..., d]`` -> ``[..., n, d]`` (or ``[..., d]`` for one head). ``next_tokens [...]``:
         the token each ``h`` was followed by (required with ``token_input``); with
         ``chain_input``, the token each head reads: ``[..., n]`` for all heads
-        (:meth:`input_tokens`), ``[...]`` for one."""
+        (:meth:`input_tokens`), ``[...]`` for one. ``copy`` (required with ``copy_attn``): the
+        context matches of each head's query (:meth:`copy_inputs`), ``[..., n, M]`` or ``[..., M]``."""
         p, b = self.proj.to(h.dtype), self.bias.to(h.dtype)
         t = self._token_term(next_tokens, h, head)
+        o = self._copy_out(copy, h, head)
         if head is not None:
             pre = h @ p[head].t() + b[head]
-            return h + F.silu(pre if t is None else pre + t)
+            pre = pre if t is None else pre + t
+            if o is None:
+                return h + F.silu(pre)
+            return h + F.silu(pre + o @ self.copy_proj[head].to(h.dtype).t()) + self.copy_gate[head].to(h.dtype) * o
         pre = torch.einsum("...d,ned->...ne", h, p) + b
-        return h.unsqueeze(-2) + F.silu(pre if t is None else pre + t)
+        pre = pre if t is None else pre + t
+        if o is None:
+            return h.unsqueeze(-2) + F.silu(pre)
+        pre = pre + torch.einsum("...nd,ned->...ne", o, self.copy_proj.to(h.dtype))
+        return h.unsqueeze(-2) + F.silu(pre) + self.copy_gate.to(h.dtype) * o
 
-    def logits(self, h: torch.Tensor, next_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, next_tokens: Optional[torch.Tensor] = None,
+               copy: Optional[CopyInputs] = None) -> torch.Tensor:
         """All heads' logits ``[..., n, V]`` from final hidden states ``[..., d]``."""
-        return self.base.lm_head(self.head_hidden(h, next_tokens=next_tokens))
+        return self.base.lm_head(self.head_hidden(h, next_tokens=next_tokens, copy=copy))
 
     def draft_logits(self, h: torch.Tensor, next_tokens: Optional[torch.Tensor] = None,
-                     head: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     head: Optional[int] = None, copy: Optional[CopyInputs] = None
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits over the draft vocabulary ``[..., n, K]`` (``[..., K]`` for one ``head``) and its
         token ids ``[K]`` (``None`` and the full ``[..., n, V]`` without one)."""
-        z = self.head_hidden(h, head=head, next_tokens=next_tokens)
+        z = self.head_hidden(h, head=head, next_tokens=next_tokens, copy=copy)
         if self.vocab_ids is None:
             return self.base.lm_head(z), None
         w = self._vocab_weight

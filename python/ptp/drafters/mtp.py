@@ -13,7 +13,9 @@ Both draft inside the verification call, so a decoding step costs one target cal
   probabilities (``tree=True``, ``max_nodes``). Chain-input heads (``HeadsConfig.chain_input``:
   head i reads the token drafted at depth i) draft one depth at a time: the chain feeds each
   argmax to the next head, and the tree expands each candidate node with the next head run on
-  that node's own token (:meth:`HeadsDrafter.greedy_trees`). Sampling: ``verify="coupled"`` (default) drafts
+  that node's own token (:meth:`HeadsDrafter.greedy_trees`). Copy heads (``HeadsConfig.copy_attn``)
+  also attend over the row's committed tokens: each node's head reads the earlier occurrences of
+  its token (and of the two path tokens before it) in ``request.histories``. Sampling: ``verify="coupled"`` (default) drafts
   ``Pick(U(seed, seq, index), q_i)`` with the decoder's uniform stream (token-identical to plain
   sampling); ``verify="rejection"`` samples the drafts from q_i with an independent stream and
   passes q to rejection sampling (the target's distribution, not the same tokens).
@@ -165,7 +167,7 @@ class HeadsDrafter:
         # the root (the token the target committed after the node whose hidden state is H)
         roots = [hist[-1] if good else 0 for hist, good in zip(request.histories, ok)]
         if s.greedy and self.tree:
-            trees = self.greedy_trees(H, roots, budget)
+            trees = self.greedy_trees(H, roots, budget, request.histories)
             rows = [t if good else ([0], [-1]) for t, good in zip(trees, ok)]
             probs_rows: list[Optional[torch.Tensor]] = [None] * len(rows)
         else:
@@ -209,6 +211,36 @@ class HeadsDrafter:
         nxt = torch.tensor(roots, dtype=torch.long, device=H.device) if self.heads.config.token_input else None
         return self.heads.draft_logits(H, next_tokens=nxt)[0].float()
 
+    def _contexts(self, histories: Optional[list], B: int, dev) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Copy heads: the rows' committed tokens ``[B, L]`` (zero-padded) and lengths ``[B]``."""
+        if not self.heads.config.copy_attn:
+            return None
+        if histories is None or len(histories) != B:
+            raise ValueError("copy heads (copy_attn) draft from the rows' committed tokens: pass histories")
+        L = max(1, max(len(hh) for hh in histories))
+        ctx = torch.zeros(B, L, dtype=torch.long)
+        for b, hh in enumerate(histories):
+            if len(hh):
+                ctx[b, :len(hh)] = torch.as_tensor(hh, dtype=torch.long)
+        return ctx.to(dev), torch.tensor([len(hh) for hh in histories], dtype=torch.long, device=dev)
+
+    def _node_copy(self, ctxs, rows: list[int], last3: list[tuple[int, int, int]], depth: int):
+        """Copy inputs ``[F, M]`` of nodes at ``depth`` (0: reading the root) of rows ``rows``
+        whose path ends with the tokens ``last3`` (y2, y1, y)."""
+        if ctxs is None:
+            return None
+        ctx, lens = ctxs
+        r = torch.tensor(rows, dtype=torch.long, device=ctx.device)
+        t3 = torch.tensor(last3, dtype=torch.long, device=ctx.device).view(-1, 3, 1)
+        pos = (lens[r] - 1 + depth).view(-1, 1)
+        return self.heads.copy_inputs(ctx[r], lens[r], t3[:, 2], t3[:, 1], t3[:, 0], pos).index(0)
+
+    @staticmethod
+    def _root_last3(hist) -> tuple[int, int, int]:
+        """(y2, y1, y) of a row whose history ends with the root: its last three tokens."""
+        pad = [-2, -2, -2] + [int(x) for x in hist[-3:]]
+        return pad[-3], pad[-2], pad[-1]
+
     @torch.no_grad()
     def draft_chains(self, H: torch.Tensor, roots: list[int], ok: list[bool], budget: int, request: DraftRequest
                 ) -> tuple[list[tuple[list[int], list[int]]], list[Optional[torch.Tensor]]]:
@@ -227,14 +259,18 @@ class HeadsDrafter:
         path_p = [1.0] * B
         live = list(ok)
         prev = list(roots)
+        ctxs = self._contexts(request.histories, B, dev)
+        last3 = ([self._root_last3(hh) if good else (-2, -2, 0) for hh, good in zip(request.histories, ok)]
+                 if ctxs is not None else None)
         for i in range(min(n, budget)):
             if not any(live):
                 break
             if all_logits is not None:
                 logits = all_logits[:, i]
             else:
+                copy = self._node_copy(ctxs, list(range(B)), last3, i) if ctxs is not None else None
                 logits = self.heads.draft_logits(H, next_tokens=torch.tensor(prev, dtype=torch.long, device=dev),
-                                                 head=i)[0].float()  # [B, V or K]
+                                                 head=i, copy=copy)[0].float()  # [B, V or K]
             top_p = (torch.softmax(logits, -1).amax(-1).tolist()
                      if s.greedy and self.min_prob > 0.0 else None)
             am = logits.argmax(-1).tolist() if s.greedy else None
@@ -252,6 +288,8 @@ class HeadsDrafter:
                     t = ids[t] if ids is not None else t
                     toks[b].append(t)
                     prev[b] = t
+                    if last3 is not None:
+                        last3[b] = (last3[b][1], last3[b][2], t)
                     continue
                 q = sampling_probs(logits[b], s.temperature, s.top_k, s.top_p)
                 salt = 0 if self.verify == "coupled" else _DRAFT_SALT
@@ -267,22 +305,25 @@ class HeadsDrafter:
                 toks[b].append(t)
                 qs[b].append(q)
                 prev[b] = t
+                if last3 is not None:
+                    last3[b] = (last3[b][1], last3[b][2], t)
         rows = [(t, list(range(-1, len(t) - 1))) if good else ([0], [-1]) for t, good in zip(toks, ok)]
         probs = [torch.stack(q) if q and good else None for q, good in zip(qs, ok)]
         return rows, probs
 
     @torch.no_grad()
-    def greedy_trees(self, H: torch.Tensor, roots: list[int], budget: int
+    def greedy_trees(self, H: torch.Tensor, roots: list[int], budget: int, histories: Optional[list] = None
                      ) -> list[tuple[list[int], list[int]]]:
         """Greedy draft trees (tokens, parents; node 0 the root) of at most ``budget`` nodes below
         the root for hidden states ``H [B, d]`` and committed tokens ``roots``: the best-first tree
-        (:meth:`_tree`) for independent heads; for chain-input heads :meth:`_chain_tree`."""
+        (:meth:`_tree`) for independent heads; for chain-input heads :meth:`_chain_tree` (copy
+        heads also read ``histories``, each row's committed tokens ending with its root)."""
         if self.heads.config.chain_input:
-            return self._chain_tree(H, roots, budget)
+            return self._chain_tree(H, roots, budget, histories)
         logits = self._independent_logits(H, roots)
         return [self._tree(logits[b], budget, self.heads.vocab_id_list) for b in range(H.shape[0])]
 
-    def _chain_tree(self, H: torch.Tensor, roots: list[int], budget: int
+    def _chain_tree(self, H: torch.Tensor, roots: list[int], budget: int, histories: Optional[list] = None
                     ) -> list[tuple[list[int], list[int]]]:
         """Best-first tree of chain-input heads, one depth at a time for all rows at once: a node
         at depth d + 1 is one of the ``top`` tokens of head d run on its parent's token, and scores
@@ -298,19 +339,31 @@ class HeadsDrafter:
         # per row: candidates (score, depth, token id, parent candidate or -1 for the root)
         cands: list[list[tuple[float, int, int, int]]] = [[] for _ in range(B)]
         front = [(b, -1, int(roots[b]), 0.0) for b in range(B)]  # (row, candidate, token read, score)
+        ctxs = self._contexts(histories, B, dev)
+        # copy heads: the last three tokens of each candidate's path (its own token last)
+        tail: dict[tuple[int, int], tuple[int, int, int]] = {}
+        if ctxs is not None:
+            for b in range(B):
+                tail[(b, -1)] = self._root_last3(histories[b])
         for d in range(n):
             if not front:
                 break
             rows = torch.tensor([f[0] for f in front], device=dev)
             toks = torch.tensor([f[2] for f in front], dtype=torch.long, device=dev)
-            logits = self.heads.draft_logits(H[rows], next_tokens=toks, head=d)[0].float()
+            copy = (self._node_copy(ctxs, [f[0] for f in front], [tail[(f[0], f[1])] for f in front], d)
+                    if ctxs is not None else None)
+            logits = self.heads.draft_logits(H[rows], next_tokens=toks, head=d, copy=copy)[0].float()
             top = min(self.top, logits.shape[-1])
             tlp, tid = torch.log_softmax(logits, -1).topk(top, dim=-1)
             tlp, tid = tlp.tolist(), tid.tolist()
             for f, (b, par, _, sc) in enumerate(front):
                 for c in range(top):
                     t = tid[f][c]
-                    cands[b].append((sc + tlp[f][c], d, ids[t] if ids is not None else t, par))
+                    t = ids[t] if ids is not None else t
+                    if ctxs is not None:
+                        y2, y1, y = tail[(b, par)]
+                        tail[(b, len(cands[b]))] = (y1, y, t)
+                    cands[b].append((sc + tlp[f][c], d, t, par))
             if d + 1 == n:
                 break
             front = []

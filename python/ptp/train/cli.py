@@ -82,6 +82,12 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     h.add_argument("--chain-input", action=argparse.BooleanOptionalAction, default=False,
                    help="head i reads the token t+1+i (the previous head's; Hydra-style sequential "
                         "heads, drafted one depth at a time) instead of t+1; implies --token-input")
+    h.add_argument("--copy-attn", action=argparse.BooleanOptionalAction, default=False,
+                   help="heads also attend over the context's earlier occurrences of the token they "
+                        "read (a learned prompt lookup inside each head); implies --chain-input")
+    h.add_argument("--init-from", default=None,
+                   help="start from these heads' weights (a checkpoint directory; with --copy-attn, "
+                        "chain heads without it: the copy parameters start at zero)")
     h.add_argument("--cached-hidden", action=argparse.BooleanOptionalAction, default=True,
                    help="run the target once over the data and train on its cached hidden states "
                         "(ptp.train.heads; --steps then counts steps of --positions-per-step anchors); "
@@ -133,6 +139,28 @@ def _sequences(args, base, tok):
     return seqs, {"data": meta["config"], "data_tokens": meta["num_tokens"]}
 
 
+def _init_heads(model, ckpt_dir: str) -> None:
+    """Copies the trainable tensors of the heads in ``ckpt_dir`` into ``model`` (same number of
+    heads and input form; tensors ``model`` has and the checkpoint lacks keep their init)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(ckpt_dir, "adapter.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init-from: no heads checkpoint at {ckpt_dir}")
+    state = load_file(path)
+    names = set(model.trainable_names())
+    extra = sorted(set(state) - names - {"token_counts"})
+    if extra:
+        raise ValueError(f"--init-from {ckpt_dir}: tensors {extra} that these heads do not have")
+    for name in names & set(state):
+        dst = getattr(model, name)
+        if state[name].shape != dst.shape:
+            raise ValueError(f"--init-from {ckpt_dir}: {name} has shape {list(state[name].shape)}, "
+                             f"these heads {list(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(state[name].to(dst.dtype))
+
+
 def run_train(args: argparse.Namespace) -> int:
     import time
 
@@ -174,8 +202,10 @@ def run_train(args: argparse.Namespace) -> int:
 
         model = MTPHeads(base, HeadsConfig(num_heads=args.heads, base_model=args.model,
                                                  token_input=args.token_input,
-                                                 chain_input=args.chain_input))
+                                                 chain_input=args.chain_input, copy_attn=args.copy_attn))
         model.set_token_counts(answer_token_counts(seqs, base.get_input_embeddings().weight.shape[0]))
+        if args.init_from and not os.path.exists(os.path.join(args.out, "trainer_state.pt")):
+            _init_heads(model, args.init_from)
         loss_fn = heads_batch_loss
         if args.cached_hidden:
             from ptp.train.heads import HeadsTrainConfig, load_or_compute_hidden, train_heads_cached

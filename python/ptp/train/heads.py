@@ -210,10 +210,13 @@ def recorded_hidden(seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class HeadPositions:
     """Training anchors: ``rows [N]`` (rows of H), ``next [N]`` (token t+1), ``targets [N, n]``
-    (tokens t+2 .. t+1+n)."""
+    (tokens t+2 .. t+1+n), ``seq [N]`` (the sequence) and ``t [N]`` (the anchor's position in it;
+    copy heads read the context before it)."""
     rows: torch.Tensor
     next: torch.Tensor
     targets: torch.Tensor
+    seq: Optional[torch.Tensor] = None
+    t: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.rows.numel())
@@ -223,7 +226,7 @@ def head_positions(seqs: list[Sequence], offsets: torch.Tensor, num_heads: int,
                    which: Optional[list[int]] = None) -> HeadPositions:
     """Every anchor t of the sequences ``which`` (default all) whose n targets exist
     (``t+1+n <= L-1``)."""
-    rows, nxt, tgt = [], [], []
+    rows, nxt, tgt, seq, pos = [], [], [], [], []
     ar = torch.arange(num_heads)
     for i in (range(len(seqs)) if which is None else which):
         s = seqs[i]
@@ -236,10 +239,34 @@ def head_positions(seqs: list[Sequence], offsets: torch.Tensor, num_heads: int,
         ids = s.ids.long().view(-1)
         nxt.append(ids[t + 1])
         tgt.append(ids[t.unsqueeze(1) + 2 + ar])
+        seq.append(torch.full_like(t, i))
+        pos.append(t)
     if not rows:
         z = torch.zeros(0, dtype=torch.long)
-        return HeadPositions(z, z, torch.zeros(0, num_heads, dtype=torch.long))
-    return HeadPositions(torch.cat(rows), torch.cat(nxt), torch.cat(tgt))
+        return HeadPositions(z, z, torch.zeros(0, num_heads, dtype=torch.long), z, z)
+    return HeadPositions(torch.cat(rows), torch.cat(nxt), torch.cat(tgt), torch.cat(seq), torch.cat(pos))
+
+
+def padded_ids(seqs: list[Sequence]) -> torch.Tensor:
+    """All sequences' token ids ``[S, L_max]`` (long, right-padded with 0): the contexts copy heads
+    attend over (:meth:`MTPHeads.teacher_copy_inputs` never reads past an anchor's sequence)."""
+    L = max((s.ids.numel() for s in seqs), default=1)
+    out = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :s.ids.numel()] = s.ids.long().view(-1)
+    return out
+
+
+def _copy_for(model: MTPHeads, ids: Optional[torch.Tensor], pos: HeadPositions, sel, device):
+    """Copy inputs of the anchors ``pos[sel]`` (``None`` for heads without copy_attn)."""
+    if not model.config.copy_attn:
+        return None
+    if ids is None or pos.seq is None:
+        raise ValueError("copy heads (copy_attn) need the sequences' token ids and the anchors' positions")
+    seq, t = pos.seq[sel], pos.t[sel]
+    ctx = ids[seq]
+    L = int(t.max()) + 2 + model.config.num_heads if t.numel() else 1
+    return model.teacher_copy_inputs(ctx[:, :min(L, ctx.shape[1])].to(device), t.to(device))
 
 
 class _Vocab:
@@ -267,7 +294,7 @@ class _Vocab:
 
 def _losses(model: MTPHeads, vocab: _Vocab, h: torch.Tensor, nxt: torch.Tensor, targets: torch.Tensor,
             teacher: Optional[list[torch.Tensor]] = None, soft_weight: float = 0.0,
-            teacher_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+            teacher_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None, copy=None):
     """Mean CE over heads (each head's CE over its in-vocabulary targets) and hits ``[P, n]``
     (argmax == target; a target outside the vocabulary is a miss). With ``soft_weight`` w > 0
     each head's loss is ``(1 - w) * CE(data token) + w * CE(the target's distribution over the
@@ -277,7 +304,7 @@ def _losses(model: MTPHeads, vocab: _Vocab, h: torch.Tensor, nxt: torch.Tensor, 
     terms). All heads share one LM-head pass over ``[P * n]`` rows."""
     n = model.config.num_heads
     tk = vocab.index[targets]
-    z = model.head_hidden(h, next_tokens=model.input_tokens(nxt, targets))  # [P, n, d]
+    z = model.head_hidden(h, next_tokens=model.input_tokens(nxt, targets), copy=copy)  # [P, n, d]
     logits = vocab.logits(z)  # [P, n, K]
     logp = torch.log_softmax(logits, -1)
     soft_all = None
@@ -326,8 +353,9 @@ def teacher_topk(vocab: _Vocab, H: torch.Tensor, k: int, device="cpu", chunk: in
 
 @torch.no_grad()
 def evaluate_heads(model: MTPHeads, vocab: _Vocab, H: torch.Tensor, pos: HeadPositions,
-                   device, chunk: int = 0) -> dict:
-    """Accuracy per head and mean accepted chain prefix (greedy, heads' argmax) on ``pos``."""
+                   device, chunk: int = 0, ids: Optional[torch.Tensor] = None) -> dict:
+    """Accuracy per head and mean accepted chain prefix (greedy, heads' argmax) on ``pos``
+    (copy heads also need the sequences' ids, :func:`padded_ids`)."""
     if len(pos) == 0:
         return {}
     if chunk <= 0:  # about 64 MB of float32 logits per chunk
@@ -338,7 +366,8 @@ def evaluate_heads(model: MTPHeads, vocab: _Vocab, H: torch.Tensor, pos: HeadPos
         # chain_input: teacher-forced, which is the greedy chain's prefix (head i reads the data
         # token exactly when heads 0..i-1 were right)
         tok = model.input_tokens(pos.next[s:s + chunk].to(device), pos.targets[s:s + chunk].to(device))
-        z = model.head_hidden(h, next_tokens=tok)  # [P, n, d]; argmax only, no softmax
+        copy = _copy_for(model, ids, pos, slice(s, s + chunk), device)
+        z = model.head_hidden(h, next_tokens=tok, copy=copy)  # [P, n, d]; argmax only, no softmax
         hits.append((vocab.logits(z).argmax(-1) == vocab.index[pos.targets[s:s + chunk].to(device)]).float())
     hit = torch.cat(hits)
     return {"acc": [round(float(x), 4) for x in hit.mean(0)],
@@ -393,6 +422,7 @@ def train_heads_cached(model: MTPHeads, seqs: list[Sequence], H: torch.Tensor, o
     if len(train_pos) == 0:
         raise ValueError(f"no training anchors: every sequence's answer is shorter than {n + 2} tokens")
     vocab = _Vocab(model, cfg.train_vocab, dev)
+    ids = padded_ids(seqs) if model.config.copy_attn else None
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
@@ -422,7 +452,7 @@ def train_heads_cached(model: MTPHeads, seqs: list[Sequence], H: torch.Tensor, o
         if len(held_pos) and (final or step % cfg.eval_every == 0 or not held_metrics):
             model.eval()
             held_metrics.clear()
-            held_metrics.update(evaluate_heads(model, vocab, H, held_pos, dev), step=step)
+            held_metrics.update(evaluate_heads(model, vocab, H, held_pos, dev, ids=ids), step=step)
             model.train()
         if held_metrics:
             metrics["heldout"] = dict(held_metrics)
@@ -451,7 +481,8 @@ def train_heads_cached(model: MTPHeads, seqs: list[Sequence], H: torch.Tensor, o
         elif cfg.soft_weight > 0:
             teacher = [H[rows + 1 + i].to(dev).float() for i in range(n)]
         loss, hit = _losses(model, vocab, h, train_pos.next[b].to(dev), train_pos.targets[b].to(dev),
-                            teacher, cfg.soft_weight, teacher_topk=soft)
+                            teacher, cfg.soft_weight, teacher_topk=soft,
+                            copy=_copy_for(model, ids, train_pos, b, dev))
         opt.zero_grad(set_to_none=True)
         if torch.is_tensor(loss):
             loss.backward()

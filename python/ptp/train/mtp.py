@@ -124,10 +124,12 @@ def heads_batch_loss(model: MTPHeads, seqs: list[Sequence], cfg: TrainConfig, ge
     targets = ids[rows.unsqueeze(1), ts.unsqueeze(1) + 1 + torch.arange(1, n + 1, device=dev)]  # [P, n]
     # the token(s) the heads read: the committed token t + 1 (chain_input: head i reads t + 1 + i)
     tok = model.input_tokens(ids[rows, ts + 1], targets)
+    copy = model.teacher_copy_inputs(ids[rows], ts)  # copy_attn: each head's context matches
     ces, hits = [], []
     for i in range(n):  # one head at a time: memory O(P * V), not O(P * n * V)
         with amp:
-            hh = model.head_hidden(h, i, next_tokens=tok[:, i] if model.config.chain_input else tok)
+            hh = model.head_hidden(h, i, next_tokens=tok[:, i] if model.config.chain_input else tok,
+                                   copy=None if copy is None else copy.index(i))
             logits = model.base.lm_head(hh.to(model.base.lm_head.weight.dtype)).float()
         ces.append(F.cross_entropy(logits, targets[:, i], reduction="none"))
         hits.append((logits.argmax(-1) == targets[:, i]).float().detach())
