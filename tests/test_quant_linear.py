@@ -397,11 +397,18 @@ def test_heads_draft_vocabulary_reads_the_lm_heads_blocks():
     h = torch.randn(3, 576, generator=g)
     n = heads.config.num_heads  # what the heads read: none, the committed token, or (chain) n tokens
     nxt = heads.input_tokens(torch.tensor([5, 900, 17]), torch.arange(100, 100 + 3 * n).view(3, n))
+    # copy heads also read their context's matches: each row is its n + 1 tokens three times, the
+    # anchor just before the third repeat (whose tokens are what the heads read, matched twice before)
+    row = torch.cat([torch.tensor([[5], [900], [17]]), torch.arange(100, 100 + 3 * n).view(3, n)], 1)
+    anchor = torch.full((3,), 2 * row.shape[1] - 1)
+    copy = heads.teacher_copy_inputs(row.repeat(1, 3), anchor) if heads.config.copy_attn else None
+    if copy is not None:
+        assert bool(copy.valid.any(-1).all())
     with torch.no_grad():
-        with_blocks, ids = heads.draft_logits(h, next_tokens=nxt)
+        with_blocks, ids = heads.draft_logits(h, next_tokens=nxt, copy=copy)
         quantized_weights(model).clear()
         heads.set_draft_vocab(8192)
         assert heads._vocab_q is None
-        without, ids2 = heads.draft_logits(h, next_tokens=nxt)
+        without, ids2 = heads.draft_logits(h, next_tokens=nxt, copy=copy)
     assert torch.equal(ids, ids2)
     assert torch.equal(with_blocks, without)
