@@ -357,7 +357,10 @@ class MTPHeads(nn.Module):
             out["token_counts"] = self.token_counts
         return out
 
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], missing_ok: bool = False) -> None:
+        """Loads the heads' tensors (and token counts, if stored). ``missing_ok``: tensors the
+        state lacks keep their current values (``ptp train heads --init-from``: chain heads into
+        copy heads)."""
         state = dict(state)
         counts = state.pop("token_counts", None)
         if counts is not None:
@@ -368,10 +371,12 @@ class MTPHeads(nn.Module):
                              f"{self.config.token_input}, copy_attn={self.config.copy_attn} in the config?)")
         for name in self._names():
             if name not in state:
+                if missing_ok:
+                    continue
                 raise ValueError(f"MTP-heads checkpoint lacks {name!r}")
             dst = getattr(self, name)
             if state[name].shape != dst.shape:
-                raise ValueError(f"{name}: expected {list(dst.shape)}, got {list(state[name].shape)}")
+                raise ValueError(f"{name}: expected shape {list(dst.shape)}, got {list(state[name].shape)}")
             with torch.no_grad():
                 dst.copy_(state[name])
 

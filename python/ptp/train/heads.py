@@ -248,13 +248,12 @@ def head_positions(seqs: list[Sequence], offsets: torch.Tensor, num_heads: int,
 
 
 def padded_ids(seqs: list[Sequence]) -> torch.Tensor:
-    """All sequences' token ids ``[S, L_max]`` (long, right-padded with 0): the contexts copy heads
-    attend over (:meth:`MTPHeads.teacher_copy_inputs` never reads past an anchor's sequence)."""
-    L = max((s.ids.numel() for s in seqs), default=1)
-    out = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :s.ids.numel()] = s.ids.long().view(-1)
-    return out
+    """All sequences' token ids ``[S, L_max]`` (long, right-padded with 0, on the CPU): the contexts
+    copy heads attend over (:meth:`MTPHeads.teacher_copy_inputs` never reads past an anchor's
+    sequence)."""
+    from ptp.train.trainer import padded_batch
+
+    return padded_batch(seqs, "cpu")[0]
 
 
 def _copy_for(model: MTPHeads, ids: Optional[torch.Tensor], pos: HeadPositions, sel, device):
