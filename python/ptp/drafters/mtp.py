@@ -6,7 +6,12 @@ Both draft inside the verification call, so a decoding step costs one target cal
   (``python/ptp/drafters/slots.py``: ``quadratic`` = a group after every draft node, the
   paper's quadratic decoding; ``linear`` = after the last node only). The accepted node's group
   gives k drafts: the sampler head runs sequentially over the masks, starting from the token
-  verification just picked.
+  verification just picked. A copy sampler (``MTPConfig.copy_attn``) also reads the row's
+  committed tokens (the history at ``propose`` plus the accepted drafts and the verified token).
+  ``tree=True`` (greedy): the accepted group drafts a best-first tree instead
+  (:func:`best_first_tree`: mask d's sampler run on each depth-d node's own token, ``max_nodes``,
+  ``top`` candidates per node, ``min_prob``), and the next call hangs a group after each of its
+  first nodes (all, or ``max_groups``); at T > 0 it drafts coupled chains as without ``tree``.
 * ``heads`` (:class:`HeadsDrafter`): the heads read the final hidden state of the last accepted
   node (``observe``); head i proposes the token i places after the verified next token. Greedy:
   a chain of each head's argmax, or a tree of the best candidates by the product of the heads'
@@ -40,12 +45,13 @@ from typing import Optional
 
 import torch
 
-from ptp.mtp_model import MTPHeads, MTPModel
+from ptp.mtp_model import MTPHeads, MTPModel, copy_matches
 from ptp.ptp_model import vector_pick
 from ptp.sampling import SamplingConfig, uniforms
 from ptp_ext.reference import sampling_probs
 
 from .base import Draft, DraftRequest, StepOutcome, register_drafter
+from .lookup import merge_chain
 from .slots import SlotGroupDrafter
 
 __all__ = ["MaskedInputDrafter", "HeadsDrafter", "DEFAULT_MTP", "DEFAULT_HEADS"]
@@ -70,13 +76,27 @@ class MaskedInputDrafter(SlotGroupDrafter):
     slot_offset = 1  # mask j sits one position after its anchor's next token
 
     def __init__(self, model: MTPModel, num_masks: Optional[int] = None, scheme: str = "quadratic",
-                 max_groups: Optional[int] = None, lookup_ngram: int = 0):
+                 max_groups: Optional[int] = None, lookup_ngram: int = 0, tree: bool = False,
+                 max_nodes: int = 16, top: int = 4, min_prob: float = 0.0):
         k = int(num_masks or model.config.num_masks)
         if not 1 <= k <= model.config.num_masks:
             raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
-        super().__init__(model.gate, k, scheme, max_drafts=k, max_groups=max_groups,
-                         lookup_ngram=lookup_ngram)
+        if isinstance(tree, str):
+            tree = tree.lower() in ("1", "true", "yes", "tree")
+        if tree and scheme != "quadratic":
+            raise ValueError("tree drafts need scheme='quadratic' (a group after each of the first nodes)")
+        if int(max_nodes) < 1 or int(top) < 1:
+            raise ValueError(f"need max_nodes >= 1 and top >= 1, got max_nodes={max_nodes}, top={top}")
+        if not 0.0 <= float(min_prob) < 1.0:
+            raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
+        self.tree = bool(tree)
+        self.max_nodes, self.top, self.min_prob = int(max_nodes), int(top), float(min_prob)
+        # a tree of max_nodes, plus room for lookup's continuation (k tokens) merged into it
+        tree_room = self.max_nodes + (k if int(lookup_ngram) > 0 else 0)
+        super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k,
+                         max_groups=max_groups, lookup_ngram=lookup_ngram)
         self.model = model.eval()
+        self.needs_context = bool(model.config.copy_attn)  # a copy sampler reads the committed tokens
         self._sampling = SamplingConfig()
 
     def propose(self, request: DraftRequest) -> Optional[Draft]:
@@ -88,11 +108,52 @@ class MaskedInputDrafter(SlotGroupDrafter):
 
     @torch.no_grad()
     def group_drafts(self, hidden: torch.Tensor, next_token: int, seq_id: int, next_index: int,
-                     outcome: StepOutcome) -> list[int]:
+                     outcome: StepOutcome, context: Optional[list[int]] = None):
         s = self._sampling
+        if self.tree and s.greedy:
+            return self.draft_tree(hidden, next_token, context)
         # mask j drafts the token at next_index + 1 + j (coupled: with that index's uniform)
         return self.model.draft_chain(hidden, next_token,
-                                      lambda j, lg: _pick(s, seq_id, next_index + 1 + j, lg))
+                                      lambda j, lg: _pick(s, seq_id, next_index + 1 + j, lg), context=context)
+
+    @torch.no_grad()
+    def draft_tree(self, z: torch.Tensor, first_prev: int, context: Optional[list[int]] = None
+                   ) -> tuple[list[int], list[int]]:
+        """Greedy draft tree (nodes 1..n as tokens, parents) of one mask block ``z [k, d]``:
+        :func:`best_first_tree` with mask d's sampler head expanding depth d on each node's own
+        token (a copy sampler also on the node's path over ``context``), at most ``max_nodes``
+        nodes, ``top`` candidates per node, none below path probability ``min_prob``."""
+        m = self.model
+        dev = z.device
+        ctx = None
+        if m.copy_score is not None:
+            if not context or int(context[-1]) != int(first_prev):
+                raise ValueError("a copy sampler drafts from the committed tokens: pass context (ending "
+                                 "with the token before mask 0)")
+            ctx = torch.as_tensor([list(context)], dtype=torch.long, device=dev)
+
+        def expand(d: int, rows: list[int], toks: list[int], tails) -> torch.Tensor:
+            F_ = len(toks)
+            zz = z[d:d + 1].expand(F_, -1).contiguous()
+            if m.sampler is None:
+                return m.logits(zz).float()
+            prev = torch.tensor(toks, dtype=torch.long, device=dev)
+            copy = None
+            if ctx is not None:
+                t3 = torch.tensor(tails, dtype=torch.long, device=dev)  # [F, 3]: y2, y1, y
+                L = ctx.shape[1]
+                copy = copy_matches(ctx.expand(F_, L), torch.full((F_,), L, device=dev), t3[:, 2:3], t3[:, 1:2],
+                                    t3[:, 0:1], torch.full((F_, 1), L - 1 + d, device=dev),
+                                    m.config.copy_matches).index(0)
+            return m.logits(m.sampler_hidden(zz, prev, d, copy=copy, fused=True)).float()
+
+        tails = None
+        if ctx is not None:
+            tails = [tuple(([-2, -2, -2] + [int(x) for x in context[-3:]])[-3:])]
+        floor = math.log(self.min_prob) if self.min_prob > 0.0 else -math.inf
+        tokens, parents = best_first_tree([int(first_prev)], self.num_slots, expand, self.max_nodes, self.top,
+                                          floor, None, tails)[0]
+        return tokens[1:], parents[1:]
 
 
 class HeadsDrafter:
@@ -178,7 +239,7 @@ class HeadsDrafter:
                 if room <= 0:
                     continue
                 conts = self.lookup.continuations(request.histories[b], min(self.lookup.max_draft_tokens, room))
-                if conts and _merge(t, p, conts[0], room):
+                if conts and merge_chain(t, p, conts[0], room):
                     self.lookup_used += 1
         width = max(len(t) for t, _ in rows)
         B = len(rows)
@@ -325,70 +386,21 @@ class HeadsDrafter:
 
     def _chain_tree(self, H: torch.Tensor, roots: list[int], budget: int, histories: Optional[list] = None
                     ) -> list[tuple[list[int], list[int]]]:
-        """Best-first tree of chain-input heads, one depth at a time for all rows at once: a node
-        at depth d + 1 is one of the ``top`` tokens of head d run on its parent's token, and scores
-        its path's log-probability (the product of exact conditionals, each given the path). A
-        node is expanded only while it can still be among the ``budget`` best (a child never
-        scores above its parent and the cut-off only rises as candidates are added), so a depth
-        costs at most ``budget`` rows of one head per row, usually far fewer. The ``budget`` best
-        candidates (parents before children, ``min_prob`` as in :meth:`_tree`) make the tree."""
+        """Best-first tree of chain-input heads (:func:`best_first_tree`, head d expanding depth d
+        on its parent's token; copy heads also read the rows' committed tokens ``histories``)."""
         n = self.heads.config.num_heads
-        ids = self.heads.vocab_id_list
         floor = math.log(self.min_prob) if self.min_prob > 0.0 else -math.inf
         B, dev = H.shape[0], H.device
-        # per row: candidates (score, depth, token id, parent candidate or -1 for the root)
-        cands: list[list[tuple[float, int, int, int]]] = [[] for _ in range(B)]
-        front = [(b, -1, int(roots[b]), 0.0) for b in range(B)]  # (row, candidate, token read, score)
         ctxs = self._contexts(histories, B, dev)
-        # copy heads: the last three tokens of each candidate's path (its own token last)
-        tail: dict[tuple[int, int], tuple[int, int, int]] = {}
-        if ctxs is not None:
-            for b in range(B):
-                tail[(b, -1)] = self._root_last3(histories[b])
-        for d in range(n):
-            if not front:
-                break
-            rows = torch.tensor([f[0] for f in front], device=dev)
-            toks = torch.tensor([f[2] for f in front], dtype=torch.long, device=dev)
-            copy = (self._node_copy(ctxs, [f[0] for f in front], [tail[(f[0], f[1])] for f in front], d)
-                    if ctxs is not None else None)
-            logits = self.heads.draft_logits(H[rows], next_tokens=toks, head=d, copy=copy)[0].float()
-            top = min(self.top, logits.shape[-1])
-            tlp, tid = torch.log_softmax(logits, -1).topk(top, dim=-1)
-            tlp, tid = tlp.tolist(), tid.tolist()
-            for f, (b, par, _, sc) in enumerate(front):
-                for c in range(top):
-                    t = tid[f][c]
-                    t = ids[t] if ids is not None else t
-                    if ctxs is not None:
-                        y2, y1, y = tail[(b, par)]
-                        tail[(b, len(cands[b]))] = (y1, y, t)
-                    cands[b].append((sc + tlp[f][c], d, t, par))
-            if d + 1 == n:
-                break
-            front = []
-            for b in range(B):
-                scores = sorted((c[0] for c in cands[b]), reverse=True)
-                cut = max(scores[budget - 1] if len(scores) >= budget else -math.inf, floor)
-                deep = sorted((i for i, c in enumerate(cands[b]) if c[1] == d and c[0] >= cut),
-                              key=lambda i: -cands[b][i][0])[:budget]
-                front += [(b, i, cands[b][i][2], cands[b][i][0]) for i in deep]
-        out = []
-        for b in range(B):
-            cs = cands[b]
-            order = sorted(range(len(cs)), key=lambda i: (-cs[i][0], cs[i][1], i))
-            tokens, parents, node_of = [0], [-1], {-1: 0}
-            for i in order:
-                if len(tokens) - 1 >= budget or cs[i][0] < floor:
-                    break
-                par = node_of.get(cs[i][3])
-                if par is None:  # parent not taken (cannot happen: it scores at least as high)
-                    continue
-                node_of[i] = len(tokens)
-                tokens.append(cs[i][2])
-                parents.append(par)
-            out.append((tokens, parents))
-        return out
+
+        def expand(d: int, rows: list[int], toks: list[int], tails) -> torch.Tensor:
+            copy = self._node_copy(ctxs, rows, tails, d) if ctxs is not None else None
+            r = torch.tensor(rows, device=dev)
+            return self.heads.draft_logits(H[r], next_tokens=torch.tensor(toks, dtype=torch.long, device=dev),
+                                           head=d, copy=copy)[0].float()
+
+        tails = [self._root_last3(histories[b]) for b in range(B)] if ctxs is not None else None
+        return best_first_tree(roots, n, expand, budget, self.top, floor, self.heads.vocab_id_list, tails)
 
     def _tree(self, logits: torch.Tensor, budget: int, ids: Optional[list[int]] = None
               ) -> tuple[list[int], list[int]]:
@@ -419,23 +431,71 @@ class HeadsDrafter:
         return tokens, parents
 
 
-def _merge(tokens: list[int], parents: list[int], cont: list[int], room: int) -> int:
-    """Inserts the chain ``cont`` below the root of the tree (tokens, parents) as a trie path (in
-    place, at most ``room`` new nodes); returns the number of nodes added."""
-    children = {(par, tok): i for i, (tok, par) in enumerate(zip(tokens, parents)) if i}
-    node, added = 0, 0
-    for t in cont:
-        nxt = children.get((node, t))
-        if nxt is None:
-            if added == room:
+def best_first_tree(roots: list[int], depths: int, expand, budget: int, top: int, floor: float = -math.inf,
+                    ids: Optional[list[int]] = None, root_tails: Optional[list] = None
+                    ) -> list[tuple[list[int], list[int]]]:
+    """Best-first draft trees (tokens, parents; node 0 the root) of at most ``budget`` nodes below
+    each row's root, drafted one depth at a time for all rows at once by a chained predictor:
+    ``expand(d, rows, tokens, tails) -> logits [F, V or K]`` gives depth d's distribution after each
+    front node (its row, its token, the last three tokens of its path ``(y2, y1, y)`` when
+    ``root_tails`` gives the roots' ones; ``ids`` maps a restricted vocabulary's index to the token).
+    A node at depth d + 1 is one of the ``top`` tokens after its parent and scores its path's
+    log-probability (the product of exact conditionals, each given the path). A node is expanded
+    only while it can still be among the ``budget`` best (a child never scores above its parent
+    and the cut-off only rises as candidates are added), so a depth costs at most ``budget`` rows
+    per row, usually far fewer. The ``budget`` best candidates (parents before children; none below
+    ``floor``) make the tree, in best-first order. Used by chain-input heads (head d) and the
+    masked-input drafter's trees (mask d's sampler)."""
+    B = len(roots)
+    # per row: candidates (score, depth, token id, parent candidate or -1 for the root)
+    cands: list[list[tuple[float, int, int, int]]] = [[] for _ in range(B)]
+    front = [(b, -1, int(roots[b]), 0.0) for b in range(B)]  # (row, candidate, token read, score)
+    # the last three tokens of each candidate's path (its own token last)
+    tail: dict[tuple[int, int], tuple[int, int, int]] = {}
+    if root_tails is not None:
+        for b in range(B):
+            tail[(b, -1)] = tuple(root_tails[b])
+    for d in range(depths):
+        if not front:
+            break
+        logits = expand(d, [f[0] for f in front], [f[2] for f in front],
+                        [tail[(f[0], f[1])] for f in front] if root_tails is not None else None)
+        k = min(top, logits.shape[-1])
+        tlp, tid = torch.log_softmax(logits, -1).topk(k, dim=-1)
+        tlp, tid = tlp.tolist(), tid.tolist()
+        for f, (b, par, _, sc) in enumerate(front):
+            for c in range(k):
+                t = tid[f][c]
+                t = ids[t] if ids is not None else t
+                if root_tails is not None:
+                    y2, y1, y = tail[(b, par)]
+                    tail[(b, len(cands[b]))] = (y1, y, t)
+                cands[b].append((sc + tlp[f][c], d, t, par))
+        if d + 1 == depths:
+            break
+        front = []
+        for b in range(B):
+            scores = sorted((c[0] for c in cands[b]), reverse=True)
+            cut = max(scores[budget - 1] if len(scores) >= budget else -math.inf, floor)
+            deep = sorted((i for i, c in enumerate(cands[b]) if c[1] == d and c[0] >= cut),
+                          key=lambda i: -cands[b][i][0])[:budget]
+            front += [(b, i, cands[b][i][2], cands[b][i][0]) for i in deep]
+    out = []
+    for b in range(B):
+        cs = cands[b]
+        order = sorted(range(len(cs)), key=lambda i: (-cs[i][0], cs[i][1], i))
+        tokens, parents, node_of = [0], [-1], {-1: 0}
+        for i in order:
+            if len(tokens) - 1 >= budget or cs[i][0] < floor:
                 break
-            nxt = len(tokens)
-            tokens.append(t)
-            parents.append(node)
-            children[(node, t)] = nxt
-            added += 1
-        node = nxt
-    return added
+            par = node_of.get(cs[i][3])
+            if par is None:  # parent not taken (cannot happen: it scores at least as high)
+                continue
+            node_of[i] = len(tokens)
+            tokens.append(cs[i][2])
+            parents.append(par)
+        out.append((tokens, parents))
+    return out
 
 
 def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadratic", **kw):

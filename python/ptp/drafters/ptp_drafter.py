@@ -191,7 +191,7 @@ class PTPSlotDrafter(SlotGroupDrafter):
 
     @torch.no_grad()
     def group_drafts(self, hidden: torch.Tensor, next_token: int, seq_id: int, next_index: int,
-                     outcome: StepOutcome) -> list[int]:
+                     outcome: StepOutcome, context: Optional[list[int]] = None) -> list[int]:
         m, s = self.model, self._sampling
         logits = m.logits(hidden).float()  # slot j drafts the token at next_index + j
         if m.config.variant == "optp" or s.greedy:

@@ -26,6 +26,12 @@ match (if it has >= 2 tokens, or the slots drafted nothing) replaces the slots' 
 (copy-heavy text: summaries, extraction, translation, code edits), and the slot groups hang
 after *its* nodes as usual.
 
+A subclass may draft a *tree* from the accepted group (``group_drafts`` returning ``(tokens,
+parents)``, nodes in best-first order): groups then hang after the tree's first nodes (every node,
+or the first ``max_groups``), each seeing its anchor's ancestors, and lookup's continuation joins
+the tree as a trie path instead of replacing it. A subclass with ``needs_context`` also gets the
+row's committed tokens (copy samplers).
+
 Subclasses say what a group's input rows are (:meth:`group_embeds`), where their positions start
 (:attr:`slot_offset`) and how its final hidden states become draft tokens (:meth:`group_drafts`).
 Used by the PTP drafter (u-slots) and the masked-input MTP drafter (mask tokens).
@@ -37,6 +43,7 @@ from typing import Optional
 import torch
 
 from .base import AuxRows, Draft, DraftRequest, StepOutcome
+from .lookup import merge_chain
 
 __all__ = ["SlotGroupDrafter", "SCHEMES"]
 
@@ -47,6 +54,7 @@ class SlotGroupDrafter:
     name = "slots"
     wants_hidden = True
     slot_offset = 0  # position of slot j = position(anchor node) + slot_offset + j
+    needs_context = False  # group_drafts also gets the row's committed tokens (copy samplers)
 
     def __init__(self, gate, num_slots: int, scheme: str = "quadratic",
                  max_drafts: Optional[int] = None, max_groups: Optional[int] = None,
@@ -69,9 +77,10 @@ class SlotGroupDrafter:
             self.lookup = LookupDrafter(max_draft_tokens=self.max_drafts, max_ngram=max(3, int(lookup_ngram)),
                                         min_ngram=int(lookup_ngram))
         self.lookup_used = 0  # statistics: steps that drafted by lookup
-        # sequence id -> (index of the root the drafts follow, draft tokens)
-        self._next: dict[int, tuple[int, list[int]]] = {}
+        # sequence id -> (index of the root the drafts follow, draft tokens, their parents (0 = root))
+        self._next: dict[int, tuple[int, list[int], list[int]]] = {}
         self.groups_used = 0  # statistics: groups whose drafts were taken
+        self._hist: dict[int, list[int]] = {}  # needs_context: each row's history at propose
 
     # -- subclass hooks ---------------------------------------------------------------------------
     def group_embeds(self, request: DraftRequest, row: int, first_index: int) -> torch.Tensor:
@@ -80,14 +89,19 @@ class SlotGroupDrafter:
         raise NotImplementedError
 
     def group_drafts(self, hidden: torch.Tensor, next_token: int, seq_id: int, next_index: int,
-                     outcome: StepOutcome) -> list[int]:
+                     outcome: StepOutcome, context: Optional[list[int]] = None):
         """Draft tokens following ``next_token`` (at absolute index ``next_index``) from the
-        accepted group's final hidden states ``[k, hidden]``."""
+        accepted group's final hidden states ``[k, hidden]``: a chain ``list[int]``, or a tree
+        ``(tokens, parents)`` of nodes 1..n (parent 0 = the root, parents before children, in the
+        order groups should follow: the first nodes get the quadratic scheme's groups).
+        ``context`` (only for a subclass with ``needs_context``): the row's committed tokens,
+        ``next_token`` last."""
         raise NotImplementedError
 
     # -- decoder hooks ----------------------------------------------------------------------------
     def reset(self) -> None:
         self._next.clear()
+        self._hist.clear()
 
     def _num_groups(self, n: int) -> int:
         """Slot groups carried by a step with ``n`` draft nodes."""
@@ -105,42 +119,56 @@ class SlotGroupDrafter:
         k = self.num_slots
         B = len(request.histories)
         budget = min(self.max_drafts, request.max_nodes)
-        drafts: list[list[int]] = []
+        # per row: draft nodes 1..n as (tokens, parents), parents before children (0 = the root)
+        drafts: list[tuple[list[int], list[int]]] = []
         for b, seq in enumerate(request.sequence_ids):
             root_index = len(request.histories[b]) - 1
+            if self.needs_context:
+                self._hist[seq] = list(request.histories[b])
             entry = self._next.pop(seq, None)
-            d = entry[1] if entry is not None and entry[0] == root_index else []
+            toks, pars = (entry[1], entry[2]) if entry is not None and entry[0] == root_index else ([], [])
             if self.lookup is not None and budget > 0:
                 conts = self.lookup.continuations(request.histories[b], budget)
-                if conts and len(conts[0]) >= min(len(d), 2):
-                    d = conts[0]
+                if conts and _is_chain(pars) and len(conts[0]) >= min(len(toks), 2):
+                    toks, pars = list(conts[0]), list(range(len(conts[0])))
                     self.lookup_used += 1
-            drafts.append(d[:max(budget, 0)])
+                elif conts and not _is_chain(pars):  # a tree: lookup's continuation joins it as a trie path
+                    t, p = [0] + toks, [-1] + pars
+                    if merge_chain(t, p, conts[0][:k], max(budget - len(toks), 0)):
+                        self.lookup_used += 1
+                    toks, pars = t[1:], p[1:]
+            drafts.append((toks[:max(budget, 0)], pars[:max(budget, 0)]))
+
         # fit the row budget: n + 1 tree rows + the groups' slot rows
         def rows_needed(n: int) -> int:
             return n + 1 + k * self._num_groups(n)
 
         if request.max_rows:
-            while drafts and max(len(d) for d in drafts) > 0 and \
-                    rows_needed(max(len(d) for d in drafts)) > request.max_rows:
-                n = max(len(d) for d in drafts) - 1
-                drafts = [d[:n] for d in drafts]
+            while drafts and max(len(d[0]) for d in drafts) > 0 and \
+                    rows_needed(max(len(d[0]) for d in drafts)) > request.max_rows:
+                n = max(len(d[0]) for d in drafts) - 1
+                drafts = [(t[:n], p[:n]) for t, p in drafts]
             if rows_needed(0) > request.max_rows:
                 return None
-        n_max = max(len(d) for d in drafts)
+        n_max = max(len(d[0]) for d in drafts)
         tokens = torch.zeros(B, n_max + 1, dtype=torch.long)
         parents = torch.full((B, n_max + 1), -1, dtype=torch.long)
         G = self._num_groups(n_max)
         embeds, anchor, offset, group = [], [], [], []
-        for b, d in enumerate(drafts):
+        for b, (d, par) in enumerate(drafts):
             n = len(d)
-            tokens[b, 1:n + 1] = torch.tensor(d, dtype=torch.long)
-            parents[b, 1:n + 1] = torch.arange(n)
+            if n:
+                tokens[b, 1:n + 1] = torch.tensor(d, dtype=torch.long)
+                parents[b, 1:n + 1] = torch.tensor(par, dtype=torch.long)
+            depth = [0]
+            for q in par:
+                depth.append(depth[q] + 1)
             root_index = len(request.histories[b]) - 1
+            # quadratic: groups after the first nodes (best-first order: the likeliest ends first)
             hyps = list(range(self._num_groups(n))) if self.scheme == "quadratic" else [n]
             rows_e, rows_a, rows_g = [], [], []
             for g_i, h in enumerate(hyps):
-                rows_e.append(self.group_embeds(request, b, root_index + h + 1))
+                rows_e.append(self.group_embeds(request, b, root_index + depth[h] + 1))
                 rows_a += [h] * k
                 rows_g += [g_i] * k
             e = torch.cat(rows_e, 0)
@@ -156,7 +184,7 @@ class SlotGroupDrafter:
         dev = embeds[0].device
         aux = AuxRows(embeds=torch.stack(embeds), anchor=torch.tensor(anchor, device=dev),
                       offset=torch.tensor(offset, device=dev), group=torch.tensor(group, device=dev))
-        return Draft(tokens=tokens, parents=parents, is_chain=True, aux=aux)
+        return Draft(tokens=tokens, parents=parents, is_chain=all(_is_chain(p) for _, p in drafts), aux=aux)
 
     def observe(self, outcome: StepOutcome) -> None:
         if outcome.aux is None or outcome.aux_hidden is None:
@@ -166,12 +194,28 @@ class SlotGroupDrafter:
         nxt = outcome.next_tokens.tolist()
         cache_lens = outcome.cache_lens.tolist()
         anchors = outcome.aux.anchor.tolist()
+        acc_nodes = outcome.accepted_nodes.tolist()
         for b, seq in enumerate(outcome.sequence_ids):
+            path = acc_nodes[b][1:n_acc[b] + 1]  # the accepted draft nodes, root excluded
+            last = path[-1] if path else 0
             try:
-                start = anchors[b].index(n_acc[b])
+                start = anchors[b].index(last)
             except ValueError:  # no group for this hypothesis (linear rejected, or past max_groups)
                 continue
-            self.groups_used += 1
             next_index = cache_lens[b] + n_acc[b] + 1
-            d = self.group_drafts(outcome.aux_hidden[b, start:start + k], nxt[b], seq, next_index, outcome)
-            self._next[seq] = (next_index, d)
+            kw = {}
+            if self.needs_context:  # history + the accepted drafts + the verified token
+                hist = self._hist.pop(seq, None)
+                if hist is None or len(hist) != cache_lens[b] + 1:
+                    continue  # not proposed by this drafter: draft nothing
+                row = outcome.tokens[b].tolist()
+                kw["context"] = hist + [row[i] for i in path] + [nxt[b]]
+            self.groups_used += 1
+            d = self.group_drafts(outcome.aux_hidden[b, start:start + k], nxt[b], seq, next_index, outcome, **kw)
+            toks, pars = d if isinstance(d, tuple) else (list(d), list(range(len(d))))
+            self._next[seq] = (next_index, toks, pars)
+
+
+def _is_chain(parents: list[int]) -> bool:
+    """Parents ``[0, 1, 2, ...]`` of draft nodes 1..n: a chain below the root."""
+    return all(p == i for i, p in enumerate(parents))

@@ -74,6 +74,16 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--alpha", type=float, default=32.0)
     m.add_argument("--no-sampler", action="store_true", help="no sampler head (LM head on the masks)")
     m.add_argument("--lcm-weight", type=float, default=1.0, help="latent consistency loss weight")
+    m.add_argument("--copy-attn", action=argparse.BooleanOptionalAction, default=False,
+                   help="the sampler head also attends over the context's earlier occurrences of the "
+                        "token it reads (the copy heads' learned prompt lookup)")
+    m.add_argument("--init-from", default=None,
+                   help="start from this masked-input drafter (a checkpoint directory with the same "
+                        "--masks and --rank; with --copy-attn, one without it: the copy parameters "
+                        "start at zero, so training starts from that drafter's drafts)")
+    m.add_argument("--freeze-adapter", action="store_true",
+                   help="train only the sampler head (and its copy attention): the LoRA and the "
+                        "masks stay as initialised (use with --init-from); no backward through the target")
     h = sub.add_parser("heads", help="train independent MTP heads (Medusa style) on the frozen target")
     _common(h, windows=16)
     h.add_argument("--heads", type=int, default=4, help="number of heads (tokens t+2 .. t+1+n)")
@@ -139,15 +149,16 @@ def _sequences(args, base, tok):
     return seqs, {"data": meta["config"], "data_tokens": meta["num_tokens"]}
 
 
-def _init_heads(model, ckpt_dir: str) -> None:
-    """Starts ``model`` from the heads tensors in ``ckpt_dir`` (same number of heads and input form;
-    tensors the checkpoint lacks keep their init; the token counts stay this run's data's)."""
+def _init_from(model, ckpt_dir: str, what: str = "heads") -> None:
+    """Starts ``model`` from the drafter tensors in ``ckpt_dir`` (same shapes; tensors the
+    checkpoint lacks keep their init; heads' token counts stay this run's data's)."""
     from safetensors.torch import load_file
 
     path = os.path.join(ckpt_dir, "adapter.safetensors")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--init-from: no heads checkpoint at {ckpt_dir}")
-    state = load_file(path)
+        raise FileNotFoundError(f"--init-from: no {what} checkpoint at {ckpt_dir}")
+    dev = next(iter(model.parameters())).device
+    state = {k: v.to(dev) for k, v in load_file(path).items()}
     state.pop("token_counts", None)
     try:
         model.load_adapter_state_dict(state, missing_ok=True)
@@ -186,7 +197,13 @@ def run_train(args: argparse.Namespace) -> int:
 
         model = MTPModel(base, MTPConfig(num_masks=args.masks, lora=LoRAConfig(rank=args.rank, alpha=args.alpha),
                                          sampler=not args.no_sampler, lcm_weight=args.lcm_weight,
-                                         base_model=args.model))
+                                         base_model=args.model, copy_attn=args.copy_attn))
+        if args.freeze_adapter and not args.init_from:
+            raise ValueError("--freeze-adapter trains only the sampler head on a trained adapter: pass --init-from")
+        if args.init_from and not os.path.exists(os.path.join(args.out, "trainer_state.pt")):
+            _init_from(model, args.init_from, "masked-input drafter")
+        if args.freeze_adapter:
+            model.freeze_adapter()
         loss_fn = mtp_batch_loss
     else:
         from ptp.mtp_model import HeadsConfig, MTPHeads
@@ -199,7 +216,7 @@ def run_train(args: argparse.Namespace) -> int:
                                                  chain_input=args.chain_input, copy_attn=args.copy_attn))
         model.set_token_counts(answer_token_counts(seqs, base.get_input_embeddings().weight.shape[0]))
         if args.init_from and not os.path.exists(os.path.join(args.out, "trainer_state.pt")):
-            _init_heads(model, args.init_from)
+            _init_from(model, args.init_from)
         loss_fn = heads_batch_loss
         if args.cached_hidden:
             from ptp.train.heads import HeadsTrainConfig, load_or_compute_hidden, train_heads_cached

@@ -9,8 +9,11 @@ Masked-input (per sequence, like PTP's packed windows):
    ``a`` (its context is tokens ``< a``) has k masks at positions ``a .. a+k-1``; mask j predicts
    token ``a+1+j`` (the real token ``a-1``'s own output predicts ``a``).
 3. Loss: CE of the masks' LM-head output + CE of the sampler head (previous token = the data token
-   ``a+j``, teacher forcing) + ``lcm_weight`` * mean ``||z_j - sg(h_{a+j})||^2 / d`` (the real
-   token ``a+j`` predicts the same target ``a+1+j``: latent consistency).
+   ``a+j``, teacher forcing; a copy sampler also reads that token's earlier occurrences in tokens
+   ``0..a``, the context committed when token ``a`` is the verified one) + ``lcm_weight`` * mean
+   ``||z_j - sg(h_{a+j})||^2 / d`` (the real token ``a+j`` predicts the same target ``a+1+j``:
+   latent consistency). With a frozen adapter (``--freeze-adapter``) the mask pass runs without
+   gradient and only the sampler head's CE remains.
 
 Heads: the real pass's ``h_t`` (no grad) feeds each head (with ``token_input``, also the data token
 ``t+1``); head i's CE against token ``t+1+i``, over ``windows_per_seq * 8`` positions sampled from
@@ -20,13 +23,14 @@ cached hidden states instead (:mod:`ptp.train.heads`; ``--no-cached-hidden`` sel
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ptp.models import output_cache
-from ptp.mtp_model import MTPHeads, MTPModel
+from ptp.mtp_model import CopyInputs, MTPHeads, MTPModel, teacher_copy_matches
 from ptp.ptp_model import batched_slot_layout, crop_cache
 from ptp.train.data import Sequence
 from ptp.train.trainer import TrainConfig, window_batch
@@ -62,23 +66,40 @@ def mtp_batch_loss(model: MTPModel, seqs: list[Sequence], cfg: TrainConfig, gen:
     prev_idx = torch.tensor(anchors, device=dev).unsqueeze(-1) + torch.arange(k, device=dev)  # [B, W, k]
     prev_tok = torch.gather(ids, 1, prev_idx.view(B, -1)).view(B, W, k)
     targets = torch.gather(ids, 1, (prev_idx + 1).view(B, -1)).view(B, W, k)
-    with amp:
+    # frozen adapter (MTPModel.freeze_adapter): the mask rows are fixed features, only the sampler
+    # head trains, and the masks' own CE and the LCM term (no gradient then) are left out
+    frozen = not model.masks.requires_grad
+    if frozen and model.sampler is None:
+        raise ValueError("a frozen adapter without a sampler head has nothing to train")
+    with (torch.no_grad() if frozen else nullcontext()), amp:
         z, _ = model.packed_forward(None, model.masks.repeat(W, 1).unsqueeze(0).expand(B, -1, -1),
                                     pos, vis, past_key_values=cache, use_cache=True)
     crop_cache(cache, Lmax)
     z = z.float()  # [B, W*k, d]
-    with amp:
-        base_logits = model.logits(z.to(model.embedding().dtype)).float().view(B, W, k, -1)
+    base_logits = None
+    if not frozen:
+        with amp:
+            base_logits = model.logits(z.to(model.embedding().dtype)).float().view(B, W, k, -1)
     s_logits = None
     if model.sampler is not None:
-        h2 = model.sampler(z.reshape(B * W * k, -1), prev_tok.reshape(-1), model.embedding())
+        copy = None
+        if model.config.copy_attn:  # mask j reads the data token a + j over the tokens 0 .. a
+            c = teacher_copy_matches(ids.repeat_interleave(W, 0), torch.tensor(anchors, device=dev).view(-1) - 1,
+                                     k, model.config.copy_matches)
+            M = c.values.shape[-1]
+            copy = CopyInputs(c.values.reshape(-1, M), c.feats.reshape(-1, M, 3), c.valid.reshape(-1, M))
+        mask_index = torch.arange(k, device=dev).repeat(B * W)
+        h2 = model.sampler_hidden(z.reshape(B * W * k, -1), prev_tok.reshape(-1), mask_index, copy=copy)
         with amp:
             s_logits = model.logits(h2.to(model.embedding().dtype)).float().view(B, W, k, -1)
     ref = real_h[torch.arange(B, device=dev).view(B, 1, 1), prev_idx].view(B, W * k, -1)
     for b, n in enumerate(counts):
         t = targets[b, :n].reshape(-1)
-        loss_base = F.cross_entropy(base_logits[b, :n].reshape(n * k, -1), t)
-        loss, metrics = loss_base, {}
+        loss, metrics = 0.0, {}
+        if base_logits is not None:
+            loss_base = F.cross_entropy(base_logits[b, :n].reshape(n * k, -1), t)
+            loss = loss_base
+            metrics["ce_base"] = float(loss_base.detach())
         if s_logits is not None:
             loss_s = F.cross_entropy(s_logits[b, :n].reshape(n * k, -1), t)
             loss = loss + loss_s
@@ -86,7 +107,7 @@ def mtp_batch_loss(model: MTPModel, seqs: list[Sequence], cfg: TrainConfig, gen:
             pred = s_logits[b, :n].argmax(-1)
         else:
             pred = base_logits[b, :n].argmax(-1)
-        if model.config.lcm_weight:
+        if model.config.lcm_weight and not frozen:
             lcm = (z[b, :n * k] - ref[b, :n * k]).pow(2).mean()
             loss = loss + model.config.lcm_weight * lcm
             metrics["lcm"] = float(lcm.detach())
@@ -94,7 +115,6 @@ def mtp_batch_loss(model: MTPModel, seqs: list[Sequence], cfg: TrainConfig, gen:
             hit = (pred == targets[b, :n]).float()
             metrics["acc"] = hit.mean(0).tolist()
             metrics["prefix"] = float(hit.cumprod(1).sum(1).mean())
-            metrics["ce_base"] = float(loss_base.detach())
         results[live[b]] = (loss, metrics)
     return results
 
