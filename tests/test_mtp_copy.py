@@ -12,7 +12,8 @@ import random
 import pytest
 import torch
 
-from ptp._testing import copy_matches_loop, copy_sampler_loop, maybe_reference_ops
+from ptp._testing import (candidate_path_scores, copy_inputs_from_rows, copy_matches_loop, copy_sampler_loop,
+                          maybe_reference_ops)
 from ptp.decoder import Decoder, GenerationConfig
 from ptp.drafters import make_drafter
 from ptp.drafters.mtp import MaskedInputDrafter
@@ -52,18 +53,6 @@ def _model(copy: bool = True, seed: int = 0, randomize: bool = True, tie: bool =
     return m.eval()
 
 
-def _copy_tensors(rows: list) -> CopyInputs:
-    M = max(1, max(len(r) for r in rows))
-    vals = torch.zeros(len(rows), M, dtype=torch.long)
-    feats = torch.zeros(len(rows), M, 3)
-    valid = torch.zeros(len(rows), M, dtype=torch.bool)
-    for q, r in enumerate(rows):
-        for k, (v, m2, m3, logd) in enumerate(r):
-            vals[q, k], valid[q, k] = v, True
-            feats[q, k] = torch.tensor([m2, m3, logd])
-    return CopyInputs(vals, feats, valid)
-
-
 def _repeat_seqs(n: int, seed: int) -> list[Sequence]:
     """Answers that repeat their (random) prompt: the next tokens are in the context only."""
     g = torch.Generator().manual_seed(seed)
@@ -91,26 +80,26 @@ def test_copy_sampler_equals_the_loop_reference():
         prevs.append(path[j + 2])
     assert sum(len(r) for r in rows) >= K  # matches to attend to
     prev = torch.tensor(prevs)
-    together = m.sampler_hidden(z, prev, torch.arange(K), copy=_copy_tensors(rows))
+    together = m.sampler_hidden(z, prev, torch.arange(K), copy=copy_inputs_from_rows(rows))
     for j in range(K):
         want = copy_sampler_loop(m, z[j], prevs[j], j, rows[j])
-        one = m.sampler_hidden(z[j:j + 1], prev[j:j + 1], j, copy=_copy_tensors([rows[j]]))
+        one = m.sampler_hidden(z[j:j + 1], prev[j:j + 1], j, copy=copy_inputs_from_rows([rows[j]]))
         torch.testing.assert_close(one[0], want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(together[j], want, rtol=1e-5, atol=1e-5)
-        fused = m.sampler_hidden(z[j:j + 1], prev[j:j + 1], j, copy=_copy_tensors([rows[j]]), fused=True)
+        fused = m.sampler_hidden(z[j:j + 1], prev[j:j + 1], j, copy=copy_inputs_from_rows([rows[j]]), fused=True)
         torch.testing.assert_close(fused[0], want, rtol=1e-4, atol=1e-4)
-    other = m.sampler_hidden(z, prev, torch.arange(K), copy=_copy_tensors([[] for _ in range(K)]))
+    other = m.sampler_hidden(z, prev, torch.arange(K), copy=copy_inputs_from_rows([[] for _ in range(K)]))
     assert not torch.allclose(other, together)
     plain = _model(copy=False)
     zero = _model(randomize=False)
     zero.load_adapter_state_dict({**plain.adapter_state_dict(),
                                   **{n: getattr(zero, n) for n in MTPModel.COPY_NAMES}})
-    assert torch.equal(zero.sampler_hidden(z, prev, torch.arange(K), copy=_copy_tensors(rows)),
+    assert torch.equal(zero.sampler_hidden(z, prev, torch.arange(K), copy=copy_inputs_from_rows(rows)),
                        plain.sampler_hidden(z, prev, torch.arange(K)))
     with pytest.raises(ValueError, match="copy_attn"):
         m.sampler_hidden(z, prev, torch.arange(K))
     with pytest.raises(ValueError, match="queries"):
-        m.sampler_hidden(z, prev, torch.arange(K), copy=_copy_tensors(rows[:2]))
+        m.sampler_hidden(z, prev, torch.arange(K), copy=copy_inputs_from_rows(rows[:2]))
 
 
 @torch.no_grad()
@@ -292,23 +281,11 @@ def test_tree_takes_the_best_paths_of_the_samplers_grid(copy, top, budget):
     hist = torch.randint(3, 12, (25,), generator=g).tolist()
 
     def lp(i, tail):  # mask i's log-probabilities after the path ending with tail = (y2, y1, y)
-        c = _copy_tensors([copy_matches_loop(hist, *tail, len(hist) - 1 + i, 16)]) if copy else None
+        c = copy_inputs_from_rows([copy_matches_loop(hist, *tail, len(hist) - 1 + i, 16)]) if copy else None
         h = m.sampler_hidden(z[i:i + 1], torch.tensor([tail[2]]), i, copy=c)
         return torch.log_softmax(m.logits(h)[0].float(), -1)
 
-    scores: dict = {}
-
-    def walk(path: tuple, tail: tuple, score: float) -> None:
-        i = len(path)
-        v, ix = lp(i, tail).topk(min(top, VOCAB))
-        for c in range(min(top, budget + 1)):
-            t = int(ix[c])
-            p, sc = path + (t,), score + float(v[c])
-            scores[p] = sc
-            if i + 1 < 3:
-                walk(p, (tail[1], tail[2], t), sc)
-
-    walk((), tuple(hist[-3:]), 0.0)
+    scores = candidate_path_scores(lp, tuple(hist[-3:]), 3, min(top, budget + 1))
     tokens, parents = d.draft_tree(z, hist[-1], hist)
     assert len(tokens) == min(budget, len(scores))
     paths = _tree_paths(tokens, parents)

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from ptp._testing import maybe_reference_ops
+from ptp._testing import candidate_path_scores, copy_inputs_from_rows, maybe_reference_ops
 from ptp.decoder import Decoder, GenerationConfig
 from ptp.drafters import make_drafter
 from ptp.drafters.mtp import DEFAULT_HEADS, DEFAULT_MTP, HeadsDrafter, MaskedInputDrafter
@@ -447,21 +447,6 @@ def test_heads_chain_input_tree_takes_the_best_conditional_paths(top, budget, mi
     torch.set_grad_enabled(True)
 
 
-def _copy_tensors(rows: list) -> "CopyInputs":
-    """CopyInputs ``[Q, M]`` from per-query loop-reference match lists (padded, invalid past each)."""
-    from ptp.mtp_model import CopyInputs
-
-    M = max(1, max(len(r) for r in rows))
-    vals = torch.zeros(len(rows), M, dtype=torch.long)
-    feats = torch.zeros(len(rows), M, 3)
-    valid = torch.zeros(len(rows), M, dtype=torch.bool)
-    for q, r in enumerate(rows):
-        for k, (v, m2, m3, logd) in enumerate(r):
-            vals[q, k], valid[q, k] = v, True
-            feats[q, k] = torch.tensor([m2, m3, logd])
-    return CopyInputs(vals, feats, valid)
-
-
 @pytest.mark.parametrize("max_matches", [1, 3, 50])
 def test_copy_matches_equal_the_loop_reference(max_matches):
     """``copy_matches``: the most recent earlier occurrences of each query token (keys j with
@@ -518,17 +503,17 @@ def test_copy_head_block_equals_the_loop_reference():
             assert any(rows)
             rows_all.append(rows)
             tok = torch.tensor([p[i + 2] for p in paths])
-            got = h.head_hidden(H, head=i, next_tokens=tok, copy=_copy_tensors(rows))
+            got = h.head_hidden(H, head=i, next_tokens=tok, copy=copy_inputs_from_rows(rows))
             for b in range(4):
                 torch.testing.assert_close(got[b], copy_head_loop(h, H[b], i, paths[b][i + 2], rows[b]),
                                            rtol=1e-5, atol=1e-5)
             # a copy head reads its context: other matches, another output
-            other = h.head_hidden(H, head=i, next_tokens=tok, copy=_copy_tensors([[] for _ in paths]))
+            other = h.head_hidden(H, head=i, next_tokens=tok, copy=copy_inputs_from_rows([[] for _ in paths]))
             assert not torch.allclose(other, got)
         # all heads in one call (queries [B, n, M])
         from ptp.mtp_model import CopyInputs
 
-        per = [_copy_tensors(r) for r in rows_all]
+        per = [copy_inputs_from_rows(r) for r in rows_all]
         M = max(c.values.shape[-1] for c in per)
 
         def pad(x, val):
@@ -576,24 +561,13 @@ def test_heads_copy_tree_takes_the_best_conditional_paths(top, budget):
         def head_lp(b, i, path_tail):  # path_tail: the path's last three tokens (y2, y1, y)
             m = copy_matches_loop(hists[b], *path_tail, len(hists[b]) - 1 + i, 16)
             lg = h.draft_logits(H[b:b + 1], next_tokens=torch.tensor([path_tail[2]]), head=i,
-                                copy=_copy_tensors([m]))[0][0]
+                                copy=copy_inputs_from_rows([m]))[0][0]
             return torch.log_softmax(lg, -1)
 
         trees = d.greedy_trees(H, roots, budget, hists)
         for b in range(2):
-            scores: dict = {}
             start = tuple(([-2, -2] + hists[b])[-3:])
-
-            def walk(path: tuple, tail: tuple, score: float) -> None:
-                i = len(path)
-                v, ix = head_lp(b, i, tail).topk(min(top, VOCAB))
-                for c in range(min(top, budget + 1)):
-                    t = int(ix[c])
-                    p, sc = path + (t,), score + float(v[c])
-                    scores[p] = sc
-                    if i + 1 < 3:
-                        walk(p, (tail[1], tail[2], t), sc)
-            walk((), start, 0.0)
+            scores = candidate_path_scores(lambda i, tail: head_lp(b, i, tail), start, 3, min(top, budget + 1))
             tokens, parents = trees[b]
             paths = _tree_paths(tokens, parents)
             assert len(set(paths)) == len(paths) and all(p in scores for p in paths)

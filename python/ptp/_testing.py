@@ -135,14 +135,13 @@ def copy_matches_loop(hist: list, y2: int, y1: int, y: int, pos: int, max_matche
     return out
 
 
-def copy_head_loop(heads, h, head: int, y: int, matches: list):
-    """Loop reference of one copy head's block (``MTPHeads.head_hidden`` with ``copy_attn``) for
-    one query: ``h + silu(W h + U e(y) + C o + b) + g * o``, ``o`` the attention over the "no
-    copy" logit and the ``matches`` of :func:`copy_matches_loop`."""
+def copy_attention_loop(E, w, a, h, matches: list):
+    """Loop reference of :func:`ptp.mtp_model.copy_attention` for one query: softmax over the "no
+    copy" logit ``a[:-1] . h + a[-1]`` and each match's score ``w0 + w1 bigram + w2 trigram -
+    softplus(w3) log distance`` (``matches`` of :func:`copy_matches_loop`), weighting the embeddings
+    ``E`` of the tokens that followed (float64 accumulation)."""
     import torch.nn.functional as F
 
-    E = heads.base.get_input_embeddings().weight
-    w, a = heads.copy_score[head], heads.copy_null[head]
     logits = [float(h @ a[:-1] + a[-1])]
     for _, m2, m3, logd in matches:
         logits.append(float(w[0] + w[1] * m2 + w[2] * m3 - F.softplus(w[3]) * logd))
@@ -150,7 +149,17 @@ def copy_head_loop(heads, h, head: int, y: int, matches: list):
     o = torch.zeros(E.shape[1], dtype=torch.float64)
     for (v, *_), p in zip(matches, att):
         o += float(p) * E[v].double()
-    o = o.to(h.dtype)
+    return o.to(h.dtype)
+
+
+def copy_head_loop(heads, h, head: int, y: int, matches: list):
+    """Loop reference of one copy head's block (``MTPHeads.head_hidden`` with ``copy_attn``) for
+    one query: ``h + silu(W h + U e(y) + C o + b) + g * o``, ``o`` the attention over the "no
+    copy" logit and the ``matches`` of :func:`copy_matches_loop`."""
+    import torch.nn.functional as F
+
+    E = heads.base.get_input_embeddings().weight
+    o = copy_attention_loop(E, heads.copy_score[head], heads.copy_null[head], h, matches)
     pre = heads.proj[head] @ h + heads.bias[head] + heads.tok_proj[head] @ E[y] + heads.copy_proj[head] @ o
     return h + F.silu(pre) + heads.copy_gate[head] * o
 
@@ -164,16 +173,45 @@ def copy_sampler_loop(model, z, prev: int, j: int, matches: list):
 
     E = model.embedding()
     s = model.sampler
-    x = torch.cat([z, E[prev]])
-    a1 = s.norm1(F.silu(s.fc1(x)))
+    a1 = s.norm1(F.silu(s.fc1(torch.cat([z, E[prev]]))))
     h = z + s.norm2(F.silu(s.fc2(a1)))
-    w, a = model.copy_score[j], model.copy_null[j]
-    logits = [float(h @ a[:-1] + a[-1])]
-    for _, m2, m3, logd in matches:
-        logits.append(float(w[0] + w[1] * m2 + w[2] * m3 - F.softplus(w[3]) * logd))
-    att = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)[1:]
-    o = torch.zeros(E.shape[1], dtype=torch.float64)
-    for (v, *_), p in zip(matches, att):
-        o += float(p) * E[v].double()
-    o = o.to(h.dtype)
+    o = copy_attention_loop(E, model.copy_score[j], model.copy_null[j], h, matches)
     return h + model.copy_gate[j] * o + model.copy_proj @ o
+
+
+def copy_inputs_from_rows(rows: list):
+    """:class:`ptp.mtp_model.CopyInputs` ``[Q, M]`` from per-query :func:`copy_matches_loop` lists
+    (padded; invalid past each list's end)."""
+    from ptp.mtp_model import CopyInputs
+
+    M = max(1, max(len(r) for r in rows))
+    vals = torch.zeros(len(rows), M, dtype=torch.long)
+    feats = torch.zeros(len(rows), M, 3)
+    valid = torch.zeros(len(rows), M, dtype=torch.bool)
+    for q, r in enumerate(rows):
+        for k, (v, m2, m3, logd) in enumerate(r):
+            vals[q, k], valid[q, k] = v, True
+            feats[q, k] = torch.tensor([m2, m3, logd])
+    return CopyInputs(vals, feats, valid)
+
+
+def candidate_path_scores(logprobs, start_tail: tuple, depths: int, per_node: int) -> dict:
+    """Brute force over a chained drafter's candidate grid: every path of up to ``depths`` tokens
+    whose token at each depth is one of the ``per_node`` most likely after its path, with its
+    log-probability. ``logprobs(i, tail) -> [V]``: depth i's distribution after the path ending with
+    ``tail = (y2, y1, y)`` (``start_tail``: the root's)."""
+    scores: dict = {}
+
+    def walk(path: tuple, tail: tuple, score: float) -> None:
+        i = len(path)
+        lp = logprobs(i, tail)
+        v, ix = lp.topk(min(per_node, lp.shape[-1]))
+        for c in range(v.shape[0]):
+            t = int(ix[c])
+            p, sc = path + (t,), score + float(v[c])
+            scores[p] = sc
+            if i + 1 < depths:
+                walk(p, (tail[1], tail[2], t), sc)
+
+    walk((), tuple(start_tail), 0.0)
+    return scores

@@ -99,6 +99,21 @@ class MTPConfig:
         return config_dict(self)
 
 
+def _load_named(module: nn.Module, names, state: dict[str, torch.Tensor], missing_ok: bool, what: str) -> None:
+    """Copies ``state[name]`` into ``module.<name>`` for each name (same shape; ``missing_ok``: an
+    absent name keeps its current value)."""
+    for name in names:
+        if name not in state:
+            if missing_ok:
+                continue
+            raise ValueError(f"{what} checkpoint lacks {name!r}")
+        dst = getattr(module, name)
+        if state[name].shape != dst.shape:
+            raise ValueError(f"{name}: expected shape {list(dst.shape)}, got {list(state[name].shape)}")
+        with torch.no_grad():
+            dst.copy_(state[name].to(dst.dtype))
+
+
 class SamplerHead(nn.Module):
     """``z + [Linear(2d->d) -> SiLU -> LayerNorm -> Linear(d->d) -> SiLU -> LayerNorm]([z; E(prev)])``."""
 
@@ -200,16 +215,7 @@ class MTPModel(nn.Module):
             if present:
                 raise ValueError(f"unexpected masked-input tensors {present} (copy_attn=False in the config?)")
             return
-        for name in self.COPY_NAMES:
-            if name not in state:
-                if missing_ok:
-                    continue
-                raise ValueError(f"masked-input checkpoint lacks {name!r} (copy_attn)")
-            dst = getattr(self, name)
-            if state[name].shape != dst.shape:
-                raise ValueError(f"{name}: expected shape {list(dst.shape)}, got {list(state[name].shape)}")
-            with torch.no_grad():
-                dst.copy_(state[name].to(dst.dtype))
+        _load_named(self, self.COPY_NAMES, state, missing_ok, "masked-input (copy_attn)")
 
     def sampler_hidden(self, z: torch.Tensor, prev_tokens: torch.Tensor, mask_index,
                        copy: Optional[CopyInputs] = None, fused: bool = False) -> torch.Tensor:
@@ -497,16 +503,7 @@ class MTPHeads(nn.Module):
         if extra:
             raise ValueError(f"unexpected MTP-heads tensors {sorted(extra)} (token_input="
                              f"{self.config.token_input}, copy_attn={self.config.copy_attn} in the config?)")
-        for name in self._names():
-            if name not in state:
-                if missing_ok:
-                    continue
-                raise ValueError(f"MTP-heads checkpoint lacks {name!r}")
-            dst = getattr(self, name)
-            if state[name].shape != dst.shape:
-                raise ValueError(f"{name}: expected shape {list(dst.shape)}, got {list(state[name].shape)}")
-            with torch.no_grad():
-                dst.copy_(state[name])
+        _load_named(self, self._names(), state, missing_ok, "MTP-heads")
 
     def input_tokens(self, next_tokens: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
         """What :meth:`head_hidden` reads for all heads at once, given the committed tokens
