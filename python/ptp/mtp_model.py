@@ -71,7 +71,7 @@ from ptp.ptp_model import packed_forward
 from ptp_ext.reference import sampler_mlp_ref
 
 __all__ = ["MTPConfig", "SamplerHead", "MTPModel", "HeadsConfig", "MTPHeads", "CopyInputs", "copy_matches",
-           "teacher_copy_matches", "copy_attention"]
+           "teacher_copy_matches", "copy_attention", "path_tail", "node_copy_inputs"]
 
 
 @dataclass
@@ -208,7 +208,7 @@ class MTPModel(nn.Module):
                 raise ValueError(f"masks: expected {list(self.masks.shape)}, got {list(state['masks'].shape)}")
             self.masks.copy_(state["masks"])
         if self.sampler is not None:
-            self.sampler.load_state_dict({k[len("sampler."):]: v.to(self.masks.dtype) for k, v in state.items()
+            self.sampler.load_state_dict({k[len("sampler."):]: v for k, v in state.items()
                                           if k.startswith("sampler.")})
         present = [n for n in self.COPY_NAMES if n in state]
         if self.copy_score is None:
@@ -263,28 +263,32 @@ class MTPModel(nn.Module):
         if self.sampler is None:
             logits = self.logits(z).float()
             return [int(pick(j, logits[j])) if pick else int(logits[j].argmax()) for j in range(z.shape[0])]
-        ctx = path = None
-        if self.copy_score is not None:
-            if not context or int(context[-1]) != int(first_prev):
-                raise ValueError("a copy sampler drafts from the committed tokens: pass context (ending "
-                                 "with the token before mask 0)")
-            ctx = torch.as_tensor([list(context)], dtype=torch.long, device=z.device)
-            path = [-2, -2] + [int(x) for x in context[-2:]]
+        ctx = self.copy_context(context, first_prev, z.device)
+        tail = path_tail(context) if ctx is not None else None
         for j in range(z.shape[0]):
             prev_t = torch.tensor([prev], device=z.device)
             copy = None
             if ctx is not None:
-                q = torch.tensor([[path[-3]], [path[-2]], [path[-1]]], device=z.device)  # y2, y1, y
-                pos = torch.tensor([[ctx.shape[1] - 1 + j]], device=z.device)
-                copy = copy_matches(ctx, torch.tensor([ctx.shape[1]], device=z.device), q[2:3], q[1:2], q[0:1],
-                                    pos, self.config.copy_matches).index(0)
+                L = ctx.shape[1]
+                copy = node_copy_inputs(ctx, torch.tensor([L], device=z.device), [tail], L - 1 + j,
+                                        self.config.copy_matches)
             h = self.sampler_hidden(z[j:j + 1], prev_t, j, copy=copy, fused=True)
             logits = self.logits(h)[0].float()
             prev = int(pick(j, logits)) if pick else int(logits.argmax())
             out.append(prev)
-            if path is not None:
-                path.append(prev)
+            if tail is not None:
+                tail = (tail[1], tail[2], prev)
         return out
+
+    def copy_context(self, context: Optional[list[int]], first_prev: int, device) -> Optional[torch.Tensor]:
+        """A copy sampler's committed tokens as ``[1, L]`` (``None`` without ``copy_attn``); they
+        must end with ``first_prev``, the token before mask 0."""
+        if self.copy_score is None:
+            return None
+        if not context or int(context[-1]) != int(first_prev):
+            raise ValueError("a copy sampler drafts from the committed tokens: pass context (ending "
+                             "with the token before mask 0)")
+        return torch.as_tensor([list(context)], dtype=torch.long, device=device)
 
 
 @dataclass
@@ -379,6 +383,23 @@ def teacher_copy_matches(ids: torch.Tensor, t: torch.Tensor, n: int, max_matches
         return torch.where(q >= 0, ids.gather(1, q.clamp(min=0)), _NO_TOKEN)
 
     return copy_matches(ids, t + 2, at(pos), at(pos - 1), at(pos - 2), pos, max_matches)
+
+
+def path_tail(tokens) -> tuple[int, int, int]:
+    """The last three tokens ``(y2, y1, y)`` of a path (``-2`` before its start): what a copy
+    reader's query is made of."""
+    pad = [_NO_TOKEN] * 3 + [int(x) for x in tokens[-3:]]
+    return pad[-3], pad[-2], pad[-1]
+
+
+def node_copy_inputs(ctx: torch.Tensor, ctx_len: torch.Tensor, tails, pos, max_matches: int) -> CopyInputs:
+    """Copy inputs ``[F, M]`` of ``F`` drafted nodes, one per context row (``ctx [F, L]``,
+    ``ctx_len [F]``): node f reads the token ``tails[f][2]`` at position ``pos`` (an int or ``[F]``)
+    after the path tokens ``tails[f][:2]`` (:func:`copy_matches` with one query per row)."""
+    dev = ctx.device
+    t3 = torch.as_tensor(tails, dtype=torch.long, device=dev).view(-1, 3)
+    p = torch.as_tensor(pos, dtype=torch.long, device=dev).expand(t3.shape[0]).reshape(-1, 1)
+    return copy_matches(ctx, ctx_len, t3[:, 2:3], t3[:, 1:2], t3[:, 0:1], p, max_matches).index(0)
 
 
 def copy_attention(copy: CopyInputs, score_w: torch.Tensor, null: torch.Tensor,
@@ -538,11 +559,6 @@ class MTPHeads(nn.Module):
             return torch.einsum("...nd,ned->...ne", e, u)
         return torch.einsum("...d,ned->...ne", e, u)
 
-    def copy_inputs(self, ctx: torch.Tensor, ctx_len: torch.Tensor, y: torch.Tensor, y1: torch.Tensor,
-                    y2: torch.Tensor, pos: torch.Tensor) -> CopyInputs:
-        """:func:`copy_matches` with this model's ``copy_matches``."""
-        return copy_matches(ctx, ctx_len, y, y1, y2, pos, self.config.copy_matches)
-
     def teacher_copy_inputs(self, ids: torch.Tensor, t: torch.Tensor) -> Optional[CopyInputs]:
         """Copy inputs of all n heads at anchors ``t [P]`` of the sequences ``ids [P, L]`` (each
         row the anchor's whole sequence; padding after it is never read), teacher-forced as
@@ -558,7 +574,7 @@ class MTPHeads(nn.Module):
             return None
         if copy is None:
             raise ValueError("these MTP heads attend over the context (copy_attn): pass copy=CopyInputs "
-                             "(MTPHeads.copy_inputs)")
+                             "(copy_matches / node_copy_inputs / MTPHeads.teacher_copy_inputs)")
         n = self.config.num_heads
         want = list(h.shape[:-1]) + ([] if head is not None else [n])
         if list(copy.values.shape[:-1]) != want:
@@ -577,7 +593,7 @@ class MTPHeads(nn.Module):
         the token each ``h`` was followed by (required with ``token_input``); with
         ``chain_input``, the token each head reads: ``[..., n]`` for all heads
         (:meth:`input_tokens`), ``[...]`` for one. ``copy`` (required with ``copy_attn``): the
-        context matches of each head's query (:meth:`copy_inputs`), ``[..., n, M]`` or ``[..., M]``."""
+        context matches of each head's query (:func:`copy_matches`), ``[..., n, M]`` or ``[..., M]``."""
         p, b = self.proj.to(h.dtype), self.bias.to(h.dtype)
         t = self._token_term(next_tokens, h, head)
         o = self._copy_out(copy, h, head)

@@ -45,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from ptp.mtp_model import MTPHeads, MTPModel, copy_matches
+from ptp.mtp_model import MTPHeads, MTPModel, node_copy_inputs, path_tail
 from ptp.ptp_model import vector_pick
 from ptp.sampling import SamplingConfig, uniforms
 from ptp_ext.reference import sampling_probs
@@ -125,12 +125,7 @@ class MaskedInputDrafter(SlotGroupDrafter):
         nodes, ``top`` candidates per node, none below path probability ``min_prob``."""
         m = self.model
         dev = z.device
-        ctx = None
-        if m.copy_score is not None:
-            if not context or int(context[-1]) != int(first_prev):
-                raise ValueError("a copy sampler drafts from the committed tokens: pass context (ending "
-                                 "with the token before mask 0)")
-            ctx = torch.as_tensor([list(context)], dtype=torch.long, device=dev)
+        ctx = m.copy_context(context, first_prev, dev)
 
         def expand(d: int, rows: list[int], toks: list[int], tails) -> torch.Tensor:
             F_ = len(toks)
@@ -140,16 +135,12 @@ class MaskedInputDrafter(SlotGroupDrafter):
             prev = torch.tensor(toks, dtype=torch.long, device=dev)
             copy = None
             if ctx is not None:
-                t3 = torch.tensor(tails, dtype=torch.long, device=dev)  # [F, 3]: y2, y1, y
                 L = ctx.shape[1]
-                copy = copy_matches(ctx.expand(F_, L), torch.full((F_,), L, device=dev), t3[:, 2:3], t3[:, 1:2],
-                                    t3[:, 0:1], torch.full((F_, 1), L - 1 + d, device=dev),
-                                    m.config.copy_matches).index(0)
+                copy = node_copy_inputs(ctx.expand(F_, L), torch.full((F_,), L, device=dev), tails, L - 1 + d,
+                                        m.config.copy_matches)
             return m.logits(m.sampler_hidden(zz, prev, d, copy=copy, fused=True)).float()
 
-        tails = None
-        if ctx is not None:
-            tails = [tuple(([-2, -2, -2] + [int(x) for x in context[-3:]])[-3:])]
+        tails = [path_tail(context)] if ctx is not None else None
         floor = math.log(self.min_prob) if self.min_prob > 0.0 else -math.inf
         tokens, parents = best_first_tree([int(first_prev)], self.num_slots, expand, self.max_nodes, self.top,
                                           floor, None, tails)[0]
@@ -292,15 +283,7 @@ class HeadsDrafter:
             return None
         ctx, lens = ctxs
         r = torch.tensor(rows, dtype=torch.long, device=ctx.device)
-        t3 = torch.tensor(last3, dtype=torch.long, device=ctx.device).view(-1, 3, 1)
-        pos = (lens[r] - 1 + depth).view(-1, 1)
-        return self.heads.copy_inputs(ctx[r], lens[r], t3[:, 2], t3[:, 1], t3[:, 0], pos).index(0)
-
-    @staticmethod
-    def _root_last3(hist) -> tuple[int, int, int]:
-        """(y2, y1, y) of a row whose history ends with the root: its last three tokens."""
-        pad = [-2, -2, -2] + [int(x) for x in hist[-3:]]
-        return pad[-3], pad[-2], pad[-1]
+        return node_copy_inputs(ctx[r], lens[r], last3, lens[r] - 1 + depth, self.heads.config.copy_matches)
 
     @torch.no_grad()
     def draft_chains(self, H: torch.Tensor, roots: list[int], ok: list[bool], budget: int, request: DraftRequest
@@ -321,7 +304,7 @@ class HeadsDrafter:
         live = list(ok)
         prev = list(roots)
         ctxs = self._contexts(request.histories, B, dev)
-        last3 = ([self._root_last3(hh) if good else (-2, -2, 0) for hh, good in zip(request.histories, ok)]
+        last3 = ([path_tail(hh) if good else (-2, -2, 0) for hh, good in zip(request.histories, ok)]
                  if ctxs is not None else None)
         for i in range(min(n, budget)):
             if not any(live):
@@ -399,7 +382,7 @@ class HeadsDrafter:
             return self.heads.draft_logits(H[r], next_tokens=torch.tensor(toks, dtype=torch.long, device=dev),
                                            head=d, copy=copy)[0].float()
 
-        tails = [self._root_last3(histories[b]) for b in range(B)] if ctxs is not None else None
+        tails = [path_tail(histories[b]) for b in range(B)] if ctxs is not None else None
         return best_first_tree(roots, n, expand, budget, self.top, floor, self.heads.vocab_id_list, tails)
 
     def _tree(self, logits: torch.Tensor, budget: int, ids: Optional[list[int]] = None
