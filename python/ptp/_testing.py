@@ -215,3 +215,49 @@ def candidate_path_scores(logprobs, start_tail: tuple, depths: int, per_node: in
 
     walk((), tuple(start_tail), 0.0)
     return scores
+
+
+@torch.no_grad()
+def randomize_slot_drafter(model, seed: int = 2) -> None:
+    """Gives a slot drafter (PTP or masked-input) random LoRA B matrices (x 0.05) and, if it has
+    copy attention, random copy tensors, so its drafts depend on every part (tests)."""
+    from ptp.lora import GatedLoRALinear
+
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, GatedLoRALinear):
+            mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.05)
+    if getattr(model, "copy_score", None) is not None:
+        for name, scale in (("copy_score", 1.0), ("copy_null", 0.3), ("copy_proj", 0.1), ("copy_gate", 1.0)):
+            t = getattr(model, name)
+            t.copy_(torch.randn(t.shape, generator=g) * scale)
+
+
+def repeat_sequences(n: int, seed: int, vocab: int) -> list:
+    """``n`` training sequences whose answers repeat their random prompt (then its first 6 tokens):
+    the next tokens are in the context only, so only a drafter that copies can predict them."""
+    from ptp.train.data import Sequence
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(3, vocab, (10 + i % 5,), generator=g)
+        out.append(Sequence(torch.cat([p, p, p[:6]]), p.numel()))
+    return out
+
+
+def decode(base, prompts, drafter, sampling, n: int = 40) -> tuple[list, int]:
+    """Each prompt's new tokens through ptp's decoder with ``drafter`` (``None``: plain decoding)
+    and the target calls it took in all."""
+    from ptp.decoder import Decoder, GenerationConfig
+
+    res = Decoder(base, drafter=drafter).generate(prompts, GenerationConfig(max_new_tokens=n, sampling=sampling))
+    return [r.new_token_ids for r in res], sum(r.target_calls for r in res)
+
+
+def copy_prompts(vocab: int) -> list:
+    """Two random prompts and one that repeats a 5-token unit three times (lookup and copy drafters
+    then have something to copy)."""
+    g = torch.Generator().manual_seed(1)
+    unit = torch.randint(3, vocab, (5,), generator=g).tolist()
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in (6, 11)] + [unit * 3]

@@ -23,7 +23,8 @@ embeddings of the tokens that followed) against a "no copy" logit ``a_j . h + c_
 and ``g_j`` start at zero, so a copy sampler starts as the sampler it extends. Such a sampler can be
 trained alone on a trained drafter (``MTPModel.freeze_adapter``, ``ptp train mtp --copy-attn
 --init-from DIR --freeze-adapter``): the mask rows are then fixed features and a step runs the
-target forward only.
+target forward only. The sampler head and the copy attention live in :mod:`ptp.sampler_head`
+(:class:`~ptp.sampler_head.SlotSampler`), shared with the PTP adapter's optional sampler head.
 
 Losses (one packed forward per training sequence, windows as in PTP training): cross-entropy of
 the mask rows' own LM-head output and of the sampler head (teacher forcing: the data token is the
@@ -68,7 +69,8 @@ import torch.nn.functional as F
 
 from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, load_lora_state_dict, lora_state_dict, config_dict
 from ptp.ptp_model import packed_forward
-from ptp_ext.reference import sampler_mlp_ref
+from ptp.sampler_head import (CopyInputs, SamplerHead, SlotSampler, _load_named, copy_attention, copy_matches,
+                              node_copy_inputs, path_tail, teacher_copy_matches)
 
 __all__ = ["MTPConfig", "SamplerHead", "MTPModel", "HeadsConfig", "MTPHeads", "CopyInputs", "copy_matches",
            "teacher_copy_matches", "copy_attention", "path_tail", "node_copy_inputs"]
@@ -99,58 +101,7 @@ class MTPConfig:
         return config_dict(self)
 
 
-def _load_named(module: nn.Module, names, state: dict[str, torch.Tensor], missing_ok: bool, what: str) -> None:
-    """Copies ``state[name]`` into ``module.<name>`` for each name (same shape; ``missing_ok``: an
-    absent name keeps its current value)."""
-    for name in names:
-        if name not in state:
-            if missing_ok:
-                continue
-            raise ValueError(f"{what} checkpoint lacks {name!r}")
-        dst = getattr(module, name)
-        if state[name].shape != dst.shape:
-            raise ValueError(f"{name}: expected shape {list(dst.shape)}, got {list(state[name].shape)}")
-        with torch.no_grad():
-            dst.copy_(state[name].to(dst.dtype))
-
-
-class SamplerHead(nn.Module):
-    """``z + [Linear(2d->d) -> SiLU -> LayerNorm -> Linear(d->d) -> SiLU -> LayerNorm]([z; E(prev)])``."""
-
-    def __init__(self, hidden: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(2 * hidden, hidden)
-        self.norm1 = nn.LayerNorm(hidden, eps=eps)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.norm2 = nn.LayerNorm(hidden, eps=eps)
-        self.eps = eps
-        with torch.no_grad():
-            nn.init.normal_(self.fc1.weight, std=(2 * hidden) ** -0.5)
-            nn.init.zeros_(self.fc1.bias)
-            nn.init.normal_(self.fc2.weight, std=hidden ** -0.5)
-            nn.init.zeros_(self.fc2.bias)
-            self.norm2.weight.mul_(0.1)  # start close to the identity (the residual)
-
-    def _args(self):
-        return (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.norm1.weight,
-                self.norm1.bias, self.norm2.weight, self.norm2.bias, True, self.eps)
-
-    def forward(self, z: torch.Tensor, prev_tokens: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """Differentiable (training): the pure-PyTorch reference of the fused op."""
-        return z + sampler_mlp_ref(z, prev_tokens, embedding, *self._args())
-
-    @torch.no_grad()
-    def fused(self, z: torch.Tensor, prev_tokens: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """Inference through ``ptp_ext.ops.sampler_mlp`` (one fused kernel per call)."""
-        from ptp_ext import ops
-
-        w1, b1, w2, b2, n1w, n1b, n2w, n2b = [t.to(z.dtype) for t in self._args()[:8]]
-        return z + ops.sampler_mlp(z, w1, w2, prev_tokens=prev_tokens, embedding=embedding.to(z.dtype),
-                                   b1=b1, b2=b2, norm1_weight=n1w, norm1_bias=n1b, norm2_weight=n2w,
-                                   norm2_bias=n2b, silu_out=True, eps=self.eps)
-
-
-class MTPModel(nn.Module):
+class MTPModel(SlotSampler, nn.Module):
     """A causal LM turned into a masked-input multi-token drafter (gated LoRA + masks + sampler)."""
 
     DRAFTER_TYPE = "mtp"
@@ -165,18 +116,7 @@ class MTPModel(nn.Module):
         hidden = emb.shape[1]
         std = float(emb.float().std())
         self.masks = nn.Parameter(torch.randn(config.num_masks, hidden, device=emb.device) * std)
-        self.sampler = SamplerHead(hidden).to(emb.device) if config.sampler else None
-        self.copy_score = self.copy_null = self.copy_proj = self.copy_gate = None
-        if config.copy_attn:
-            k, dev = config.num_masks, emb.device
-            # per mask: (w0, w_bigram, w_trigram, recency slope before softplus), the "no copy"
-            # logit a . h + c and the gate g; one shared projection C (zero-init: starts as the sampler)
-            self.copy_score = nn.Parameter(torch.tensor([[0.0, 1.0, 1.0, 0.0]] * k, device=dev))
-            self.copy_null = nn.Parameter(torch.zeros(k, hidden + 1, device=dev))
-            self.copy_proj = nn.Parameter(torch.zeros(hidden, hidden, device=dev))
-            self.copy_gate = nn.Parameter(torch.zeros(k, hidden, device=dev))
-
-    COPY_NAMES = ("copy_score", "copy_null", "copy_proj", "copy_gate")
+        self.init_sampler(hidden, config.num_masks, emb.device, config.sampler, config.copy_attn)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -191,12 +131,7 @@ class MTPModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         out = lora_state_dict(self.base)
         out["masks"] = self.masks.detach()
-        if self.sampler is not None:
-            for k, v in self.sampler.state_dict().items():
-                out[f"sampler.{k}"] = v.detach()
-        if self.copy_score is not None:
-            for name in self.COPY_NAMES:
-                out[name] = getattr(self, name).detach()
+        out.update(self.sampler_state_dict())
         return out
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], missing_ok: bool = False) -> None:
@@ -207,36 +142,7 @@ class MTPModel(nn.Module):
             if state["masks"].shape != self.masks.shape:
                 raise ValueError(f"masks: expected {list(self.masks.shape)}, got {list(state['masks'].shape)}")
             self.masks.copy_(state["masks"])
-        if self.sampler is not None:
-            self.sampler.load_state_dict({k[len("sampler."):]: v for k, v in state.items()
-                                          if k.startswith("sampler.")})
-        present = [n for n in self.COPY_NAMES if n in state]
-        if self.copy_score is None:
-            if present:
-                raise ValueError(f"unexpected masked-input tensors {present} (copy_attn=False in the config?)")
-            return
-        _load_named(self, self.COPY_NAMES, state, missing_ok, "masked-input (copy_attn)")
-
-    def sampler_hidden(self, z: torch.Tensor, prev_tokens: torch.Tensor, mask_index,
-                       copy: Optional[CopyInputs] = None, fused: bool = False) -> torch.Tensor:
-        """The sampler head's output ``[R, d]`` for mask rows ``z [R, d]`` whose previous token is
-        ``prev_tokens [R]``; ``mask_index`` (an int or ``[R]``) says which mask each row is. With
-        ``copy_attn``, ``copy`` (``[R, M]``, :func:`copy_matches` of ``prev_tokens`` and the path
-        before it) adds the context attention: ``h = z + MLP([z; E(prev)])``, then
-        ``h + g_j * o + C o`` with ``o = copy_attention(copy, w_j, a_j . h + c_j)``."""
-        emb = self.embedding()
-        h = self.sampler.fused(z, prev_tokens, emb) if fused else self.sampler(z, prev_tokens, emb)
-        if self.copy_score is None:
-            return h
-        if copy is None:
-            raise ValueError("this masked-input drafter attends over the context (copy_attn): pass copy=CopyInputs")
-        if list(copy.values.shape[:-1]) != list(h.shape[:-1]):
-            raise ValueError(f"copy inputs: expected queries of shape {list(h.shape[:-1])}, "
-                             f"got {list(copy.values.shape[:-1])}")
-        nl = self.copy_null[mask_index].to(h.dtype)  # [(R,) d + 1]
-        null = (h * nl[..., :-1]).sum(-1) + nl[..., -1]
-        o = copy_attention(copy, self.copy_score[mask_index], null, emb)
-        return h + self.copy_gate[mask_index].to(h.dtype) * o + o @ self.copy_proj.to(h.dtype).t()
+        self.load_sampler_state_dict(state, missing_ok, "masked-input")
 
     def packed_forward(self, real_ids, slot_embeds, position_ids, visible, past_key_values=None,
                        use_cache: bool = False):
@@ -248,47 +154,6 @@ class MTPModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.base.lm_head(hidden)
-
-    @torch.no_grad()
-    def draft_chain(self, z: torch.Tensor, first_prev: int, pick=None,
-                    context: Optional[list[int]] = None) -> list[int]:
-        """Tokens of one mask block ``z [k, hidden]`` given the token before mask 0.
-
-        ``pick(j, logits [V]) -> int`` chooses mask j's token (default argmax); with the sampler
-        head, mask j's prediction conditions on mask j-1's chosen token. ``context`` (required with
-        ``copy_attn``): the committed tokens, ending with ``first_prev``.
-        """
-        emb = self.embedding()
-        out, prev = [], first_prev
-        if self.sampler is None:
-            logits = self.logits(z).float()
-            return [int(pick(j, logits[j])) if pick else int(logits[j].argmax()) for j in range(z.shape[0])]
-        ctx = self.copy_context(context, first_prev, z.device)
-        tail = path_tail(context) if ctx is not None else None
-        for j in range(z.shape[0]):
-            prev_t = torch.tensor([prev], device=z.device)
-            copy = None
-            if ctx is not None:
-                L = ctx.shape[1]
-                copy = node_copy_inputs(ctx, torch.tensor([L], device=z.device), [tail], L - 1 + j,
-                                        self.config.copy_matches)
-            h = self.sampler_hidden(z[j:j + 1], prev_t, j, copy=copy, fused=True)
-            logits = self.logits(h)[0].float()
-            prev = int(pick(j, logits)) if pick else int(logits.argmax())
-            out.append(prev)
-            if tail is not None:
-                tail = (tail[1], tail[2], prev)
-        return out
-
-    def copy_context(self, context: Optional[list[int]], first_prev: int, device) -> Optional[torch.Tensor]:
-        """A copy sampler's committed tokens as ``[1, L]`` (``None`` without ``copy_attn``); they
-        must end with ``first_prev``, the token before mask 0."""
-        if self.copy_score is None:
-            return None
-        if not context or int(context[-1]) != int(first_prev):
-            raise ValueError("a copy sampler drafts from the committed tokens: pass context (ending "
-                             "with the token before mask 0)")
-        return torch.as_tensor([list(context)], dtype=torch.long, device=device)
 
 
 @dataclass
@@ -315,107 +180,6 @@ class HeadsConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-_NO_TOKEN = -2  # a path token before the sequence start (never equal to a token or the padding -1)
-
-
-@dataclass
-class CopyInputs:
-    """What a copy head's context attention reads for each query (:func:`copy_matches`): ``values``
-    ``[..., M]`` the token after each match (0 where invalid), ``feats [..., M, 3]`` (bigram
-    agreement, trigram agreement, log distance) and ``valid [..., M]``."""
-    values: torch.Tensor
-    feats: torch.Tensor
-    valid: torch.Tensor
-
-    def index(self, i) -> "CopyInputs":
-        """The queries ``[..., i, :]`` (one head of ``[..., n, M]`` inputs)."""
-        return CopyInputs(self.values[..., i, :], self.feats[..., i, :, :], self.valid[..., i, :])
-
-
-def copy_matches(ctx: torch.Tensor, ctx_len: torch.Tensor, y: torch.Tensor, y1: torch.Tensor,
-                 y2: torch.Tensor, pos: torch.Tensor, max_matches: int) -> CopyInputs:
-    """The ``max_matches`` most recent earlier occurrences of each query token in its context.
-
-    ``ctx [Q, L]`` committed token ids (right-padded with -1), ``ctx_len [Q]`` their lengths; ``K``
-    queries per context: ``y [Q, K]`` the token a head reads, ``y1``/``y2 [Q, K]`` the two tokens
-    before it on its path (-2 before the sequence start), ``pos [Q, K]`` the position of ``y``. A
-    key ``j`` is a committed pair: ``x_j == y`` with ``x_{j+1}`` committed (``j <= ctx_len - 2``).
-    Returns :class:`CopyInputs` of shape ``[Q, K, M]`` (``M = min(max_matches, L)``)."""
-    if ctx.dim() != 2 or y.dim() != 2 or y.shape[0] != ctx.shape[0]:
-        raise ValueError(f"copy_matches: ctx [Q, L] and queries [Q, K], got {list(ctx.shape)} and {list(y.shape)}")
-    Q, L = ctx.shape
-    K = y.shape[1]
-    M = max(1, min(int(max_matches), L))
-    if L == 0:
-        z = torch.zeros(Q, K, 1, dtype=torch.long, device=y.device)
-        return CopyInputs(z, torch.zeros(Q, K, 1, 3, device=y.device), z.bool())
-    j = torch.arange(L, device=ctx.device)
-    keyok = j.unsqueeze(0) <= (ctx_len.to(ctx.device) - 2).unsqueeze(1)  # [Q, L]
-    eq = (ctx.unsqueeze(1) == y.unsqueeze(2)) & keyok.unsqueeze(1)  # [Q, K, L]
-    at = torch.where(eq, j, -1).topk(M, dim=-1).values  # most recent first; -1: no match
-    valid = at >= 0
-    jj = at.clamp(min=0)
-    flat = jj.view(Q, K * M)
-
-    def tok(off: int) -> torch.Tensor:
-        return ctx.gather(1, (flat + off).clamp(0, L - 1)).view(Q, K, M)
-
-    values = torch.where(valid, tok(1), 0)
-    m2 = valid & (jj >= 1) & (tok(-1) == y1.unsqueeze(2))
-    m3 = m2 & (jj >= 2) & (tok(-2) == y2.unsqueeze(2))
-    logd = torch.log((pos.unsqueeze(2) - jj).clamp(min=1).float())
-    return CopyInputs(values, torch.stack([m2.float(), m3.float(), logd], -1), valid)
-
-
-def teacher_copy_matches(ids: torch.Tensor, t: torch.Tensor, n: int, max_matches: int) -> CopyInputs:
-    """Teacher-forced copy inputs of ``n`` chained readers at anchors ``t [P]`` of the sequences
-    ``ids [P, L]`` (each row the anchor's whole sequence; tokens after ``t + n`` are never read):
-    reader i reads the data token ``t + 1 + i`` and the two tokens before it, over the context
-    committed at the anchor (tokens ``0 .. t + 1``). Shared by the copy heads (head i) and the
-    masked-input drafter's copy sampler (mask i of a window whose verified token is ``t + 1``)."""
-    pos = t.unsqueeze(1) + 1 + torch.arange(n, device=t.device)  # [P, n]
-    if pos.numel() and int(pos.max()) >= ids.shape[1]:
-        raise ValueError("teacher copy inputs: an anchor's n input tokens must lie inside its sequence")
-
-    def at(q: torch.Tensor) -> torch.Tensor:
-        return torch.where(q >= 0, ids.gather(1, q.clamp(min=0)), _NO_TOKEN)
-
-    return copy_matches(ids, t + 2, at(pos), at(pos - 1), at(pos - 2), pos, max_matches)
-
-
-def path_tail(tokens) -> tuple[int, int, int]:
-    """The last three tokens ``(y2, y1, y)`` of a path (``-2`` before its start): what a copy
-    reader's query is made of."""
-    pad = [_NO_TOKEN] * 3 + [int(x) for x in tokens[-3:]]
-    return pad[-3], pad[-2], pad[-1]
-
-
-def node_copy_inputs(ctx: torch.Tensor, ctx_len: torch.Tensor, tails, pos, max_matches: int) -> CopyInputs:
-    """Copy inputs ``[F, M]`` of ``F`` drafted nodes, one per context row (``ctx [F, L]``,
-    ``ctx_len [F]``): node f reads the token ``tails[f][2]`` at position ``pos`` (an int or ``[F]``)
-    after the path tokens ``tails[f][:2]`` (:func:`copy_matches` with one query per row)."""
-    dev = ctx.device
-    t3 = torch.as_tensor(tails, dtype=torch.long, device=dev).view(-1, 3)
-    p = torch.as_tensor(pos, dtype=torch.long, device=dev).expand(t3.shape[0]).reshape(-1, 1)
-    return copy_matches(ctx, ctx_len, t3[:, 2:3], t3[:, 1:2], t3[:, 0:1], p, max_matches).index(0)
-
-
-def copy_attention(copy: CopyInputs, score_w: torch.Tensor, null: torch.Tensor,
-                   embedding: torch.Tensor) -> torch.Tensor:
-    """The context attention's output ``o [..., d]``: softmax over a "no copy" logit ``null [...]``
-    and one score per match, ``w0 + w2 bigram + w3 trigram - softplus(s) log distance`` (``score_w
-    [..., 4]``, broadcast over the queries' leading dimensions), of the embeddings (``embedding
-    [V, d]``) of the tokens that followed the matches; the no-copy share contributes zero."""
-    f = copy.feats.to(null.dtype)
-    w = score_w.to(null.dtype)
-    score = (w[..., 0:1] + w[..., 1:2] * f[..., 0] + w[..., 2:3] * f[..., 1]
-             - F.softplus(w[..., 3:4]) * f[..., 2])  # [..., M]
-    score = score.masked_fill(~copy.valid, float("-inf"))
-    att = torch.softmax(torch.cat([null.unsqueeze(-1), score], -1), -1)[..., 1:]
-    e = F.embedding(copy.values, embedding).to(null.dtype)  # [..., M, d]
-    return torch.einsum("...m,...md->...d", att, e)
 
 
 class MTPHeads(nn.Module):

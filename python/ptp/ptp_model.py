@@ -19,6 +19,14 @@ for the next k tokens; one forward returns k dependent tokens (Draxler, Will et 
   context token's position) and sees the earlier slots of its own window and itself.
 * The adapter acts only on the auxiliary rows (``python/ptp/lora.py``), so the real rows of any
   forward are the target's own, bit for bit: verification can ride on the same call.
+* ``sampler`` (optional, :class:`ptp.sampler_head.SlotSampler`): slot j >= 1's token comes from the
+  masked-input drafter's sampler head on its final hidden state and the token before its target
+  (slot j-1's; teacher-forced in training), and with ``copy_attn`` also from that head's attention
+  over the committed context's earlier occurrences of that token. Slot 0 (whose token verification
+  picks itself) keeps the plain LM head; the sampler tensors' row 0 is unused. At temperature 0 a
+  slot otherwise reads the same u = 0.5 as every other, so the sampler is what tells slot j which
+  token slot j-1 chose; at T > 0 the u's still select the tokens (Pick(u_j, P_j) on the sampler's
+  conditional).
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import torch.nn as nn
 from ptp_ext.reference import sampling_probs
 from ptp.models import cache_kw
 from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, lora_state_dict, load_lora_state_dict, config_dict
+from ptp.sampler_head import SlotSampler
 
 __all__ = [
     "GREEDY_U",
@@ -62,9 +71,20 @@ class PTPConfig:
     top_p: float = 1.0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     base_model: str = "smollm2-135m-instruct"
+    # slots 1.. through the sampler head (reads the previous slot's token), optionally with the
+    # copy attention over the committed context (ptp.sampler_head)
+    sampler: bool = False
+    copy_attn: bool = False
+    copy_matches: int = 16
 
     def __post_init__(self) -> None:
         self.lora = LoRAConfig.coerce(self.lora)
+        if self.copy_attn and not self.sampler:
+            raise ValueError("copy_attn extends the sampler head: it needs sampler=True")
+        if self.copy_matches < 1:
+            raise ValueError(f"copy_matches must be >= 1, got {self.copy_matches}")
+        if self.sampler and self.num_slots < 2:
+            raise ValueError("a PTP sampler head drafts slots 1..k-1: it needs num_slots >= 2")
         if self.variant not in ("optp", "cptp"):
             raise ValueError(f"variant must be 'optp' or 'cptp', got {self.variant!r}")
         if self.u_embedding not in ("interp", "bits"):
@@ -176,11 +196,15 @@ def batched_slot_layout(lengths: Sequence[int], anchors: Sequence[Sequence[int]]
     return pos, vis
 
 
-class PTPModel(nn.Module):
+class PTPModel(SlotSampler, nn.Module):
     """A causal LM (HF ``*ForCausalLM``) turned into a PTP drafter by a gated LoRA + u-embedding.
 
-    The base weights are frozen; only the LoRA and the u-embedding (and C-PTP's start vector) train.
+    The base weights are frozen; only the LoRA and the u-embedding (and C-PTP's start vector, the
+    optional sampler head) train.
     """
+
+    DRAFTER_TYPE = "ptp"
+    CONFIG_KEY = "ptp"
 
     def __init__(self, base: nn.Module, config: PTPConfig) -> None:
         super().__init__()
@@ -196,6 +220,7 @@ class PTPModel(nn.Module):
         self.u_embed.to(dev)
         if self.start is not None:
             self.start.data = self.start.data.to(dev)
+        self.init_sampler(hidden, config.num_slots, dev, config.sampler, config.copy_attn)
 
     # ------------------------------------------------------------------ parameters and I/O
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -207,9 +232,13 @@ class PTPModel(nn.Module):
             out[f"u_embed.{k}"] = v.detach()
         if self.start is not None:
             out["start"] = self.start.detach()
+        out.update(self.sampler_state_dict())
         return out
 
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], missing_ok: bool = False) -> None:
+        """Loads the adapter. ``missing_ok``: sampler / copy tensors the state lacks keep their init
+        (``ptp train ptp --sampler --init-from``: a plain adapter into one with a sampler head)."""
+        self.load_sampler_state_dict(state, missing_ok, "PTP")
         load_lora_state_dict(self.base, state)
         self.u_embed.load_state_dict({k[len("u_embed."):]: v for k, v in state.items()
                                       if k.startswith("u_embed.")})
@@ -257,6 +286,9 @@ class PTPModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.base.lm_head(hidden)
+
+    def embedding(self) -> torch.Tensor:
+        return self.base.get_input_embeddings().weight
 
     def slot_tokens(self, slot_logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """Draft tokens from the slots' logits ``[..., k, V]`` and their uniforms ``[..., k]``.

@@ -52,9 +52,9 @@ from ptp_ext.reference import sampling_probs
 
 from .base import Draft, DraftRequest, StepOutcome, register_drafter
 from .lookup import merge_chain
-from .slots import SlotGroupDrafter
+from .slots import SlotGroupDrafter, tree_options
 
-__all__ = ["MaskedInputDrafter", "HeadsDrafter", "DEFAULT_MTP", "DEFAULT_HEADS"]
+__all__ = ["MaskedInputDrafter", "HeadsDrafter", "DEFAULT_MTP", "DEFAULT_HEADS", "sampler_tree", "best_first_tree"]
 
 WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
 DEFAULT_MTP = os.path.join(WEIGHTS, "mtp-smollm2-135m-instruct")
@@ -81,16 +81,7 @@ class MaskedInputDrafter(SlotGroupDrafter):
         k = int(num_masks or model.config.num_masks)
         if not 1 <= k <= model.config.num_masks:
             raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
-        if isinstance(tree, str):
-            tree = tree.lower() in ("1", "true", "yes", "tree")
-        if tree and scheme != "quadratic":
-            raise ValueError("tree drafts need scheme='quadratic' (a group after each of the first nodes)")
-        if int(max_nodes) < 1 or int(top) < 1:
-            raise ValueError(f"need max_nodes >= 1 and top >= 1, got max_nodes={max_nodes}, top={top}")
-        if not 0.0 <= float(min_prob) < 1.0:
-            raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
-        self.tree = bool(tree)
-        self.max_nodes, self.top, self.min_prob = int(max_nodes), int(top), float(min_prob)
+        self.tree, self.max_nodes, self.top, self.min_prob = tree_options(tree, scheme, max_nodes, top, min_prob)
         # a tree of max_nodes, plus room for lookup's continuation (k tokens) merged into it
         tree_room = self.max_nodes + (k if int(lookup_ngram) > 0 else 0)
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k,
@@ -119,32 +110,43 @@ class MaskedInputDrafter(SlotGroupDrafter):
     @torch.no_grad()
     def draft_tree(self, z: torch.Tensor, first_prev: int, context: Optional[list[int]] = None
                    ) -> tuple[list[int], list[int]]:
-        """Greedy draft tree (nodes 1..n as tokens, parents) of one mask block ``z [k, d]``:
-        :func:`best_first_tree` with mask d's sampler head expanding depth d on each node's own
-        token (a copy sampler also on the node's path over ``context``), at most ``max_nodes``
-        nodes, ``top`` candidates per node, none below path probability ``min_prob``."""
-        m = self.model
-        dev = z.device
-        ctx = m.copy_context(context, first_prev, dev)
+        """Greedy draft tree (nodes 1..n as tokens, parents) of one mask block ``z [k, d]``
+        (:func:`sampler_tree`)."""
+        return sampler_tree(self.model, z, first_prev, context, self.max_nodes, self.top, self.min_prob)
 
-        def expand(d: int, rows: list[int], toks: list[int], tails) -> torch.Tensor:
-            F_ = len(toks)
-            zz = z[d:d + 1].expand(F_, -1).contiguous()
-            if m.sampler is None:
-                return m.logits(zz).float()
-            prev = torch.tensor(toks, dtype=torch.long, device=dev)
-            copy = None
-            if ctx is not None:
-                L = ctx.shape[1]
-                copy = node_copy_inputs(ctx.expand(F_, L), torch.full((F_,), L, device=dev), tails, L - 1 + d,
-                                        m.config.copy_matches)
-            return m.logits(m.sampler_hidden(zz, prev, d, copy=copy, fused=True)).float()
 
-        tails = [path_tail(context)] if ctx is not None else None
-        floor = math.log(self.min_prob) if self.min_prob > 0.0 else -math.inf
-        tokens, parents = best_first_tree([int(first_prev)], self.num_slots, expand, self.max_nodes, self.top,
-                                          floor, None, tails)[0]
-        return tokens[1:], parents[1:]
+@torch.no_grad()
+def sampler_tree(model, z: torch.Tensor, first_prev: int, context: Optional[list[int]], max_nodes: int,
+                 top: int, min_prob: float = 0.0, first_slot: int = 0) -> tuple[list[int], list[int]]:
+    """Greedy draft tree (nodes 1..n as tokens, parents; 0 = the root ``first_prev``) of one slot
+    block ``z [k, d]`` of a :class:`ptp.sampler_head.SlotSampler` model: :func:`best_first_tree`
+    with slot ``first_slot + d``'s sampler head expanding depth d on each node's own token (a copy
+    sampler also on the node's path over ``context``, which ends with ``first_prev``), at most
+    ``max_nodes`` nodes, ``top`` candidates per node, none below path probability ``min_prob``.
+    Without a sampler head a depth's candidates do not depend on the node (each slot's own top)."""
+    m = model
+    dev = z.device
+    ctx = m.copy_context(context, first_prev, dev)
+
+    def expand(d: int, rows: list[int], toks: list[int], tails) -> torch.Tensor:
+        F_ = len(toks)
+        j = first_slot + d
+        zz = z[j:j + 1].expand(F_, -1).contiguous()
+        if m.sampler is None:
+            return m.logits(zz).float()
+        prev = torch.tensor(toks, dtype=torch.long, device=dev)
+        copy = None
+        if ctx is not None:
+            L = ctx.shape[1]
+            copy = node_copy_inputs(ctx.expand(F_, L), torch.full((F_,), L, device=dev), tails, L - 1 + d,
+                                    m.config.copy_matches)
+        return m.logits(m.sampler_hidden(zz, prev, j, copy=copy, fused=True)).float()
+
+    tails = [path_tail(context)] if ctx is not None else None
+    floor = math.log(min_prob) if min_prob > 0.0 else -math.inf
+    tokens, parents = best_first_tree([int(first_prev)], z.shape[0] - first_slot, expand, max_nodes, top,
+                                      floor, None, tails)[0]
+    return tokens[1:], parents[1:]
 
 
 class HeadsDrafter:

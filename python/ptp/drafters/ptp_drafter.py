@@ -26,6 +26,10 @@ the first G nodes only; ``check_first=1`` drops a group's drafts when its slot 0
 token verification picked (the later slots assumed that prediction); ``min_prob=p`` cuts a draft
 where the product of its slots' own probabilities falls below p. ``lookup_ngram=n`` drafts by
 prompt lookup instead whenever the last n..3 tokens occurred before (copy-heavy text).
+An adapter with a sampler head (``PTPConfig.sampler``) drafts slots 1..k-1 one at a time, each on
+the previous slot's token (a copy sampler also over the row's committed tokens); greedy,
+``tree=1`` (``max_nodes``, ``top``, ``min_prob``) drafts a best-first tree over the slots instead,
+groups hanging after its first nodes, lookup's continuation merged in as a trie path.
 * ``separate``: :class:`PTPDrafter`, a drafter call (over the newly committed tokens and k slots,
   its own KV cache) before each verify call: two calls per step.
 """
@@ -43,7 +47,8 @@ from ptp.sampling import SamplingConfig, uniforms
 from ptp_ext.reference import sampling_probs
 
 from .base import Draft, DraftRequest, StepOutcome, register_drafter
-from .slots import SlotGroupDrafter
+from .mtp import sampler_tree
+from .slots import SlotGroupDrafter, tree_options
 
 __all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "sdpa_attention"]
 
@@ -113,12 +118,8 @@ class PTPDrafter:
         self._caches[seq_id] = (list(history), cache)
         while len(self._caches) > self.max_rows:
             self._caches.popitem(last=False)
-        logits = m.logits(h[0, len(new) - 1:]).float()  # [1 + k, V]: root row, then the slots
-        if m.config.variant == "optp" or sampling.greedy:
-            drafts = logits[1:].argmax(-1)
-        else:
-            drafts = vector_pick(u.double(), sampling_probs(logits[1:], sampling.temperature,
-                                                            sampling.top_k, sampling.top_p))
+        rows = h[0, len(new) - 1:] if m.sampler is None else h[0, len(new) - 1:len(new)]
+        logits = m.logits(rows).float()  # [1 + k, V]: root row, then the slots (only the root with a sampler)
         # the root row is the target itself: its pick is the exact next token (up to rounding)
         if sampling.greedy:
             first = int(logits[0].argmax())
@@ -126,6 +127,15 @@ class PTPDrafter:
             u0 = float(uniforms(sampling.seed, torch.tensor(seq_id), torch.tensor(L)))
             first = int(vector_pick(torch.tensor(u0), sampling_probs(
                 logits[0], sampling.temperature, sampling.top_k, sampling.top_p)))
+        if m.sampler is not None:  # slots 1..k-1 one by one, each on the previous slot's token
+            ctx = list(history) + [first] if m.config.copy_attn else None
+            return [first] + m.draft_chain(h[0, len(new):], first, slot_pick(m, sampling, u), context=ctx,
+                                           first_slot=1)
+        if m.config.variant == "optp" or sampling.greedy:
+            drafts = logits[1:].argmax(-1)
+        else:
+            drafts = vector_pick(u.double(), sampling_probs(logits[1:], sampling.temperature,
+                                                            sampling.top_k, sampling.top_p))
         out = drafts.tolist()
         out[0] = first
         return out
@@ -151,17 +161,21 @@ class PTPSlotDrafter(SlotGroupDrafter):
 
     def __init__(self, model: PTPModel, num_slots: Optional[int] = None, scheme: str = "quadratic",
                  max_groups: Optional[int] = None, check_first: bool = False, min_prob: float = 0.0,
-                 lookup_ngram: int = 0):
+                 lookup_ngram: int = 0, tree: bool = False, max_nodes: int = 16, top: int = 4):
         k = int(num_slots or model.config.num_slots)
         if k < 2:
             raise ValueError(f"PTP on the verify call needs num_slots >= 2, got {k}")
-        if not 0.0 <= float(min_prob) < 1.0:
-            raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
-        super().__init__(model.gate, k, scheme, max_drafts=k - 1, max_groups=max_groups,
-                         lookup_ngram=lookup_ngram)
+        if model.sampler is not None and k > model.config.num_slots:
+            raise ValueError(f"this adapter's sampler head has {model.config.num_slots} slots, got num_slots={k}")
+        self.tree, self.max_nodes, self.top, min_prob = tree_options(tree, scheme, max_nodes, top, min_prob)
+        # a tree of max_nodes, plus room for lookup's continuation (k - 1 tokens) merged into it
+        tree_room = self.max_nodes + (k - 1 if int(lookup_ngram) > 0 else 0)
+        super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k - 1,
+                         max_groups=max_groups, lookup_ngram=lookup_ngram)
         self.check_first = bool(check_first)
         self.min_prob = float(min_prob)
         self.model = model.eval()
+        self.needs_context = bool(model.config.copy_attn)  # a copy sampler reads the committed tokens
         self._sampling = SamplingConfig()
         self._greedy_rows: Optional[torch.Tensor] = None
 
@@ -193,6 +207,8 @@ class PTPSlotDrafter(SlotGroupDrafter):
     def group_drafts(self, hidden: torch.Tensor, next_token: int, seq_id: int, next_index: int,
                      outcome: StepOutcome, context: Optional[list[int]] = None) -> list[int]:
         m, s = self.model, self._sampling
+        if m.sampler is not None or self.tree:
+            return self._sampler_drafts(hidden, next_token, seq_id, next_index, context)
         logits = m.logits(hidden).float()  # slot j drafts the token at next_index + j
         if m.config.variant == "optp" or s.greedy:
             tokens = logits.argmax(-1)
@@ -211,9 +227,43 @@ class PTPSlotDrafter(SlotGroupDrafter):
             out = out[:keep]
         return out.tolist()
 
+    def _sampler_drafts(self, hidden: torch.Tensor, next_token: int, seq_id: int, next_index: int,
+                        context: Optional[list[int]]):
+        """Drafts of slots 1..k-1 one at a time (a sampler head: each on the previous slot's token)
+        or, greedy with ``tree``, a best-first tree over them (:func:`ptp.drafters.mtp.sampler_tree`)."""
+        m, s = self.model, self._sampling
+        pick = slot_pick(m, s, self._u(seq_id, next_index, hidden.device))
+        if self.check_first and pick(0, m.logits(hidden[0]).float()) != next_token:
+            return []
+        if self.tree and s.greedy:
+            return sampler_tree(m, hidden, next_token, context, self.max_nodes, self.top, self.min_prob,
+                                first_slot=1)
+        probs: list[float] = []
+
+        def pick_p(j: int, lg: torch.Tensor) -> int:
+            t = pick(j, lg)
+            if self.min_prob > 0.0:
+                probs.append(float(torch.softmax(lg, -1)[t]))
+            return t
+
+        out = m.draft_chain(hidden, next_token, pick_p, context=context, first_slot=1)
+        if self.min_prob > 0.0:
+            keep = int((torch.cumprod(torch.tensor(probs, dtype=torch.float64), 0) >= self.min_prob).sum())
+            out = out[:keep]
+        return out
+
     def reset(self) -> None:
         super().reset()
         self._greedy_rows = None
+
+
+def slot_pick(model: PTPModel, sampling: SamplingConfig, u: torch.Tensor):
+    """``pick(j, logits) -> token`` of slot j: the argmax (greedy, or O-PTP), else
+    ``Pick(u[j], sampling_probs(logits))`` (C-PTP with the slots' uniforms ``u [k]``)."""
+    if sampling.greedy or model.config.variant == "optp":
+        return lambda j, lg: int(lg.argmax())
+    return lambda j, lg: int(vector_pick(u[j].double(), sampling_probs(
+        lg.float(), sampling.temperature, sampling.top_k, sampling.top_p)))
 
 
 def _factory(model, tokenizer, path, num_slots: Optional[int] = None, scheme: str = "quadratic",

@@ -45,7 +45,7 @@ import torch
 from .base import AuxRows, Draft, DraftRequest, StepOutcome
 from .lookup import merge_chain
 
-__all__ = ["SlotGroupDrafter", "SCHEMES"]
+__all__ = ["SlotGroupDrafter", "SCHEMES", "tree_options"]
 
 SCHEMES = ("quadratic", "linear")
 
@@ -214,6 +214,20 @@ class SlotGroupDrafter:
             d = self.group_drafts(outcome.aux_hidden[b, start:start + k], nxt[b], seq, next_index, outcome, **kw)
             toks, pars = d if isinstance(d, tuple) else (list(d), list(range(len(d))))
             self._next[seq] = (next_index, toks, pars)
+
+
+def tree_options(tree, scheme: str, max_nodes, top, min_prob) -> tuple[bool, int, int, float]:
+    """Checked ``(tree, max_nodes, top, min_prob)`` of a slot drafter's greedy trees (``tree`` may be
+    a CLI string: 1/true/yes/tree)."""
+    if isinstance(tree, str):
+        tree = tree.lower() in ("1", "true", "yes", "tree")
+    if tree and scheme != "quadratic":
+        raise ValueError("tree drafts need scheme='quadratic' (a group after each of the first nodes)")
+    if int(max_nodes) < 1 or int(top) < 1:
+        raise ValueError(f"need max_nodes >= 1 and top >= 1, got max_nodes={max_nodes}, top={top}")
+    if not 0.0 <= float(min_prob) < 1.0:
+        raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
+    return bool(tree), int(max_nodes), int(top), float(min_prob)
 
 
 def _is_chain(parents: list[int]) -> bool:

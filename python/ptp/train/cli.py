@@ -53,6 +53,14 @@ def _common(p: argparse.ArgumentParser, windows: int) -> None:
                    help="dtype of adapter.safetensors (float16 halves the file)")
 
 
+def _sampler_args(p: argparse.ArgumentParser, copy_note: str, init_help: str) -> None:
+    """``--copy-attn`` and ``--init-from`` of the drafters with a sampler head (ptp, mtp)."""
+    p.add_argument("--copy-attn", action=argparse.BooleanOptionalAction, default=False,
+                   help="the sampler head also attends over the context's earlier occurrences of the token "
+                        "it reads " + copy_note)
+    p.add_argument("--init-from", default=None, help=init_help)
+
+
 def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` (sub-commands ``ptp``, ``mtp``, ``heads``) to the main CLI's ``subparsers``."""
     train = subparsers.add_parser("train", help="train drafters")
@@ -67,6 +75,11 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--u-embedding", choices=["interp", "bits"], default="interp")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=False,
+                   help="slots 1..k-1 predict through the masked-input drafter's sampler head (reads the "
+                        "previous slot's token)")
+    _sampler_args(p, "(implies --sampler)",
+                  "start from a trained PTP adapter's tensors (sampler / copy tensors it lacks keep their init)")
     m = sub.add_parser("mtp", help="train the masked-input drafter (gated LoRA + masks + sampler head)")
     _common(m, windows=24)
     m.add_argument("--masks", type=int, default=8, help="k mask tokens per window")
@@ -74,13 +87,10 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--alpha", type=float, default=32.0)
     m.add_argument("--no-sampler", action="store_true", help="no sampler head (LM head on the masks)")
     m.add_argument("--lcm-weight", type=float, default=1.0, help="latent consistency loss weight")
-    m.add_argument("--copy-attn", action=argparse.BooleanOptionalAction, default=False,
-                   help="the sampler head also attends over the context's earlier occurrences of the "
-                        "token it reads (the copy heads' learned prompt lookup)")
-    m.add_argument("--init-from", default=None,
-                   help="start from this masked-input drafter (a checkpoint directory with the same "
-                        "--masks and --rank; with --copy-attn, one without it: the copy parameters "
-                        "start at zero, so training starts from that drafter's drafts)")
+    _sampler_args(m, "(the copy heads' learned prompt lookup)",
+                  "start from this masked-input drafter (a checkpoint directory with the same --masks and "
+                  "--rank; with --copy-attn, one without it: the copy parameters start at zero, so training "
+                  "starts from that drafter's drafts)")
     m.add_argument("--freeze-adapter", action="store_true",
                    help="train only the sampler head (and its copy attention): the LoRA and the "
                         "masks stay as initialised (use with --init-from); no backward through the target")
@@ -188,8 +198,11 @@ def run_train(args: argparse.Namespace) -> int:
 
         config = PTPConfig(variant=args.variant, num_slots=args.slots, u_embedding=args.u_embedding,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           lora=LoRAConfig(rank=args.rank, alpha=args.alpha), base_model=args.model)
+                           lora=LoRAConfig(rank=args.rank, alpha=args.alpha), base_model=args.model,
+                           sampler=args.sampler or args.copy_attn, copy_attn=args.copy_attn)
         model = PTPModel(base, config)
+        if args.init_from and not os.path.exists(os.path.join(args.out, "trainer_state.pt")):
+            _init_from(model, args.init_from, "PTP adapter")
         mode = args.mode
     elif args.train_command == "mtp":
         from ptp.mtp_model import MTPConfig, MTPModel

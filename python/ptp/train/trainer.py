@@ -11,7 +11,9 @@ right-padded real pass and one slot pass, which is what keeps a GPU busy):
 3. *Slot pass* (grad, adapter on the slot rows only): all windows' slots at once against the
    cached context, through the block mask of :func:`ptp.ptp_model.packed_layout`.
 4. Loss. O-PTP: cross-entropy on the data token. C-PTP distillation: KL(teacher P_T || student
-   P_T) at temperature T (cross-entropy on the data token at T = 0). C-PTP teacher-free: the u's
+   P_T) at temperature T (cross-entropy on the data token at T = 0). With a sampler head
+   (``PTPConfig.sampler``) slots 1.. predict through it, teacher-forced on the data token before
+   their target, and their own LM-head output gets the same loss as a second term. C-PTP teacher-free: the u's
    come from the bins under the *student's own* conditionals (k sequential no-grad slot passes,
    slot j's bin given u_1..u_{j-1}), loss -log P_student(data token).
 """
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from ptp.models import output_cache
 from ptp.ptp_model import PTPModel, batched_slot_layout, crop_cache
+from ptp.sampler_head import CopyInputs, teacher_copy_matches
 from ptp.train.checkpoint import TRAINER_STATE, save_adapter
 from ptp.train.data import Sequence
 from ptp_ext.reference import sampling_probs
@@ -159,6 +162,18 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
     del out
     pos, vis = batched_slot_layout(lengths, anchors, k, device=dev)
     Lmax = ids.shape[1]
+    raw: list[torch.Tensor] = []  # with a sampler head: the slots' own LM-head logits (last pass)
+    if model.sampler is not None:
+        # slot j >= 1 reads the data token before its target (a + j - 1); a copy sampler also reads
+        # its earlier occurrences in tokens 0 .. a (committed once verification picked token a)
+        prev_tok = torch.gather(ids, 1, (tgt_idx[:, :, 1:] - 1).reshape(B, -1)).view(B, W, k - 1)
+        slot_index = torch.arange(1, k, device=dev).repeat(B * W)
+        copy = None
+        if c.copy_attn:
+            cm = teacher_copy_matches(ids.repeat_interleave(W, 0),
+                                      torch.tensor(anchors, device=dev).view(-1) - 1, k - 1, c.copy_matches)
+            M = cm.values.shape[-1]
+            copy = CopyInputs(cm.values.reshape(-1, M), cm.feats.reshape(-1, M, 3), cm.valid.reshape(-1, M))
 
     def slot_logits(u: torch.Tensor) -> torch.Tensor:  # u [B, W, k] -> [B, W, k, V]
         emb = model.slot_embeddings(u).reshape(B, W * k, -1)
@@ -166,7 +181,15 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
             h, _ = model.packed_forward(None, emb, pos, vis, past_key_values=cache, use_cache=True)
             lg = model.logits(h)
         crop_cache(cache, Lmax)
-        return lg.float().view(B, W, k, -1)
+        lg = lg.float().view(B, W, k, -1)
+        if model.sampler is None:
+            return lg
+        raw[:] = [lg]
+        z = h.float().view(B, W, k, -1)[:, :, 1:].reshape(B * W * (k - 1), -1)
+        h2 = model.sampler_hidden(z, prev_tok.reshape(-1), slot_index, copy=copy)
+        with amp:
+            s_lg = model.logits(h2.to(model.embedding().dtype)).float().view(B, W, k - 1, -1)
+        return torch.cat([lg[:, :, :1], s_lg], 2)
 
     def target_bins_u() -> torch.Tensor:  # u in the target's bins, drawn per sequence in order
         u = torch.empty(B, W, k, device=dev)
@@ -188,6 +211,7 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
                 u[:, :, j] = _u_in_bins(*_bins(pj, targets[:, :, j]), cfg.beta, gen)
 
     logits = slot_logits(u)
+    own = raw[0] if raw else None  # (before the teacher-free metric pass below replaces it)
     with torch.no_grad():
         if cfg.mode == "teacher-free" and T > 0:
             # The u's above sit in the student's own bins, so the student picks the data tokens
@@ -199,19 +223,27 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
         else:
             u_eval, eval_logits = u, logits
         hit = (model.slot_tokens(eval_logits, u_eval) == targets).float()  # [B, W, k]
-    for b, n in enumerate(counts):
-        lb, tb = logits[b, :n], targets[b, :n]
+
+    def slot_loss(lb: torch.Tensor, tb: torch.Tensor, teacher_b: torch.Tensor) -> torch.Tensor:
+        R = lb.shape[0] * lb.shape[1]
         if c.variant == "optp" or T == 0 or cfg.mode == "teacher-free":
             scaled = lb if (c.variant == "optp" or T == 0) else lb / T
-            loss = F.cross_entropy(scaled.reshape(n * k, -1), tb.reshape(-1))
-        else:  # C-PTP distillation: KL(teacher || student) at the sampling temperature
-            logp_s = F.log_softmax(lb / T, dim=-1)
-            logp_t = F.log_softmax(teacher[b, :n] / T, dim=-1)
-            loss = F.kl_div(logp_s.reshape(n * k, -1), logp_t.reshape(n * k, -1), log_target=True,
-                            reduction="batchmean")
+            return F.cross_entropy(scaled.reshape(R, -1), tb.reshape(-1))
+        # C-PTP distillation: KL(teacher || student) at the sampling temperature
+        logp_s = F.log_softmax(lb / T, dim=-1)
+        logp_t = F.log_softmax(teacher_b / T, dim=-1)
+        return F.kl_div(logp_s.reshape(R, -1), logp_t.reshape(R, -1), log_target=True, reduction="batchmean")
+
+    for b, n in enumerate(counts):
+        tb = targets[b, :n]
+        loss = slot_loss(logits[b, :n], tb, teacher[b, :n])
+        if own is not None:  # the sampler's slots' own LM-head output learns the same targets (as masked-input)
+            loss = loss + slot_loss(own[b, :n, 1:], tb[:, 1:], teacher[b, :n, 1:])
         hb = hit[b, :n]
-        # accepted-prefix length a drafter would get from these windows (greedy chain)
-        prefix = hb.cumprod(dim=1).sum(dim=1).mean()
+        # accepted-prefix length a drafter would get from these windows (greedy chain); with a
+        # sampler head, of slots 1.. after the verified token (slot 0's own pick is never drafted,
+        # and slot j conditions on the true token before it)
+        prefix = (hb[:, 1:] if own is not None else hb).cumprod(dim=1).sum(dim=1).mean()
         results[live[b]] = (loss, {"acc": hb.mean(0).tolist(), "prefix": float(prefix)})
     return results
 
