@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ptp_ext.reference import sampler_mlp_ref
 
-__all__ = ["SamplerHead", "SlotSampler", "CopyInputs", "copy_matches", "teacher_copy_matches", "copy_attention",
+__all__ = ["SamplerHead", "SlotSampler", "CopyInputs", "copy_matches", "teacher_copy_matches", "window_copy_inputs", "copy_attention",
            "path_tail", "node_copy_inputs"]
 
 
@@ -147,6 +147,18 @@ def teacher_copy_matches(ids: torch.Tensor, t: torch.Tensor, n: int, max_matches
         return torch.where(q >= 0, ids.gather(1, q.clamp(min=0)), _NO_TOKEN)
 
     return copy_matches(ids, t + 2, at(pos), at(pos - 1), at(pos - 2), pos, max_matches)
+
+
+def window_copy_inputs(ids: torch.Tensor, anchors, n: int, max_matches: int) -> CopyInputs:
+    """Teacher-forced copy inputs of the slot windows of a training batch, flattened to
+    ``[B * W * n, M]`` (window by window, reader by reader): ``ids [B, L]`` the right-padded
+    sequences, ``anchors`` ``[B][W]`` the windows' anchors ``a``; a window's reader i reads the data
+    token ``a + i`` over the tokens ``0 .. a`` (:func:`teacher_copy_matches` at ``a - 1``: the
+    context committed once verification picked token ``a``)."""
+    a = torch.as_tensor(anchors, dtype=torch.long, device=ids.device)
+    c = teacher_copy_matches(ids.repeat_interleave(a.shape[1], 0), a.reshape(-1) - 1, n, max_matches)
+    M = c.values.shape[-1]
+    return CopyInputs(c.values.reshape(-1, M), c.feats.reshape(-1, M, 3), c.valid.reshape(-1, M))
 
 
 def path_tail(tokens) -> tuple[int, int, int]:

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ptp.models import output_cache
-from ptp.mtp_model import CopyInputs, MTPHeads, MTPModel, teacher_copy_matches
+from ptp.mtp_model import MTPHeads, MTPModel
+from ptp.sampler_head import window_copy_inputs
 from ptp.ptp_model import batched_slot_layout, crop_cache
 from ptp.train.data import Sequence
 from ptp.train.trainer import TrainConfig, window_batch
@@ -84,10 +85,7 @@ def mtp_batch_loss(model: MTPModel, seqs: list[Sequence], cfg: TrainConfig, gen:
     if model.sampler is not None:
         copy = None
         if model.config.copy_attn:  # mask j reads the data token a + j over the tokens 0 .. a
-            c = teacher_copy_matches(ids.repeat_interleave(W, 0), torch.tensor(anchors, device=dev).view(-1) - 1,
-                                     k, model.config.copy_matches)
-            M = c.values.shape[-1]
-            copy = CopyInputs(c.values.reshape(-1, M), c.feats.reshape(-1, M, 3), c.valid.reshape(-1, M))
+            copy = window_copy_inputs(ids, anchors, k, model.config.copy_matches)
         mask_index = torch.arange(k, device=dev).repeat(B * W)
         h2 = model.sampler_hidden(z.reshape(B * W * k, -1), prev_tok.reshape(-1), mask_index, copy=copy)
         with amp:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ptp.models import output_cache
 from ptp.ptp_model import PTPModel, batched_slot_layout, crop_cache
-from ptp.sampler_head import CopyInputs, teacher_copy_matches
+from ptp.sampler_head import window_copy_inputs
 from ptp.train.checkpoint import TRAINER_STATE, save_adapter
 from ptp.train.data import Sequence
 from ptp_ext.reference import sampling_probs
@@ -162,7 +162,6 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
     del out
     pos, vis = batched_slot_layout(lengths, anchors, k, device=dev)
     Lmax = ids.shape[1]
-    raw: list[torch.Tensor] = []  # with a sampler head: the slots' own LM-head logits (last pass)
     if model.sampler is not None:
         # slot j >= 1 reads the data token before its target (a + j - 1); a copy sampler also reads
         # its earlier occurrences in tokens 0 .. a (committed once verification picked token a)
@@ -170,12 +169,11 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
         slot_index = torch.arange(1, k, device=dev).repeat(B * W)
         copy = None
         if c.copy_attn:
-            cm = teacher_copy_matches(ids.repeat_interleave(W, 0),
-                                      torch.tensor(anchors, device=dev).view(-1) - 1, k - 1, c.copy_matches)
-            M = cm.values.shape[-1]
-            copy = CopyInputs(cm.values.reshape(-1, M), cm.feats.reshape(-1, M, 3), cm.valid.reshape(-1, M))
+            copy = window_copy_inputs(ids, anchors, k - 1, c.copy_matches)
 
-    def slot_logits(u: torch.Tensor) -> torch.Tensor:  # u [B, W, k] -> [B, W, k, V]
+    def slot_logits(u: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """u [B, W, k] -> the slots' logits [B, W, k, V] (slots 1.. through the sampler head, if
+        any) and, with a sampler head, the slots' own LM-head logits (else None)."""
         emb = model.slot_embeddings(u).reshape(B, W * k, -1)
         with amp:
             h, _ = model.packed_forward(None, emb, pos, vis, past_key_values=cache, use_cache=True)
@@ -183,13 +181,12 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
         crop_cache(cache, Lmax)
         lg = lg.float().view(B, W, k, -1)
         if model.sampler is None:
-            return lg
-        raw[:] = [lg]
+            return lg, None
         z = h.float().view(B, W, k, -1)[:, :, 1:].reshape(B * W * (k - 1), -1)
         h2 = model.sampler_hidden(z, prev_tok.reshape(-1), slot_index, copy=copy)
         with amp:
             s_lg = model.logits(h2.to(model.embedding().dtype)).float().view(B, W, k - 1, -1)
-        return torch.cat([lg[:, :, :1], s_lg], 2)
+        return torch.cat([lg[:, :, :1], s_lg], 2), lg
 
     def target_bins_u() -> torch.Tensor:  # u in the target's bins, drawn per sequence in order
         u = torch.empty(B, W, k, device=dev)
@@ -207,11 +204,10 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
         u = torch.full((B, W, k), 0.5, device=dev)
         with torch.no_grad():
             for j in range(k):  # slot j's conditional depends on u_0..u_{j-1} only
-                pj = sampling_probs(slot_logits(u)[:, :, j], T, c.top_k, c.top_p)
+                pj = sampling_probs(slot_logits(u)[0][:, :, j], T, c.top_k, c.top_p)
                 u[:, :, j] = _u_in_bins(*_bins(pj, targets[:, :, j]), cfg.beta, gen)
 
-    logits = slot_logits(u)
-    own = raw[0] if raw else None  # (before the teacher-free metric pass below replaces it)
+    logits, own = slot_logits(u)
     with torch.no_grad():
         if cfg.mode == "teacher-free" and T > 0:
             # The u's above sit in the student's own bins, so the student picks the data tokens
@@ -219,7 +215,7 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
             # verification accepts iff the student picks what Pick(u, P_target) picks): measure
             # the metrics there, with one more no-grad slot pass.
             u_eval = target_bins_u()
-            eval_logits = slot_logits(u_eval)
+            eval_logits = slot_logits(u_eval)[0]
         else:
             u_eval, eval_logits = u, logits
         hit = (model.slot_tokens(eval_logits, u_eval) == targets).float()  # [B, W, k]
