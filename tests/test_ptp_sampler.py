@@ -265,3 +265,84 @@ def test_cli_trains_a_copy_sampler_from_a_plain_adapter(tmp_path, monkeypatch):
     want, _ = _generate(out.base, _prompts(), None, sampling)
     got, _ = _generate(out.base, _prompts(), PTPSlotDrafter(out, tree=True), sampling)
     assert got == want
+
+
+def _counts(seed: int = 3) -> torch.Tensor:
+    return torch.rand(VOCAB, generator=torch.Generator().manual_seed(seed)) * 100
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("copy,sampler", [(True, True), (False, False)])
+def test_draft_vocab_greedy_chain_and_tree_are_restricted_argmaxes(copy, sampler):
+    """With a draft vocabulary of the K most frequent tokens, greedy drafting (chain and tree) is
+    the full logits' argmax / top over those K tokens only (reference: the full LM head with the
+    other tokens masked out); draft_vocab=0 is the full vocabulary again; with a pick (sampling)
+    the full vocabulary is used."""
+    m = _model(copy=copy, sampler=sampler)
+    m.set_token_counts(_counts())
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(K, m.embedding().shape[1], generator=g) * 3
+    ctx = torch.randint(3, 12, (20,), generator=g).tolist()
+    full = m.draft_chain(z, ctx[-1], context=ctx, first_slot=1)
+    m.set_draft_vocab(30)
+    keep = torch.sort(-m.token_counts, stable=True).indices[:30]
+    assert torch.equal(m.vocab_ids, keep.sort().values)
+    masked = torch.full((VOCAB,), float("-inf"))
+    masked[keep] = 0.0
+    seen = []
+
+    def restricted(j, lg):
+        seen.append(j)
+        return int((lg + masked).argmax())
+
+    got = m.draft_chain(z, ctx[-1], context=ctx, first_slot=1)
+    assert got == m.draft_chain(z, ctx[-1], restricted, context=ctx, first_slot=1) and seen == [1, 2, 3]
+    assert set(got) <= set(keep.tolist())
+    toks, _ = sampler_tree(m, z, ctx[-1], ctx, 6, 2, first_slot=1)
+    assert set(toks) <= set(keep.tolist())
+    m.set_draft_vocab(0)
+    assert m.vocab_ids is None and m.draft_chain(z, ctx[-1], context=ctx, first_slot=1) == full
+    m.set_draft_vocab(VOCAB)  # the whole vocabulary: no restriction
+    assert m.draft_vocab is None
+
+
+@pytest.mark.parametrize("options", [{"scheme": "quadratic"}, {"scheme": "separate"}, {"tree": True, "lookup_ngram": 1},
+                                     {"min_prob": 0.05}])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_draft_vocab_decodes_exactly(options, temperature):
+    """A small draft vocabulary (20 of 97 tokens) changes the drafts, never the output: greedy and
+    coupled sampling give plain decoding's tokens; drafting outside the draft vocabulary still
+    happens at T > 0 (the slots' sampled picks use the full distribution)."""
+    m = _model()
+    m.set_token_counts(_counts())
+    sampling = SamplingConfig(temperature=temperature, seed=4)
+    plain, _ = _generate(m.base, _prompts(), None, sampling)
+    opts = dict(options)
+    scheme = opts.pop("scheme", "quadratic")
+    d = (PTPDrafter(m, draft_vocab=20) if scheme == "separate"
+         else PTPSlotDrafter(m, scheme=scheme, draft_vocab=20, **opts))
+    assert m.vocab_ids.numel() == 20
+    spec, _ = _generate(m.base, _prompts(), d, sampling)
+    assert spec == plain
+
+
+def test_token_counts_roundtrip_auto_vocab_and_errors(tmp_path):
+    """Token counts save with a slot adapter (float32 even in a float16 checkpoint) and load back;
+    a drafter over such a checkpoint drafts over AUTO_DRAFT_VOCAB tokens by default (here more than
+    the vocabulary: the full one; draft_vocab=N through make_drafter); without counts a draft
+    vocabulary is a clear error, and wrong-shaped counts too."""
+    m = _model()
+    m.set_token_counts(_counts())
+    save_adapter(m, str(tmp_path / "a"), dtype=torch.float16)
+    m2 = load_adapter(tiny_model("llama", vocab_size=VOCAB, seed=0), str(tmp_path / "a"))
+    assert m2.token_counts.dtype == torch.float32 and torch.equal(m2.token_counts, m.token_counts)
+    d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0))
+    assert d.model.token_counts is not None and d.model.vocab_ids is None
+    d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0), draft_vocab="16")
+    assert d.model.vocab_ids.numel() == 16
+    with pytest.raises(ValueError, match="token counts"):
+        _model().set_draft_vocab(8)
+    with pytest.raises(ValueError, match="expected shape"):
+        _model().set_token_counts(torch.ones(VOCAB + 1))
+    with pytest.raises(ValueError, match=">= 0"):
+        m.set_draft_vocab(-1)

@@ -137,3 +137,27 @@ def test_teacher_free_metrics_use_target_bins():
                                random.Random(0))
     assert 0.0 <= metrics["prefix"] < 2.0
     assert max(metrics["acc"]) < 0.9
+
+
+def test_ptp_slot_loss_variants():
+    """O-PTP learns the data token (CE); C-PTP distillation learns the teacher's conditional (KL,
+    at temperature 1 when T = 0), so it vanishes where the student's logits equal the teacher's
+    even when the data token is not the argmax; teacher-free C-PTP uses the data token at T."""
+    import torch.nn.functional as F
+    from ptp.train.trainer import ptp_slot_loss
+    torch.manual_seed(0)
+    lg, teacher = torch.randn(3, 4, 29), torch.randn(3, 4, 29)
+    tok = torch.randint(0, 29, (3, 4))
+    ce = F.cross_entropy(lg.reshape(-1, 29), tok.reshape(-1))
+    for T in (0.0, 0.8):
+        assert torch.allclose(ptp_slot_loss("optp", "distill", T, lg, tok, teacher), ce)
+    assert torch.allclose(ptp_slot_loss("cptp", "teacher-free", 0.0, lg, tok, teacher), ce)
+    assert torch.allclose(ptp_slot_loss("cptp", "teacher-free", 0.8, lg, tok, teacher),
+                          F.cross_entropy(lg.reshape(-1, 29) / 0.8, tok.reshape(-1)))
+    for T in (0.0, 0.7):
+        t = T or 1.0
+        p_t = torch.softmax(teacher / t, -1)
+        kl = (p_t * (p_t.log() - torch.log_softmax(lg / t, -1))).sum(-1).mean()
+        got = ptp_slot_loss("cptp", "distill", T, lg, tok, teacher)
+        assert torch.allclose(got, kl, atol=1e-5), (T, got, kl)
+        assert float(ptp_slot_loss("cptp", "distill", T, teacher, tok, teacher)) < 1e-5

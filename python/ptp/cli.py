@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="the target's weights and activations")
     gen.add_argument("--drafter", default="lookup",
-                     help="registered drafter name (none, lookup, ptp, mtp, heads) or checkpoint directory")
+                     help="registered drafter name (none, lookup, ptp, cptp, mtp, heads) or checkpoint directory")
     gen.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
                      help="drafter option (repeatable), e.g. scheme=linear, num_slots=4, tree=1")
     src = gen.add_mutually_exclusive_group(required=True)

@@ -69,8 +69,8 @@ import torch.nn.functional as F
 
 from ptp.lora import LoRAConfig, LoRAGate, apply_gated_lora, load_lora_state_dict, lora_state_dict, config_dict
 from ptp.ptp_model import packed_forward
-from ptp.sampler_head import (CopyInputs, SamplerHead, SlotSampler, _load_named, copy_attention, copy_matches,
-                              node_copy_inputs, path_tail, teacher_copy_matches)
+from ptp.sampler_head import (CopyInputs, DraftVocabHost, SamplerHead, SlotSampler, _load_named, copy_attention,
+                              copy_matches, node_copy_inputs, path_tail, teacher_copy_matches)
 
 __all__ = ["MTPConfig", "SamplerHead", "MTPModel", "HeadsConfig", "MTPHeads", "CopyInputs", "copy_matches",
            "teacher_copy_matches", "copy_attention", "path_tail", "node_copy_inputs"]
@@ -182,7 +182,7 @@ class HeadsConfig:
         return asdict(self)
 
 
-class MTPHeads(nn.Module):
+class MTPHeads(DraftVocabHost, nn.Module):
     """n residual heads on the target's final hidden state, sharing its LM head."""
 
     DRAFTER_TYPE = "heads"
@@ -208,55 +208,8 @@ class MTPHeads(nn.Module):
             self.copy_null = nn.Parameter(torch.zeros(n, hidden + 1, device=w.device))  # "no copy": a . h + c
             self.copy_proj = nn.Parameter(torch.zeros(n, hidden, hidden, device=w.device))
             self.copy_gate = nn.Parameter(torch.zeros(n, hidden, device=w.device))
-        # How often each token occurs in the answers the heads were trained on (optional; saved
-        # with the checkpoint): it picks the draft vocabulary (:meth:`set_draft_vocab`).
-        self.token_counts: Optional[torch.Tensor] = None
-        self.vocab_ids: Optional[torch.Tensor] = None  # draft vocabulary (None: the full one)
-        self.vocab_id_list: Optional[list[int]] = None  # the same as a list (index -> token id)
-        self._vocab_weight: Optional[torch.Tensor] = None
-        self._vocab_bias: Optional[torch.Tensor] = None
-        self._vocab_q: Optional[tuple[torch.Tensor, str]] = None  # the same rows as GGUF blocks
-
-    def set_token_counts(self, counts: torch.Tensor) -> None:
-        V = self.base.get_input_embeddings().weight.shape[0]
-        if counts.dim() != 1 or counts.shape[0] != V:
-            raise ValueError(f"token_counts: expected shape [{V}] (the model's vocabulary), got {list(counts.shape)}")
-        self.token_counts = counts.detach().float().cpu()
-
-    def set_draft_vocab(self, size: int) -> None:
-        """Draft over the ``size`` tokens most frequent in the training answers (0: the full
-        vocabulary). The heads' LM-head pass then reads ``size`` rows of the LM head instead of all
-        V (SmolLM2: 8,192 of 49,152 rows, 19 of 113 MB per step). Drafts only: verification always
-        uses the target's full distribution, so the output is unchanged; a token outside the
-        draft vocabulary is just never drafted by the heads."""
-        size = int(size)
-        V = self.base.get_input_embeddings().weight.shape[0]
-        if size < 0:
-            raise ValueError(f"draft_vocab must be >= 0, got {size}")
-        if size == 0 or size >= V:
-            self.vocab_ids = self.vocab_id_list = self._vocab_weight = self._vocab_bias = None
-            self._vocab_q = None
-            return
-        if self.token_counts is None:
-            raise ValueError("draft_vocab needs the token counts of the heads' training data, and this "
-                             "checkpoint has none (retrain with `ptp train heads`, which saves them, or "
-                             "use draft_vocab=0)")
-        order = torch.sort(-self.token_counts, stable=True).indices  # most frequent first, ties by id
-        lm = self.base.lm_head
-        ids = order[:size].sort().values.to(lm.weight.device)
-        self.vocab_ids = ids
-        self.vocab_id_list = ids.tolist()
-        self._vocab_weight = lm.weight.detach().index_select(0, ids).contiguous()
-        bias = getattr(lm, "bias", None)
-        self._vocab_bias = bias.detach().index_select(0, ids) if bias is not None else None
-        # the LM head's GGUF blocks (ptp.quant), if attached: the same rows as blocks (Q8_0: a
-        # quarter of the bytes), bitwise the same logits through quant_linear
-        from ptp.quant import quantized_weights
-
-        qw = quantized_weights(self.base).get(lm)
-        self._vocab_q = None
-        if qw is not None and qw.matches(lm.weight):
-            self._vocab_q = (qw.qweight.index_select(0, ids).contiguous(), qw.format)
+        # token_counts (how often each token occurs in the answers the heads were trained on;
+        # saved with the checkpoint) and the draft vocabulary they pick: :class:`DraftVocabHost`
 
     def _names(self) -> tuple[str, ...]:
         names = ("proj", "bias", "tok_proj") if self.tok_proj is not None else ("proj", "bias")
@@ -384,20 +337,4 @@ class MTPHeads(nn.Module):
                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits over the draft vocabulary ``[..., n, K]`` (``[..., K]`` for one ``head``) and its
         token ids ``[K]`` (``None`` and the full ``[..., n, V]`` without one)."""
-        z = self.head_hidden(h, head=head, next_tokens=next_tokens, copy=copy)
-        if self.vocab_ids is None:
-            return self.base.lm_head(z), None
-        w = self._vocab_weight
-        b = None if self._vocab_bias is None else self._vocab_bias.to(w.dtype)
-        z = z.to(w.dtype)
-        if z.device.type == "cpu":
-            # a few rows: the op reads the weights once (CPU BLAS's GEMM for 2-16 rows is 2-3x slower)
-            from ptp_ext.ops import invariant_linear, quant_linear
-
-            q = self._vocab_q
-            if q is not None and z.dtype == torch.float32:
-                out = quant_linear(z.reshape(-1, z.shape[-1]), q[0], q[1], b)
-            else:
-                out = invariant_linear(z.reshape(-1, z.shape[-1]), w, b)
-            return out.view(*z.shape[:-1], w.shape[0]), self.vocab_ids
-        return F.linear(z, w, b), self.vocab_ids
+        return self.vocab_logits(self.head_hidden(h, head=head, next_tokens=next_tokens, copy=copy))

@@ -14,6 +14,10 @@
   ``h = z_j + MLP([z_j; E(prev)])`` and, with copy attention, ``h + g_j * o + C o`` with ``o`` the
   attention over ``prev``'s earlier occurrences against the no-copy logit ``a_j . h + c_j``
   (``C`` shared; ``g``, ``C`` zero-init: a copy sampler starts as the sampler it extends).
+* :class:`DraftVocabHost`: a drafter's token counts (how often each token occurs in its training
+  answers, saved with the checkpoint) and its draft vocabulary, the most frequent of them: greedy
+  drafting reads those rows of the LM head only (SmolLM2: 8,192 of 49,152). Drafts only:
+  verification uses the target's full distribution, so the output is unchanged.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import torch.nn.functional as F
 
 from ptp_ext.reference import sampler_mlp_ref
 
-__all__ = ["SamplerHead", "SlotSampler", "CopyInputs", "copy_matches", "teacher_copy_matches", "window_copy_inputs", "copy_attention",
+__all__ = ["SamplerHead", "SlotSampler", "DraftVocab", "DraftVocabHost", "AUTO_DRAFT_VOCAB", "CopyInputs",
+           "copy_matches", "teacher_copy_matches", "window_copy_inputs", "copy_attention",
            "path_tail", "node_copy_inputs"]
 
 
@@ -194,7 +199,107 @@ def copy_attention(copy: CopyInputs, score_w: torch.Tensor, null: torch.Tensor,
     return torch.einsum("...m,...md->...d", att, e)
 
 
-class SlotSampler:
+AUTO_DRAFT_VOCAB = 8192  # drafters whose checkpoint has token counts draft over this many tokens
+
+
+class DraftVocab:
+    """The rows of ``base``'s LM head for the ``size`` tokens most frequent in ``counts [V]``
+    (ties by id), sorted by id: :meth:`logits` gives the logits over them, ``ids`` maps an index
+    back to the token. On CPU a few rows go through ``ptp_ext.ops`` (the LM head's GGUF blocks,
+    if attached: the same rows as blocks, bitwise the same logits)."""
+
+    def __init__(self, base: nn.Module, counts: torch.Tensor, size: int) -> None:
+        lm = base.lm_head
+        order = torch.sort(-counts, stable=True).indices  # most frequent first, ties by id
+        self.ids = order[:size].sort().values.to(lm.weight.device)
+        self.id_list: list[int] = self.ids.tolist()
+        self.weight = lm.weight.detach().index_select(0, self.ids).contiguous()
+        bias = getattr(lm, "bias", None)
+        self.bias = bias.detach().index_select(0, self.ids) if bias is not None else None
+        from ptp.quant import quantized_weights
+
+        qw = quantized_weights(base).get(lm)
+        self.q: Optional[tuple[torch.Tensor, str]] = None
+        if qw is not None and qw.matches(lm.weight):
+            self.q = (qw.qweight.index_select(0, self.ids).contiguous(), qw.format)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [..., d]`` -> ``[..., K]``."""
+        w = self.weight
+        b = None if self.bias is None else self.bias.to(w.dtype)
+        z = z.to(w.dtype)
+        if z.device.type == "cpu":
+            # a few rows: the op reads the weights once (CPU BLAS's GEMM for 2-16 rows is 2-3x slower)
+            from ptp_ext.ops import invariant_linear, quant_linear
+
+            if self.q is not None and z.dtype == torch.float32:
+                out = quant_linear(z.reshape(-1, z.shape[-1]), self.q[0], self.q[1], b)
+            else:
+                out = invariant_linear(z.reshape(-1, z.shape[-1]), w, b)
+            return out.view(*z.shape[:-1], w.shape[0])
+        return F.linear(z, w, b)
+
+
+class DraftVocabHost:
+    """Mixin: token counts and a draft vocabulary for a drafter module over ``self.base`` (an HF
+    causal LM). ``set_token_counts`` (training: the answers' counts, saved with the checkpoint as
+    ``token_counts``), then ``set_draft_vocab(K)``; :meth:`vocab_logits` drafts over it."""
+
+    token_counts: Optional[torch.Tensor] = None
+    draft_vocab: Optional[DraftVocab] = None
+
+    def set_token_counts(self, counts: torch.Tensor) -> None:
+        V = self.base.get_input_embeddings().weight.shape[0]
+        if counts.dim() != 1 or counts.shape[0] != V:
+            raise ValueError(f"token_counts: expected shape [{V}] (the model's vocabulary), got {list(counts.shape)}")
+        self.token_counts = counts.detach().float().cpu()
+
+    def set_draft_vocab(self, size: int) -> None:
+        """Draft over the ``size`` tokens most frequent in the training answers (0: the full
+        vocabulary). Drafts only: verification always uses the target's full distribution, so
+        the output is unchanged; a token outside the draft vocabulary is just never drafted."""
+        size = int(size)
+        V = self.base.get_input_embeddings().weight.shape[0]
+        if size < 0:
+            raise ValueError(f"draft_vocab must be >= 0, got {size}")
+        if size == 0 or size >= V:
+            self.draft_vocab = None
+            return
+        if self.token_counts is None:
+            raise ValueError(f"draft_vocab needs the token counts of the drafter's training data, and this "
+                             f"checkpoint has none (retrain with `ptp train {self.DRAFTER_TYPE}`, which saves "
+                             f"them, or use draft_vocab=0)")
+        self.draft_vocab = DraftVocab(self.base, self.token_counts, size)
+
+    def auto_draft_vocab(self, size: Optional[int]) -> None:
+        """``size`` None: :data:`AUTO_DRAFT_VOCAB` tokens if the checkpoint has token counts, else
+        the full vocabulary."""
+        if size is None:
+            size = AUTO_DRAFT_VOCAB if self.token_counts is not None else 0
+        self.set_draft_vocab(int(size))
+
+    @property
+    def vocab_ids(self) -> Optional[torch.Tensor]:
+        """The draft vocabulary's token ids ``[K]`` (None: the full vocabulary)."""
+        return None if self.draft_vocab is None else self.draft_vocab.ids
+
+    @property
+    def vocab_id_list(self) -> Optional[list[int]]:
+        return None if self.draft_vocab is None else self.draft_vocab.id_list
+
+    @property
+    def _vocab_q(self) -> Optional[tuple[torch.Tensor, str]]:
+        return None if self.draft_vocab is None else self.draft_vocab.q
+
+    def vocab_logits(self, z: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits of ``z [..., d]`` over the draft vocabulary ``[..., K]`` and its ids ``[K]``
+        (without one: the LM head's ``[..., V]`` and None)."""
+        if self.draft_vocab is None:
+            return self.base.lm_head(z), None
+        return self.draft_vocab.logits(z), self.draft_vocab.ids
+
+
+class SlotSampler(DraftVocabHost):
     """Mixin of :class:`nn.Module` drafters with a sampler head over their slot rows.
 
     The host sets ``self.config`` (with ``copy_matches``) and provides ``embedding()`` and
@@ -223,11 +328,16 @@ class SlotSampler:
         if self.copy_score is not None:
             for name in self.COPY_NAMES:
                 out[name] = getattr(self, name).detach()
+        if self.token_counts is not None:
+            out["token_counts"] = self.token_counts
         return out
 
     def load_sampler_state_dict(self, state: dict[str, torch.Tensor], missing_ok: bool, what: str) -> None:
         """Loads ``sampler.*`` and the copy tensors. ``missing_ok``: absent ones keep their init (a
-        checkpoint without a sampler or without copy attention into one with them)."""
+        checkpoint without a sampler or without copy attention into one with them). Token counts
+        (``token_counts``), if stored, are loaded too (they pick the draft vocabulary)."""
+        if "token_counts" in state:
+            self.set_token_counts(state["token_counts"])
         sampler_keys = {k[len("sampler."):]: v for k, v in state.items() if k.startswith("sampler.")}
         if self.sampler is None:
             if sampler_keys:
@@ -266,20 +376,36 @@ class SlotSampler:
 
     @torch.no_grad()
     def draft_chain(self, z: torch.Tensor, first_prev: int, pick=None,
-                    context: Optional[list[int]] = None, first_slot: int = 0) -> list[int]:
+                    context: Optional[list[int]] = None, first_slot: int = 0,
+                    probs: Optional[list[float]] = None) -> list[int]:
         """Tokens of slots ``first_slot .. k-1`` of one slot block ``z [k, hidden]`` given the token
         before slot ``first_slot``.
 
-        ``pick(j, logits [V]) -> int`` chooses slot j's token (default argmax); with the sampler
+        ``pick(j, logits [V]) -> int`` chooses slot j's token; without it (greedy) the argmax over
+        the draft vocabulary (:meth:`set_draft_vocab`; the full one without). With the sampler
         head, slot j's prediction conditions on slot j-1's chosen token. ``context`` (required with
-        ``copy_attn``): the committed tokens, ending with ``first_prev``.
+        ``copy_attn``): the committed tokens, ending with ``first_prev``. ``probs``: if a list, gets
+        each chosen token's probability under the logits it was chosen from.
         """
-        emb = self.embedding()
-        out, prev = [], first_prev
+        def choose(j: int, h: torch.Tensor) -> list[int]:
+            if pick is not None:
+                logits = self.logits(h).float()
+                toks = [int(pick(j + r, logits[r])) for r in range(logits.shape[0])]
+                ids = None
+            else:
+                logits, ids = self.vocab_logits(h)
+                logits = logits.float()
+                toks = logits.argmax(-1).tolist()
+            if probs is not None:
+                for r, t in enumerate(toks):
+                    probs.append(float(torch.softmax(logits[r], -1)[t]))
+            if ids is not None:
+                toks = [self.draft_vocab.id_list[t] for t in toks]
+            return toks
+
         if self.sampler is None:
-            logits = self.logits(z[first_slot:]).float()
-            return [int(pick(first_slot + j, logits[j])) if pick else int(logits[j].argmax())
-                    for j in range(logits.shape[0])]
+            return choose(first_slot, z[first_slot:])
+        out, prev = [], first_prev
         ctx = self.copy_context(context, first_prev, z.device)
         tail = path_tail(context) if ctx is not None else None
         for j in range(first_slot, z.shape[0]):
@@ -289,9 +415,7 @@ class SlotSampler:
                 L = ctx.shape[1]
                 copy = node_copy_inputs(ctx, torch.tensor([L], device=z.device), [tail], L - 1 + j - first_slot,
                                         self.config.copy_matches)
-            h = self.sampler_hidden(z[j:j + 1], prev_t, j, copy=copy, fused=True)
-            logits = self.logits(h)[0].float()
-            prev = int(pick(j, logits)) if pick else int(logits.argmax())
+            prev = choose(j, self.sampler_hidden(z[j:j + 1], prev_t, j, copy=copy, fused=True))[0]
             out.append(prev)
             if tail is not None:
                 tail = (tail[1], tail[2], prev)

@@ -12,6 +12,8 @@ Both draft inside the verification call, so a decoding step costs one target cal
   (:func:`best_first_tree`: mask d's sampler run on each depth-d node's own token, ``max_nodes``,
   ``top`` candidates per node, ``min_prob``), and the next call hangs a group after each of its
   first nodes (all, or ``max_groups``); at T > 0 it drafts coupled chains as without ``tree``.
+  Greedy drafting reads the LM head's rows of the draft vocabulary only (``draft_vocab``, as the
+  heads' below; the checkpoint's ``token_counts`` pick it).
 * ``heads`` (:class:`HeadsDrafter`): the heads read the final hidden state of the last accepted
   node (``observe``); head i proposes the token i places after the verified next token. Greedy:
   a chain of each head's argmax, or a tree of the best candidates by the product of the heads'
@@ -59,7 +61,6 @@ __all__ = ["MaskedInputDrafter", "HeadsDrafter", "DEFAULT_MTP", "DEFAULT_HEADS",
 WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
 DEFAULT_MTP = os.path.join(WEIGHTS, "mtp-smollm2-135m-instruct")
 DEFAULT_HEADS = os.path.join(WEIGHTS, "heads-smollm2-135m-instruct")
-AUTO_DRAFT_VOCAB = 8192  # draft vocabulary of heads whose checkpoint has token counts
 _DRAFT_SALT = 7919  # the drafts' own stream under rejection verification (never salt 0..N)
 
 
@@ -77,7 +78,7 @@ class MaskedInputDrafter(SlotGroupDrafter):
 
     def __init__(self, model: MTPModel, num_masks: Optional[int] = None, scheme: str = "quadratic",
                  max_groups: Optional[int] = None, lookup_ngram: int = 0, tree: bool = False,
-                 max_nodes: int = 16, top: int = 4, min_prob: float = 0.0):
+                 max_nodes: int = 16, top: int = 4, min_prob: float = 0.0, draft_vocab: Optional[int] = None):
         k = int(num_masks or model.config.num_masks)
         if not 1 <= k <= model.config.num_masks:
             raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
@@ -87,6 +88,8 @@ class MaskedInputDrafter(SlotGroupDrafter):
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k,
                          max_groups=max_groups, lookup_ngram=lookup_ngram)
         self.model = model.eval()
+        # greedy drafts over the drafter's most frequent answer tokens (None: 8,192 if it has counts)
+        model.auto_draft_vocab(draft_vocab)
         self.needs_context = bool(model.config.copy_attn)  # a copy sampler reads the committed tokens
         self._sampling = SamplingConfig()
 
@@ -104,8 +107,8 @@ class MaskedInputDrafter(SlotGroupDrafter):
         if self.tree and s.greedy:
             return self.draft_tree(hidden, next_token, context)
         # mask j drafts the token at next_index + 1 + j (coupled: with that index's uniform)
-        return self.model.draft_chain(hidden, next_token,
-                                      lambda j, lg: _pick(s, seq_id, next_index + 1 + j, lg), context=context)
+        pick = None if s.greedy else (lambda j, lg: _pick(s, seq_id, next_index + 1 + j, lg))
+        return self.model.draft_chain(hidden, next_token, pick, context=context)
 
     @torch.no_grad()
     def draft_tree(self, z: torch.Tensor, first_prev: int, context: Optional[list[int]] = None
@@ -122,8 +125,9 @@ def sampler_tree(model, z: torch.Tensor, first_prev: int, context: Optional[list
     block ``z [k, d]`` of a :class:`ptp.sampler_head.SlotSampler` model: :func:`best_first_tree`
     with slot ``first_slot + d``'s sampler head expanding depth d on each node's own token (a copy
     sampler also on the node's path over ``context``, which ends with ``first_prev``), at most
-    ``max_nodes`` nodes, ``top`` candidates per node, none below path probability ``min_prob``.
-    Without a sampler head a depth's candidates do not depend on the node (each slot's own top)."""
+    ``max_nodes`` nodes, ``top`` candidates per node, none below path probability ``min_prob``,
+    over the model's draft vocabulary (if set). Without a sampler head a depth's candidates do not
+    depend on the node (each slot's own top)."""
     m = model
     dev = z.device
     ctx = m.copy_context(context, first_prev, dev)
@@ -133,19 +137,19 @@ def sampler_tree(model, z: torch.Tensor, first_prev: int, context: Optional[list
         j = first_slot + d
         zz = z[j:j + 1].expand(F_, -1).contiguous()
         if m.sampler is None:
-            return m.logits(zz).float()
+            return m.vocab_logits(zz)[0].float()
         prev = torch.tensor(toks, dtype=torch.long, device=dev)
         copy = None
         if ctx is not None:
             L = ctx.shape[1]
             copy = node_copy_inputs(ctx.expand(F_, L), torch.full((F_,), L, device=dev), tails, L - 1 + d,
                                     m.config.copy_matches)
-        return m.logits(m.sampler_hidden(zz, prev, j, copy=copy, fused=True)).float()
+        return m.vocab_logits(m.sampler_hidden(zz, prev, j, copy=copy, fused=True))[0].float()
 
     tails = [path_tail(context)] if ctx is not None else None
     floor = math.log(min_prob) if min_prob > 0.0 else -math.inf
     tokens, parents = best_first_tree([int(first_prev)], z.shape[0] - first_slot, expand, max_nodes, top,
-                                      floor, None, tails)[0]
+                                      floor, m.vocab_id_list, tails)[0]
     return tokens[1:], parents[1:]
 
 
@@ -177,9 +181,7 @@ class HeadsDrafter:
         self.lookup_used = 0  # statistics: rows whose draft got a lookup branch
         self.heads = heads.eval()
         self.vocab_size = heads.base.get_input_embeddings().weight.shape[0]
-        if draft_vocab is None:  # auto: the 8,192 most frequent answer tokens, if the checkpoint knows them
-            draft_vocab = AUTO_DRAFT_VOCAB if heads.token_counts is not None else 0
-        heads.set_draft_vocab(int(draft_vocab))
+        heads.auto_draft_vocab(draft_vocab)  # None: the 8,192 most frequent answer tokens, if known
         self.tree = bool(tree)
         self.max_nodes = int(max_nodes)
         self.top = int(top)
@@ -483,14 +485,14 @@ def best_first_tree(roots: list[int], depths: int, expand, budget: int, top: int
     return out
 
 
-def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadratic", **kw):
+def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadratic", draft_vocab=None, **kw):
     from ptp.train.checkpoint import load_mtp
 
     ckpt = path or DEFAULT_MTP
     if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
         raise FileNotFoundError(f"no masked-input drafter at {ckpt} (train one with `ptp train mtp --out DIR`)")
     return MaskedInputDrafter(load_mtp(model, ckpt), num_masks=int(num_masks) if num_masks else None,
-                              scheme=scheme, **kw)
+                              scheme=scheme, draft_vocab=None if draft_vocab is None else int(draft_vocab), **kw)
 
 
 def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=8, verify="coupled", lookup=0,

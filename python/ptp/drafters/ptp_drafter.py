@@ -30,6 +30,10 @@ An adapter with a sampler head (``PTPConfig.sampler``) drafts slots 1..k-1 one a
 the previous slot's token (a copy sampler also over the row's committed tokens); greedy,
 ``tree=1`` (``max_nodes``, ``top``, ``min_prob``) drafts a best-first tree over the slots instead,
 groups hanging after its first nodes, lookup's continuation merged in as a trie path.
+Greedy drafting reads the LM head's rows of the draft vocabulary only (``draft_vocab=K``: the K
+tokens most frequent in the adapter's training answers; default 8,192 when the checkpoint stores
+their counts, else the full vocabulary; 0 = full): a sampler chain runs the LM head once per slot,
+and on a CPU the full one (49,152 x 576 for SmolLM2) costs a large part of a call.
 * ``separate``: :class:`PTPDrafter`, a drafter call (over the newly committed tokens and k slots,
   its own KV cache) before each verify call: two calls per step.
 """
@@ -50,9 +54,11 @@ from .base import Draft, DraftRequest, StepOutcome, register_drafter
 from .mtp import sampler_tree
 from .slots import SlotGroupDrafter, tree_options
 
-__all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "sdpa_attention"]
+__all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "DEFAULT_CPTP", "sdpa_attention"]
 
 DEFAULT_ADAPTER = os.path.join(os.path.dirname(__file__), "weights", "ptp-smollm2-135m-instruct")
+# the shipped C-PTP adapter (``--drafter cptp``): the same drafter, trained on the teacher's conditionals
+DEFAULT_CPTP = os.path.join(os.path.dirname(__file__), "weights", "cptp-smollm2-135m-instruct")
 
 
 @contextlib.contextmanager
@@ -72,8 +78,10 @@ def sdpa_attention(model):
 class PTPDrafter:
     name = "ptp"
 
-    def __init__(self, model: PTPModel, num_slots: Optional[int] = None, max_rows: int = 16):
+    def __init__(self, model: PTPModel, num_slots: Optional[int] = None, max_rows: int = 16,
+                 draft_vocab: Optional[int] = None):
         self.model = model.eval()
+        model.auto_draft_vocab(draft_vocab)  # greedy drafts (None: 8,192 tokens if it has counts)
         self.num_slots = num_slots or model.config.num_slots
         self.max_rows = max_rows
         # sequence id -> (cached token ids, HF DynamicCache of exactly those tokens)
@@ -129,8 +137,8 @@ class PTPDrafter:
                 logits[0], sampling.temperature, sampling.top_k, sampling.top_p)))
         if m.sampler is not None:  # slots 1..k-1 one by one, each on the previous slot's token
             ctx = list(history) + [first] if m.config.copy_attn else None
-            return [first] + m.draft_chain(h[0, len(new):], first, slot_pick(m, sampling, u), context=ctx,
-                                           first_slot=1)
+            pick = None if sampling.greedy else slot_pick(m, sampling, u)
+            return [first] + m.draft_chain(h[0, len(new):], first, pick, context=ctx, first_slot=1)
         if m.config.variant == "optp" or sampling.greedy:
             drafts = logits[1:].argmax(-1)
         else:
@@ -161,7 +169,8 @@ class PTPSlotDrafter(SlotGroupDrafter):
 
     def __init__(self, model: PTPModel, num_slots: Optional[int] = None, scheme: str = "quadratic",
                  max_groups: Optional[int] = None, check_first: bool = False, min_prob: float = 0.0,
-                 lookup_ngram: int = 0, tree: bool = False, max_nodes: int = 16, top: int = 4):
+                 lookup_ngram: int = 0, tree: bool = False, max_nodes: int = 16, top: int = 4,
+                 draft_vocab: Optional[int] = None):
         k = int(num_slots or model.config.num_slots)
         if k < 2:
             raise ValueError(f"PTP on the verify call needs num_slots >= 2, got {k}")
@@ -175,6 +184,8 @@ class PTPSlotDrafter(SlotGroupDrafter):
         self.check_first = bool(check_first)
         self.min_prob = float(min_prob)
         self.model = model.eval()
+        # greedy drafts over the adapter's most frequent answer tokens (None: 8,192 if it has counts)
+        model.auto_draft_vocab(draft_vocab)
         self.needs_context = bool(model.config.copy_attn)  # a copy sampler reads the committed tokens
         self._sampling = SamplingConfig()
         self._greedy_rows: Optional[torch.Tensor] = None
@@ -238,16 +249,10 @@ class PTPSlotDrafter(SlotGroupDrafter):
         if self.tree and s.greedy:
             return sampler_tree(m, hidden, next_token, context, self.max_nodes, self.top, self.min_prob,
                                 first_slot=1)
-        probs: list[float] = []
-
-        def pick_p(j: int, lg: torch.Tensor) -> int:
-            t = pick(j, lg)
-            if self.min_prob > 0.0:
-                probs.append(float(torch.softmax(lg, -1)[t]))
-            return t
-
-        out = m.draft_chain(hidden, next_token, pick_p, context=context, first_slot=1)
-        if self.min_prob > 0.0:
+        probs: Optional[list[float]] = [] if self.min_prob > 0.0 else None
+        out = m.draft_chain(hidden, next_token, None if s.greedy else pick, context=context, first_slot=1,
+                            probs=probs)
+        if probs is not None:
             keep = int((torch.cumprod(torch.tensor(probs, dtype=torch.float64), 0) >= self.min_prob).sum())
             out = out[:keep]
         return out
@@ -267,7 +272,7 @@ def slot_pick(model: PTPModel, sampling: SamplingConfig, u: torch.Tensor):
 
 
 def _factory(model, tokenizer, path, num_slots: Optional[int] = None, scheme: str = "quadratic",
-             **kw):
+             draft_vocab=None, **kw):
     from ptp.train.checkpoint import load_adapter
 
     ckpt = path or DEFAULT_ADAPTER
@@ -275,8 +280,11 @@ def _factory(model, tokenizer, path, num_slots: Optional[int] = None, scheme: st
         raise FileNotFoundError(f"no PTP adapter at {ckpt} (train one with `ptp train ptp --out DIR`)")
     num_slots = int(num_slots) if num_slots is not None else None
     if scheme == "separate":
-        return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots, **kw)
-    return PTPSlotDrafter(load_adapter(model, ckpt), num_slots=num_slots, scheme=scheme, **kw)
+        return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots,
+                          draft_vocab=None if draft_vocab is None else int(draft_vocab), **kw)
+    return PTPSlotDrafter(load_adapter(model, ckpt), num_slots=num_slots, scheme=scheme,
+                          draft_vocab=None if draft_vocab is None else int(draft_vocab), **kw)
 
 
 register_drafter("ptp", _factory)
+register_drafter("cptp", lambda model, tokenizer, path, **kw: _factory(model, tokenizer, path or DEFAULT_CPTP, **kw))

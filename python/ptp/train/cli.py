@@ -161,7 +161,7 @@ def _sequences(args, base, tok):
 
 def _init_from(model, ckpt_dir: str, what: str = "heads") -> None:
     """Starts ``model`` from the drafter tensors in ``ckpt_dir`` (same shapes; tensors the
-    checkpoint lacks keep their init; heads' token counts stay this run's data's)."""
+    checkpoint lacks keep their init; the token counts stay this run's data's)."""
     from safetensors.torch import load_file
 
     path = os.path.join(ckpt_dir, "adapter.safetensors")
@@ -179,6 +179,7 @@ def _init_from(model, ckpt_dir: str, what: str = "heads") -> None:
 def run_train(args: argparse.Namespace) -> int:
     import time
 
+    from ptp.train.data import answer_token_counts
     from ptp.train.models import load_target
     from ptp.train.trainer import TrainConfig, train
 
@@ -192,6 +193,8 @@ def run_train(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     base, tok = load_target(args.model, device=args.device, dtype=dtype)
     seqs, data_meta = _sequences(args, base, tok)
+    # how often each token occurs in the answers: saved with every drafter, it picks the draft vocabulary
+    counts = answer_token_counts(seqs, base.get_input_embeddings().weight.shape[0])
     loss_fn, mode = None, "distill"
     if args.train_command == "ptp":
         from ptp.ptp_model import PTPConfig, PTPModel
@@ -201,6 +204,7 @@ def run_train(args: argparse.Namespace) -> int:
                            lora=LoRAConfig(rank=args.rank, alpha=args.alpha), base_model=args.model,
                            sampler=args.sampler or args.copy_attn, copy_attn=args.copy_attn)
         model = PTPModel(base, config)
+        model.set_token_counts(counts)
         if args.init_from and not os.path.exists(os.path.join(args.out, "trainer_state.pt")):
             _init_from(model, args.init_from, "PTP adapter")
         mode = args.mode
@@ -211,6 +215,7 @@ def run_train(args: argparse.Namespace) -> int:
         model = MTPModel(base, MTPConfig(num_masks=args.masks, lora=LoRAConfig(rank=args.rank, alpha=args.alpha),
                                          sampler=not args.no_sampler, lcm_weight=args.lcm_weight,
                                          base_model=args.model, copy_attn=args.copy_attn))
+        model.set_token_counts(counts)
         if args.freeze_adapter and not args.init_from:
             raise ValueError("--freeze-adapter trains only the sampler head on a trained adapter: pass --init-from")
         if args.init_from and not os.path.exists(os.path.join(args.out, "trainer_state.pt")):
@@ -222,12 +227,10 @@ def run_train(args: argparse.Namespace) -> int:
         from ptp.mtp_model import HeadsConfig, MTPHeads
         from ptp.train.mtp import heads_batch_loss
 
-        from ptp.train.data import answer_token_counts
-
         model = MTPHeads(base, HeadsConfig(num_heads=args.heads, base_model=args.model,
                                                  token_input=args.token_input,
                                                  chain_input=args.chain_input, copy_attn=args.copy_attn))
-        model.set_token_counts(answer_token_counts(seqs, base.get_input_embeddings().weight.shape[0]))
+        model.set_token_counts(counts)
         if args.init_from and not os.path.exists(os.path.join(args.out, "trainer_state.pt")):
             _init_from(model, args.init_from)
         loss_fn = heads_batch_loss

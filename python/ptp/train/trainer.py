@@ -132,6 +132,28 @@ def window_batch(seqs: list[Sequence], lo_hi, count: int, rng: random.Random,
     return WindowBatch(live, ids, lengths, [len(plan[b]) for b in live], pad_windows([plan[b] for b in live]))
 
 
+def ptp_slot_loss(variant: str, mode: str, T: float, logits: torch.Tensor, targets: torch.Tensor,
+                  teacher: torch.Tensor) -> torch.Tensor:
+    """The PTP slots' loss: ``logits [..., V]`` against the data ``targets [...]`` and the
+    teacher's conditionals ``teacher [..., V]`` at the same positions.
+
+    - O-PTP learns the token the uniforms select: cross-entropy on the data token.
+    - C-PTP distillation learns the teacher's conditional: KL(teacher || student) at the sampling
+      temperature T; at T = 0 (greedy data, whose token is the teacher's argmax) at temperature 1,
+      the teacher's whole distribution, so C-PTP at T = 0 still learns a conditional, not a token.
+    - C-PTP teacher-free (no teacher): cross-entropy on the data token at temperature T.
+    """
+    V = logits.shape[-1]
+    lb = logits.reshape(-1, V)
+    if variant == "optp" or mode == "teacher-free":
+        scaled = lb if (variant == "optp" or T == 0) else lb / T
+        return F.cross_entropy(scaled, targets.reshape(-1))
+    t = T if T > 0 else 1.0
+    logp_s = F.log_softmax(lb / t, dim=-1)
+    logp_t = F.log_softmax(teacher.reshape(-1, V) / t, dim=-1)
+    return F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean")
+
+
 def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: torch.Generator,
                rng: random.Random) -> list[Optional[tuple[torch.Tensor, dict]]]:
     """Per-sequence losses of a micro-batch of sequences, computed in one real pass and one slot
@@ -221,14 +243,7 @@ def batch_loss(model: PTPModel, seqs: list[Sequence], cfg: TrainConfig, gen: tor
         hit = (model.slot_tokens(eval_logits, u_eval) == targets).float()  # [B, W, k]
 
     def slot_loss(lb: torch.Tensor, tb: torch.Tensor, teacher_b: torch.Tensor) -> torch.Tensor:
-        R = lb.shape[0] * lb.shape[1]
-        if c.variant == "optp" or T == 0 or cfg.mode == "teacher-free":
-            scaled = lb if (c.variant == "optp" or T == 0) else lb / T
-            return F.cross_entropy(scaled.reshape(R, -1), tb.reshape(-1))
-        # C-PTP distillation: KL(teacher || student) at the sampling temperature
-        logp_s = F.log_softmax(lb / T, dim=-1)
-        logp_t = F.log_softmax(teacher_b / T, dim=-1)
-        return F.kl_div(logp_s.reshape(R, -1), logp_t.reshape(R, -1), log_target=True, reduction="batchmean")
+        return ptp_slot_loss(c.variant, cfg.mode, T, lb, tb, teacher_b)
 
     for b, n in enumerate(counts):
         tb = targets[b, :n]
