@@ -109,7 +109,7 @@ sweeps() {
 }
 
 kernels() {
-  "$PY" benchmarks/kernels.py --out "$OUT/kernels.md"
+  "$PY" benchmarks/kernel_report.py --out "$OUT/kernels.md"
 }
 
 # End to end on the GPU (SmolLM2, float32, every drafter): only when the model's GGUF is importable

@@ -238,7 +238,7 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor,
     a sampled token on a CDF near-tie. Here each output element is one fixed sequence of float32
     operations over its own row of ``x`` and row of ``weight``. The weights are read once per
     call for all rows and never packed: for a few rows it runs at GEMV speed, where BLAS's
-    GEMM was 3.4x slower (SmolLM2's LM head on the dev CPU; ``benchmarks/kernels.py``).
+    GEMM was 3.4x slower (SmolLM2's LM head on the dev CPU; ``benchmarks/kernel_report.py``).
 
     Parameters
     ----------

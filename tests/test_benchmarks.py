@@ -81,3 +81,27 @@ def test_heads_tree_sim_accepted_depth():
     assert accepted_depth(tokens, parents, [2, 5, 6, 1]) == 0  # a path must start at the root
     assert accepted_depth(tokens, parents, [5, 6]) == 2  # no deeper than the truth
     assert accepted_depth([0], [-1], [1, 2]) == 0
+
+
+def test_benchmark_scripts_do_not_shadow_modules_transformers_probes():
+    """``python benchmarks/X.py`` puts ``benchmarks/`` first on ``sys.path``, so a script named like
+    a package transformers probes for (``kernels``: transformers 5.25 then imports our script as
+    the hub-kernels package and fails while loading the model) breaks every benchmark. No script
+    stem may be one of the package names in transformers' ``import_utils`` probes, nor shadow an
+    installed top-level module."""
+    import importlib.util
+    import os
+    import re
+
+    import transformers.utils.import_utils as iu
+
+    with open(iu.__file__) as f:
+        probed = set(re.findall(r'_is_package_available\(\s*"([A-Za-z0-9_.\-]+)"', f.read()))
+    assert "torch" in probed  # the pattern still finds the probes
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    stems = {n[:-3] for n in os.listdir(root) if n.endswith(".py") and not n.startswith("__")}
+    assert "e2e" in stems
+    assert not stems & probed, sorted(stems & probed)
+    shadowing = sorted(s for s in stems if importlib.util.find_spec(s) is not None
+                       and not (importlib.util.find_spec(s).origin or "").startswith(root))
+    assert not shadowing, shadowing

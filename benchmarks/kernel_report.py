@@ -1,6 +1,6 @@
 """GPU kernel benchmarks of ptp_ext (issue 5): the bench scripts with ``--device cuda``.
 
-    python benchmarks/kernels.py [--quick] [--out benchmarks/results/<date>-<gpu>-kernels.md]
+    python benchmarks/kernel_report.py [--quick] [--out benchmarks/results/<date>-<gpu>-kernels.md]
 
 Measures the device-to-device copy bandwidth once (printed, and passed to the scripts as
 ``PTP_COPY_BANDWIDTH_GBS`` so each reports its fraction of it without measuring again), then runs
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine_line()}",
         f"- torch {torch.__version__}, CUDA {torch.version.cuda}, ptp_ext.with_cuda() = {with_cuda}",
         f"- measured device-to-device copy bandwidth: **{bw:.0f} GB/s** (read + write)",
-        f"- command: `python benchmarks/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        f"- command: `python benchmarks/kernel_report.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
     ]
     print("\n".join(header), flush=True)
     records = run_scripts("cuda", args.quick, timeout=args.timeout)
