@@ -272,8 +272,8 @@ class DraftVocabHost:
         self.draft_vocab = DraftVocab(self.base, self.token_counts, size)
 
     def auto_draft_vocab(self, size: Optional[int]) -> None:
-        """``size`` None: :data:`AUTO_DRAFT_VOCAB` tokens if the checkpoint has token counts, else
-        the full vocabulary."""
+        """``size`` (an int or its string, as a drafter option) or None: :data:`AUTO_DRAFT_VOCAB`
+        tokens if the checkpoint has token counts, else the full vocabulary."""
         if size is None:
             size = AUTO_DRAFT_VOCAB if self.token_counts is not None else 0
         self.set_draft_vocab(int(size))

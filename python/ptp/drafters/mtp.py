@@ -485,14 +485,14 @@ def best_first_tree(roots: list[int], depths: int, expand, budget: int, top: int
     return out
 
 
-def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadratic", draft_vocab=None, **kw):
+def _mtp_factory(model, tokenizer, path, num_masks=None, scheme: str = "quadratic", **kw):
     from ptp.train.checkpoint import load_mtp
 
     ckpt = path or DEFAULT_MTP
     if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
         raise FileNotFoundError(f"no masked-input drafter at {ckpt} (train one with `ptp train mtp --out DIR`)")
     return MaskedInputDrafter(load_mtp(model, ckpt), num_masks=int(num_masks) if num_masks else None,
-                              scheme=scheme, draft_vocab=None if draft_vocab is None else int(draft_vocab), **kw)
+                              scheme=scheme, **kw)
 
 
 def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=8, verify="coupled", lookup=0,
@@ -507,7 +507,7 @@ def _heads_factory(model, tokenizer, path, tree=False, max_nodes=16, top=8, veri
     return HeadsDrafter(load_heads(model, ckpt), tree=tree, max_nodes=int(max_nodes), top=int(top),
                         verify=verify, lookup=int(lookup), lookup_depth=int(lookup_depth),
                         min_prob=float(min_prob),
-                        draft_vocab=None if draft_vocab is None else int(draft_vocab), **kw)
+                        draft_vocab=draft_vocab, **kw)
 
 
 register_drafter("mtp", _mtp_factory)

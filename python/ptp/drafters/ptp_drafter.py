@@ -272,7 +272,7 @@ def slot_pick(model: PTPModel, sampling: SamplingConfig, u: torch.Tensor):
 
 
 def _factory(model, tokenizer, path, num_slots: Optional[int] = None, scheme: str = "quadratic",
-             draft_vocab=None, **kw):
+             **kw):
     from ptp.train.checkpoint import load_adapter
 
     ckpt = path or DEFAULT_ADAPTER
@@ -280,10 +280,8 @@ def _factory(model, tokenizer, path, num_slots: Optional[int] = None, scheme: st
         raise FileNotFoundError(f"no PTP adapter at {ckpt} (train one with `ptp train ptp --out DIR`)")
     num_slots = int(num_slots) if num_slots is not None else None
     if scheme == "separate":
-        return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots,
-                          draft_vocab=None if draft_vocab is None else int(draft_vocab), **kw)
-    return PTPSlotDrafter(load_adapter(model, ckpt), num_slots=num_slots, scheme=scheme,
-                          draft_vocab=None if draft_vocab is None else int(draft_vocab), **kw)
+        return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots, **kw)
+    return PTPSlotDrafter(load_adapter(model, ckpt), num_slots=num_slots, scheme=scheme, **kw)
 
 
 register_drafter("ptp", _factory)
