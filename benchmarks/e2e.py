@@ -98,7 +98,7 @@ def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, s
 
 
 DEFAULT_METHODS = ("hf,hf-pld,none,lookup,lookup:num_branches=3,ptp,ptp:scheme=linear,"
-                   "ptp:scheme=separate,ptp:max_groups=1;lookup_ngram=1;num_slots=4,mtp,mtp:scheme=linear,"
+                   "ptp:scheme=separate,ptp:preset=cpu,cptp:preset=cpu,mtp,mtp:scheme=linear,"
                    "mtp:max_groups=1;lookup_ngram=1;num_masks=4,heads,heads:tree=1,heads:tree=1;lookup=1,"
                    "heads:tree=1;lookup=1;min_prob=0.1")
 

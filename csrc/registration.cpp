@@ -33,6 +33,10 @@ TORCH_LIBRARY(ptp_ext, m) {
       "float scale, int aux_start) -> Tensor");
   // ---- invariant linear over GGUF-quantised weights (bitwise that of the dequantised ones) --
   m.def("quant_linear(Tensor x, Tensor qweight, str format, Tensor? bias) -> Tensor");
+  // ---- quant_linear + gated LoRA on a suffix of rows (drafters over a GGUF target) ----------
+  m.def(
+      "gated_lora_quant_linear(Tensor x, Tensor qweight, str format, Tensor? bias, Tensor lora_a, "
+      "Tensor lora_b, float scale, int aux_start) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
@@ -42,6 +46,7 @@ TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
   m.impl("invariant_linear", &ptp::invariant_linear_cpu);
   m.impl("gated_lora_linear", &ptp::gated_lora_linear_cpu);
   m.impl("quant_linear", &ptp::quant_linear_cpu);
+  m.impl("gated_lora_quant_linear", &ptp::gated_lora_quant_linear_cpu);
 }
 
 #ifdef PTP_WITH_CUDA
@@ -52,5 +57,6 @@ TORCH_LIBRARY_IMPL(ptp_ext, CUDA, m) {
   m.impl("invariant_linear", &ptp::invariant_linear_cuda);
   m.impl("gated_lora_linear", &ptp::gated_lora_linear_cuda);
   m.impl("quant_linear", &ptp::quant_linear_cuda);
+  m.impl("gated_lora_quant_linear", &ptp::gated_lora_quant_linear_cuda);
 }
 #endif

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 __all__ = ["tree_attention", "verify_tree", "sampler_mlp", "invariant_linear", "gated_lora_linear",
-           "quant_linear"]
+           "quant_linear", "gated_lora_quant_linear"]
 
 _ops = torch.ops.ptp_ext
 
@@ -359,3 +359,50 @@ def _quant_linear_fake(x, qweight, format, bias):
     torch._check(x.dim() == 2, lambda: "x must be [N, K]")
     torch._check(qweight.dim() == 2, lambda: "qweight must be [M, K / 32 * block_bytes]")
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def gated_lora_quant_linear(x: torch.Tensor, qweight: torch.Tensor, format: str,
+                            bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
+                            scale: float, aux_start: int) -> torch.Tensor:
+    """:func:`gated_lora_linear` with the base weight in a GGUF block format (:func:`quant_linear`):
+    :func:`quant_linear` on every row plus ``scale * (x @ lora_a.T) @ lora_b.T`` on the rows
+    ``x[:, aux_start:]``, in one call.
+
+    Rows before ``aux_start`` are bitwise ``quant_linear(x, qweight, format, bias)``, which is
+    bitwise ``invariant_linear`` over the dequantised weight: a self-speculative drafter's adapter
+    over a GGUF target (SmolLM2's Q4_1) leaves the target's rows exactly the target's while the
+    call streams the blocks instead of the float32 weights.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(batch_size, seq_len, K)`` float32, contiguous, K a multiple of 32.
+    qweight : torch.Tensor
+        ``(M, K / 32 * block_bytes)`` uint8 blocks (see :func:`quant_linear`).
+    format : str
+        ``"q8_0"`` or ``"q4_1"``.
+    bias : torch.Tensor, optional
+        ``(M,)`` float32.
+    lora_a : torch.Tensor
+        ``(R, K)`` float32.
+    lora_b : torch.Tensor
+        ``(M, R)`` float32.
+    scale : float
+        LoRA scaling (``alpha / rank``).
+    aux_start : int
+        First auxiliary position, ``0 <= aux_start <= seq_len``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(batch_size, seq_len, M)`` float32.
+    """
+    return _ops.gated_lora_quant_linear(x, qweight, str(format), bias, lora_a, lora_b, float(scale),
+                                        int(aux_start))
+
+
+@torch.library.register_fake("ptp_ext::gated_lora_quant_linear")
+def _gated_lora_quant_linear_fake(x, qweight, format, bias, lora_a, lora_b, scale, aux_start):
+    torch._check(x.dim() == 3, lambda: "x must be [B, S, K]")
+    torch._check(qweight.dim() == 2, lambda: "qweight must be [M, K / 32 * block_bytes]")
+    return x.new_empty((x.shape[0], x.shape[1], qweight.shape[0]))

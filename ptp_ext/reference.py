@@ -25,6 +25,7 @@ __all__ = [
     "dequantize_ref",
     "quantize_ref",
     "quant_linear_ref",
+    "gated_lora_quant_linear_ref",
     "QUANT_BLOCK_BYTES",
     "chain_parents",
 ]
@@ -303,3 +304,11 @@ def quant_linear_ref(x: torch.Tensor, qweight: torch.Tensor, fmt: str,
                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference for :func:`ptp_ext.ops.quant_linear`: ``F.linear`` on the dequantised weights."""
     return invariant_linear_ref(x, dequantize_ref(qweight, fmt), bias)
+
+
+def gated_lora_quant_linear_ref(x: torch.Tensor, qweight: torch.Tensor, fmt: str,
+                                bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                                lora_b: torch.Tensor, scale: float, aux_start: int) -> torch.Tensor:
+    """Reference for :func:`ptp_ext.ops.gated_lora_quant_linear`: :func:`gated_lora_linear_ref`
+    over the dequantised weights."""
+    return gated_lora_linear_ref(x, dequantize_ref(qweight, fmt), bias, lora_a, lora_b, scale, aux_start)

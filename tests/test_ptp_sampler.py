@@ -139,7 +139,8 @@ def _prompts():
 @pytest.mark.parametrize("copy", [False, True])
 @pytest.mark.parametrize("options", [{"scheme": "quadratic"}, {"scheme": "linear"}, {"scheme": "separate"},
                                      {"max_groups": 2, "lookup_ngram": 1, "check_first": True},
-                                     {"min_prob": 0.05}])
+                                     {"min_prob": 0.05},
+                                     {"max_groups": 1, "lookup_ngram": 1, "lookup_groups": 0, "lookup_tokens": 5}])
 def test_sampler_adapter_decodes_exactly(variant, temperature, copy, options):
     """Greedy and coupled sampling with a sampler (or copy-sampler) adapter give plain decoding's
     tokens under every scheme and row saver."""

@@ -6,7 +6,12 @@ for every input, so a model whose float32 weights came from those blocks decodes
 with the same logits from a fraction of the weight bytes. The reference dequantiser is checked
 against the gguf package's own (what transformers loads a GGUF with).
 
-Order (STYLE.md): reference grid, invariance, opcheck, errors, compile; then the loader.
+``gated_lora_quant_linear`` (the gated LoRA of a self-speculative drafter over the blocks) keeps
+the same promise on the rows before ``aux_start`` and is ``gated_lora_linear`` of the dequantised
+weights on the others.
+
+Order (STYLE.md): reference grid, invariance, opcheck, errors, compile; then gated_lora_quant_linear;
+then the loader.
 """
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ import pytest
 import torch
 
 import ptp_ext
-from ptp_ext.ops import invariant_linear, quant_linear
-from ptp_ext.reference import QUANT_BLOCK_BYTES, dequantize_ref, quant_linear_ref, quantize_ref
+from ptp_ext.ops import gated_lora_linear, gated_lora_quant_linear, invariant_linear, quant_linear
+from ptp_ext.reference import (QUANT_BLOCK_BYTES, dequantize_ref, gated_lora_quant_linear_ref, quant_linear_ref,
+                               quantize_ref)
 
 FORMATS = ["q8_0", "q4_1"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available() or not ptp_ext.with_cuda(),
@@ -186,6 +192,100 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(x, q, b), f(x, q, b))
 
 
+# ---- gated_lora_quant_linear ---------------------------------------------------------------------
+def make_gated(b, s, k, m, r, fmt, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s, k, generator=g)
+    q = quantize_ref(torch.randn(m, k, generator=g) * k ** -0.5, fmt)
+    bb = torch.randn(m, generator=g) * 0.1 if bias else None
+    a = torch.randn(r, k, generator=g) * k ** -0.5
+    lb = torch.randn(m, r, generator=g) * 0.2
+    return x, q, bb, a, lb
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("b,s,k,m,r,start", [(1, 9, 576, 576, 16, 5), (2, 7, 64, 200, 8, 0),
+                                             (3, 4, 32, 24, 4, 4), (1, 1, 96, 3, 2, 0)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_matches_reference_and_is_gated_lora_linear_of_the_dequantised_weights(fmt, b, s, k, m, r,
+                                                                                     start, bias):
+    x, q, bb, a, lb = make_gated(b, s, k, m, r, fmt, bias)
+    y = gated_lora_quant_linear(x, q, fmt, bb, a, lb, 2.0, start)
+    assert y.dtype == torch.float32 and y.shape == (b, s, m)
+    torch.testing.assert_close(y, gated_lora_quant_linear_ref(x, q, fmt, bb, a, lb, 2.0, start),
+                               atol=2e-4, rtol=2e-4)
+    # bitwise: the float32 op on the dequantised weights (base rows and LoRA rows alike)
+    assert torch.equal(y, gated_lora_linear(x, dequantize_ref(q, fmt), bb, a, lb, 2.0, start))
+    # the target's rows are quant_linear's whatever the adapter
+    assert torch.equal(y[:, :start], quant_linear(x, q, fmt, bb)[:, :start])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gated_rows_do_not_depend_on_the_call(fmt):
+    x, q, bb, a, lb = make_gated(2, 12, 576, 192, 16, fmt)
+    y = gated_lora_quant_linear(x, q, fmt, bb, a, lb, 2.0, 7)
+    assert not torch.equal(y[:, 7:], quant_linear(x, q, fmt, bb)[:, 7:])  # the adapter acts there
+    for b in range(2):
+        for keep in (8, 10, 12):
+            y2 = gated_lora_quant_linear(x[b:b + 1, :keep].contiguous(), q, fmt, bb, a, lb, 2.0, 7)
+            assert torch.equal(y2[0], y[b, :keep]), (b, keep)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gated_cuda_is_bitwise_the_float32_op_and_close_to_cpu(fmt):
+    x, q, bb, a, lb = make_gated(2, 9, 576, 200, 16, fmt)
+    args = [t.cuda() for t in (x, q, bb, a, lb)]
+    y = gated_lora_quant_linear(args[0], args[1], fmt, args[2], args[3], args[4], 2.0, 5)
+    assert torch.equal(y, gated_lora_linear(args[0], dequantize_ref(q, fmt).cuda(), args[2], args[3], args[4],
+                                            2.0, 5))
+    torch.testing.assert_close(y.cpu(), gated_lora_quant_linear(x, q, fmt, bb, a, lb, 2.0, 5),
+                               atol=1e-4, rtol=1e-4)
+    torch.library.opcheck(torch.ops.ptp_ext.gated_lora_quant_linear.default,
+                          (args[0], args[1], fmt, args[2], args[3], args[4], 2.0, 5))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_opcheck(bias):
+    x, q, bb, a, lb = make_gated(2, 5, 64, 12, 4, "q4_1", bias)
+    torch.library.opcheck(torch.ops.ptp_ext.gated_lora_quant_linear.default, (x, q, "q4_1", bb, a, lb, 2.0, 3))
+
+
+def test_gated_bad_arguments_raise_clear_errors():
+    x, q, bb, a, lb = make_gated(2, 5, 64, 12, 4, "q4_1")
+    with pytest.raises(ValueError, match=r"x must have shape \[B, S, K\]"):
+        gated_lora_quant_linear(x[0], q, "q4_1", bb, a, lb, 2.0, 1)
+    with pytest.raises(ValueError, match="x must be Float"):
+        gated_lora_quant_linear(x.half(), q, "q4_1", bb, a, lb, 2.0, 1)
+    with pytest.raises(ValueError, match="format must be 'q8_0' or 'q4_1'"):
+        gated_lora_quant_linear(x, q, "q5_k", bb, a, lb, 2.0, 1)
+    with pytest.raises(ValueError, match=r"qweight must have shape \[M, K / 32 \* 34\]"):
+        gated_lora_quant_linear(x, q, "q8_0", bb, a, lb, 2.0, 1)
+    with pytest.raises(ValueError, match=r"lora_a must have shape \[R, K\]"):
+        gated_lora_quant_linear(x, q, "q4_1", bb, a[:, :32].contiguous(), lb, 2.0, 1)
+    with pytest.raises(ValueError, match="lora_b must have shape"):
+        gated_lora_quant_linear(x, q, "q4_1", bb, a, lb[:, :3].contiguous(), 2.0, 1)
+    with pytest.raises(ValueError, match="lora_a must be Float"):
+        gated_lora_quant_linear(x, q, "q4_1", bb, a.double(), lb, 2.0, 1)
+    with pytest.raises(ValueError, match=r"aux_start must be in \[0, S\]"):
+        gated_lora_quant_linear(x, q, "q4_1", bb, a, lb, 2.0, 6)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        gated_lora_quant_linear(x.transpose(0, 1), q, "q4_1", bb, a, lb, 2.0, 1)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        gated_lora_quant_linear(x, q, "q4_1", bb[:3], a, lb, 2.0, 1)
+
+
+def test_gated_torch_compile_fullgraph():
+    x, q, bb, a, lb = make_gated(2, 5, 64, 12, 4, "q8_0")
+
+    def f(x):
+        return gated_lora_quant_linear(x, q, "q8_0", bb, a, lb, 2.0, 2) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), f(x))
+
+
 # ---- the loader ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_gguf_blocks_attach_bitwise_and_decode_the_same():
@@ -293,9 +393,9 @@ def _decode(model, drafter, n=24, temperature=0.0):
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("drafter", ["lookup", "ptp"])
 def test_decoding_through_the_blocks_is_bitwise(tmp_path, temperature, drafter):
-    """The fast path reads every attached layer's blocks (a PTP drafter's gated-LoRA layers when
-    their gate is off; gated_lora_linear's float32 op when it is on); the committed tokens, their
-    logits and the hidden states drafters read are bitwise those of the float32 weights."""
+    """The fast path reads every attached layer's blocks (a PTP drafter's gated-LoRA layers
+    through gated_lora_quant_linear when their gate is on); the committed tokens, their logits and
+    the hidden states drafters read are bitwise those of the float32 weights."""
     from ptp._testing import assert_same_logits
     from ptp.drafters import LookupDrafter
     from ptp.drafters.ptp_drafter import PTPSlotDrafter
@@ -318,7 +418,18 @@ def test_decoding_through_the_blocks_is_bitwise(tmp_path, temperature, drafter):
     plain = _decode(m, make(), temperature=temperature)
     found = attach_gguf(m, path)
     assert fast_forward_for(m).num_quantized == len(found) == len(fmts)
-    quant = _decode(m, make(), temperature=temperature)
+    calls = []
+    real = ptp_ext.ops.gated_lora_quant_linear
+
+    def spy(*a, **k):
+        calls.append(a[2])
+        return real(*a, **k)
+    ptp_ext.ops.gated_lora_quant_linear = spy
+    try:
+        quant = _decode(m, make(), temperature=temperature)
+    finally:
+        ptp_ext.ops.gated_lora_quant_linear = real
+    assert bool(calls) == (drafter == "ptp")  # the gate-on layers read the blocks too
     assert quant[0] == plain[0]
     assert_same_logits(plain[1], quant[1])
     assert len(quant[2]) == len(plain[2])

@@ -1,8 +1,8 @@
 // CUDA launcher of invariant_linear: shared argument check, device guard, current stream; the
 // kernel (and why it is row-invariant) is in invariant_linear_kernels.cuh. Meant for
 // decoding-sized calls (rows in the tens); no host synchronisation, CUDA-graph safe.
-// Also gated_lora_linear on CUDA: the composite of gated_lora_linear.h over this launcher (three
-// products through the kernel, one add on the current stream).
+// Also gated_lora_linear and gated_lora_quant_linear on CUDA: the composites of gated_lora_linear.h
+// over this launcher and quant_linear's (three products, one add on the current stream).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -76,6 +76,16 @@ at::Tensor gated_lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   return gated_lora_linear_impl(x, weight, bias, lora_a, lora_b, scale, aux_start,
                                 &invariant_linear_cuda);
+}
+
+at::Tensor gated_lora_quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight,
+                                        c10::string_view format,
+                                        const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                        double scale, int64_t aux_start) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return gated_lora_quant_linear_impl(x, qweight, format, bias, lora_a, lora_b, scale, aux_start,
+                                      &quant_linear_cuda, &invariant_linear_cuda);
 }
 
 }  // namespace ptp

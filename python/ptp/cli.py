@@ -1,10 +1,12 @@
 """The ``ptp`` command line (``ptp`` console script and ``python -m ptp``).
 
-    ptp generate [--model M] [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16] [--drafter NAME_OR_PATH|none] [--drafter-option KEY=VALUE ...]
+    ptp generate [--model M] [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16] [--drafter auto|NAME_OR_PATH|none] [--drafter-option KEY=VALUE ...]
                  [--prompt TEXT | --prompts FILE.jsonl] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                  [--batch-size B] [--json OUT]
 
-``--prompts`` reads Spec-Bench's JSONL (``question_id``, ``category``, ``turns``); the first turn
+``--drafter auto`` (the default) drafts with the shipped PTP adapter for SmolLM2-135M-Instruct
+(``ptp``, with the preset of the device: ``ptp.drafters.ptp_drafter.PRESETS``), or by prompt lookup
+for a model it does not fit. ``--prompts`` reads Spec-Bench's JSONL (``question_id``, ``category``, ``turns``); the first turn
 is the user message, wrapped in the tokenizer's chat template. Text goes to stdout (streamed for a
 single prompt); tokens/s, mean accepted tokens per target call and target calls go to stderr.
 """
@@ -27,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the target and the drafter)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="the target's weights and activations")
-    gen.add_argument("--drafter", default="lookup",
-                     help="registered drafter name (none, lookup, ptp, cptp, mtp, heads) or checkpoint directory")
+    gen.add_argument("--drafter", default="auto",
+                     help="registered drafter name (none, lookup, ptp, cptp, mtp, heads), checkpoint directory, "
+                          "or auto (default): the shipped PTP drafter (ptp) when it fits the model "
+                          "(SmolLM2-135M-Instruct), else prompt lookup. ptp / cptp without --drafter-option "
+                          "take the device's preset (preset=cpu|gpu)")
     gen.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
                      help="drafter option (repeatable), e.g. scheme=linear, num_slots=4, tree=1")
     src = gen.add_mutually_exclusive_group(required=True)
@@ -96,6 +101,30 @@ def _drafter_options(items: list[str]) -> dict:
     return out
 
 
+def resolve_drafter(name: str, options: dict, model) -> tuple[str, dict]:
+    """The drafter ``ptp generate`` builds: ``auto`` is the shipped PTP drafter when its adapter
+    fits ``model`` (else prompt lookup, with a note on stderr); ``ptp`` / ``cptp`` with no options
+    take the preset of the model's device (``preset=cpu`` or ``gpu``)."""
+    if name == "auto":
+        from .drafters.ptp_drafter import adapter_mismatch
+
+        why = adapter_mismatch(model)
+        if why is not None:
+            print(f"[ptp] the shipped PTP drafter does not fit this model ({why}): drafting by prompt "
+                  f"lookup (train a PTP drafter for it with `ptp train ptp`)", file=sys.stderr)
+            return "lookup", options
+        name = "ptp"
+    if name in ("ptp", "cptp") and not options:
+        options = {"preset": "cpu" if model.get_input_embeddings().weight.device.type == "cpu" else "gpu"}
+    return name, options
+
+
+def describe_drafter(name: str, options: dict) -> str:
+    if not options:
+        return name
+    return name + " " + ",".join(f"{k}={v}" for k, v in options.items())
+
+
 def _generate(args) -> int:
     from .decoder import Decoder, GenerationConfig
     from .drafters import make_drafter
@@ -111,11 +140,12 @@ def _generate(args) -> int:
     try:
         device = resolve_device(args.device)
         model, tokenizer = load_target(args.model, dtype=parse_dtype(args.dtype), device=device)
-        drafter = make_drafter(args.drafter, model, tokenizer, **_drafter_options(args.drafter_option))
+        name, options = resolve_drafter(args.drafter, _drafter_options(args.drafter_option), model)
+        drafter = make_drafter(name, model, tokenizer, **options)
     except (FileNotFoundError, ValueError, TypeError) as e:  # bad --model/--drafter/--device: a message, no trace
         raise SystemExit(f"ptp generate: error: {e}")
     row_invariant = args.row_invariant if args.row_invariant is not None else device.type == "cpu"
-    if args.dtype != "float32" and args.drafter != "none" and not row_invariant:
+    if args.dtype != "float32" and name != "none" and not row_invariant:
         print(f"[ptp] warning: --dtype {args.dtype} without row-invariant calls: the target's logits "
               f"change with the number of rows in a call (other kernels, other rounding at "
               f"{args.dtype}), so a near-tie can resolve differently than in plain decoding and the "
@@ -163,10 +193,10 @@ def _generate(args) -> int:
     calls = sum(r["target_calls"] for r in results)
     print(f"[ptp] {new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s, "
           f"{new_tokens / max(calls, 1):.2f} accepted tokens per target call, "
-          f"{calls} target calls (drafter {args.drafter})", file=sys.stderr)
+          f"{calls} target calls (drafter {describe_drafter(name, options)})", file=sys.stderr)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"model": args.model, "drafter": args.drafter,
+            json.dump({"model": args.model, "drafter": name,
                        "temperature": args.temperature, "seed": args.seed, "results": results}, f)
     return 0
 

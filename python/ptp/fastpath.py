@@ -10,8 +10,9 @@ calls the same tensor operations directly:
 * the projections: ``ptp_ext``'s ``invariant_linear`` op when the decoder routes linears through
   it (:class:`ptp.decoder.InvariantLinears`), or ``quant_linear`` over the layer's GGUF blocks
   when :mod:`ptp.quant` attached them (bitwise the same results from a quarter to an eighth of
-  the weight bytes), else ``F.linear``; a wrapped projection (the gated LoRA of a
-  self-speculative drafter with its gate on, a quantised layer) is called as a module;
+  the weight bytes), else ``F.linear``; the gated LoRA of a self-speculative drafter with its
+  gate on runs as one op (``gated_lora_quant_linear`` over the blocks, ``gated_lora_linear``
+  over float32 weights), any other wrapped projection is called as a module;
 * the KV cache write and ``ptp_ext``'s ``tree_attention``, as the ``"ptp"`` attention does.
 
 So the hidden states are *bitwise* those of the HF forward with the ``"ptp"`` attention
@@ -72,9 +73,18 @@ class _Proj:
         if lin is None:
             return self.m(x)
         if self.lora and self.m.gate.index is not None:
-            # gate on: gated_lora_linear's one op over the float32 base (bitwise what the blocks
-            # give; a composite over quant_linear measured slower: three calls per layer)
-            return self.m(x)
+            m = self.m
+            if (invariant and m.gate.suffix is not None and x.dim() == 3 and x.is_contiguous()
+                    and not torch.is_grad_enabled()):
+                # gate on, auxiliary rows a suffix of every batch row: one op, the base rows bitwise
+                # those of the gate-off call (GGUF blocks: gated_lora_quant_linear streams them, a
+                # third of the float32 path's time at a drafter call's 5-8 rows on the dev CPU)
+                if self.qweight is not None:
+                    return ops.gated_lora_quant_linear(x, self.qweight, self.format, lin.bias, m.lora_A,
+                                                       m.lora_B, m.scale, m.gate.suffix)
+                w = lin.weight if lin.weight.is_contiguous() else lin.weight.contiguous()
+                return ops.gated_lora_linear(x, w, lin.bias, m.lora_A, m.lora_B, m.scale, m.gate.suffix)
+            return m(x)
         if not invariant:
             return F.linear(x, lin.weight, lin.bias)
         if self.qweight is not None:

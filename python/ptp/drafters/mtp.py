@@ -78,7 +78,9 @@ class MaskedInputDrafter(SlotGroupDrafter):
 
     def __init__(self, model: MTPModel, num_masks: Optional[int] = None, scheme: str = "quadratic",
                  max_groups: Optional[int] = None, lookup_ngram: int = 0, tree: bool = False,
-                 max_nodes: int = 16, top: int = 4, min_prob: float = 0.0, draft_vocab: Optional[int] = None):
+                 max_nodes: int = 16, top: int = 4, min_prob: float = 0.0, draft_vocab: Optional[int] = None,
+                 lookup_groups: Optional[int] = None,
+                 lookup_tokens: Optional[int] = None):
         k = int(num_masks or model.config.num_masks)
         if not 1 <= k <= model.config.num_masks:
             raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
@@ -86,7 +88,8 @@ class MaskedInputDrafter(SlotGroupDrafter):
         # a tree of max_nodes, plus room for lookup's continuation (k tokens) merged into it
         tree_room = self.max_nodes + (k if int(lookup_ngram) > 0 else 0)
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k,
-                         max_groups=max_groups, lookup_ngram=lookup_ngram)
+                         max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
+                         lookup_tokens=lookup_tokens)
         self.model = model.eval()
         # greedy drafts over the drafter's most frequent answer tokens (None: 8,192 if it has counts)
         model.auto_draft_vocab(draft_vocab)

@@ -25,7 +25,10 @@ change which rows ride on a call, never the output): ``max_groups=G`` keeps the 
 the first G nodes only; ``check_first=1`` drops a group's drafts when its slot 0 mispredicted the
 token verification picked (the later slots assumed that prediction); ``min_prob=p`` cuts a draft
 where the product of its slots' own probabilities falls below p. ``lookup_ngram=n`` drafts by
-prompt lookup instead whenever the last n..3 tokens occurred before (copy-heavy text).
+prompt lookup instead whenever the last n..3 tokens occurred before (copy-heavy text; its chain up
+to ``lookup_tokens`` long, ``lookup_groups=0``: no slot rows on such steps).
+``preset=cpu|gpu|auto`` (:data:`PRESETS`) fills in the measured best setting of a device; explicit
+options override it (``ptp generate`` uses it when given no ``--drafter-option``).
 An adapter with a sampler head (``PTPConfig.sampler``) drafts slots 1..k-1 one at a time, each on
 the previous slot's token (a copy sampler also over the row's committed tokens); greedy,
 ``tree=1`` (``max_nodes``, ``top``, ``min_prob``) drafts a best-first tree over the slots instead,
@@ -54,7 +57,8 @@ from .base import Draft, DraftRequest, StepOutcome, register_drafter
 from .mtp import sampler_tree
 from .slots import SlotGroupDrafter, tree_options
 
-__all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "DEFAULT_CPTP", "sdpa_attention"]
+__all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "DEFAULT_CPTP", "PRESETS", "preset_options",
+           "adapter_mismatch", "sdpa_attention"]
 
 DEFAULT_ADAPTER = os.path.join(os.path.dirname(__file__), "weights", "ptp-smollm2-135m-instruct")
 # the shipped C-PTP adapter (``--drafter cptp``): the same drafter, trained on the teacher's conditionals
@@ -170,7 +174,8 @@ class PTPSlotDrafter(SlotGroupDrafter):
     def __init__(self, model: PTPModel, num_slots: Optional[int] = None, scheme: str = "quadratic",
                  max_groups: Optional[int] = None, check_first: bool = False, min_prob: float = 0.0,
                  lookup_ngram: int = 0, tree: bool = False, max_nodes: int = 16, top: int = 4,
-                 draft_vocab: Optional[int] = None):
+                 draft_vocab: Optional[int] = None, lookup_groups: Optional[int] = None,
+                 lookup_tokens: Optional[int] = None):
         k = int(num_slots or model.config.num_slots)
         if k < 2:
             raise ValueError(f"PTP on the verify call needs num_slots >= 2, got {k}")
@@ -180,7 +185,8 @@ class PTPSlotDrafter(SlotGroupDrafter):
         # a tree of max_nodes, plus room for lookup's continuation (k - 1 tokens) merged into it
         tree_room = self.max_nodes + (k - 1 if int(lookup_ngram) > 0 else 0)
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k - 1,
-                         max_groups=max_groups, lookup_ngram=lookup_ngram)
+                         max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
+                         lookup_tokens=lookup_tokens)
         self.check_first = bool(check_first)
         self.min_prob = float(min_prob)
         self.model = model.eval()
@@ -271,13 +277,71 @@ def slot_pick(model: PTPModel, sampling: SamplingConfig, u: torch.Tensor):
         lg.float(), sampling.temperature, sampling.top_k, sampling.top_p)))
 
 
-def _factory(model, tokenizer, path, num_slots: Optional[int] = None, scheme: str = "quadratic",
-             **kw):
+# Per-device settings (``preset=cpu|gpu|auto``; explicit options override them), measured on
+# SmolLM2-135M-Instruct with the shipped adapters, greedy, 13 Spec-Bench dev prompts x 128 tokens:
+# * cpu: every row of a call costs compute (2-core AMD EPYC: a 5-8 row verify call with the slots
+#   costs ~1.5 one-row calls even with gated_lora_quant_linear). One group of 4 slots after the
+#   root, prompt lookup's chain (up to 4 tokens) instead whenever the text repeats, and no slots
+#   on those lookup steps (a call without the adapter): about prompt lookup's speed with more
+#   tokens per call (benchmarks/results/2026-12-05-cpu-ptp-cpu-preset.md).
+# * gpu: rows are nearly free in a small model's call: the best-first tree over the slots with
+#   lookup's continuation merged in (2.9-3.1 tokens per call on the CPU measurements; the GPU
+#   wall clock is not measured yet).
+PRESETS = {
+    "cpu": {"max_groups": 1, "lookup_ngram": 1, "num_slots": 4, "lookup_groups": 0, "lookup_tokens": 4},
+    "gpu": {"tree": 1, "lookup_ngram": 1},
+}
+
+
+def preset_options(preset: str, model) -> dict:
+    """The options of ``preset`` (``cpu``, ``gpu``, or ``auto``: by the device of ``model``'s weights)."""
+    name = str(preset).lower()
+    if name == "auto":
+        name = "cpu" if model.get_input_embeddings().weight.device.type == "cpu" else "gpu"
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS) + ['auto']}, got {preset!r}")
+    return dict(PRESETS[name])
+
+
+def adapter_mismatch(model, path: Optional[str] = None) -> Optional[str]:
+    """Why the adapter at ``path`` (default: the shipped one) cannot serve ``model``, or ``None``
+    when every adapted layer of the checkpoint exists in ``model`` with its shapes (read from the
+    safetensors header, no weights loaded)."""
+    from safetensors import safe_open
+
+    ckpt = os.path.join(path or DEFAULT_ADAPTER, "adapter.safetensors")
+    if not os.path.isfile(ckpt):
+        return f"no adapter at {ckpt}"
+    modules = dict(model.named_modules())
+    vocab = model.get_output_embeddings().weight.shape[0]
+    with safe_open(ckpt, "pt") as f:
+        if "token_counts" in f.keys() and f.get_slice("token_counts").get_shape()[0] != vocab:
+            return f"the adapter's vocabulary has {f.get_slice('token_counts').get_shape()[0]} tokens, the model's {vocab}"
+        for key in f.keys():
+            if not key.startswith("lora.") or not key.endswith(".lora_A"):
+                continue
+            name = key[len("lora."):-len(".lora_A")]
+            mod = modules.get(name)
+            mod = getattr(mod, "base", mod)  # already wrapped by a gated LoRA
+            in_features = f.get_slice(key).get_shape()[1]
+            out_features = f.get_slice(key[:-1] + "B").get_shape()[0]
+            if not isinstance(mod, torch.nn.Linear):
+                return f"the model has no linear layer {name}"
+            if (mod.in_features, mod.out_features) != (in_features, out_features):
+                return (f"{name} is {mod.in_features} -> {mod.out_features} in the model, "
+                        f"{in_features} -> {out_features} in the adapter")
+    return None
+
+
+def _factory(model, tokenizer, path, preset: Optional[str] = None, **kw):
     from ptp.train.checkpoint import load_adapter
 
     ckpt = path or DEFAULT_ADAPTER
     if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
         raise FileNotFoundError(f"no PTP adapter at {ckpt} (train one with `ptp train ptp --out DIR`)")
+    if preset is not None:
+        kw = {**preset_options(preset, model), **kw}
+    num_slots, scheme = kw.pop("num_slots", None), kw.pop("scheme", "quadratic")
     num_slots = int(num_slots) if num_slots is not None else None
     if scheme == "separate":
         return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots, **kw)

@@ -24,7 +24,11 @@ has no group drafts nothing next (it then verifies only the root and drafts agai
 n..3 tokens occurred earlier (prompt or output), the continuation of the most recent longest
 match (if it has >= 2 tokens, or the slots drafted nothing) replaces the slots' draft
 (copy-heavy text: summaries, extraction, translation, code edits), and the slot groups hang
-after *its* nodes as usual.
+after *its* nodes as usual. ``lookup_tokens=L`` caps that continuation (default: as the slots'
+drafts); ``lookup_groups=G`` caps the groups of a step whose every row drafted by lookup (0: no
+slot rows at all, so the call runs without the adapter: on a CPU the cheap steps of copy-heavy
+text stay as cheap as plain prompt lookup's, and the next step drafts by lookup again or, with
+no match, verifies the root with one group to draft from the slots).
 
 A subclass may draft a *tree* from the accepted group (``group_drafts`` returning ``(tokens,
 parents)``, nodes in best-first order): groups then hang after the tree's first nodes (every node,
@@ -58,7 +62,8 @@ class SlotGroupDrafter:
 
     def __init__(self, gate, num_slots: int, scheme: str = "quadratic",
                  max_drafts: Optional[int] = None, max_groups: Optional[int] = None,
-                 lookup_ngram: int = 0) -> None:
+                 lookup_ngram: int = 0, lookup_groups: Optional[int] = None,
+                 lookup_tokens: Optional[int] = None) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         if num_slots < 1:
@@ -71,12 +76,21 @@ class SlotGroupDrafter:
         self.max_drafts = max_drafts if max_drafts is not None else num_slots
         self.max_groups = int(max_groups) if max_groups is not None else None
         self.lookup = None
+        if lookup_tokens is not None and int(lookup_tokens) < 1:
+            raise ValueError(f"lookup_tokens must be >= 1, got {lookup_tokens}")
+        # longest chain a lookup step drafts (default: as the slots' drafts)
+        self.lookup_tokens = int(lookup_tokens) if lookup_tokens is not None else self.max_drafts
         if int(lookup_ngram) > 0:
             from .lookup import LookupDrafter
 
-            self.lookup = LookupDrafter(max_draft_tokens=self.max_drafts, max_ngram=max(3, int(lookup_ngram)),
+            self.lookup = LookupDrafter(max_draft_tokens=self.lookup_tokens, max_ngram=max(3, int(lookup_ngram)),
                                         min_ngram=int(lookup_ngram))
+        if lookup_groups is not None and int(lookup_groups) < 0:
+            raise ValueError(f"lookup_groups must be >= 0, got {lookup_groups}")
+        # slot groups on a step whose every row drafted by lookup (None: as any step)
+        self.lookup_groups = int(lookup_groups) if lookup_groups is not None else None
         self.lookup_used = 0  # statistics: steps that drafted by lookup
+        self.bare_steps = 0  # statistics: steps without slot rows (lookup_groups=0)
         # sequence id -> (index of the root the drafts follow, draft tokens, their parents (0 = root))
         self._next: dict[int, tuple[int, list[int], list[int]]] = {}
         self.groups_used = 0  # statistics: groups whose drafts were taken
@@ -103,14 +117,17 @@ class SlotGroupDrafter:
         self._next.clear()
         self._hist.clear()
 
-    def _num_groups(self, n: int) -> int:
-        """Slot groups carried by a step with ``n`` draft nodes."""
-        if self.scheme != "quadratic":
-            return 1
-        return n + 1 if self.max_groups is None else min(n + 1, self.max_groups)
+    def _num_groups(self, n: int, looked_up: bool = False) -> int:
+        """Slot groups carried by a step with ``n`` draft nodes (``looked_up``: every row's drafts
+        came from prompt lookup)."""
+        g = 1 if self.scheme != "quadratic" else (n + 1 if self.max_groups is None else min(n + 1, self.max_groups))
+        if looked_up and self.lookup_groups is not None and n > 0:
+            g = min(g, self.lookup_groups)
+        return g
 
     def aux_room(self, max_nodes: int) -> int:
-        return self.num_slots * self._num_groups(min(self.max_drafts, max_nodes))
+        longest = max(self.max_drafts, self.lookup_tokens) if self.lookup is not None else self.max_drafts
+        return self.num_slots * self._num_groups(min(longest, max_nodes))
 
     def aux_context(self, mask: torch.Tensor):
         return self.gate.rows(mask)
@@ -119,29 +136,37 @@ class SlotGroupDrafter:
         k = self.num_slots
         B = len(request.histories)
         budget = min(self.max_drafts, request.max_nodes)
+        lookup_budget = min(self.lookup_tokens, request.max_nodes)
         # per row: draft nodes 1..n as (tokens, parents), parents before children (0 = the root)
         drafts: list[tuple[list[int], list[int]]] = []
+        looked_up = True  # every row's drafts come from lookup
         for b, seq in enumerate(request.sequence_ids):
             root_index = len(request.histories[b]) - 1
             if self.needs_context:
                 self._hist[seq] = list(request.histories[b])
             entry = self._next.pop(seq, None)
             toks, pars = (entry[1], entry[2]) if entry is not None and entry[0] == root_index else ([], [])
+            row_lookup = False
             if self.lookup is not None and budget > 0:
-                conts = self.lookup.continuations(request.histories[b], budget)
-                if conts and _is_chain(pars) and len(conts[0]) >= min(len(toks), 2):
+                conts = self.lookup.continuations(request.histories[b], max(budget, lookup_budget))
+                chain = conts[0][:lookup_budget] if conts else []
+                if chain and _is_chain(pars) and len(chain) >= min(len(toks), 2):
+                    conts[0] = chain
                     toks, pars = list(conts[0]), list(range(len(conts[0])))
                     self.lookup_used += 1
+                    row_lookup = True
                 elif conts and not _is_chain(pars):  # a tree: lookup's continuation joins it as a trie path
                     t, p = [0] + toks, [-1] + pars
                     if merge_chain(t, p, conts[0][:k], max(budget - len(toks), 0)):
                         self.lookup_used += 1
                     toks, pars = t[1:], p[1:]
-            drafts.append((toks[:max(budget, 0)], pars[:max(budget, 0)]))
+            looked_up = looked_up and row_lookup
+            cap = lookup_budget if row_lookup else budget
+            drafts.append((toks[:max(cap, 0)], pars[:max(cap, 0)]))
 
         # fit the row budget: n + 1 tree rows + the groups' slot rows
         def rows_needed(n: int) -> int:
-            return n + 1 + k * self._num_groups(n)
+            return n + 1 + k * self._num_groups(n, looked_up)
 
         if request.max_rows:
             while drafts and max(len(d[0]) for d in drafts) > 0 and \
@@ -153,7 +178,11 @@ class SlotGroupDrafter:
         n_max = max(len(d[0]) for d in drafts)
         tokens = torch.zeros(B, n_max + 1, dtype=torch.long)
         parents = torch.full((B, n_max + 1), -1, dtype=torch.long)
-        G = self._num_groups(n_max)
+        G = self._num_groups(n_max, looked_up)
+        if G == 0:  # lookup drafted every row and no group rides along: a call without the adapter
+            self._fill(tokens, parents, drafts)
+            self.bare_steps += 1
+            return Draft(tokens=tokens, parents=parents, is_chain=True)
         embeds, anchor, offset, group = [], [], [], []
         for b, (d, par) in enumerate(drafts):
             n = len(d)
@@ -165,7 +194,7 @@ class SlotGroupDrafter:
                 depth.append(depth[q] + 1)
             root_index = len(request.histories[b]) - 1
             # quadratic: groups after the first nodes (best-first order: the likeliest ends first)
-            hyps = list(range(self._num_groups(n))) if self.scheme == "quadratic" else [n]
+            hyps = list(range(min(self._num_groups(n, looked_up), G))) if self.scheme == "quadratic" else [n]
             rows_e, rows_a, rows_g = [], [], []
             for g_i, h in enumerate(hyps):
                 rows_e.append(self.group_embeds(request, b, root_index + depth[h] + 1))
@@ -185,6 +214,13 @@ class SlotGroupDrafter:
         aux = AuxRows(embeds=torch.stack(embeds), anchor=torch.tensor(anchor, device=dev),
                       offset=torch.tensor(offset, device=dev), group=torch.tensor(group, device=dev))
         return Draft(tokens=tokens, parents=parents, is_chain=all(_is_chain(p) for _, p in drafts), aux=aux)
+
+    @staticmethod
+    def _fill(tokens: torch.Tensor, parents: torch.Tensor, drafts) -> None:
+        for b, (d, par) in enumerate(drafts):
+            if d:
+                tokens[b, 1:len(d) + 1] = torch.tensor(d, dtype=torch.long)
+                parents[b, 1:len(d) + 1] = torch.tensor(par, dtype=torch.long)
 
     def observe(self, outcome: StepOutcome) -> None:
         if outcome.aux is None or outcome.aux_hidden is None:
