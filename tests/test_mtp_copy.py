@@ -136,7 +136,7 @@ def test_copy_sampler_decodes_exactly(temperature, options):
     spec, calls = _generate(m.base, _prompts(), d, sampling)
     assert spec == plain
     assert calls <= plain_calls and d.groups_used > 0
-    assert (d.bare_steps > 0) == (options.get("lookup_groups") == 0)
+    assert (d.groupless_rows > 0) == (options.get("lookup_groups") == 0)
     d.reset()
     assert not d._hist and not d._next
 

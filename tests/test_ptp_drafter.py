@@ -111,7 +111,9 @@ def test_slot_drafter_on_verify_call_equals_plain_tiny(variant, trained, tempera
                                   dict(min_prob=0.3, check_first=True), dict(max_groups=2, min_prob=0.5),
                                   dict(lookup_ngram=1), dict(lookup_ngram=2, scheme="linear"),
                                   dict(max_groups=1, lookup_ngram=1, lookup_groups=0, lookup_tokens=4),
-                                  dict(lookup_ngram=1, lookup_groups=1, lookup_tokens=7)])
+                                  dict(lookup_ngram=1, lookup_groups=1, lookup_tokens=7),
+                                  dict(min_gain=10.0, rest=3),
+                                  dict(max_groups=1, lookup_ngram=1, lookup_groups=0, min_gain=10.0, rest=2)])
 def test_slot_drafter_row_saving_options_equal_plain_tiny(temperature, opts):
     """Fewer slot groups, the slot-0 check and confidence truncation change the rows, never the
     tokens."""
@@ -129,8 +131,10 @@ def test_slot_drafter_row_saving_options_equal_plain_tiny(temperature, opts):
         assert d.groups_used > 0
     if opts.get("lookup_ngram") == 1:  # unigram repeats are certain within 40 tokens of a 97-token vocab
         assert d.lookup_used > 0
-    # lookup_groups=0: the steps every row drafted by lookup carry no slot rows
-    assert (d.bare_steps > 0) == (opts.get("lookup_groups") == 0)
+    # lookup_groups=0: a row that drafted by lookup carries no group; nor does a row whose groups
+    # are paused (min_gain: 10 tokens per slot step is never reached)
+    assert (d.groupless_rows > 0) == (opts.get("lookup_groups") == 0 or "min_gain" in opts)
+    assert (d.rest_steps > 0) == ("min_gain" in opts)
     if "lookup_tokens" in opts:
         assert d.lookup.max_draft_tokens == opts["lookup_tokens"]
         assert d.aux_room(64) == 4 * d._num_groups(max(3, opts["lookup_tokens"]))
@@ -146,6 +150,29 @@ def test_slot_drafter_rejects_bad_options():
         PTPSlotDrafter(m, num_slots=4, lookup_ngram=1, lookup_groups=-1)
     with pytest.raises(ValueError, match="lookup_tokens must be >= 1"):
         PTPSlotDrafter(m, num_slots=4, lookup_ngram=1, lookup_tokens=0)
+    with pytest.raises(ValueError, match="min_gain >= 0 and rest >= 1"):
+        PTPSlotDrafter(m, num_slots=4, min_gain=1.5, rest=0)
+
+
+def test_min_gain_pauses_only_the_rows_whose_slots_do_not_pay():
+    """Per row: a row whose slot steps commit fewer than ``min_gain`` tokens pauses its groups for
+    ``rest`` steps while the other rows of the batch keep theirs (padding rows in their place)."""
+    from ptp.drafters.base import DraftRequest
+
+    m = _ptp("optp", 0.0, trained=False)
+    d = PTPSlotDrafter(m, num_slots=3, min_gain=1.5, rest=2)
+    for _ in range(4):
+        d._update_gain(5, 1)  # row 5: 1 token per slot step
+        d._update_gain(6, 4)  # row 6: 4
+    assert d._gain[5][2] == 2 and d._gain[6][2] == 0
+    req = DraftRequest(histories=[[3, 4, 5, 6], [7, 8, 9]], sequence_ids=[5, 6], max_nodes=8,
+                       sampling=SamplingConfig())
+    draft = d.propose(req)
+    assert draft.aux is not None and draft.aux.anchor.shape == (2, 3)
+    assert draft.aux.anchor[0].tolist() == [-1, -1, -1] and draft.aux.anchor[1].tolist() == [0, 0, 0]
+    d.propose(req)
+    assert d.rest_steps == 2 and d._gain[5][2] == 0
+    assert d.propose(req).aux.anchor[0].tolist() == [0, 0, 0]  # resumed
 
 
 def test_presets_fill_options_and_explicit_options_win(tmp_path):

@@ -80,7 +80,7 @@ class MaskedInputDrafter(SlotGroupDrafter):
                  max_groups: Optional[int] = None, lookup_ngram: int = 0, tree: bool = False,
                  max_nodes: int = 16, top: int = 4, min_prob: float = 0.0, draft_vocab: Optional[int] = None,
                  lookup_groups: Optional[int] = None,
-                 lookup_tokens: Optional[int] = None):
+                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16):
         k = int(num_masks or model.config.num_masks)
         if not 1 <= k <= model.config.num_masks:
             raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
@@ -89,7 +89,7 @@ class MaskedInputDrafter(SlotGroupDrafter):
         tree_room = self.max_nodes + (k if int(lookup_ngram) > 0 else 0)
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k,
                          max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
-                         lookup_tokens=lookup_tokens)
+                         lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest)
         self.model = model.eval()
         # greedy drafts over the drafter's most frequent answer tokens (None: 8,192 if it has counts)
         model.auto_draft_vocab(draft_vocab)

@@ -26,7 +26,8 @@ the first G nodes only; ``check_first=1`` drops a group's drafts when its slot 0
 token verification picked (the later slots assumed that prediction); ``min_prob=p`` cuts a draft
 where the product of its slots' own probabilities falls below p. ``lookup_ngram=n`` drafts by
 prompt lookup instead whenever the last n..3 tokens occurred before (copy-heavy text; its chain up
-to ``lookup_tokens`` long, ``lookup_groups=0``: no slot rows on such steps).
+to ``lookup_tokens`` long, ``lookup_groups=0``: no slot rows on such steps); ``min_gain=g``
+(``rest=R``) pauses a row's slot groups for R steps when they commit under g tokens a step.
 ``preset=cpu|gpu|auto`` (:data:`PRESETS`) fills in the measured best setting of a device; explicit
 options override it (``ptp generate`` uses it when given no ``--drafter-option``).
 An adapter with a sampler head (``PTPConfig.sampler``) drafts slots 1..k-1 one at a time, each on
@@ -175,7 +176,7 @@ class PTPSlotDrafter(SlotGroupDrafter):
                  max_groups: Optional[int] = None, check_first: bool = False, min_prob: float = 0.0,
                  lookup_ngram: int = 0, tree: bool = False, max_nodes: int = 16, top: int = 4,
                  draft_vocab: Optional[int] = None, lookup_groups: Optional[int] = None,
-                 lookup_tokens: Optional[int] = None):
+                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16):
         k = int(num_slots or model.config.num_slots)
         if k < 2:
             raise ValueError(f"PTP on the verify call needs num_slots >= 2, got {k}")
@@ -186,7 +187,7 @@ class PTPSlotDrafter(SlotGroupDrafter):
         tree_room = self.max_nodes + (k - 1 if int(lookup_ngram) > 0 else 0)
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k - 1,
                          max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
-                         lookup_tokens=lookup_tokens)
+                         lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest)
         self.check_first = bool(check_first)
         self.min_prob = float(min_prob)
         self.model = model.eval()
