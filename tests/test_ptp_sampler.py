@@ -161,7 +161,7 @@ def test_sampler_adapter_decodes_exactly(variant, temperature, copy, options):
 @pytest.mark.parametrize("copy,sampler", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("options", [{}, {"max_groups": 3, "max_nodes": 6, "top": 2}, {"lookup_ngram": 1},
-                                     {"min_prob": 0.02}])
+                                     {"min_prob": 0.02}, {"lookup_ngram": 1, "lookup_branches": 3}])
 def test_tree_decodes_exactly(copy, sampler, temperature, options):
     """Greedy trees over the slots (``tree=1``; at T > 0 coupled chains) decode plain decoding's
     tokens, with and without a sampler head; greedy trees take at most as many calls as plain."""
@@ -171,6 +171,24 @@ def test_tree_decodes_exactly(copy, sampler, temperature, options):
     d = PTPSlotDrafter(m, tree=True, **options)
     spec, calls = _generate(m.base, _prompts(), d, sampling)
     assert spec == plain and calls <= plain_calls and d.groups_used > 0
+    if "lookup_branches" in options:
+        assert d.lookup.num_branches == 3 and d.max_drafts == 16 + (K - 1) * 3
+
+
+def test_tree_merges_every_lookup_branch():
+    """``lookup_branches=N``: the continuations of the N most recent longest matches all join the
+    slots' tree as trie paths (room: k - 1 nodes each)."""
+    from ptp.drafters.base import DraftRequest
+
+    m = _model()
+    d = PTPSlotDrafter(m, tree=True, lookup_ngram=1, lookup_branches=3)
+    hist = [5, 9, 10, 11, 5, 12, 13, 5, 14, 15, 5]  # three earlier 5s, each a continuation
+    d._next[0] = (len(hist) - 1, [20, 21, 22], [0, 0, 1])  # the slots' tree: 20, 21 below the root, 22 below 20
+    draft = d.propose(DraftRequest(histories=[hist], sequence_ids=[0], max_nodes=64, sampling=SamplingConfig()))
+    toks, pars = draft.tokens[0].tolist(), draft.parents[0].tolist()
+    below_root = {toks[i] for i in range(1, len(toks)) if pars[i] == 0}
+    assert below_root == {20, 21, 14, 12, 9}
+    assert len(toks) == 1 + 3 + 3 + 4 + 4  # root, the slots' 3, then [14 15 5], [12 13 5 14], [9 10 11 5] (k = 4)
 
 
 @torch.no_grad()

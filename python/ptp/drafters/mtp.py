@@ -80,16 +80,18 @@ class MaskedInputDrafter(SlotGroupDrafter):
                  max_groups: Optional[int] = None, lookup_ngram: int = 0, tree: bool = False,
                  max_nodes: int = 16, top: int = 4, min_prob: float = 0.0, draft_vocab: Optional[int] = None,
                  lookup_groups: Optional[int] = None,
-                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16):
+                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16,
+                 lookup_branches: int = 1):
         k = int(num_masks or model.config.num_masks)
         if not 1 <= k <= model.config.num_masks:
             raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
         self.tree, self.max_nodes, self.top, self.min_prob = tree_options(tree, scheme, max_nodes, top, min_prob)
-        # a tree of max_nodes, plus room for lookup's continuation (k tokens) merged into it
-        tree_room = self.max_nodes + (k if int(lookup_ngram) > 0 else 0)
+        # a tree of max_nodes, plus room for lookup's continuations (k tokens each) merged into it
+        tree_room = self.max_nodes + (k * max(1, int(lookup_branches)) if int(lookup_ngram) > 0 else 0)
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k,
                          max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
-                         lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest)
+                         lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest,
+                         lookup_branches=lookup_branches)
         self.model = model.eval()
         # greedy drafts over the drafter's most frequent answer tokens (None: 8,192 if it has counts)
         model.auto_draft_vocab(draft_vocab)

@@ -176,18 +176,20 @@ class PTPSlotDrafter(SlotGroupDrafter):
                  max_groups: Optional[int] = None, check_first: bool = False, min_prob: float = 0.0,
                  lookup_ngram: int = 0, tree: bool = False, max_nodes: int = 16, top: int = 4,
                  draft_vocab: Optional[int] = None, lookup_groups: Optional[int] = None,
-                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16):
+                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16,
+                 lookup_branches: int = 1):
         k = int(num_slots or model.config.num_slots)
         if k < 2:
             raise ValueError(f"PTP on the verify call needs num_slots >= 2, got {k}")
         if model.sampler is not None and k > model.config.num_slots:
             raise ValueError(f"this adapter's sampler head has {model.config.num_slots} slots, got num_slots={k}")
         self.tree, self.max_nodes, self.top, min_prob = tree_options(tree, scheme, max_nodes, top, min_prob)
-        # a tree of max_nodes, plus room for lookup's continuation (k - 1 tokens) merged into it
-        tree_room = self.max_nodes + (k - 1 if int(lookup_ngram) > 0 else 0)
+        # a tree of max_nodes, plus room for lookup's continuations (k - 1 tokens each) merged into it
+        tree_room = self.max_nodes + ((k - 1) * max(1, int(lookup_branches)) if int(lookup_ngram) > 0 else 0)
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k - 1,
                          max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
-                         lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest)
+                         lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest,
+                         lookup_branches=lookup_branches)
         self.check_first = bool(check_first)
         self.min_prob = float(min_prob)
         self.model = model.eval()

@@ -24,11 +24,13 @@ has no group drafts nothing next (it then verifies only the root and drafts agai
 n..3 tokens occurred earlier (prompt or output), the continuation of the most recent longest
 match (if it has >= 2 tokens, or the slots drafted nothing) replaces the slots' draft
 (copy-heavy text: summaries, extraction, translation, code edits), and the slot groups hang
-after *its* nodes as usual. ``lookup_tokens=L`` caps that continuation (default: as the slots'
-drafts); ``lookup_groups=G`` caps the groups of a step whose every row drafted by lookup (0: no
-slot rows at all, so the call runs without the adapter: on a CPU the cheap steps of copy-heavy
-text stay as cheap as plain prompt lookup's, and the next step drafts by lookup again or, with
-no match, verifies the root with one group to draft from the slots).
+after *its* nodes as usual (a tree merges the continuations of the ``lookup_branches`` most
+recent longest matches as trie paths). ``lookup_tokens=L`` caps that continuation (default: as the slots'
+drafts); ``lookup_groups=G`` caps the groups of a row that drafted by lookup (0: none; a step
+whose rows all drafted by lookup then carries no slot rows and runs without the adapter: on a CPU
+the cheap steps of copy-heavy text stay as cheap as plain prompt lookup's, and the next step
+drafts by lookup again or, with no match, verifies the root with one group to draft from the
+slots).
 
 ``min_gain=g`` (0 = off) weighs a row's slot groups against their cost: when the steps that carried
 the row's groups commit fewer than ``g`` tokens each (an EMA over at least 4 such steps), the row
@@ -72,7 +74,8 @@ class SlotGroupDrafter:
     def __init__(self, gate, num_slots: int, scheme: str = "quadratic",
                  max_drafts: Optional[int] = None, max_groups: Optional[int] = None,
                  lookup_ngram: int = 0, lookup_groups: Optional[int] = None,
-                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16) -> None:
+                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16,
+                 lookup_branches: int = 1) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         if num_slots < 1:
@@ -92,11 +95,13 @@ class SlotGroupDrafter:
         if int(lookup_ngram) > 0:
             from .lookup import LookupDrafter
 
+            if int(lookup_branches) < 1:
+                raise ValueError(f"lookup_branches must be >= 1, got {lookup_branches}")
             self.lookup = LookupDrafter(max_draft_tokens=self.lookup_tokens, max_ngram=max(3, int(lookup_ngram)),
-                                        min_ngram=int(lookup_ngram))
+                                        min_ngram=int(lookup_ngram), num_branches=int(lookup_branches))
         if lookup_groups is not None and int(lookup_groups) < 0:
             raise ValueError(f"lookup_groups must be >= 0, got {lookup_groups}")
-        # slot groups on a step whose every row drafted by lookup (None: as any step)
+        # slot groups of a row that drafted by lookup (None: as any row)
         self.lookup_groups = int(lookup_groups) if lookup_groups is not None else None
         self.lookup_used = 0  # statistics: steps that drafted by lookup
         self.bare_steps = 0  # statistics: steps without slot rows (lookup_groups=0, min_gain)
@@ -135,8 +140,8 @@ class SlotGroupDrafter:
         self._gain.clear()
 
     def _num_groups(self, n: int, looked_up: bool = False) -> int:
-        """Slot groups carried by a step with ``n`` draft nodes (``looked_up``: every row's drafts
-        came from prompt lookup)."""
+        """Slot groups a row with ``n`` draft nodes carries (``looked_up``: its drafts came from
+        prompt lookup)."""
         g = 1 if self.scheme != "quadratic" else (n + 1 if self.max_groups is None else min(n + 1, self.max_groups))
         if looked_up and self.lookup_groups is not None and n > 0:
             g = min(g, self.lookup_groups)
@@ -156,7 +161,7 @@ class SlotGroupDrafter:
         lookup_budget = min(self.lookup_tokens, request.max_nodes)
         # per row: draft nodes 1..n as (tokens, parents), parents before children (0 = the root)
         drafts: list[tuple[list[int], list[int]]] = []
-        looked_up = True  # every row's drafts come from lookup
+        looked_up = True  # every row's drafts come from lookup (the row budget below)
         row_lookups: list[bool] = []  # the row drafted by lookup
         resting: list[bool] = []  # the row's groups are paused (min_gain)
         for b, seq in enumerate(request.sequence_ids):
@@ -182,9 +187,12 @@ class SlotGroupDrafter:
                     toks, pars = list(conts[0]), list(range(len(conts[0])))
                     self.lookup_used += 1
                     row_lookup = True
-                elif conts and not _is_chain(pars):  # a tree: lookup's continuation joins it as a trie path
+                elif conts and not _is_chain(pars):  # a tree: lookup's continuations join it as trie paths
                     t, p = [0] + toks, [-1] + pars
-                    if merge_chain(t, p, conts[0][:k], max(budget - len(toks), 0)):
+                    added = 0
+                    for cont in conts:
+                        added += merge_chain(t, p, cont[:k], max(budget - (len(t) - 1), 0))
+                    if added:
                         self.lookup_used += 1
                     toks, pars = t[1:], p[1:]
             looked_up = looked_up and row_lookup
