@@ -383,14 +383,8 @@ def gated_lora_quant_linear(x: torch.Tensor, qweight: torch.Tensor, format: str,
         ``"q8_0"`` or ``"q4_1"``.
     bias : torch.Tensor, optional
         ``(M,)`` float32.
-    lora_a : torch.Tensor
-        ``(R, K)`` float32.
-    lora_b : torch.Tensor
-        ``(M, R)`` float32.
-    scale : float
-        LoRA scaling (``alpha / rank``).
-    aux_start : int
-        First auxiliary position, ``0 <= aux_start <= seq_len``.
+    lora_a, lora_b, scale, aux_start
+        As for :func:`gated_lora_linear`.
 
     Returns
     -------

@@ -29,21 +29,16 @@
 
 namespace ptp {
 
-inline void check_gated_lora_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
-                                           const std::optional<at::Tensor>& bias,
-                                           const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                           int64_t aux_start) {
-  check_float(x, "x");
+// The LoRA half of either op's checks: x [B, S, K] (its dtype checked by the caller), lora_a
+// [R, K] and lora_b [M, R] float32 on x's device, contiguous, 0 <= aux_start <= S.
+inline void check_lora_inputs(const at::Tensor& x, int64_t M, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, int64_t aux_start) {
   PTP_CHECK(x.dim() == 3, "x must have shape [B, S, K], got ", describe(x));
   check_contiguous(x, "x");
   const int64_t S = x.size(1), K = x.size(2);
-  PTP_CHECK(weight.dim() == 2 && weight.size(1) == K,
-            "weight must have shape [M, K] = [*, ", K, "], got ", describe(weight));
-  const int64_t M = weight.size(0);
   PTP_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K,
             "lora_a must have shape [R, K] = [*, ", K, "], got ", describe(lora_a));
-  const int64_t R = lora_a.size(0);
-  check_shape(lora_b, "lora_b", "[M, R]", {M, R});
+  check_shape(lora_b, "lora_b", "[M, R]", {M, lora_a.size(0)});
   check_dtype(lora_a, at::kFloat, "lora_a");
   check_dtype(lora_b, at::kFloat, "lora_b");
   check_same_device(lora_a, x, "lora_a", "x");
@@ -52,7 +47,19 @@ inline void check_gated_lora_linear_inputs(const at::Tensor& x, const at::Tensor
   check_contiguous(lora_b, "lora_b");
   PTP_CHECK(aux_start >= 0 && aux_start <= S, "aux_start must be in [0, S] = [0, ", S, "], got ",
             aux_start);
-  check_invariant_linear_inputs(x.view({x.size(0) * S, K}), weight, bias);
+}
+
+inline void check_gated_lora_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                           int64_t aux_start) {
+  check_float(x, "x");
+  PTP_CHECK(x.dim() == 3, "x must have shape [B, S, K], got ", describe(x));
+  const int64_t K = x.size(2);
+  PTP_CHECK(weight.dim() == 2 && weight.size(1) == K,
+            "weight must have shape [M, K] = [*, ", K, "], got ", describe(weight));
+  check_lora_inputs(x, weight.size(0), lora_a, lora_b, aux_start);
+  check_invariant_linear_inputs(x.view({x.size(0) * x.size(1), K}), weight, bias);
 }
 
 // The LoRA delta of the auxiliary rows, added in place to the base output y [B, S, M]: two
@@ -101,18 +108,7 @@ inline void check_gated_lora_quant_linear_inputs(const at::Tensor& x, const at::
   PTP_CHECK(x.dim() == 3, "x must have shape [B, S, K], got ", describe(x));
   check_contiguous(x, "x");
   check_quant_linear_inputs(x.view({x.size(0) * x.size(1), x.size(2)}), qweight, format, bias);
-  const int64_t S = x.size(1), K = x.size(2), M = qweight.size(0);
-  PTP_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K,
-            "lora_a must have shape [R, K] = [*, ", K, "], got ", describe(lora_a));
-  check_shape(lora_b, "lora_b", "[M, R]", {M, lora_a.size(0)});
-  check_dtype(lora_a, at::kFloat, "lora_a");
-  check_dtype(lora_b, at::kFloat, "lora_b");
-  check_same_device(lora_a, x, "lora_a", "x");
-  check_same_device(lora_b, x, "lora_b", "x");
-  check_contiguous(lora_a, "lora_a");
-  check_contiguous(lora_b, "lora_b");
-  PTP_CHECK(aux_start >= 0 && aux_start <= S, "aux_start must be in [0, S] = [0, ", S, "], got ",
-            aux_start);
+  check_lora_inputs(x, qweight.size(0), lora_a, lora_b, aux_start);
 }
 
 // `quant`: the device's quant_linear; `linear`: its invariant_linear (the LoRA products)
