@@ -189,7 +189,7 @@ def test_presets_fill_options_and_explicit_options_win(tmp_path):
         preset_options("tpu", m.base)
     save_adapter(m, str(tmp_path / "a"))
     d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0), preset="cpu")
-    assert (d.num_slots, d.max_groups, d.lookup_groups, d.lookup_tokens) == (4, 1, 0, 4)
+    assert (d.num_slots, d.max_groups, d.lookup_groups, d.lookup_tokens, d.min_gain) == (4, 1, 0, 4, 1.5)
     assert d.lookup is not None and d.lookup.min_ngram == 1 and not d.tree
     d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0), preset="gpu",
                      max_nodes=8)

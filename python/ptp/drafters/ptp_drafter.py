@@ -285,13 +285,17 @@ def slot_pick(model: PTPModel, sampling: SamplingConfig, u: torch.Tensor):
 # * cpu: every row of a call costs compute (2-core AMD EPYC: a 5-8 row verify call with the slots
 #   costs ~1.5 one-row calls even with gated_lora_quant_linear). One group of 4 slots after the
 #   root, prompt lookup's chain (up to 4 tokens) instead whenever the text repeats, and no slots
-#   on those lookup steps (a call without the adapter): about prompt lookup's speed with more
-#   tokens per call (benchmarks/results/2026-12-05-cpu-ptp-cpu-preset.md).
+#   on those lookup steps (a call without the adapter), and a row's slots paused for 16 steps
+#   when its slot steps commit under 1.5 tokens each (prose with little to copy, sampling with
+#   adapters trained at T = 0): 2.63x HF generate greedy before min_gain
+#   (benchmarks/results/2026-12-05-cpu-ptp-cpu-preset.md); at T = 0.7 min_gain takes it from
+#   2.24x to 2.58x (2026-12-05-cpu-ptp-min-gain-t07.md).
 # * gpu: rows are nearly free in a small model's call: the best-first tree over the slots with
 #   lookup's continuation merged in (2.9-3.1 tokens per call on the CPU measurements; the GPU
 #   wall clock is not measured yet).
 PRESETS = {
-    "cpu": {"max_groups": 1, "lookup_ngram": 1, "num_slots": 4, "lookup_groups": 0, "lookup_tokens": 4},
+    "cpu": {"max_groups": 1, "lookup_ngram": 1, "num_slots": 4, "lookup_groups": 0, "lookup_tokens": 4,
+            "min_gain": 1.5},
     "gpu": {"tree": 1, "lookup_ngram": 1},
 }
 
