@@ -105,9 +105,9 @@ def resolve_drafter(name: str, options: dict, model) -> tuple[str, dict]:
     """The drafter ``ptp generate`` builds: ``auto`` is the shipped PTP drafter when its adapter
     fits ``model`` (else prompt lookup, with a note on stderr); ``ptp`` / ``cptp`` with no options
     take the preset of the model's device (``preset=cpu`` or ``gpu``)."""
-    if name == "auto":
-        from .drafters.ptp_drafter import adapter_mismatch
+    from .drafters.ptp_drafter import adapter_mismatch, device_preset
 
+    if name == "auto":
         why = adapter_mismatch(model)
         if why is not None:
             print(f"[ptp] the shipped PTP drafter does not fit this model ({why}): drafting by prompt "
@@ -115,7 +115,7 @@ def resolve_drafter(name: str, options: dict, model) -> tuple[str, dict]:
             return "lookup", options
         name = "ptp"
     if name in ("ptp", "cptp") and not options:
-        options = {"preset": "cpu" if model.get_input_embeddings().weight.device.type == "cpu" else "gpu"}
+        options = {"preset": device_preset(model)}
     return name, options
 
 

@@ -58,7 +58,7 @@ from .base import Draft, DraftRequest, StepOutcome, register_drafter
 from .mtp import sampler_tree
 from .slots import SlotGroupDrafter, tree_options
 
-__all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "DEFAULT_CPTP", "PRESETS", "preset_options",
+__all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "DEFAULT_CPTP", "PRESETS", "device_preset", "preset_options",
            "adapter_mismatch", "sdpa_attention"]
 
 DEFAULT_ADAPTER = os.path.join(os.path.dirname(__file__), "weights", "ptp-smollm2-135m-instruct")
@@ -300,11 +300,16 @@ PRESETS = {
 }
 
 
+def device_preset(model) -> str:
+    """The preset of the device ``model``'s weights are on: ``cpu`` or ``gpu``."""
+    return "cpu" if model.get_input_embeddings().weight.device.type == "cpu" else "gpu"
+
+
 def preset_options(preset: str, model) -> dict:
-    """The options of ``preset`` (``cpu``, ``gpu``, or ``auto``: by the device of ``model``'s weights)."""
+    """The options of ``preset`` (``cpu``, ``gpu``, or ``auto``: :func:`device_preset`)."""
     name = str(preset).lower()
     if name == "auto":
-        name = "cpu" if model.get_input_embeddings().weight.device.type == "cpu" else "gpu"
+        name = device_preset(model)
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS) + ['auto']}, got {preset!r}")
     return dict(PRESETS[name])

@@ -184,8 +184,7 @@ class SlotGroupDrafter:
                 conts = self.lookup.continuations(request.histories[b], max(budget, lookup_budget))
                 chain = conts[0][:lookup_budget] if conts else []
                 if chain and _is_chain(pars) and len(chain) >= min(len(toks), 2):
-                    conts[0] = chain
-                    toks, pars = list(conts[0]), list(range(len(conts[0])))
+                    toks, pars = chain, list(range(len(chain)))
                     self.lookup_used += 1
                     row_lookup = True
                 elif conts and not _is_chain(pars):  # a tree: lookup's continuations join it as trie paths
@@ -219,16 +218,16 @@ class SlotGroupDrafter:
         row_groups = [0 if resting[b] else self._num_groups(len(d[0]), row_lookups[b]) for b, d in enumerate(drafts)]
         G = max(row_groups)
         self.groupless_rows += sum(g == 0 for g in row_groups)
+        for b, (d, par) in enumerate(drafts):
+            if d:
+                tokens[b, 1:len(d) + 1] = torch.tensor(d, dtype=torch.long)
+                parents[b, 1:len(d) + 1] = torch.tensor(par, dtype=torch.long)
         if G == 0:  # no row carries a group (lookup rows, paused rows): a call without the adapter
-            self._fill(tokens, parents, drafts)
             self.bare_steps += 1
             return Draft(tokens=tokens, parents=parents, is_chain=all(_is_chain(p) for _, p in drafts))
         embeds, anchor, offset, group = [], [], [], []
         for b, (d, par) in enumerate(drafts):
             n = len(d)
-            if n:
-                tokens[b, 1:n + 1] = torch.tensor(d, dtype=torch.long)
-                parents[b, 1:n + 1] = torch.tensor(par, dtype=torch.long)
             depth = [0]
             for q in par:
                 depth.append(depth[q] + 1)
@@ -263,13 +262,6 @@ class SlotGroupDrafter:
         st[1] += 1
         if st[1] >= 4 and st[0] < self.min_gain:
             st[:] = [self.min_gain, 0, self.rest]
-
-    @staticmethod
-    def _fill(tokens: torch.Tensor, parents: torch.Tensor, drafts) -> None:
-        for b, (d, par) in enumerate(drafts):
-            if d:
-                tokens[b, 1:len(d) + 1] = torch.tensor(d, dtype=torch.long)
-                parents[b, 1:len(d) + 1] = torch.tensor(par, dtype=torch.long)
 
     def observe(self, outcome: StepOutcome) -> None:
         if outcome.aux is None or outcome.aux_hidden is None:
