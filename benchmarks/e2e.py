@@ -81,14 +81,14 @@ def run_hf(model, prompts, max_new, eos, lookup_tokens=None, temperature=0.0, se
 
 
 def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, seed=0, row_invariant=None,
-            fast_path=None):
+            fast_path=None, max_draft_nodes=64):
     from ptp.decoder import Decoder, GenerationConfig
     from ptp.sampling import SamplingConfig
 
     decoder = Decoder(model, tokenizer, drafter)
     cfg = GenerationConfig(max_new, eos_token_ids=tuple(eos),
                            sampling=SamplingConfig(temperature=temperature, seed=seed),
-                           row_invariant=row_invariant, fast_path=fast_path)
+                           row_invariant=row_invariant, fast_path=fast_path, max_draft_nodes=max_draft_nodes)
     out = []
     for i, p in enumerate(prompts):
         t0 = time.perf_counter()
@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-lookup-tokens", type=int, default=10)
+    ap.add_argument("--max-draft-nodes", type=int, default=64,
+                    help="the decoder's cap on draft nodes per step (GenerationConfig.max_draft_nodes)")
     ap.add_argument("--row-invariant", default="auto", choices=["auto", "on", "off"],
                     help="row-invariant decoding calls (invariant_linear; auto: on for CPU); a "
                          "method can override it with the option rows=on|off, e.g. none:rows=off; "
@@ -219,8 +221,8 @@ def main(argv=None) -> int:
             short = spec if not os.path.isdir(name) else \
                 f"{os.path.basename(os.path.normpath(name))} [{type(drafter).__name__}]" + spec[len(name):]
             label = "ptp plain" if spec == "none" else f"ptp {short}"
-            methods[label] = (lambda mm, d, r, f: lambda ps: run_ptp(mm, tokenizer, d, ps, N, eos, T, seed, r, f))(
-                m, drafter, rows, fast)
+            methods[label] = (lambda mm, d, r, f: lambda ps: run_ptp(
+                mm, tokenizer, d, ps, N, eos, T, seed, r, f, args.max_draft_nodes))(m, drafter, rows, fast)
     for name, fn in methods.items():  # warm-up (allocator, thread pools, lazy imports)
         fn(prompts[:1])
     results = {}

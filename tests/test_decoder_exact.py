@@ -352,6 +352,11 @@ def test_prompt_longer_than_cache_is_an_error(model):
         run(model, [list(range(3, 40))], max_new_tokens=4, max_cache_len=20)
 
 
+def test_negative_max_draft_nodes_is_an_error(model):
+    with pytest.raises(ValueError, match="max_draft_nodes must be >= 0"):
+        run(model, [list(range(3, 10))], max_new_tokens=4, max_draft_nodes=-1)
+
+
 def test_empty_prompt_is_an_error(model):
     with pytest.raises(ValueError, match="empty prompt"):
         run(model, [[5, 6], []], max_new_tokens=4)

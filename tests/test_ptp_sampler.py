@@ -161,7 +161,8 @@ def test_sampler_adapter_decodes_exactly(variant, temperature, copy, options):
 @pytest.mark.parametrize("copy,sampler", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("options", [{}, {"max_groups": 3, "max_nodes": 6, "top": 2}, {"lookup_ngram": 1},
-                                     {"min_prob": 0.02}, {"lookup_ngram": 1, "lookup_branches": 3}])
+                                     {"min_prob": 0.02}, {"lookup_ngram": 1, "lookup_branches": 3},
+                                     {"lookup_ngram": 1, "lookup_branches": 2, "lookup_tokens": 7}])
 def test_tree_decodes_exactly(copy, sampler, temperature, options):
     """Greedy trees over the slots (``tree=1``; at T > 0 coupled chains) decode plain decoding's
     tokens, with and without a sampler head; greedy trees take at most as many calls as plain."""
@@ -172,7 +173,9 @@ def test_tree_decodes_exactly(copy, sampler, temperature, options):
     spec, calls = _generate(m.base, _prompts(), d, sampling)
     assert spec == plain and calls <= plain_calls and d.groups_used > 0
     if "lookup_branches" in options:
-        assert d.lookup.num_branches == 3 and d.max_drafts == 16 + (K - 1) * 3
+        depth = options.get("lookup_tokens", K - 1)
+        assert d.lookup.num_branches == options["lookup_branches"]
+        assert d.max_drafts == 16 + depth * options["lookup_branches"]
 
 
 def test_tree_merges_every_lookup_branch():
@@ -189,6 +192,23 @@ def test_tree_merges_every_lookup_branch():
     below_root = {toks[i] for i in range(1, len(toks)) if pars[i] == 0}
     assert below_root == {20, 21, 14, 12, 9}
     assert len(toks) == 1 + 3 + 3 + 4 + 4  # root, the slots' 3, then [14 15 5], [12 13 5 14], [9 10 11 5] (k = 4)
+
+
+@pytest.mark.parametrize("lookup_tokens", [None, 6])
+def test_tree_lookup_depth(lookup_tokens):
+    """``lookup_tokens=L`` sets how deep lookup's continuations reach into a tree (default: k
+    tokens), deeper than the slots' own depth."""
+    from ptp.drafters.base import DraftRequest
+
+    m = _model()
+    d = PTPSlotDrafter(m, tree=True, lookup_ngram=1, lookup_tokens=lookup_tokens)
+    hist = [5, 9, 10, 11, 12, 13, 14, 15, 16, 17, 5]  # one earlier 5, nine tokens after it
+    d._next[0] = (len(hist) - 1, [20, 21], [0, 0])  # the slots' tree: two nodes below the root
+    draft = d.propose(DraftRequest(histories=[hist], sequence_ids=[0], max_nodes=64, sampling=SamplingConfig()))
+    toks, pars = draft.tokens[0].tolist(), draft.parents[0].tolist()
+    depth = lookup_tokens or K
+    assert toks == [0, 20, 21] + list(range(9, 9 + depth)) and pars == [-1, 0, 0, 0] + list(range(3, 2 + depth))
+    assert d.max_drafts == 16 + (lookup_tokens or K - 1)
 
 
 @torch.no_grad()

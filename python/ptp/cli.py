@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", help="Spec-Bench JSONL file (first turn of each question)")
     gen.add_argument("--limit", type=int, default=None, help="first N questions of --prompts")
     gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-draft-nodes", type=int, default=64,
+                     help="cap on draft nodes a step verifies (big trees with long lookup paths need more)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -156,7 +158,7 @@ def _generate(args) -> int:
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed),
         eos_token_ids=eos_ids(model, tokenizer), stop_strings=tuple(args.stop),
-        row_invariant=args.row_invariant)
+        row_invariant=args.row_invariant, max_draft_nodes=args.max_draft_nodes)
     prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in questions]
 
     streamed: dict[int, list[int]] = {}

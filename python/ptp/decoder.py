@@ -288,6 +288,8 @@ class Decoder:
             raise ValueError("empty prompt: every prompt needs at least one token")
         if config.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+        if config.max_draft_nodes < 0:
+            raise ValueError(f"max_draft_nodes must be >= 0, got {config.max_draft_nodes}")
         if config.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need the Decoder's tokenizer")
         lens = [len(p) for p in prompts]

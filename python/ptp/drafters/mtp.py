@@ -87,7 +87,8 @@ class MaskedInputDrafter(SlotGroupDrafter):
             raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
         self.tree, self.max_nodes, self.top, self.min_prob = tree_options(tree, scheme, max_nodes, top, min_prob)
         # a tree of max_nodes, plus room for lookup's continuations (k tokens each) merged into it
-        tree_room = self.max_nodes + (k * max(1, int(lookup_branches)) if int(lookup_ngram) > 0 else 0)
+        depth = int(lookup_tokens) if lookup_tokens is not None else k
+        tree_room = self.max_nodes + (depth * max(1, int(lookup_branches)) if int(lookup_ngram) > 0 else 0)
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k,
                          max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
                          lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest,

@@ -33,7 +33,8 @@ options override it (``ptp generate`` uses it when given no ``--drafter-option``
 An adapter with a sampler head (``PTPConfig.sampler``) drafts slots 1..k-1 one at a time, each on
 the previous slot's token (a copy sampler also over the row's committed tokens); greedy,
 ``tree=1`` (``max_nodes``, ``top``, ``min_prob``) drafts a best-first tree over the slots instead,
-groups hanging after its first nodes, lookup's continuation merged in as a trie path.
+groups hanging after its first nodes, lookup's continuations merged in as trie paths
+(``lookup_branches`` of them, each ``lookup_tokens`` deep, default k).
 Greedy drafting reads the LM head's rows of the draft vocabulary only (``draft_vocab=K``: the K
 tokens most frequent in the adapter's training answers; default 8,192 when the checkpoint stores
 their counts, else the full vocabulary; 0 = full): a sampler chain runs the LM head once per slot,
@@ -184,8 +185,10 @@ class PTPSlotDrafter(SlotGroupDrafter):
         if model.sampler is not None and k > model.config.num_slots:
             raise ValueError(f"this adapter's sampler head has {model.config.num_slots} slots, got num_slots={k}")
         self.tree, self.max_nodes, self.top, min_prob = tree_options(tree, scheme, max_nodes, top, min_prob)
-        # a tree of max_nodes, plus room for lookup's continuations (k - 1 tokens each) merged into it
-        tree_room = self.max_nodes + ((k - 1) * max(1, int(lookup_branches)) if int(lookup_ngram) > 0 else 0)
+        # a tree of max_nodes, plus room for lookup's continuations merged into it (k - 1 new
+        # tokens each, or lookup_tokens)
+        depth = int(lookup_tokens) if lookup_tokens is not None else k - 1
+        tree_room = self.max_nodes + (depth * max(1, int(lookup_branches)) if int(lookup_ngram) > 0 else 0)
         super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k - 1,
                          max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
                          lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest,

@@ -26,7 +26,7 @@ match (if it has >= 2 tokens, or the slots drafted nothing) replaces the slots' 
 (copy-heavy text: summaries, extraction, translation, code edits), and the slot groups hang
 after *its* nodes as usual (a tree merges the continuations of the ``lookup_branches`` most
 recent longest matches as trie paths). ``lookup_tokens=L`` caps that continuation (default: as the slots'
-drafts); ``lookup_groups=G`` caps the groups of a row that drafted by lookup (0: none; a step
+drafts; in a tree, each merged continuation, default ``k`` tokens); ``lookup_groups=G`` caps the groups of a row that drafted by lookup (0: none; a step
 whose rows all drafted by lookup then carries no slot rows and runs without the adapter: on a CPU
 the cheap steps of copy-heavy text stay as cheap as plain prompt lookup's, and the next step
 drafts by lookup again or, with no match, verifies the root with one group to draft from the
@@ -93,6 +93,8 @@ class SlotGroupDrafter:
             raise ValueError(f"lookup_tokens must be >= 1, got {lookup_tokens}")
         # longest chain a lookup step drafts (default: as the slots' drafts)
         self.lookup_tokens = int(lookup_tokens) if lookup_tokens is not None else self.max_drafts
+        # depth of each lookup continuation merged into a tree (default: as deep as the slots draft)
+        self.tree_lookup_depth = int(lookup_tokens) if lookup_tokens is not None else num_slots
         if int(lookup_ngram) > 0:
             from .lookup import LookupDrafter
 
@@ -191,7 +193,7 @@ class SlotGroupDrafter:
                     t, p = [0] + toks, [-1] + pars
                     added = 0
                     for cont in conts:
-                        added += merge_chain(t, p, cont[:k], max(budget - (len(t) - 1), 0))
+                        added += merge_chain(t, p, cont[:self.tree_lookup_depth], max(budget - (len(t) - 1), 0))
                     if added:
                         self.lookup_used += 1
                     toks, pars = t[1:], p[1:]
