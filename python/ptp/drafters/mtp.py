@@ -54,7 +54,7 @@ from ptp_ext.reference import sampling_probs
 
 from .base import Draft, DraftRequest, StepOutcome, register_drafter
 from .lookup import merge_chain
-from .slots import SlotGroupDrafter, tree_options
+from .slots import SlotGroupDrafter, tree_options, tree_room
 
 __all__ = ["MaskedInputDrafter", "HeadsDrafter", "DEFAULT_MTP", "DEFAULT_HEADS", "sampler_tree", "best_first_tree"]
 
@@ -86,10 +86,9 @@ class MaskedInputDrafter(SlotGroupDrafter):
         if not 1 <= k <= model.config.num_masks:
             raise ValueError(f"num_masks must be in [1, {model.config.num_masks}], got {k}")
         self.tree, self.max_nodes, self.top, self.min_prob = tree_options(tree, scheme, max_nodes, top, min_prob)
-        # a tree of max_nodes, plus room for lookup's continuations (k tokens each) merged into it
-        depth = int(lookup_tokens) if lookup_tokens is not None else k
-        tree_room = self.max_nodes + (depth * max(1, int(lookup_branches)) if int(lookup_ngram) > 0 else 0)
-        super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k,
+        # a tree of max_nodes, plus room for lookup's continuations (k tokens each by default)
+        room = tree_room(self.max_nodes, lookup_ngram, lookup_branches, lookup_tokens, k)
+        super().__init__(model.gate, k, scheme, max_drafts=room if self.tree else k,
                          max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
                          lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest,
                          lookup_branches=lookup_branches)

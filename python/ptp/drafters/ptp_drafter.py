@@ -57,7 +57,7 @@ from ptp_ext.reference import sampling_probs
 
 from .base import Draft, DraftRequest, StepOutcome, register_drafter
 from .mtp import sampler_tree
-from .slots import SlotGroupDrafter, tree_options
+from .slots import SlotGroupDrafter, tree_options, tree_room
 
 __all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "DEFAULT_CPTP", "PRESETS", "device_preset", "preset_options",
            "adapter_mismatch", "sdpa_attention"]
@@ -185,11 +185,9 @@ class PTPSlotDrafter(SlotGroupDrafter):
         if model.sampler is not None and k > model.config.num_slots:
             raise ValueError(f"this adapter's sampler head has {model.config.num_slots} slots, got num_slots={k}")
         self.tree, self.max_nodes, self.top, min_prob = tree_options(tree, scheme, max_nodes, top, min_prob)
-        # a tree of max_nodes, plus room for lookup's continuations merged into it (k - 1 new
-        # tokens each, or lookup_tokens)
-        depth = int(lookup_tokens) if lookup_tokens is not None else k - 1
-        tree_room = self.max_nodes + (depth * max(1, int(lookup_branches)) if int(lookup_ngram) > 0 else 0)
-        super().__init__(model.gate, k, scheme, max_drafts=tree_room if self.tree else k - 1,
+        # a tree of max_nodes, plus room for lookup's continuations (k - 1 tokens each by default)
+        room = tree_room(self.max_nodes, lookup_ngram, lookup_branches, lookup_tokens, k - 1)
+        super().__init__(model.gate, k, scheme, max_drafts=room if self.tree else k - 1,
                          max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
                          lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest,
                          lookup_branches=lookup_branches)

@@ -61,7 +61,7 @@ import torch
 from .base import AuxRows, Draft, DraftRequest, StepOutcome
 from .lookup import merge_chain
 
-__all__ = ["SlotGroupDrafter", "SCHEMES", "tree_options"]
+__all__ = ["SlotGroupDrafter", "SCHEMES", "tree_options", "tree_room"]
 
 SCHEMES = ("quadratic", "linear")
 
@@ -309,6 +309,16 @@ def tree_options(tree, scheme: str, max_nodes, top, min_prob) -> tuple[bool, int
     if not 0.0 <= float(min_prob) < 1.0:
         raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
     return bool(tree), int(max_nodes), int(top), float(min_prob)
+
+
+def tree_room(max_nodes: int, lookup_ngram, lookup_branches, lookup_tokens, depth: int) -> int:
+    """Draft nodes a slot drafter's tree may hold: ``max_nodes`` of its own, plus room for the
+    ``lookup_branches`` lookup continuations merged into it (``lookup_tokens`` each, default
+    ``depth``) when lookup is on."""
+    if int(lookup_ngram) <= 0:
+        return int(max_nodes)
+    each = int(lookup_tokens) if lookup_tokens is not None else int(depth)
+    return int(max_nodes) + each * max(1, int(lookup_branches))
 
 
 def _is_chain(parents: list[int]) -> bool:
