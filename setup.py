@@ -22,6 +22,20 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# What `import ptp` and the `ptp` command import (tests/test_api.py checks this list against the
+# imports under python/ptp). torch is a floor, never a pin: pip keeps the torch you built against.
+# jinja2: transformers' chat templates (not one of its own requirements); gguf: GGUF files
+# (transformers' loader and ptp.decode.quant). The kernel package ptp_ext needs torch only.
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "numpy",
+    "transformers>=4.56",  # cache layers (StaticLayer), set_attn_implementation, dtype=
+    "safetensors",
+    "gguf>=0.10",
+    "jinja2>=3.1",
+    "tqdm",
+]
+
 
 def _want_cuda() -> bool:
     flag = os.environ.get("PTP_WITH_CUDA", os.environ.get("PTP_CUDA", "auto")).lower()
@@ -100,10 +114,7 @@ if __name__ == "__main__" or "setuptools" in sys.modules:
                               "drafters/weights/*/*.safetensors", "drafters/weights/README.md"]},
         ext_modules=ext_modules,
         cmdclass={"build_ext": build_ext},
-        install_requires=["torch>=2.4", "numpy"],
-        extras_require={
-            "hf": ["transformers>=4.46", "safetensors", "gguf", "pyyaml", "accelerate"],
-            "test": ["pytest"],
-        },
+        install_requires=INSTALL_REQUIRES,
+        extras_require={"test": ["pytest"]},
         entry_points={"console_scripts": ["ptp=ptp.cli:main"]},
     )

@@ -9,7 +9,7 @@ then a table: shape, eager PyTorch time, ours, ratio; on the GPU also the bytes 
 copy bandwidth, and the time under CUDA-graph replay. Without a GPU, ``--device cuda`` prints
 "skipped" and exits 0.
 
-``make_verify_inputs`` (also used by tests/test_verify.py and benchmarks/check_verify_cuda.py)
+``make_verify_inputs`` (also used by tests/test_verify.py and tests/test_verify_cuda.py)
 builds random trees whose draft tokens often match the target, so paths have varied lengths.
 """
 from __future__ import annotations

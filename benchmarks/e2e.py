@@ -3,7 +3,7 @@
 In one run, on the same model: HF ``generate`` (SDPA), HF prompt-lookup decoding
 (``prompt_lookup_num_tokens``), ptp plain (drafter ``none``) and every ptp drafter given in
 ``--methods`` (``name[:option=value;...]``: lookup chain/tree, ptp quadratic/linear/separate,
-mtp quadratic/linear, heads chain/tree; a drafter without a shipped checkpoint is skipped).
+masked quadratic/linear, heads chain/tree; options: ``docs/drafter-options.md``; a drafter without a shipped checkpoint is skipped).
 Reports tokens/s, mean new tokens per target call (HF: counted with a forward hook), ratios vs HF
 greedy, per Spec-Bench category, and checks that every ptp method emits the tokens of ptp plain
 (and how many prompts match HF greedy token for token). Writes
@@ -32,7 +32,7 @@ def _default_prompts() -> str:
               os.path.join(ROOT, "..", "..", "shared", "data", "specbench_dev.jsonl")):
         if os.path.exists(p):
             return os.path.normpath(p)
-    return "../shared/data/specbench_dev.jsonl"
+    return os.path.join("..", "shared", "data", "specbench_dev.jsonl")  # relative, for the message
 
 
 def _cpu_name() -> str:
@@ -81,14 +81,17 @@ def run_hf(model, prompts, max_new, eos, lookup_tokens=None, temperature=0.0, se
 
 
 def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, seed=0, row_invariant=None,
-            fast_path=None, max_draft_nodes=64):
-    from ptp.decoder import Decoder, GenerationConfig
-    from ptp.sampling import SamplingConfig
+            fast_path=None, max_draft_nodes=64, cuda_graphs=None, decoder=None):
+    """``decoder``: reuse one Decoder (of ``model`` and ``drafter``) across runs, e.g. so that the
+    CUDA graphs captured in the warm-up replay in the timed run."""
+    from ptp.decode.decoder import Decoder, GenerationConfig
+    from ptp.decode.sampling import SamplingConfig
 
-    decoder = Decoder(model, tokenizer, drafter)
+    decoder = decoder if decoder is not None else Decoder(model, tokenizer, drafter)
     cfg = GenerationConfig(max_new, eos_token_ids=tuple(eos),
                            sampling=SamplingConfig(temperature=temperature, seed=seed),
-                           row_invariant=row_invariant, fast_path=fast_path, max_draft_nodes=max_draft_nodes)
+                           row_invariant=row_invariant, fast_path=fast_path, max_draft_nodes=max_draft_nodes,
+                           cuda_graphs=cuda_graphs)
     out = []
     for i, p in enumerate(prompts):
         t0 = time.perf_counter()
@@ -97,10 +100,10 @@ def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, s
     return out
 
 
-DEFAULT_METHODS = ("hf,hf-pld,none,lookup,lookup:num_branches=3,ptp,ptp:scheme=linear,"
-                   "ptp:scheme=separate,ptp:preset=cpu,cptp:preset=cpu,mtp,mtp:scheme=linear,"
-                   "mtp:max_groups=1;lookup_ngram=1;num_masks=4,heads,heads:tree=1,heads:tree=1;lookup=1,"
-                   "heads:tree=1;lookup=1;min_prob=0.1")
+DEFAULT_METHODS = ("hf,hf-pld,none,lookup,lookup:lookup_branches=3,ptp,ptp:scheme=linear,"
+                   "ptp:scheme=separate,ptp:preset=cpu,cptp:preset=cpu,masked,masked:scheme=linear,"
+                   "masked:max_groups=1;lookup_ngram=1;num_slots=4,heads,heads:tree=1,heads:tree=1;lookup_ngram=1,"
+                   "heads:tree=1;lookup_ngram=1;min_prob=0.1")
 
 
 def select_questions(questions: list, limit: int, how: str = "categories") -> list:
@@ -128,15 +131,11 @@ def select_questions(questions: list, limit: int, how: str = "categories") -> li
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``name[:key=value,...]`` -> (drafter name or path, options)."""
-    from ptp.drafters.base import option_value
+    """``name[:key=value;...]`` -> (drafter name or path, text options: the drafter's option
+    dataclass converts them; ``rows``, ``fast`` and ``quant`` are this script's)."""
+    from ptp.drafters.options import parse_spec
 
-    name, _, opts = spec.partition(":")
-    options = {}
-    for kv in filter(None, opts.split(",")):
-        k, _, v = kv.partition("=")
-        options[k] = option_value(v)
-    return name, options
+    return parse_spec(spec)
 
 
 def row_switch(value) -> "bool | None":
@@ -180,11 +179,18 @@ def main(argv=None) -> int:
                     help="row-invariant decoding calls (invariant_linear; auto: on for CPU); a "
                          "method can override it with the option rows=on|off, e.g. none:rows=off; "
                          "likewise fast=off runs a method's decoding calls through the HF forward "
-                         "instead of ptp.fastpath's direct layer loop (default: auto), and "
+                         "instead of ptp.decode.fastpath's direct layer loop (default: auto), and "
                          "quant=off its linears through the float32 weights instead of the GGUF "
-                         "blocks ptp.quant attached (quant_linear)")
+                         "blocks ptp.decode.quant attached (quant_linear), and graphs=off its "
+                         "CUDA decoding calls eagerly instead of from CUDA graphs (ptp.decode.cuda_graphs)")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help="comma list of hf, hf-pld, or drafter[:opt=val;...] (';' separates options)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="prompts each ptp method decodes before the timed run (HF: 1); on a GPU "
+                         "all of them, so that the timed run replays CUDA graphs captured beforehand")
+    ap.add_argument("--stats-json", default=None,
+                    help="also write each method's tokens/s, tokens per call and (CUDA graphs) rows "
+                         "per call as JSON (benchmarks/gpu_cost_curve.py --e2e-stats reads it)")
     ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
     args = ap.parse_args(argv)
 
@@ -194,9 +200,8 @@ def main(argv=None) -> int:
     prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in questions]
     N, T, seed = args.max_new_tokens, args.temperature, args.seed
 
-    methods, skipped = {}, []
+    methods, skipped, decoders = {}, [], {}
     for spec in args.methods.split(","):
-        spec = spec.replace(";", ",")
         if spec == "hf":
             methods["HF generate"] = lambda ps: run_hf(model, ps, N, eos, temperature=T, seed=seed)
         elif spec == "hf-pld":
@@ -206,10 +211,11 @@ def main(argv=None) -> int:
             name, opts = parse_method(spec)
             rows = row_switch(opts.pop("rows", args.row_invariant))
             fast = row_switch(opts.pop("fast", "auto"))
+            graphs = row_switch(opts.pop("graphs", "auto"))  # CUDA graphs (auto: on for CUDA models)
             quant = row_switch(opts.pop("quant", "auto"))
             m = copy.deepcopy(model)  # adapters wrap the model's linears: one copy per drafter
             if quant is False:  # the float32 weights instead of the attached GGUF blocks
-                from ptp.quant import quantized_weights
+                from ptp.decode.quant import quantized_weights
 
                 quantized_weights(m).clear()
             try:
@@ -221,15 +227,24 @@ def main(argv=None) -> int:
             short = spec if not os.path.isdir(name) else \
                 f"{os.path.basename(os.path.normpath(name))} [{type(drafter).__name__}]" + spec[len(name):]
             label = "ptp plain" if spec == "none" else f"ptp {short}"
-            methods[label] = (lambda mm, d, r, f: lambda ps: run_ptp(
-                mm, tokenizer, d, ps, N, eos, T, seed, r, f, args.max_draft_nodes))(m, drafter, rows, fast)
-    for name, fn in methods.items():  # warm-up (allocator, thread pools, lazy imports)
-        fn(prompts[:1])
-    results = {}
+            from ptp.decode.decoder import Decoder
+
+            decoders[label] = Decoder(m, tokenizer, drafter)
+            methods[label] = (lambda mm, d, r, f, gr, dec: lambda ps: run_ptp(
+                mm, tokenizer, d, ps, N, eos, T, seed, r, f, args.max_draft_nodes, gr, dec))(
+                m, drafter, rows, fast, graphs, decoders[label])
+    for name, fn in methods.items():  # warm-up (allocator, thread pools, lazy imports, CUDA graphs)
+        fn(prompts[:max(args.warmup, 1) if name in decoders else 1])
+    results, graph_stats = {}, {}
     for name, fn in methods.items():
+        dec = decoders.get(name)
+        before = dec.graph_stats() if dec is not None else None
         t0 = time.perf_counter()
         results[name] = fn(prompts)
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        after = dec.graph_stats() if dec is not None else None
+        if after is not None:  # the timed run's CUDA-graph counters
+            graph_stats[name] = {k: v - (before or {}).get(k, 0) for k, v in after.items()}
 
     ref_name = "ptp plain" if "ptp plain" in results else None
     ref = [r[0] for r in results[ref_name]] if ref_name else None
@@ -289,14 +304,41 @@ def main(argv=None) -> int:
             tps, tpc = stats(name, idx)
             cells.append(f"{tps:.1f} ({tps / b:.2f}x, {tpc:.2f})")
         lines.append(f"| {cat} | {len(idx)} | " + " | ".join(cells) + " |")
+    if graph_stats:
+        lines.append("\n## CUDA graphs (timed run)\n")
+        lines.append("| method | target calls | rows per call | bucket rows per call | eager calls | captures |")
+        lines.append("|---|---|---|---|---|---|")
+        for name, g in graph_stats.items():
+            calls = max(g["replays"] + g["eager_calls"], 1)
+            lines.append(f"| {name} | {calls} | {g['rows'] / calls:.1f} | {g['bucket_rows'] / calls:.1f} | "
+                         f"{g['eager_calls']} | {g['captures']} |")
+    if args.stats_json:
+        import json
+
+        summary = {}
+        for name in names:
+            tps, tpc = stats(name, cats["all"])
+            entry = {"tokens_per_s": tps, "tokens_per_call": tpc,
+                     "exact": exact[name], "prompts": len(prompts)}
+            g = graph_stats.get(name)
+            if g is not None:
+                calls = max(g["replays"] + g["eager_calls"], 1)
+                entry.update(rows_per_call=g["rows"] / calls, bucket_rows_per_call=g["bucket_rows"] / calls)
+            summary[name] = entry
+        with open(args.stats_json, "w") as f:
+            json.dump(summary, f, indent=1)
+    write_report(lines, args.out or os.path.join(HERE, "results", f"{date}-cpu-e2e.md"))
+    return 0
+
+
+def write_report(lines: list[str], out: str) -> None:
+    """Print the markdown report and write it to ``out``."""
     text = "\n".join(lines) + "\n"
     print(text)
-    out = args.out or os.path.join(HERE, "results", f"{date}-cpu-e2e.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
     print(f"wrote {out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (H100/H200; torch 2.11 + CUDA 13.0, Python 3.12, nvcc 13.0,
 # 16 cores, no network): build ptp_ext in place with CUDA for sm_90a, show the kernels' resource
-# usage, run the tests (CUDA ones included) and the CUDA sweeps, then the kernel benchmarks.
+# usage, run the tests, then the CUDA tests (pytest -m cuda: the CUDA sweeps of
+# tests/test_<op>_cuda.py included), then the kernel benchmarks.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # OUT defaults to /tmp/ptp-gpu-check
 #
 # Writes (few files, one folder): $OUT/build.log (nvidia-smi, build, ptxas resource usage),
-# $OUT/tests.log (pytest + check_*_cuda.py sweeps), $OUT/kernels.md (benchmark report, for
+# $OUT/tests.log (pytest, then pytest -m cuda), $OUT/kernels.md (benchmark report, for
 # benchmarks/results/), $OUT/flashinfer.md (when .whl/ holds FlashInfer), $OUT/kernels.log, $OUT/summary.md. Every stage runs even if an earlier one
 # failed (a failed build still lets you read the log); the whole run is budgeted to ~8 minutes
 # (PTP_GPU_CHECK_BUDGET seconds) and ends with a summary table on stdout.
-# PTP_GPU_CHECK_STAGES picks stages (default: "env build usage pytest sweeps kernels e2e flashinfer");
-# PTP_PYTEST_ARGS replaces the pytest selection (default: -m "cuda or not slow"), e.g. "-m cuda -n 8".
+# PTP_GPU_CHECK_STAGES picks stages (default: "env build usage pytest cuda kernels e2e flashinfer");
+# PTP_PYTEST_ARGS replaces the pytest stage's selection (default: -m "not slow and not cuda"), and
+# PTP_CUDA_PYTEST_ARGS adds arguments to the cuda stage's `pytest -m cuda` (e.g. "-k quick"; it
+# runs with -n 8 when pytest-xdist is installed).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +22,7 @@ cd "$ROOT"
 OUT="${OUT:-/tmp/ptp-gpu-check}"
 mkdir -p "$OUT"
 BUDGET="${PTP_GPU_CHECK_BUDGET:-480}"
-STAGES=" ${PTP_GPU_CHECK_STAGES:-env build usage pytest sweeps kernels e2e flashinfer} "
+STAGES=" ${PTP_GPU_CHECK_STAGES:-env build usage pytest cuda kernels e2e flashinfer} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 T_START=$(date +%s)
 PY="${PYTHON:-python}"
@@ -92,20 +95,18 @@ pytest_cuda() {
     # shellcheck disable=SC2086  (word splitting wanted: several pytest arguments)
     "$PY" -m pytest -q tests $PTP_PYTEST_ARGS -ra -p no:cacheprovider
   else
-    "$PY" -m pytest -q tests -m "cuda or not slow" -ra -p no:cacheprovider
+    "$PY" -m pytest -q tests -m "not slow and not cuda" -ra -p no:cacheprovider
   fi
 }
 
-sweeps() {
-  local rc=0 n=0 s
-  for s in benchmarks/check_*_cuda.py; do
-    [ -e "$s" ] || continue
-    n=$((n + 1))
-    echo "-- $s"
-    "$PY" "$s" || { rc=$?; echo "-- $s FAILED (exit $rc)"; }
-  done
-  [ "$n" -gt 0 ] || { echo "no benchmarks/check_*_cuda.py found"; return 1; }
-  return "$rc"
+# The CUDA tests: the CPU/CUDA agreement tests of every tests/test_<op>.py and the sweeps of
+# tests/test_<op>_cuda.py (formerly benchmarks/check_<op>_cuda.py). Exit 5 (nothing collected)
+# means the cuda marker selected nothing: a failure here.
+pytest_cuda_only() {
+  local xdist=()
+  "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n "${PTP_PYTEST_WORKERS:-8}")
+  # shellcheck disable=SC2086  (word splitting wanted: several pytest arguments)
+  "$PY" -m pytest -q tests -m cuda -ra -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} ${PTP_CUDA_PYTEST_ARGS:-}
 }
 
 kernels() {
@@ -138,12 +139,12 @@ flashinfer_cmp() {
 
 : > "$OUT/build.log"; : > "$OUT/tests.log"; : > "$OUT/kernels.log"
 export ROOT OUT PY
-export -f env_info build resource_usage pytest_cuda sweeps kernels e2e_gpu flashinfer_cmp
+export -f env_info build resource_usage pytest_cuda pytest_cuda_only kernels e2e_gpu flashinfer_cmp
 want env && run_stage "env" "$OUT/build.log" 60 env_info
 want build && run_stage "build (sm_90a, MAX_JOBS=$MAX_JOBS)" "$OUT/build.log" 240 build
 want usage && run_stage "resource usage" "$OUT/build.log" 30 resource_usage
-want pytest && run_stage "pytest ${PTP_PYTEST_ARGS:--m 'cuda or not slow'}" "$OUT/tests.log" 180 pytest_cuda
-want sweeps && run_stage "check_*_cuda.py sweeps" "$OUT/tests.log" 120 sweeps
+want pytest && run_stage "pytest ${PTP_PYTEST_ARGS:--m 'not slow and not cuda'}" "$OUT/tests.log" 120 pytest_cuda
+want cuda && run_stage "pytest -m cuda ${PTP_CUDA_PYTEST_ARGS:-}" "$OUT/tests.log" 240 pytest_cuda_only
 want kernels && run_stage "kernels.py" "$OUT/kernels.log" 200 kernels
 want e2e && run_stage "e2e.py --device cuda" "$OUT/kernels.log" 300 e2e_gpu
 want flashinfer && run_stage "bench_flashinfer.py" "$OUT/kernels.log" 240 flashinfer_cmp

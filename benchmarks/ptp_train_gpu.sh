@@ -59,7 +59,7 @@ for name in $DRAFTERS; do
     # mtp and heads: the shipped recipes' copy attention (2026-12-03: mtp v3, heads v9)
     mtp) args=(mtp --masks 8 --rank 16 --windows 48 --lr 1e-3 --copy-attn) ;;
     # heads: cached hidden states (ptp.train.heads); ~11 passes over 6,400 sequences, cosine;
-    # distillation weight 0.5 (2026-12-02-cpu-heads-soft-pilot.md: +0.06 held-out, +0.03 dev)
+    # distillation weight 0.5 (results/archive/2026-12-02-cpu-heads-soft-pilot.md: +0.06 held-out, +0.03 dev)
     heads) args=(heads --heads 4 --copy-attn --lr 1e-3)
            extra=(--steps 8000 --positions-per-step 1024 --lr-schedule cosine --holdout 64
                   --soft-weight "${HEADS_SOFT_WEIGHT:-0.5}") ;;

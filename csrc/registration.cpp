@@ -3,6 +3,7 @@
 // Python-side fake (meta) implementations live in ptp_ext/ops.py next to each wrapper.
 #include <torch/library.h>
 
+#include "decode_step/decode_step.h"
 #include "invariant_linear/gated_lora_linear.h"
 #include "invariant_linear/invariant_linear.h"
 #include "invariant_linear/quant_linear.h"
@@ -37,6 +38,12 @@ TORCH_LIBRARY(ptp_ext, m) {
   m.def(
       "gated_lora_quant_linear(Tensor x, Tensor qweight, str format, Tensor? bias, Tensor lora_a, "
       "Tensor lora_b, float scale, int aux_start) -> Tensor");
+  // ---- decode_step: a Llama-family decoding call's whole layer stack (CPU only) --------------
+  m.def(
+      "decode_step(Tensor hidden, Tensor cos, Tensor sin, Tensor(a!)[] key_caches, "
+      "Tensor(b!)[] value_caches, Tensor cache_lens, Tensor? tree_mask, Tensor[] weights, "
+      "int[] formats, Tensor?[] biases, Tensor[] norm_weights, Tensor?[] lora_a, Tensor?[] lora_b, "
+      "float[] lora_scales, int aux_start, float eps, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
@@ -47,6 +54,7 @@ TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
   m.impl("gated_lora_linear", &ptp::gated_lora_linear_cpu);
   m.impl("quant_linear", &ptp::quant_linear_cpu);
   m.impl("gated_lora_quant_linear", &ptp::gated_lora_quant_linear_cpu);
+  m.impl("decode_step", &ptp::decode_step_cpu);  // CPU only (the CUDA entry raises)
 }
 
 #ifdef PTP_WITH_CUDA
@@ -58,5 +66,6 @@ TORCH_LIBRARY_IMPL(ptp_ext, CUDA, m) {
   m.impl("gated_lora_linear", &ptp::gated_lora_linear_cuda);
   m.impl("quant_linear", &ptp::quant_linear_cuda);
   m.impl("gated_lora_quant_linear", &ptp::gated_lora_quant_linear_cuda);
+  m.impl("decode_step", &ptp::decode_step_cuda);  // a clear "CPU-only" error
 }
 #endif

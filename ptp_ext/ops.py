@@ -1,9 +1,16 @@
-"""Public wrappers of the ptp_ext ops, each followed by its fake (meta) implementation.
+"""Public wrappers of the ptp_ext ops, each followed by its fake (meta) implementation and its
+autograd registration.
 
 The wrappers are thin: they normalise convenience arguments and call ``torch.ops.ptp_ext.<op>``,
 which checks every argument (shape, dtype, device, contiguity, index ranges on the CPU) and raises
-``ValueError`` naming the argument. The fakes state output shapes for ``torch.compile`` and
+``ValueError`` naming the argument. The fakes run the same checks (:mod:`ptp_ext._checks`, the
+Python mirror of the C++ ones, same messages) and state output shapes for ``torch.compile`` and
 ``torch.library.opcheck``.
+
+Autograd: :func:`invariant_linear` and :func:`gated_lora_linear` have a backward (plain float32
+products: the gradients are not row-invariant, only the forward is). The other ops are
+inference-only: calling one with grad enabled on an input that requires grad raises
+``RuntimeError`` instead of returning an output whose gradient would silently be dropped.
 """
 from __future__ import annotations
 
@@ -11,10 +18,29 @@ from typing import Optional
 
 import torch
 
+from . import _checks
+from .reference import logits_valid, uniforms_valid
+
 __all__ = ["tree_attention", "verify_tree", "sampler_mlp", "invariant_linear", "gated_lora_linear",
-           "quant_linear", "gated_lora_quant_linear"]
+           "quant_linear", "gated_lora_quant_linear", "decode_step"]
 
 _ops = torch.ops.ptp_ext
+
+
+def _register_inference_only(name: str, hint: str) -> None:
+    """Autograd for an op without a backward: a clear error when the forward is asked to record
+    a graph (grad mode on and an input requiring grad), rather than an output that looks
+    differentiable and silently drops the gradient."""
+
+    def setup_context(ctx, inputs, output):
+        raise RuntimeError(
+            f"ptp_ext.{name} is inference-only (no backward), but an input requires grad: call it "
+            f"under torch.no_grad() / torch.inference_mode() or detach the inputs{hint}")
+
+    def backward(ctx, *grads):  # never reached: setup_context raises first
+        raise RuntimeError(f"ptp_ext.{name} has no backward")
+
+    torch.library.register_autograd(f"ptp_ext::{name}", backward, setup_context=setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +79,21 @@ def tree_attention(
     return_lse : bool
         Also return the log-sum-exp of the scaled scores.
 
+    Non-finite keys and values follow the IEEE arithmetic of ``softmax(mask(q k^T scale)) v``
+    over the row's first ``cache_lens[b] + T`` positions, as torch's SDPA does with a boolean
+    mask (and :func:`ptp_ext.reference.tree_attention_ref` does, on every backend):
+
+    * positions ``>= cache_lens[b] + T`` are never read (garbage, NaN, there is harmless);
+    * a masked position's key is never used (its score is -inf, weight exactly 0), but its value
+      still enters the weighted sum: a NaN/inf value makes those output columns non-finite (0 *
+      inf = NaN), for every query row of its KV head;
+    * a NaN or +inf visible score (NaN/inf in ``query`` or a visible key) makes that query row's
+      ``out`` and ``lse`` NaN; a -inf score is weight 0;
+    * a row whose visible scores are all -inf (or that sees nothing) gets ``out = 0``,
+      ``lse = -inf``, whatever the values.
+
+    Inference-only: inputs that require grad raise (use SDPA for training).
+
     Returns
     -------
     out : torch.Tensor
@@ -63,8 +104,9 @@ def tree_attention(
         that sees no key). Only when ``return_lse``.
     """
     if scale is None:
-        scale = query.shape[-1] ** -0.5
-    if tree_mask is not None and tree_mask.dim() == 2:
+        D = query.shape[-1] if query.dim() else 0
+        scale = D ** -0.5 if D > 0 else 1.0  # D = 0 (or no head dim): the op's check rejects it
+    if tree_mask is not None and tree_mask.dim() == 2 and query.dim() >= 1:
         tree_mask = tree_mask.unsqueeze(0).expand(query.shape[0], -1, -1).contiguous()
     out, lse = _ops.tree_attention(query, key_cache, value_cache, cache_lens, tree_mask,
                                    float(scale))
@@ -73,12 +115,14 @@ def tree_attention(
 
 @torch.library.register_fake("ptp_ext::tree_attention")
 def _tree_attention_fake(query, key_cache, value_cache, cache_lens, tree_mask, scale):
-    torch._check(query.dim() == 4, lambda: "query must be [B, T, H_q, D]")
-    torch._check(key_cache.dim() == 4, lambda: "key_cache must be [B, H_kv, S_max, D]")
+    _checks.tree_attention_inputs(query, key_cache, value_cache, cache_lens, tree_mask)
     B, T, Hq, _ = query.shape
     out = torch.empty_like(query)
     lse = query.new_empty((B, Hq, T), dtype=torch.float32)
     return out, lse
+
+
+_register_inference_only("tree_attention", " (training: F.scaled_dot_product_attention)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +138,8 @@ def verify_tree(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    *,
+    raise_on_invalid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accept or reject draft trees (or chains) for a batch, on the device, with no host sync.
 
@@ -127,6 +173,22 @@ def verify_tree(
     temperature, top_k, top_p : float, int, float
         Applied to the target logits exactly as :func:`ptp_ext.reference.sampling_probs`
         describes (temperature 0 = argmax; top_k 0 and top_p 1 disable).
+    raise_on_invalid : bool
+        Raise ``ValueError`` (naming the rows and the cause) when a row is invalid, instead of
+        returning its sentinel. Reads ``next_token`` on the host: a device sync on CUDA.
+
+    Invalid rows
+    ------------
+    NaN or +inf logits and uniforms outside [0, 1) never become a token. A row is *invalid* when
+    the mode samples (``"coupled"``, ``"rejection"``) and one of its ``uniforms`` is not in
+    [0, 1) (NaN included), or when its walk reaches a node whose logits ``x`` (divided by the
+    temperature when sampling, :func:`ptp_ext.reference.logits_valid`) hold a NaN or +inf, or are
+    all -inf (no token can be drawn). Its outputs are the sentinel ``num_accepted = 0``,
+    ``accepted_nodes = [0, -1, ...]``, ``next_token = -1``; the other rows are unaffected. This is
+    a rule rather than an error so that the op never synchronises and one broken sequence does
+    not fail the batch: a serving loop checks ``next_token < 0`` when it reads the tokens anyway
+    and ends those sequences. -inf logits are masks (probability 0) and are valid. The CPU, CUDA
+    and reference implementations follow the same rule.
 
     Returns
     -------
@@ -143,14 +205,37 @@ def verify_tree(
     Leviathan et al. 2023 (speculative sampling); Miao et al. 2024 (SpecInfer, trees);
     Draxler et al. 2025, arXiv:2512.21323 (PTP, coupled verification).
     """
-    return _ops.verify_tree(draft_tokens, parents, target_logits, draft_probs, uniforms, mode,
-                            float(temperature), int(top_k), float(top_p))
+    out = _ops.verify_tree(draft_tokens, parents, target_logits, draft_probs, uniforms, mode,
+                           float(temperature), int(top_k), float(top_p))
+    if raise_on_invalid:
+        _raise_invalid_rows(out[2], target_logits, uniforms, mode, float(temperature))
+    return out
+
+
+def _raise_invalid_rows(next_token: torch.Tensor, target_logits: torch.Tensor,
+                        uniforms: Optional[torch.Tensor], mode: str, temperature: float) -> None:
+    """ValueError naming the rows of verify_tree's sentinel (next_token -1) and the first one's
+    cause; nothing when there is none."""
+    bad = (next_token < 0).nonzero().flatten().tolist()
+    if not bad:
+        return
+    b = bad[0]
+    if mode != "greedy" and not uniforms_valid(uniforms[b]):
+        u = uniforms[b].tolist()
+        cause = f"uniforms[{b}] must be in [0, 1), got {[x for x in u if not 0 <= x < 1][:4]}"
+    else:
+        t = temperature if mode != "greedy" else 0.0
+        nodes = [c for c in range(target_logits.shape[1]) if not logits_valid(target_logits[b, c], t)]
+        cause = (f"target_logits[{b}, c] for nodes c in {nodes[:8]} hold a NaN or +inf or are all "
+                 f"-inf (temperature {t:g})")
+    raise ValueError(f"verify_tree: {len(bad)} invalid row(s) {bad[:8]} (next_token -1): {cause}")
 
 
 @torch.library.register_fake("ptp_ext::verify_tree")
 def _verify_tree_fake(draft_tokens, parents, target_logits, draft_probs, uniforms, mode,
                       temperature, top_k, top_p):
-    torch._check(target_logits.dim() == 3, lambda: "target_logits must be [B, N+1, V]")
+    _checks.verify_inputs(draft_tokens, parents, target_logits, draft_probs, uniforms, mode,
+                          temperature, top_k, top_p)
     B, N1, _ = target_logits.shape
     num_accepted = draft_tokens.new_empty((B,), dtype=torch.long)
     accepted_nodes = draft_tokens.new_empty((B, N1), dtype=torch.long)
@@ -183,8 +268,8 @@ def sampler_mlp(
     ``x = cat(hidden, embedding[prev_tokens])``; ``h = silu(x @ w1.T + b1)``, then
     ``LayerNorm(h)`` if ``norm1_weight``; ``y = h @ w2.T + b2``, then ``silu(y)`` if ``silu_out``
     and ``LayerNorm(y)`` if ``norm2_weight``. The paper's head is ``silu_out=True`` with both
-    norms; the plain Linear-SiLU-Linear is the default. Inference only (no autograd): training
-    uses :func:`ptp_ext.reference.sampler_mlp_ref`.
+    norms; the plain Linear-SiLU-Linear is the default. Inference-only (an input that requires
+    grad raises): training uses :func:`ptp_ext.reference.sampler_mlp_ref`.
 
     Parameters
     ----------
@@ -220,9 +305,12 @@ def sampler_mlp(
 @torch.library.register_fake("ptp_ext::sampler_mlp")
 def _sampler_mlp_fake(hidden, prev_tokens, embedding, w1, b1, w2, b2, norm1_weight, norm1_bias,
                       norm2_weight, norm2_bias, silu_out, eps):
-    torch._check(hidden.dim() == 2, lambda: "hidden must be [N, d_h]")
-    torch._check(w2.dim() == 2, lambda: "w2 must be [d_out, d_mid]")
+    _checks.sampler_mlp_inputs(hidden, prev_tokens, embedding, w1, b1, w2, b2, norm1_weight,
+                               norm1_bias, norm2_weight, norm2_bias)
     return hidden.new_empty((hidden.shape[0], w2.shape[0]))
+
+
+_register_inference_only("sampler_mlp", " (training: ptp_ext.reference.sampler_mlp_ref)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +341,9 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor,
     -------
     torch.Tensor
         ``(..., M)`` in x's dtype (float32 accumulation).
+
+    Differentiable: the backward is ``F.linear``'s (float32 products cast to the inputs' dtypes;
+    the gradients are not row-invariant, only the forward is).
     """
     if x.dim() < 1:
         raise ValueError(f"x must have shape [..., K], got a {x.dim()}-d tensor")
@@ -263,9 +354,28 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor,
 
 @torch.library.register_fake("ptp_ext::invariant_linear")
 def _invariant_linear_fake(x, weight, bias):
-    torch._check(x.dim() == 2, lambda: "x must be [N, K]")
-    torch._check(weight.dim() == 2, lambda: "weight must be [M, K]")
+    _checks.invariant_linear_inputs(x, weight, bias)
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _invariant_linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _invariant_linear_backward(ctx, grad):
+    # y [N, M] = x [N, K] @ weight.T + bias, in float32: dx = g @ W, dW = g.T @ x, db = sum_n g
+    x, weight = ctx.saved_tensors
+    g = grad.float()
+    dx = (g @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dw = (g.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+    db = g.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+torch.library.register_autograd("ptp_ext::invariant_linear", _invariant_linear_backward,
+                                setup_context=_invariant_linear_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +387,7 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """:func:`invariant_linear` on every row plus ``scale * (x @ lora_a.T) @ lora_b.T`` on the
     rows ``x[:, aux_start:]`` only, in one call.
 
-    This is the gated LoRA of a self-speculative drafter (``ptp.lora.GatedLoRALinear``: the
+    This is the gated LoRA of a self-speculative drafter (``ptp.decode.lora.GatedLoRALinear``: the
     adapter acts on the auxiliary rows, u-slots or mask tokens, appended after the real tokens of
     every batch row). Rows before ``aux_start`` are bitwise ``invariant_linear(x, weight, bias)``,
     so the target's own rows never depend on the adapter. All products go through the
@@ -304,15 +414,54 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     -------
     torch.Tensor
         ``(batch_size, seq_len, M)`` in x's dtype; the delta is computed in float32.
+
+    Differentiable in ``x``, ``weight``, ``bias``, ``lora_a`` and ``lora_b`` (float32 products,
+    like :func:`invariant_linear`'s backward).
     """
     return _ops.gated_lora_linear(x, weight, bias, lora_a, lora_b, float(scale), int(aux_start))
 
 
 @torch.library.register_fake("ptp_ext::gated_lora_linear")
 def _gated_lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, aux_start):
-    torch._check(x.dim() == 3, lambda: "x must be [B, S, K]")
-    torch._check(weight.dim() == 2, lambda: "weight must be [M, K]")
+    _checks.gated_lora_linear_inputs(x, weight, bias, lora_a, lora_b, aux_start)
     return x.new_empty((x.shape[0], x.shape[1], weight.shape[0]))
+
+
+def _gated_lora_linear_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, aux_start = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.scale, ctx.aux_start = scale, aux_start
+
+
+def _gated_lora_linear_backward(ctx, grad):
+    # y = x W^T + b on every row, + scale * (x_a A^T) B^T on the rows x_a = x[:, aux_start:]:
+    # with t = x_a A^T and g_t = scale * g_a B: dB = scale * g_a^T t, dA = g_t^T x_a, and the
+    # auxiliary rows of dx gain g_t A.
+    x, weight, lora_a, lora_b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    M, K, R = weight.shape[0], weight.shape[1], lora_a.shape[0]
+    g, xf = grad.float(), x.float()
+    g_a, x_a = g[:, ctx.aux_start:], xf[:, ctx.aux_start:]
+    g_t = ctx.scale * (g_a @ lora_b)  # [B, n, R]
+    dx = dw = db = da = dbl = None
+    if need[0]:
+        dx = g @ weight.float()
+        dx[:, ctx.aux_start:] += g_t @ lora_a
+        dx = dx.to(x.dtype)
+    if need[1]:
+        dw = (g.reshape(-1, M).t() @ xf.reshape(-1, K)).to(weight.dtype)
+    if ctx.bias_dtype is not None and need[2]:
+        db = g.sum((0, 1)).to(ctx.bias_dtype)
+    if need[3]:
+        da = g_t.reshape(-1, R).t() @ x_a.reshape(-1, K)
+    if need[4]:
+        dbl = ctx.scale * (g_a.reshape(-1, M).t() @ (x_a @ lora_a.t()).reshape(-1, R))
+    return dx, dw, db, da, dbl, None, None
+
+
+torch.library.register_autograd("ptp_ext::gated_lora_linear", _gated_lora_linear_backward,
+                                setup_context=_gated_lora_linear_setup)
 
 
 
@@ -327,7 +476,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, format: str,
     A quantised checkpoint's float32 weights are each exactly one block formula, so reading the
     blocks (Q4_1: 4.5 bits per weight, Q8_0: 8.5) instead of the float32 copy (32 bits) gives the
     same outputs from a fraction of the memory traffic: the weight stream is what bounds a
-    decoding call on a CPU. ``ptp.quant`` builds the blocks of a model loaded from a GGUF and
+    decoding call on a CPU. ``ptp.decode.quant`` builds the blocks of a model loaded from a GGUF and
     checks them against the loaded weights.
 
     Parameters
@@ -346,6 +495,8 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, format: str,
     -------
     torch.Tensor
         ``(..., M)`` float32.
+
+    Inference-only: an input that requires grad raises (train on the dequantised weight).
     """
     if x.dim() < 1:
         raise ValueError(f"x must have shape [..., K], got a {x.dim()}-d tensor")
@@ -356,9 +507,12 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, format: str,
 
 @torch.library.register_fake("ptp_ext::quant_linear")
 def _quant_linear_fake(x, qweight, format, bias):
-    torch._check(x.dim() == 2, lambda: "x must be [N, K]")
-    torch._check(qweight.dim() == 2, lambda: "qweight must be [M, K / 32 * block_bytes]")
+    _checks.quant_linear_inputs(x, qweight, format, bias)
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+_register_inference_only("quant_linear", " (training: invariant_linear on the dequantised weight, "
+                         "ptp_ext.reference.dequantize_ref)")
 
 
 def gated_lora_quant_linear(x: torch.Tensor, qweight: torch.Tensor, format: str,
@@ -389,7 +543,7 @@ def gated_lora_quant_linear(x: torch.Tensor, qweight: torch.Tensor, format: str,
     Returns
     -------
     torch.Tensor
-        ``(batch_size, seq_len, M)`` float32.
+        ``(batch_size, seq_len, M)`` float32. Inference-only, like :func:`quant_linear`.
     """
     return _ops.gated_lora_quant_linear(x, qweight, str(format), bias, lora_a, lora_b, float(scale),
                                         int(aux_start))
@@ -397,6 +551,91 @@ def gated_lora_quant_linear(x: torch.Tensor, qweight: torch.Tensor, format: str,
 
 @torch.library.register_fake("ptp_ext::gated_lora_quant_linear")
 def _gated_lora_quant_linear_fake(x, qweight, format, bias, lora_a, lora_b, scale, aux_start):
-    torch._check(x.dim() == 3, lambda: "x must be [B, S, K]")
-    torch._check(qweight.dim() == 2, lambda: "qweight must be [M, K / 32 * block_bytes]")
+    _checks.gated_lora_quant_linear_inputs(x, qweight, format, bias, lora_a, lora_b, aux_start)
     return x.new_empty((x.shape[0], x.shape[1], qweight.shape[0]))
+
+
+_register_inference_only("gated_lora_quant_linear",
+                         " (training: gated_lora_linear on the dequantised weight)")
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_step: a Llama-family decoding call's whole layer stack in one op (CPU only)
+# ---------------------------------------------------------------------------------------------
+DECODE_STEP_FORMATS = {"float32": 0, "q4_1": 1, "q8_0": 2}  # weight format codes of decode_step
+
+
+def decode_step(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_caches: list[torch.Tensor], value_caches: list[torch.Tensor],
+                cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor],
+                weights: list[torch.Tensor], formats: list[int], biases: list[Optional[torch.Tensor]],
+                norm_weights: list[torch.Tensor], lora_a: list[Optional[torch.Tensor]],
+                lora_b: list[Optional[torch.Tensor]], lora_scales: list[float], aux_start: int,
+                eps: float, scale: float) -> torch.Tensor:
+    """The layer stack of one decoding call of a Llama / Mistral / Qwen2 model, in one op.
+
+    For each of the L layers: RMSNorm, q / k / v projections, rotary, writing the new K / V at
+    ``cache_lens[b] + t``, attention over the row's cache plus the call's tree
+    (:func:`tree_attention`'s semantics and kernel), o projection + residual, RMSNorm, SiLU-gated
+    MLP + residual; then the final RMSNorm. Projections read GGUF blocks (:func:`quant_linear`'s
+    kernel) or float32 weights (:func:`invariant_linear`'s), optionally with a gated-LoRA delta on
+    the rows ``t >= aux_start`` of every batch row (:func:`gated_lora_linear`). One parallel region
+    per call instead of ~40 op dispatches per layer. Every row's output is bitwise independent of
+    the call's other rows (chains, trees, aux rows, batch). ``ptp.decode.native`` packs a model's
+    weights for it.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        ``(batch_size, num_tokens, hidden_size)`` float32: the call's input embeddings.
+    cos, sin : torch.Tensor
+        ``(batch_size, num_tokens, head_dim)`` float32: the rotary tables at the rows' positions
+        (the model's ``rotary_emb`` output).
+    key_caches, value_caches : list of torch.Tensor
+        One per layer, ``(batch_size, num_kv_heads, max_cache_len, head_dim)`` float32; written in
+        place at ``cache_lens[b] .. cache_lens[b] + num_tokens - 1``.
+    cache_lens : torch.Tensor
+        ``(batch_size,)`` int32 / int64.
+    tree_mask : torch.Tensor, optional
+        ``(batch_size, num_tokens, num_tokens)`` bool (None: causal).
+    weights : list of torch.Tensor
+        ``7 * L``: per layer q, k, v, o, gate, up, down, each float32 ``(M, K)`` or uint8 GGUF
+        blocks ``(M, K / 32 * block_bytes)``.
+    formats : list of int
+        Per weight: 0 float32, 1 q4_1, 2 q8_0 (:data:`DECODE_STEP_FORMATS`).
+    biases : list of torch.Tensor or None
+        Per weight, ``(M,)`` float32 or None.
+    norm_weights : list of torch.Tensor
+        ``2 * L + 1`` float32 ``(hidden_size,)``: input and post-attention norms per layer, then
+        the final norm.
+    lora_a, lora_b, lora_scales : list
+        Empty (no adapter) or one entry per weight: ``(R, K)`` / ``(M, R)`` float32 or None, and
+        the scale (alpha / rank).
+    aux_start : int
+        ``0 <= aux_start <= num_tokens``: the adapter's rows are ``t >= aux_start``.
+    eps : float
+        RMSNorm epsilon.
+    scale : float
+        Softmax scale.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(batch_size, num_tokens, hidden_size)`` float32: the final normed hidden states.
+    """
+    if hidden.device.type != "cpu":
+        raise ValueError(f"decode_step is CPU-only, got hidden on {hidden.device}")
+    return _ops.decode_step(hidden, cos, sin, list(key_caches), list(value_caches), cache_lens,
+                            tree_mask, list(weights), [int(f) for f in formats], list(biases),
+                            list(norm_weights), list(lora_a), list(lora_b),
+                            [float(s) for s in lora_scales], int(aux_start), float(eps), float(scale))
+
+
+@torch.library.register_fake("ptp_ext::decode_step")
+def _decode_step_fake(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask, weights,
+                      formats, biases, norm_weights, lora_a, lora_b, lora_scales, aux_start, eps,
+                      scale):
+    torch._check(hidden.dim() == 3, lambda: "hidden must be [B, T, H]")
+    torch._check(len(weights) == 7 * len(key_caches), lambda: "weights must hold 7 per layer")
+    return hidden.new_empty(hidden.shape)
+

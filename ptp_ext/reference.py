@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "tree_attention_ref",
+    "decode_step_ref",
     "sampling_probs",
     "pick",
     "verify_tree_ref",
@@ -28,6 +29,8 @@ __all__ = [
     "gated_lora_quant_linear_ref",
     "QUANT_BLOCK_BYTES",
     "chain_parents",
+    "logits_valid",
+    "uniforms_valid",
 ]
 
 
@@ -42,7 +45,13 @@ def tree_attention_ref(
     tree_mask: Optional[torch.Tensor],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for :func:`ptp_ext.ops.tree_attention` (same arguments, same outputs)."""
+    """Reference for :func:`ptp_ext.ops.tree_attention` (same arguments, same outputs).
+
+    Non-finite inputs, the rule every backend follows: positions ``>= cache_lens[b] + T`` are
+    never read; masked positions get score -inf (weight exactly 0) but their values still enter
+    ``probs @ v`` (0 * inf = NaN); a query row with a NaN or +inf visible score gets NaN ``out``
+    and ``lse``; a row whose visible scores are all -inf (or that sees nothing) gets 0 and -inf.
+    """
     B, T, Hq, D = query.shape
     Hkv = key_cache.shape[1]
     G = Hq // Hkv
@@ -58,13 +67,17 @@ def tree_attention_ref(
         visible = torch.ones(T, L + T, dtype=torch.bool, device=query.device)
         visible[:, L:] = tree_mask[b] if tree_mask is not None else causal
         scores = scores.masked_fill(~visible, -math.inf)
+        bad = (scores.isnan() | scores.isposinf()).any(dim=-1)  # [Hq, T]: NaN rows
+        seen = (scores > -math.inf).any(dim=-1) & ~bad  # [Hq, T]: some finite score
         row_lse = torch.logsumexp(scores, dim=-1)  # [Hq, T]
-        seen = visible.any(dim=-1)  # [T]
-        probs = torch.exp(scores - row_lse.unsqueeze(-1)).nan_to_num(0.0)
+        safe_lse = torch.where(seen, row_lse, torch.zeros_like(row_lse))
+        probs = torch.exp(scores - safe_lse.unsqueeze(-1))  # rows not seen: all 0
         o = probs @ v  # [Hq, T, D]
-        o = torch.where(seen.view(1, T, 1), o, torch.zeros_like(o))
+        o = torch.where(seen.unsqueeze(-1), o, torch.zeros_like(o))
+        o = torch.where(bad.unsqueeze(-1), torch.full_like(o, math.nan), o)
         out[b] = o.transpose(0, 1).to(query.dtype)
-        lse[b] = torch.where(seen.view(1, T), row_lse, torch.full_like(row_lse, -math.inf))
+        row_lse = torch.where(seen, row_lse, torch.full_like(row_lse, -math.inf))
+        lse[b] = torch.where(bad, torch.full_like(row_lse, math.nan), row_lse)
     return out, lse
 
 
@@ -124,6 +137,19 @@ def chain_parents(batch: int, num_nodes: int, device=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Verify
 # ---------------------------------------------------------------------------------------------
+def logits_valid(logits: torch.Tensor, temperature: float) -> bool:
+    """Can a token be drawn from this ``[V]`` logits row? ``x = logits / temperature``
+    (``logits`` itself when ``temperature == 0``, i.e. argmax) must hold no NaN and no +inf and
+    at least one entry above -inf; -inf entries are masks (probability 0)."""
+    x = logits.float() if temperature == 0 else logits.float() / temperature
+    return not bool(torch.isnan(x).any() or torch.isposinf(x).any()) and bool(torch.isfinite(x).any())
+
+
+def uniforms_valid(uniforms: torch.Tensor) -> bool:
+    """Every entry in ``[0, 1)`` (NaN fails)."""
+    return bool(((uniforms >= 0) & (uniforms < 1)).all())
+
+
 def verify_tree_ref(
     draft_tokens: torch.Tensor,
     parents: torch.Tensor,
@@ -148,17 +174,28 @@ def verify_tree_ref(
       x is accepted when ``uniforms[j] * q_j(x) < p(x)``; a rejected child turns p into
       ``norm(max(p - q_j, 0))`` (p unchanged if that is all zero); when every child is rejected
       (or c is a leaf) the next token is ``Pick(uniforms[0], p)``.
+
+    Invalid rows: in modes ``coupled`` and ``rejection`` a row with a uniform outside [0, 1), and
+    in every mode a row whose walk reaches a node whose logits fail :func:`logits_valid` (at the
+    temperature the mode samples with), return ``num_accepted = 0``,
+    ``accepted_nodes = [0, -1, ...]`` and ``next_token = -1``.
     """
     B, N1, V = target_logits.shape
     num_accepted = torch.zeros(B, dtype=torch.long)
     accepted = torch.full((B, N1), -1, dtype=torch.long)
     next_token = torch.zeros(B, dtype=torch.long)
+    if mode not in ("greedy", "coupled", "rejection"):
+        raise ValueError(f"mode must be one of 'greedy', 'coupled', 'rejection', got {mode!r}")
+    t_eff = temperature if mode != "greedy" else 0.0
     for b in range(B):
         c, depth, path = 0, 0, [0]
-        while True:
+        invalid = mode != "greedy" and not uniforms_valid(uniforms[b])
+        while not invalid:
+            if not logits_valid(target_logits[b, c], t_eff):
+                invalid = True
+                break
             children = [j for j in range(1, N1) if int(parents[b, j]) == c]
-            P = sampling_probs(target_logits[b, c], temperature if mode != "greedy" else 0.0,
-                               top_k, top_p)
+            P = sampling_probs(target_logits[b, c], t_eff, top_k, top_p)
             nxt = None
             if mode in ("greedy", "coupled"):
                 u = float(uniforms[b, depth]) if mode == "coupled" else 0.0
@@ -182,12 +219,13 @@ def verify_tree_ref(
                         p = r / r.sum()
                 if nxt is None:
                     next_token[b] = pick(float(uniforms[b, 0]), p)
-            else:
-                raise ValueError(f"mode must be one of 'greedy', 'coupled', 'rejection', got {mode!r}")
             if nxt is None:
                 break
             c, depth = nxt, depth + 1
             path.append(c)
+        if invalid:
+            path = [0]
+            next_token[b] = -1
         num_accepted[b] = len(path) - 1
         accepted[b, : len(path)] = torch.tensor(path)
     dev = target_logits.device
@@ -312,3 +350,58 @@ def gated_lora_quant_linear_ref(x: torch.Tensor, qweight: torch.Tensor, fmt: str
     """Reference for :func:`ptp_ext.ops.gated_lora_quant_linear`: :func:`gated_lora_linear_ref`
     over the dequantised weights."""
     return gated_lora_linear_ref(x, dequantize_ref(qweight, fmt), bias, lora_a, lora_b, scale, aux_start)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_step
+# ---------------------------------------------------------------------------------------------
+def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half_ref(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def decode_step_ref(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask, weights,
+                    formats, biases, norm_weights, lora_a, lora_b, lora_scales, aux_start, eps,
+                    scale) -> torch.Tensor:
+    """Reference for :func:`ptp_ext.ops.decode_step`: the Llama decoder layer written out
+    (``F.linear`` on the dequantised weights, :func:`tree_attention_ref`); writes the caches."""
+    B, T, H = hidden.shape
+    D = cos.shape[-1]
+    L = len(key_caches)
+    names = {0: "float32", 1: "q4_1", 2: "q8_0"}
+    lens = cache_lens.long()
+
+    def linear(i: int, x: torch.Tensor) -> torch.Tensor:
+        w = weights[i] if formats[i] == 0 else dequantize_ref(weights[i], names[formats[i]])
+        y = F.linear(x, w, biases[i])
+        if lora_a and lora_a[i] is not None and aux_start < T:
+            tail = x[:, aux_start:]
+            y = y.clone()
+            y[:, aux_start:] = y[:, aux_start:] + lora_scales[i] * ((tail @ lora_a[i].t()) @ lora_b[i].t())
+        return y
+
+    h = hidden.float()
+    for layer in range(L):
+        i = 7 * layer
+        x = _rms_norm_ref(h, norm_weights[2 * layer], eps)
+        q = linear(i, x).view(B, T, -1, D)
+        k = linear(i + 1, x).view(B, T, -1, D)
+        v = linear(i + 2, x).view(B, T, -1, D)
+        c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+        q = q * c + _rotate_half_ref(q) * s
+        k = k * c + _rotate_half_ref(k) * s
+        for b in range(B):
+            pos = int(lens[b])
+            key_caches[layer][b, :, pos:pos + T] = k[b].transpose(0, 1)
+            value_caches[layer][b, :, pos:pos + T] = v[b].transpose(0, 1)
+        a, _ = tree_attention_ref(q.contiguous(), key_caches[layer], value_caches[layer], cache_lens,
+                                  tree_mask, scale)
+        h = h + linear(i + 3, a.reshape(B, T, -1))
+        x = _rms_norm_ref(h, norm_weights[2 * layer + 1], eps)
+        h = h + linear(i + 6, F.silu(linear(i + 4, x)) * linear(i + 5, x))
+    return _rms_norm_ref(h, norm_weights[2 * L], eps)
+

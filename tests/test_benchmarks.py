@@ -39,8 +39,10 @@ def test_select_stride_and_bad_choice():
 
 
 def test_parse_method_options():
+    # text values: the drafter's option dataclass converts (and checks) them
     assert parse_method("ptp:num_slots=4,scheme=linear,min_prob=0.5") == (
-        "ptp", {"num_slots": 4, "scheme": "linear", "min_prob": 0.5})
+        "ptp", {"num_slots": "4", "scheme": "linear", "min_prob": "0.5"})
+    assert parse_method("ptp:num_slots=4;scheme=linear") == ("ptp", {"num_slots": "4", "scheme": "linear"})
     assert parse_method("lookup") == ("lookup", {})
 
 
@@ -54,7 +56,7 @@ def test_row_switch():
 
 
 def test_heads_tree_sim_decode_walk():
-    from benchmarks.heads_tree_sim import decode_walk
+    from benchmarks.experiments.heads_tree_sim import decode_walk
 
     # one sequence of 6 anchors: steps at 0 (accepts 2 -> 3 tokens), 3 (0 -> 1), 4 (3 -> capped at 2)
     assert decode_walk([2, 9, 9, 0, 3, 9], [6]) == (6, 3)
@@ -70,7 +72,7 @@ def test_heads_tree_sim_decode_walk():
 
 
 def test_heads_tree_sim_accepted_depth():
-    from benchmarks.heads_tree_sim import accepted_depth
+    from benchmarks.experiments.heads_tree_sim import accepted_depth
 
     # root -> 5 -> 6 -> 1, root -> 7 -> 8, root -> 5 -> 9
     tokens, parents = [0, 5, 6, 7, 1, 8, 9], [-1, 0, 1, 0, 2, 3, 1]
@@ -105,3 +107,37 @@ def test_benchmark_scripts_do_not_shadow_modules_transformers_probes():
     shadowing = sorted(s for s in stems if importlib.util.find_spec(s) is not None
                        and not (importlib.util.find_spec(s).origin or "").startswith(root))
     assert not shadowing, shadowing
+
+
+def test_vs_llamacpp_skips_cleanly_without_llama_cpp(monkeypatch, capsys):
+    """Without llama-cpp-python the comparison says why and exits 0 before loading anything."""
+    import ptp.models
+    from benchmarks import vs_llamacpp
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load when llama.cpp is absent")
+    monkeypatch.setattr(ptp.models, "load_target", no_load)
+    monkeypatch.setattr(vs_llamacpp, "llama_cpp_available", lambda: False)
+    assert vs_llamacpp.main(["--per-category", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "pip install llama-cpp-python" in out
+
+
+def test_vs_llamacpp_refuses_a_busy_machine_and_bad_arguments(monkeypatch):
+    from benchmarks import vs_llamacpp
+
+    monkeypatch.setattr(vs_llamacpp, "llama_cpp_available", lambda: True)
+    assert vs_llamacpp.main(["--max-load", "-1"]) == 3  # any load average is above -1
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        vs_llamacpp.main(["--per-category", "0"])
+    with pytest.raises(SystemExit, match="not an executable"):
+        vs_llamacpp.find_llama_bench("/nonexistent/llama-bench")
+
+
+def test_vs_llamacpp_per_category_selection():
+    from benchmarks.vs_llamacpp import per_category
+
+    qs = _questions()
+    got = per_category(qs, 2)
+    assert [q["question_id"] for q in got] == [0, 1, 10, 11, 13, 14, 15]
+    assert collections.Counter(q["category"] for q in got) == {"qa": 2, "math": 2, "coding": 1, "rag": 2}

@@ -1,11 +1,13 @@
 """The ``ptp generate`` CLI contract: ``python -m ptp`` on the default model, Spec-Bench JSONL in,
-``--json`` out with the agreed keys; plain, lookup and the default drafter (the shipped PTP
-adapter with the CPU preset) agree token for token."""
+``--json`` out with the agreed keys and ``--jsonl`` records that match it; plain, lookup and the
+default drafter (the shipped PTP adapter with the CPU preset) agree token for token; a prompt past
+the model's context is an error."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,14 +30,18 @@ QUESTIONS = [
 def _run(tmp_path, *extra):
     prompts = tmp_path / "q.jsonl"
     prompts.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
+    n = len(list(tmp_path.iterdir()))
+    out, lines = tmp_path / f"out{n}.json", tmp_path / f"out{n}.jsonl"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")]))
     proc = subprocess.run([sys.executable, "-m", "ptp", "generate", "--prompts", str(prompts),
-                           "--max-new-tokens", "16", "--json", str(out), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
+                           "--max-new-tokens", "16", "--json", str(out), "--jsonl", str(lines),
+                           *extra], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tokens/s" in proc.stderr and "accepted tokens per target call" in proc.stderr
     doc = json.loads(out.read_text())
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [r["new_token_ids"] for r in records] == [r["new_token_ids"] for r in doc["results"]]
+    assert all(r["text"] and r["text"] in proc.stdout for r in records)
     doc["_stderr"] = proc.stderr
     return doc
 
@@ -64,3 +70,16 @@ def test_cli_rejects_bad_arguments(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ptp", "generate"], capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 2 and "--prompt" in proc.stderr
+
+
+def test_cli_prompt_beyond_the_context_is_an_error(capsys):
+    """A prompt of more than SmolLM2's 8,192 positions stops before decoding (no silent run)."""
+    from ptp.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "sea " * 9400, "--drafter", "none"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2
+    assert re.fullmatch(r"ptp generate: error: --prompt has (\d+) tokens \+ max_new_tokens 128 = \d+, "
+                        r"more than the model's max_position_embeddings 8192: shorten the prompt or "
+                        r"lower max_new_tokens", err), err

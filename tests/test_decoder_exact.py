@@ -9,11 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptp._testing import assert_same_logits, hf_greedy, maybe_reference_ops, record_sampling_logits
-from ptp.decoder import Decoder, GenerationConfig, InvariantLinears, tree_mask_and_depth
-from ptp.drafters import Draft, DraftRequest, LookupDrafter, NoDrafter, make_drafter
+import ptp_ext
+
+from ptp_testing import assert_same_logits, hf_greedy, maybe_reference_ops, record_sampling_logits
+from ptp.decode.decoder import Decoder, GenerationConfig, tree_mask_and_depth
+from ptp.decode.linear import LinearRouter
+from ptp.decode.draft import Draft, DraftRequest, Drafter, NoDrafter
+from ptp.drafters import LookupDrafter, make_drafter
 from ptp.models import tiny_model
-from ptp.sampling import SamplingConfig, uniforms
+from ptp.decode.sampling import SamplingConfig, uniforms
 from ptp_ext.reference import sampling_probs
 
 FAMILIES = ["llama", "qwen2", "mistral"]
@@ -72,7 +76,7 @@ def test_target_logits_do_not_depend_on_rows_per_call(model, batch):
     for T in (0.0, 0.9):
         cfg = GenerationConfig(max_new_tokens=40, sampling=SamplingConfig(temperature=T, seed=3))
         # a random 1-5 node chain every step (rows of every count), and lookup chains
-        for drafter in (RandomTreeDrafter(5, seed=T, chain=True), LookupDrafter(max_draft_tokens=6)):
+        for drafter in (RandomTreeDrafter(5, seed=T, chain=True), LookupDrafter(lookup_tokens=6)):
             plain_dec, spec_dec = Decoder(model), Decoder(model, drafter=drafter)
             plain_rec, spec_rec = record_sampling_logits(plain_dec), record_sampling_logits(spec_dec)
             plain, spec = plain_dec.generate(prompts, cfg), spec_dec.generate(prompts, cfg)
@@ -81,20 +85,32 @@ def test_target_logits_do_not_depend_on_rows_per_call(model, batch):
             assert_same_logits(plain_rec, spec_rec)
 
 
-def test_invariant_linears_patch_and_restore(model):
-    x = torch.randn(3, model.config.hidden_size)
-    layer = next(m for m in model.modules() if type(m) is torch.nn.Linear)
+def test_linear_router_swaps_and_restores(model):
+    """Inside the router every plain ``nn.Linear`` child is a ``RoutedLinear`` sharing its
+    parameters; small calls and active (decoding) calls take the row-invariant op; on exit the
+    original modules are back and the state dict is untouched."""
+    from ptp.decode.linear import RoutedLinear
+
+    keys = list(model.state_dict())
+    parent = next(m for m in model.modules()
+                  if any(type(c) is torch.nn.Linear for c in m.children()))
+    name, layer = next((n, c) for n, c in parent.named_children() if type(c) is torch.nn.Linear)
     x = torch.randn(3, layer.in_features)
     ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    with InvariantLinears(model, small_rows=2) as lin:
-        assert len(lin.layers) > 0
-        assert torch.equal(layer(x), ref)  # inactive, 3 rows > small_rows: the layer's own forward
-        torch.testing.assert_close(layer(x[:2]), ref[:2], rtol=1e-5, atol=1e-5)
+    with LinearRouter(model, small_rows=2) as lin:
+        routed = getattr(parent, name)
+        assert isinstance(routed, RoutedLinear) and routed.weight is layer.weight
+        assert not any(type(m) is torch.nn.Linear for m in model.modules())
+        assert torch.equal(routed(x), ref)  # inactive, 3 rows > small_rows: BLAS
+        small = routed(x[:2])
+        torch.testing.assert_close(small, ref[:2], rtol=1e-5, atol=1e-5)
+        assert torch.equal(small, ptp_ext.ops.invariant_linear(x[:2], layer.weight, layer.bias))
         lin.active = True
-        y = layer(x)
+        y = routed(x)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-        assert torch.equal(layer(x[1:2]), y[1:2])  # a row alone: the same bits
-    assert "forward" not in layer.__dict__ and torch.equal(layer(x), ref)
+        assert torch.equal(routed(x[1:2]), y[1:2])  # a row alone: the same bits
+    assert getattr(parent, name) is layer and list(model.state_dict()) == keys
+    assert torch.equal(layer(x), ref)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
@@ -111,7 +127,7 @@ def test_tree_draft_logits_do_not_depend_on_rows_per_call(model, batch, temperat
     assert_same_logits(plain_rec, spec_rec)
 
 
-class RandomTreeDrafter:
+class RandomTreeDrafter(Drafter):
     """Proposes random draft tokens for every row: a random tree of ``n`` nodes, or a chain of a
     random length 1..n."""
     name = "random-tree"
@@ -147,7 +163,7 @@ def test_row_invariance_off_gives_the_same_tokens(model):
 def test_speculative_greedy_equals_plain_and_hf(model, batch, branches):
     prompts = make_prompts(batch)
     plain = run(model, prompts, max_new_tokens=48)
-    spec = run(model, prompts, LookupDrafter(num_branches=branches, max_draft_tokens=6),
+    spec = run(model, prompts, LookupDrafter(lookup_branches=branches, lookup_tokens=6),
                max_new_tokens=48)
     assert ids(spec) == ids(plain)
     assert all(r.target_calls == 48 for r in plain)
@@ -158,7 +174,7 @@ def test_speculative_greedy_equals_plain_and_hf(model, batch, branches):
 
 def test_batch_equals_single_rows(model):
     prompts = make_prompts(3)
-    drafter = LookupDrafter(num_branches=2)
+    drafter = LookupDrafter(lookup_branches=2)
     together = run(model, prompts, drafter, max_new_tokens=32)
     alone = [run(model, [p], drafter, max_new_tokens=32)[0] for p in prompts]
     assert ids(together) == ids(alone)
@@ -173,7 +189,7 @@ def test_coupled_sampling_equals_plain(model, settings, branches):
     prompts = make_prompts(3)
     sampling = SamplingConfig(*settings, seed=1234)
     plain = run(model, prompts, max_new_tokens=40, sampling=sampling)
-    spec = run(model, prompts, LookupDrafter(num_branches=branches), max_new_tokens=40,
+    spec = run(model, prompts, LookupDrafter(lookup_branches=branches), max_new_tokens=40,
                sampling=sampling)
     assert ids(spec) == ids(plain)
     other = run(model, prompts, max_new_tokens=40, sampling=SamplingConfig(*settings, seed=99))
@@ -204,7 +220,7 @@ def test_uniform_stream_is_a_pure_function():
 # ---------------------------------------------------------------------------------------------
 # Rejection sampling: the output distribution is the target's (chi-square)
 # ---------------------------------------------------------------------------------------------
-class RandomQDrafter:
+class RandomQDrafter(Drafter):
     """Samples node i's token from a fixed random distribution q_i (sharp, context-free)."""
 
     name = "random-q"
@@ -274,7 +290,7 @@ def test_rejection_sampling_matches_target_distribution(tree):
 # ---------------------------------------------------------------------------------------------
 # Edge cases
 # ---------------------------------------------------------------------------------------------
-class OracleDrafter:
+class OracleDrafter(Drafter):
     """Drafts the next ``k`` tokens of a known continuation (single row): every draft accepted."""
 
     name = "oracle"
@@ -316,7 +332,7 @@ def test_eos_inside_a_draft(model):
     assert res.new_token_ids == full[:cut + 1] and res.finish_reason == "eos"
     assert steps[-1][-1] == eos and len(steps[-1]) < 7  # the rest of the draft was dropped
     plain = run(model, [prompt], max_new_tokens=40, eos_token_ids=(eos,))[0]
-    lookup = run(model, [prompt], LookupDrafter(num_branches=2), max_new_tokens=40,
+    lookup = run(model, [prompt], LookupDrafter(lookup_branches=2), max_new_tokens=40,
                  eos_token_ids=(eos,))[0]
     assert plain.new_token_ids == lookup.new_token_ids == res.new_token_ids
 
@@ -334,7 +350,7 @@ def test_max_tokens_reached_mid_draft(model, limit):
 
 def test_rows_finish_at_different_steps(model):
     prompts = make_prompts(3)
-    drafter = LookupDrafter(num_branches=2)
+    drafter = LookupDrafter(lookup_branches=2)
     full = run(model, prompts, drafter, max_new_tokens=40)
     # an EOS that ends row 0 early but rows 1, 2 later or never
     eos = full[0].new_token_ids[5]
@@ -383,20 +399,31 @@ def test_tree_mask_and_depth():
 
 def test_drafter_registry():
     assert isinstance(make_drafter("none"), NoDrafter)
-    assert isinstance(make_drafter("lookup", num_branches=2), LookupDrafter)
+    assert isinstance(make_drafter("lookup", lookup_branches=2), LookupDrafter)
     with pytest.raises(ValueError, match="unknown drafter"):
         make_drafter("no-such-drafter")
+    with pytest.raises(ValueError, match="drafter 'lookup': option 'num_branches' was renamed 'lookup_branches'"):
+        make_drafter("lookup", num_branches=2)
+    with pytest.raises(ValueError, match="drafter 'none' has no option 'tree'; valid options: none"):
+        make_drafter("none", tree=1)
+    with pytest.raises(ValueError, match="option lookup_ngram must be >= 1, got 0"):
+        LookupDrafter(lookup_ngram=0)
+    with pytest.raises(ValueError, match=r"option lookup_ngram must be <= lookup_max_ngram \(3\), got 4"):
+        LookupDrafter(lookup_ngram=4)
+    d = make_drafter("lookup", lookup_ngram="2", lookup_max_ngram="4", lookup_tokens="6")
+    assert (d.lookup_ngram, d.lookup_max_ngram, d.lookup_tokens, d.max_nodes) == (2, 4, 6, 6)
+    assert d.spec.description == "lookup lookup_ngram=2,lookup_max_ngram=4,lookup_tokens=6"
 
 
 def test_lookup_drafter_trees():
-    d = LookupDrafter(max_draft_tokens=3, num_branches=3, max_nodes=5)
+    d = LookupDrafter(lookup_tokens=3, lookup_branches=3, max_nodes=5)
     history = [5, 1, 2, 3, 9, 1, 2, 4, 7, 1, 2, 3, 8, 1, 2]
     draft = d.propose(DraftRequest([history], [0], 16, SamplingConfig()))
     # continuations of "1 2" (most recent first): [3 8 1], [4 7 1], [3 9 1] -> trie under root
     assert draft.tokens[0].tolist() == [0, 3, 8, 1, 4, 7]
     assert draft.parents[0].tolist() == [-1, 0, 1, 2, 0, 4]
     assert not draft.is_chain
-    chain = LookupDrafter(max_draft_tokens=4).propose(DraftRequest([history], [0], 16,
+    chain = LookupDrafter(lookup_tokens=4).propose(DraftRequest([history], [0], 16,
                                                                    SamplingConfig()))
     assert chain.tokens[0].tolist() == [0, 3, 8, 1, 2] and chain.is_chain
 
@@ -414,7 +441,7 @@ def test_stop_string_ends_the_row(model):
     text = _CharTokenizer().decode(full)
     stop = text[12:14]
     end = text.index(stop) + len(stop)  # first occurrence ends at this token
-    for drafter in (None, LookupDrafter(num_branches=2)):
+    for drafter in (None, LookupDrafter(lookup_branches=2)):
         res = Decoder(model, _CharTokenizer(), drafter).generate(
             [prompt], GenerationConfig(40, stop_strings=(stop,)))[0]
         assert res.new_token_ids == full[:end] and res.finish_reason == "stop"

@@ -12,14 +12,14 @@ import os
 import pytest
 import torch
 
-from ptp._testing import assert_same_logits, hf_greedy, maybe_reference_ops, record_sampling_logits
+from ptp_testing import assert_same_logits, hf_greedy, maybe_reference_ops, record_sampling_logits
 from ptp.cli import chat_prompt_ids, eos_ids, read_specbench
-from ptp.decoder import Decoder, GenerationConfig
+from ptp.decode.decoder import Decoder, GenerationConfig
 from ptp.drafters import LookupDrafter
-from ptp.sampling import SamplingConfig
+from ptp.decode.sampling import SamplingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# ../shared/data next to the repository (a worktree under wt/ looks one level further up)
+# shared/data beside the repository (a worktree under wt/ looks one level further up)
 _CANDIDATES = [os.environ.get("PTP_DEV_PROMPTS", ""),
                os.path.join(ROOT, "..", "shared", "data", "specbench_dev.jsonl"),
                os.path.join(ROOT, "..", "..", "shared", "data", "specbench_dev.jsonl")]
@@ -65,7 +65,7 @@ def test_real_greedy_lookup_equals_plain_and_hf(target):
     cfg = _config(model, tokenizer)
     plain = Decoder(model, tokenizer).generate(prompts, cfg)
     chain = Decoder(model, tokenizer, LookupDrafter()).generate(prompts, cfg)
-    tree = Decoder(model, tokenizer, LookupDrafter(num_branches=3)).generate(prompts, cfg)
+    tree = Decoder(model, tokenizer, LookupDrafter(lookup_branches=3)).generate(prompts, cfg)
     assert _ids(chain) == _ids(plain)
     assert _ids(tree) == _ids(plain)
     assert sum(r.target_calls for r in chain) < sum(r.target_calls for r in plain)
@@ -77,7 +77,7 @@ def test_real_coupled_sampling_equals_plain(target):
     model, tokenizer, prompts = target
     cfg = _config(model, tokenizer, SamplingConfig(0.7, 0, 0.9, seed=2024))
     plain = Decoder(model, tokenizer).generate(prompts, cfg)
-    spec = Decoder(model, tokenizer, LookupDrafter(num_branches=2)).generate(prompts, cfg)
+    spec = Decoder(model, tokenizer, LookupDrafter(lookup_branches=2)).generate(prompts, cfg)
     assert _ids(spec) == _ids(plain)
 
 
@@ -88,7 +88,7 @@ def test_real_logits_identical_plain_vs_speculative(target, drafter):
     (lookup with 3 branches): calls are padded to row counts where the CPU matmuls round every
     row alike, and the CPU attention reads a tree node's ancestors at consecutive positions. Without it a 1-row call differs
     from a multi-row call by ~4e-5 in the logits, and a T = 0.7 token whose uniform lay 1e-7
-    from a CDF boundary flipped (benchmarks/results/2026-11-30-cpu-ptp-k-t07.md)."""
+    from a CDF boundary flipped (benchmarks/results/archive/2026-11-30-cpu-ptp-k-t07.md)."""
     import copy
 
     from ptp.drafters import make_drafter
@@ -106,7 +106,7 @@ def test_real_logits_identical_plain_vs_speculative(target, drafter):
             pytest.skip("no shipped ptp adapter")
         spec_dec = Decoder(m, tokenizer, d)
     else:
-        spec_dec = Decoder(model, tokenizer, LookupDrafter(num_branches=3 if drafter == "lookup-tree" else 1))
+        spec_dec = Decoder(model, tokenizer, LookupDrafter(lookup_branches=3 if drafter == "lookup-tree" else 1))
     plain_rec, spec_rec = record_sampling_logits(plain_dec), record_sampling_logits(spec_dec)
     plain = plain_dec.generate(prompts[:2], cfg, sequence_ids=[0, 1])
     spec = spec_dec.generate(prompts[:2], cfg, sequence_ids=[0, 1])
@@ -127,7 +127,7 @@ def test_real_bfloat16_cpu_logits_identical_plain_vs_speculative(target):
         pytest.skip("row invariance is implemented for the CPU backend")
     bf = copy.deepcopy(model).to(torch.bfloat16)
     cfg = _config(bf, tokenizer)
-    for drafter in (LookupDrafter(), LookupDrafter(num_branches=3)):
+    for drafter in (LookupDrafter(), LookupDrafter(lookup_branches=3)):
         plain_dec, spec_dec = Decoder(bf, tokenizer), Decoder(bf, tokenizer, drafter)
         plain_rec, spec_rec = record_sampling_logits(plain_dec), record_sampling_logits(spec_dec)
         for i, p in enumerate(prompts[:2]):

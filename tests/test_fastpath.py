@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptp._testing import (assert_same_logits, maybe_reference_ops, record_drafter_hidden,
+from ptp_testing import (assert_same_logits, maybe_reference_ops, record_drafter_hidden,
                           record_sampling_logits)
-from ptp.decoder import Decoder, GenerationConfig
+from ptp.decode.decoder import Decoder, GenerationConfig
 from ptp.drafters import LookupDrafter
 from ptp.drafters.ptp_drafter import PTPSlotDrafter
-from ptp.fastpath import fast_forward_for
-from ptp.lora import GatedLoRALinear, LoRAConfig
+from ptp.decode.fastpath import fast_forward_for
+from ptp.decode.lora import GatedLoRALinear, LoRAConfig
 from ptp.models import tiny_model
-from ptp.ptp_model import PTPConfig, PTPModel
-from ptp.sampling import SamplingConfig
+from ptp.drafters.ptp_model import PTPConfig, PTPModel
+from ptp.decode.sampling import SamplingConfig
 from ptp.train.models import smollm2_available
 
 FAMILIES = ["llama", "qwen2", "mistral"]
@@ -47,7 +47,9 @@ def _record(model, drafter, prompts, fast, n=32, **cfg):
     dec = Decoder(model, drafter=drafter)
     rec = record_sampling_logits(dec)
     hidden = record_drafter_hidden(drafter)
-    res = dec.generate(prompts, GenerationConfig(max_new_tokens=n, fast_path=fast, **cfg))
+    # native_step=False: the Python loop itself (decode_step is row-invariant, not bitwise HF's;
+    # tests/test_decode_step.py covers it)
+    res = dec.generate(prompts, GenerationConfig(max_new_tokens=n, fast_path=fast, native_step=False, **cfg))
     return [r.new_token_ids for r in res], rec, hidden
 
 
@@ -77,8 +79,8 @@ def test_fast_path_is_bitwise_the_hf_forward(family, row_invariant, drafter, tem
     sampling = SamplingConfig(temperature=temperature, seed=3)
     runs = []
     for fast in (False, True):
-        d = None if drafter == "none" else LookupDrafter(max_draft_tokens=5, min_ngram=1,
-                                                         num_branches=1 if drafter == "chain" else 3)
+        d = None if drafter == "none" else LookupDrafter(lookup_tokens=5, lookup_ngram=1,
+                                                         lookup_branches=1 if drafter == "chain" else 3)
         runs.append(_record(model, d, prompts, fast, sampling=sampling, row_invariant=row_invariant))
     (ids_hf, rec_hf, _), (ids_fast, rec_fast, _) = runs
     assert ids_fast == ids_hf
@@ -119,7 +121,7 @@ def test_fast_path_is_bitwise_on_smollm2():
     assert fast_forward_for(model) is not None
     prompt = tok.apply_chat_template([{"role": "user", "content": "List three uses of copper."}],
                                      add_generation_prompt=True, tokenize=True, return_dict=False)
-    runs = [_record(model, LookupDrafter(max_draft_tokens=6, min_ngram=1), [prompt], fast, n=40)
+    runs = [_record(model, LookupDrafter(lookup_tokens=6, lookup_ngram=1), [prompt], fast, n=40)
             for fast in (False, True)]
     assert runs[0][0] == runs[1][0]
     assert_same_logits(runs[0][1], runs[1][1])

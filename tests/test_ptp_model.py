@@ -2,16 +2,16 @@
 import pytest
 import torch
 
-from ptp.lora import GatedLoRALinear
-from ptp.ptp_model import GREEDY_U, PTPConfig, PTPModel, UniformEmbedding, packed_layout, vector_pick
-from ptp.lora import LoRAConfig
+from ptp.decode.lora import GatedLoRALinear
+from ptp.drafters.ptp_model import GREEDY_U, PTPConfig, PTPModel, UniformEmbedding, packed_layout, vector_pick
+from ptp.decode.lora import LoRAConfig
 from ptp.models import cache_kw
-from ptp.train.models import tiny_llama
+from ptp.models import tiny_model
 from ptp_ext.reference import pick
 
 
 def _model(variant="optp", temperature=0.7, u_embedding="interp"):
-    m = PTPModel(tiny_llama(), PTPConfig(variant=variant, temperature=temperature,
+    m = PTPModel(tiny_model("llama", vocab_size=101, hidden_size=48), PTPConfig(variant=variant, temperature=temperature,
                                          u_embedding=u_embedding, lora=LoRAConfig(rank=4, alpha=8)))
     g = torch.Generator().manual_seed(3)
     for mod in m.modules():

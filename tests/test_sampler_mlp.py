@@ -209,6 +209,15 @@ def test_errors(match, change):
         torch.ops.ptp_ext.sampler_mlp(*change(args), True, 1e-5)
 
 
+def test_inference_only():
+    args = make_inputs(3, 64, 96, 48, torch.float32)
+    args[3].requires_grad_()  # w1
+    with pytest.raises(RuntimeError, match="ptp_ext.sampler_mlp is inference-only"):
+        torch.ops.ptp_ext.sampler_mlp(*args, True, 1e-5)
+    with torch.inference_mode():
+        torch.ops.ptp_ext.sampler_mlp(*args, True, 1e-5)
+
+
 # ---- torch.compile ---------------------------------------------------------------------------
 def test_torch_compile_fullgraph():
     hidden, prev, emb, w1, b1, w2, b2, n1w, n1b, n2w, n2b = make_inputs(4, 64, 96, 64,

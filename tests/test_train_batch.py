@@ -9,13 +9,14 @@ import random
 import pytest
 import torch
 
-from ptp._testing import maybe_reference_ops
-from ptp.lora import LoRAConfig
+from ptp_testing import maybe_reference_ops
+from ptp.decode.lora import LoRAConfig
 from ptp.models import tiny_model
-from ptp.mtp_model import HeadsConfig, MTPConfig, MTPHeads, MTPModel
-from ptp.ptp_model import PTPConfig, PTPModel, batched_slot_layout, packed_layout
+from ptp.drafters.heads_model import HeadsConfig, MTPHeads
+from ptp.drafters.masked_model import MaskedConfig, MaskedModel
+from ptp.drafters.ptp_model import PTPConfig, PTPModel, batched_slot_layout, packed_layout
 from ptp.train.data import Sequence
-from ptp.train.mtp import heads_batch_loss, mtp_batch_loss
+from ptp.train.masked import heads_batch_loss, masked_batch_loss
 from ptp.train.trainer import TrainConfig, batch_loss, train
 
 VOCAB = 61
@@ -95,9 +96,9 @@ def test_ptp_teacher_free_batch_runs():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_mtp_batch_equals_one_at_a_time(family):
     torch.manual_seed(0)
-    model = MTPModel(tiny_model(family, vocab_size=VOCAB), MTPConfig(num_masks=4, lora=LoRAConfig(rank=4, alpha=8)))
+    model = MaskedModel(tiny_model(family, vocab_size=VOCAB), MaskedConfig(num_masks=4, lora=LoRAConfig(rank=4, alpha=8)))
     _perturb(model)
-    _compare(model, mtp_batch_loss, TrainConfig(windows_per_seq=6), _seqs())
+    _compare(model, masked_batch_loss, TrainConfig(windows_per_seq=6), _seqs())
 
 
 @pytest.mark.parametrize("token_input", [False, True, "chain"])

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from ptp._testing import hf_greedy
-from ptp.sampling import uniforms
+from ptp_testing import hf_greedy
+from ptp.decode.sampling import uniforms
 from ptp.train.data import DataConfig, _answer, generate_sequences, load_sequences, resolve_backend, \
     save_sequences
-from ptp.train.models import tiny_llama
+from ptp.models import tiny_model
 from ptp_ext.reference import pick, sampling_probs
 
 VOCAB = 101
@@ -56,7 +56,7 @@ def _answers(model, tok, cfg, first_id=0):
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(vocab_size=VOCAB, hidden=32)
+    return tiny_model("llama", vocab_size=VOCAB, hidden_size=32)
 
 
 def test_resolve_backend(model):
@@ -132,7 +132,7 @@ def test_cli_gen_backend_flag():
 
     parser = argparse.ArgumentParser()
     add_train_parsers(parser.add_subparsers(dest="command", required=True))
-    for kind in ("ptp", "mtp", "heads"):
+    for kind in ("ptp", "masked", "heads"):
         assert parser.parse_args(["train", kind, "--out", "x"]).gen_backend == "auto"
         assert parser.parse_args(["train", kind, "--out", "x", "--gen-backend", "hf"]).gen_backend == "hf"
     with pytest.raises(SystemExit):

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptp._testing import maybe_reference_ops
-from ptp.decoder import Decoder, GenerationConfig
+from ptp_testing import maybe_reference_ops
+from ptp.decode.decoder import Decoder, GenerationConfig
 from ptp.drafters import make_drafter
 from ptp.models import tiny_model
-from ptp.mtp_model import HeadsConfig, MTPHeads
+from ptp.drafters.heads_model import HeadsConfig, MTPHeads
 from ptp.train.data import Sequence, answer_token_counts
 from ptp.train.heads import (HeadsTrainConfig, _losses, _Vocab, answer_hidden_states, head_positions,
                              load_or_compute_hidden, teacher_topk, train_heads_cached)
@@ -51,8 +51,8 @@ def _heads(base, token_input=True, n=3):
 def _copy_ref(seqs, pos, n):
     """Copy inputs ``[P, n, M]`` of every anchor from the loop reference (teacher-forced: head i
     reads the data token t+1+i; the context is the sequence through t+1)."""
-    from ptp._testing import copy_matches_loop
-    from ptp.mtp_model import CopyInputs
+    from ptp_testing import copy_matches_loop
+    from ptp.drafters.masked_model import CopyInputs
 
     rows = []
     for q, t in zip(pos.seq.tolist(), pos.t.tolist()):
@@ -314,9 +314,9 @@ def test_chain_input_heldout_prefix_is_the_greedy_chains(form):
     """Chain-input heads: the teacher-forced held-out prefix (evaluate_heads) is exactly the mean
     accepted depth of the drafter's greedy chain (head i reads the drafted token, which equals the
     data's while heads 0..i-1 are right), position by position through the drafter's own code."""
-    from ptp.drafters.base import DraftRequest
-    from ptp.drafters.mtp import HeadsDrafter
-    from ptp.sampling import SamplingConfig
+    from ptp.decode.draft import DraftRequest
+    from ptp.drafters.heads import HeadsDrafter
+    from ptp.decode.sampling import SamplingConfig
     from ptp.train.heads import evaluate_heads
 
     base = tiny_model("llama", vocab_size=VOCAB, seed=0)

@@ -5,13 +5,13 @@ import random
 import pytest
 import torch
 
-from ptp.lora import LoRAConfig
-from ptp.ptp_model import PTPConfig, PTPModel
+from ptp.decode.lora import LoRAConfig
+from ptp.drafters.ptp_model import PTPConfig, PTPModel
 from ptp.train.checkpoint import load_adapter, read_config
 from ptp.train.data import Sequence
 from ptp.train.prompts import TEMPLATES, TOPICS, build_prompt_plan, build_prompts, derive_prompts
-from ptp.train.trainer import TrainConfig, _bins, lr_factor, sequence_loss, train
-from ptp.train.models import tiny_llama
+from ptp.train.trainer import TrainConfig, _bins, lr_scheduler, sequence_loss, train
+from ptp.models import tiny_model
 
 
 def _greedy_seqs(base, n=6, prompt_len=5, new=24, seed=0):
@@ -61,16 +61,28 @@ def test_derive_prompts_builds_stage_two_from_the_answers():
 
 
 def test_lr_schedule():
-    c = TrainConfig(steps=100, warmup=10, lr_schedule="cosine")
-    assert lr_factor(c, 0) == pytest.approx(0.1) and lr_factor(c, 10) == pytest.approx(1.0)
-    assert lr_factor(c, 55) == pytest.approx(0.55) and lr_factor(c, 100) == pytest.approx(0.1)
-    assert lr_factor(TrainConfig(steps=100, warmup=10), 90) == 1.0
+    """Linear warm-up (step + 1) / warmup, then constant or cosine to 10% at ``steps``."""
+    def lrs(schedule, steps=100, warmup=10, n=101):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched = lr_scheduler(opt, schedule, warmup, steps)
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"] / 2.0)
+            opt.step()
+            sched.step()
+        return out
+    c = lrs("cosine")
+    assert c[0] == pytest.approx(0.1) and c[4] == pytest.approx(0.5) and c[10] == pytest.approx(1.0)
+    assert c[55] == pytest.approx(0.55) and c[100] == pytest.approx(0.1)
+    assert all(a >= b - 1e-12 for a, b in zip(c[10:], c[11:]))  # monotone decay after warm-up
+    k = lrs("constant")
+    assert k[0] == pytest.approx(0.1) and k[9] == pytest.approx(1.0) and k[90] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="lr_schedule"):
-        lr_factor(TrainConfig(lr_schedule="linear"), 0)
+        lrs("linear")
 
 
 def test_bins_cover_the_picked_token():
-    from ptp.ptp_model import vector_pick
+    from ptp.drafters.ptp_model import vector_pick
 
     probs = torch.softmax(torch.randn(30, 17), -1)
     tok = torch.randint(0, 17, (30,))
@@ -84,7 +96,7 @@ def test_bins_cover_the_picked_token():
     ("cptp", "distill", 0.8), ("cptp", "teacher-free", 0.8)])
 def test_loss_decreases(variant, mode, temperature):
     torch.manual_seed(0)
-    base = tiny_llama(vocab_size=53, hidden=32)
+    base = tiny_model("llama", vocab_size=53, hidden_size=32)
     seqs = _greedy_seqs(base) if temperature == 0 else [
         Sequence(torch.randint(0, 53, (30,)), 5) for _ in range(6)]
     model = PTPModel(base, PTPConfig(variant=variant, num_slots=4, temperature=temperature,
@@ -104,7 +116,7 @@ def test_loss_decreases(variant, mode, temperature):
 
 def test_checkpoint_roundtrip_and_resume(tmp_path):
     torch.manual_seed(0)
-    base = tiny_llama(vocab_size=53, hidden=32)
+    base = tiny_model("llama", vocab_size=53, hidden_size=32)
     seqs = _greedy_seqs(base, n=3, new=12)
     cfg = PTPConfig(num_slots=3, lora=LoRAConfig(rank=2, alpha=4))
     model = PTPModel(base, cfg)
@@ -114,12 +126,12 @@ def test_checkpoint_roundtrip_and_resume(tmp_path):
     assert m["step"] == 3 and os.path.exists(os.path.join(out, "adapter.safetensors"))
     conf, meta = read_config(out)
     assert conf == cfg and meta["step"] == 3 and "command" in meta
-    loaded = load_adapter(tiny_llama(vocab_size=53, hidden=32), out)
+    loaded = load_adapter(tiny_model("llama", vocab_size=53, hidden_size=32), out)
     for k, v in model.adapter_state_dict().items():
         assert torch.equal(loaded.adapter_state_dict()[k], v), k
     # resume continues from step 3 up to 5
     tc.steps = 5
-    model2 = PTPModel(tiny_llama(vocab_size=53, hidden=32), cfg)
+    model2 = PTPModel(tiny_model("llama", vocab_size=53, hidden_size=32), cfg)
     assert train(model2, seqs, tc, out, progress=False)["step"] == 5
 
 
@@ -128,7 +140,7 @@ def test_teacher_free_metrics_use_target_bins():
     construction there; the reported accuracy must be measured with u's in the target's bins
     (what coupled verification sees), so an untrained adapter does not report ~100%."""
     torch.manual_seed(0)
-    base = tiny_llama(vocab_size=53, hidden=32)
+    base = tiny_model("llama", vocab_size=53, hidden_size=32)
     seqs = [Sequence(torch.randint(0, 53, (40,)), 5) for _ in range(2)]
     model = PTPModel(base, PTPConfig(variant="cptp", num_slots=4, temperature=1.0,
                                      lora=LoRAConfig(rank=4, alpha=8)))

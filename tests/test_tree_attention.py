@@ -99,10 +99,147 @@ def test_int64_cache_lens_and_full_cache():
     _check(a)
 
 
+# ---- non-finite keys, values, queries ---------------------------------------------------------
+# The rule (tree_attention.h, ops.tree_attention): IEEE softmax(mask(q k^T scale)) v over the
+# first cache_lens[b] + T positions, as the reference computes it.
+NAN, INF = math.nan, math.inf
+
+
+def nonfinite_cases(dtype: torch.dtype, tree: bool, device: str = "cpu", head_dim: int = 32):
+    """(name, inputs, check) over a base of B = 3, T = 6, H_q = 4, H_kv = 2, S_max = 40 with
+    cache_lens [7, 12, 20]: each case poisons one spot; ``check(out, lse)`` asserts what the rule
+    says for it, beyond the agreement with the reference."""
+    base = _testing.make_attention_inputs(3, 6, 4, 2, head_dim, 40, dtype, tree=tree, seed=11)
+    base.cache_lens = torch.tensor([7, 12, 20], dtype=torch.int32)
+    L, T, last = 12, 6, 5  # row b = 1; node 5 is a leaf: only query row 5 sees it
+
+    def case(name, poison, check):
+        a = _testing.AttentionInputs(base.query.clone(), base.key_cache.clone(),
+                                     base.value_cache.clone(), base.cache_lens.clone(),
+                                     None if base.tree_mask is None else base.tree_mask.clone(),
+                                     base.scale)
+        poison(a)
+        return name, _testing.AttentionInputs(*[x.to(device) if isinstance(x, torch.Tensor) else x
+                                                for x in _args(a)]), check
+
+    clean = tree_attention_ref(*_args(base))
+
+    def past_end(a):
+        for b in range(3):
+            n = int(a.cache_lens[b]) + T
+            a.key_cache[b, :, n:] = NAN
+            a.value_cache[b, :, n:] = INF
+
+    def set_(t, idx, v):
+        return lambda a: getattr(a, t).__setitem__(idx, v)
+
+    def rows_nan(b, heads):  # every query row of (b, heads) is NaN, lse NaN; the rest finite
+        def check(out, lse):
+            assert out[b, :, heads].isnan().all() and lse[b, heads].isnan().all()
+            assert torch.isfinite(out[1 - b if b else 2]).all()
+        return check
+
+    def only_row_nan(b, head, t):
+        def check(out, lse):
+            assert out[b, t, head].isnan().all() and lse[b, head, t].isnan().all()
+            assert torch.isfinite(out[b, :t]).all() and torch.isfinite(lse[b, head, :t]).all()
+        return check
+
+    def column(b, heads, d, what):
+        def check(out, lse):
+            assert what(out[b, :, heads, d]).all() and torch.isfinite(lse).all()
+            others = torch.ones(head_dim, dtype=torch.bool)
+            others[d] = False
+            assert torch.isfinite(out[b][:, :, others]).all()
+        return check
+
+    def no_key(a):  # row b = 0: every visible score -inf (q > 0, k = -inf); values poisoned too
+        a.query[0] = a.query[0].abs() + 0.1
+        a.key_cache[0, :, :7 + T] = -INF
+        a.value_cache[0, 1, 3] = INF
+
+    def zeros(out, lse):
+        assert (out[0] == 0).all() and lse[0].isneginf().all()
+        assert torch.isfinite(out[1:]).all()
+
+    def nan_among_neg_inf(a):  # row b = 0: a NaN score among -inf ones
+        no_key(a)
+        a.key_cache[0, 1, 2] = NAN
+
+    return [
+        case("past cache_lens + T", past_end,
+             lambda out, lse: (torch.testing.assert_close(out.float(), clean[0].float(), **_tol(dtype)),
+                               torch.testing.assert_close(lse, clean[1], **_tol(dtype)))),
+        case("NaN key at a masked position", set_("key_cache", (1, 1, L + last), NAN),
+             only_row_nan(1, slice(2, 4), last)),
+        case("NaN key in the prefix", set_("key_cache", (1, 0, 3, 5), NAN), rows_nan(1, slice(0, 2))),
+        case("+inf key in the prefix", lambda a: (set_("key_cache", (1, 0, 3), INF)(a),
+                                                  a.query[1].abs_()), rows_nan(1, slice(0, 2))),
+        case("NaN query", set_("query", (2, 1, 3, 0), NAN), only_row_nan(2, 3, 1)),
+        case("inf value in the prefix", set_("value_cache", (1, 1, 2, 5), INF),
+             column(1, slice(2, 4), 5, torch.isposinf)),
+        case("NaN value at a masked position", set_("value_cache", (1, 0, L + last, 7), NAN),
+             column(1, slice(0, 2), 7, torch.isnan)),
+        case("all visible scores -inf", no_key, zeros),
+        case("NaN score among -inf ones", nan_among_neg_inf, rows_nan(0, slice(2, 4))),
+    ]
+
+
+def _tol(dtype):
+    atol, rtol = _testing.TOLERANCES[dtype]
+    return {"atol": 4 * atol, "rtol": 4 * rtol}
+
+
+def check_nonfinite(dtype: torch.dtype, tree: bool, device: str = "cpu", head_dim: int = 32) -> None:
+    for name, a, check in nonfinite_cases(dtype, tree, device, head_dim):
+        out, lse = ptp_ext.ops.tree_attention(*_args(a), return_lse=True)
+        out, lse = out.cpu(), lse.cpu()
+        ref, ref_lse = tree_attention_ref(*[x.cpu() if isinstance(x, torch.Tensor) else x
+                                            for x in _args(a)])
+        for got, want, what in ((out, ref, "out"), (lse, ref_lse, "lse")):
+            assert torch.equal(got.isnan(), want.isnan()), f"{name}: {what} NaN pattern"
+            assert torch.equal(got.isposinf(), want.isposinf()), f"{name}: {what} +inf pattern"
+            assert torch.equal(got.isneginf(), want.isneginf()), f"{name}: {what} -inf pattern"
+            fin = torch.isfinite(want)
+            torch.testing.assert_close(got[fin].float(), want[fin].float(), **_tol(dtype),
+                                       msg=lambda m: f"{name}: {what}: {m}")
+        check(out, lse)
+
+
+@pytest.mark.parametrize("tree", [True, False], ids=["tree", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_inputs_follow_the_reference(dtype, tree):
+    check_nonfinite(dtype, tree)
+
+
+def check_nonfinite_across_splits(dtype: torch.dtype, device: str = "cpu") -> None:
+    """A long cache (several key splits, then the split merge): a NaN score in a later split when
+    every other visible score is -inf (row b = 0), and a NaN key in a later split of a normal row
+    (b = 1): both rows NaN, as the reference says; row b = 2 finite."""
+    a = _testing.make_attention_inputs(3, 4, 2, 1, 64, 3000, dtype, tree=True, seed=4)
+    a.cache_lens = torch.tensor([2900, 2500, 1000], dtype=torch.int32)
+    a.query[0] = a.query[0].abs() + 0.1
+    a.key_cache[0, :, :2904] = -INF
+    a.key_cache[0, 0, 2700, 3] = NAN
+    a.key_cache[1, 0, 2000, 9] = NAN
+    args = [x.to(device) if isinstance(x, torch.Tensor) else x for x in _args(a)]
+    out, lse = [t.cpu() for t in ptp_ext.ops.tree_attention(*args, return_lse=True)]
+    ref, ref_lse = tree_attention_ref(*_args(a))
+    assert ref[:2].isnan().all() and ref_lse[:2].isnan().all()
+    assert out[:2].isnan().all() and lse[:2].isnan().all()
+    torch.testing.assert_close(out[2].float(), ref[2].float(), **_tol(dtype))
+    torch.testing.assert_close(lse[2], ref_lse[2], **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_across_key_splits(dtype):
+    check_nonfinite_across_splits(dtype)
+
+
 # ---- CPU / CUDA agreement --------------------------------------------------------------------
 # (group, num_kv, num_new, batch, max_cache_len, tree): decode and verify sizes, a long cache
 # (several key splits, the merge kernel), GQA 1/3/4, row tiles of 16..128 rows and more. The
-# full product (540 cases) is what benchmarks/check_tree_attention_cuda.py runs (886 cases).
+# full product (540 cases) is what tests/test_tree_attention_cuda.py runs (~900 cases).
 DEVICE_SIZES = [(1, 4, 1, 1, 4200, True), (3, 3, 1, 3, 300, False), (4, 8, 5, 3, 300, True),
                 (3, 3, 16, 1, 4200, False), (4, 8, 33, 1, 4200, True), (1, 4, 64, 3, 300, True),
                 (4, 8, 64, 1, 4200, False), (3, 3, 64, 3, 300, True)]
@@ -196,6 +333,11 @@ ERRORS = [
     (r"head dim D must be in \[1, 256\]",
      lambda a: dict(query=torch.randn(2, 4, 4, 300), key_cache=torch.randn(2, 2, 16, 300),
                     value_cache=torch.randn(2, 2, 16, 300))),
+    (r"head dim D must be in \[1, 256\], got 0",
+     lambda a: dict(query=torch.randn(2, 4, 4, 0), key_cache=torch.randn(2, 2, 16, 0),
+                    value_cache=torch.randn(2, 2, 16, 0))),
+    ("must be a positive multiple of key_cache heads",
+     lambda a: dict(query=torch.randn(2, 4, 0, 64))),
     ("cache_lens must be int32 or int64", lambda a: dict(cache_lens=a.cache_lens.float())),
     (r"cache_lens must have shape \[B\]", lambda a: dict(cache_lens=a.cache_lens[:1])),
     ("query must be contiguous", lambda a: dict(query=a.query.transpose(1, 2))),
@@ -217,6 +359,22 @@ def test_errors(match, change):
     a = _good()
     with pytest.raises(ValueError, match=match):
         _call(a, **change(a))
+
+
+def test_head_dim_zero_through_the_wrapper():
+    """The default scale is D ** -0.5: D = 0 must reach the op's check, not divide by zero."""
+    with pytest.raises(ValueError, match=r"head dim D must be in \[1, 256\], got 0"):
+        ptp_ext.ops.tree_attention(torch.randn(1, 2, 2, 0), torch.randn(1, 2, 8, 0),
+                                   torch.randn(1, 2, 8, 0), torch.zeros(1, dtype=torch.int32))
+
+
+def test_inference_only():
+    a = _good()
+    q = a.query.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="ptp_ext.tree_attention is inference-only"):
+        ptp_ext.ops.tree_attention(q, a.key_cache, a.value_cache, a.cache_lens, a.tree_mask)
+    with torch.no_grad():
+        ptp_ext.ops.tree_attention(q, a.key_cache, a.value_cache, a.cache_lens, a.tree_mask)
 
 
 # ---- torch.compile ---------------------------------------------------------------------------

@@ -251,6 +251,120 @@ def test_rejection_frequencies(shape):
 
 
 # ---------------------------------------------------------------------------------------------
+# Invalid rows: NaN / +inf / all -inf logits and uniforms outside [0, 1) give the sentinel row
+# (0 accepted, next_token -1), never a token; the other rows are unaffected.
+# ---------------------------------------------------------------------------------------------
+NAN, INF = math.nan, math.inf
+
+
+def poison_verify_inputs(mode: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    """(clean, poisoned, must_be_invalid): 10 rows over 6 nodes, V = 64. Rows 0-2: NaN / +inf /
+    all -inf root logits; row 3: NaN at every non-root node (invalid iff the root accepts a
+    child); row 4: -inf masks on half the vocabulary (valid); row 5: NaN logits at a padding node
+    (valid); rows 6-8: uniforms NaN / 1.0 / -0.25 (invalid unless greedy, which reads none);
+    row 9 clean. ``clean`` has row 5's padding and finite logits everywhere else."""
+    t, k, p = (0.0, 0, 1.0) if mode == "greedy" else (0.8, 5, 0.9)
+    inp = make_verify_inputs(10, 6, 64, dtype, mode, t, k, p, kinds=("chain", "tree", "wide"),
+                             seed=seed)
+    parents = inp.parents.clone()
+    parents[5, -1] = -1
+    g = torch.Generator().manual_seed(seed)
+    uniforms = (inp.uniforms.clone() if inp.uniforms is not None
+                else torch.rand(10, 6, generator=g))  # greedy ignores them, even bad ones
+    clean = VerifyInputs(inp.draft_tokens, parents, inp.target_logits, inp.draft_probs,
+                         uniforms, mode, t, k, p)
+    logits = inp.target_logits.clone()
+    logits[0, 0, 3] = NAN
+    logits[1, 0, 7] = INF
+    logits[2, 0, :] = -INF
+    logits[3, 1:] = NAN
+    logits[4, :, ::2] = -INF
+    logits[5, -1] = NAN
+    u = uniforms.clone()
+    u[6, 2], u[7, 0], u[8, 1] = NAN, 1.0, -0.25
+    bad = VerifyInputs(inp.draft_tokens, parents, logits, inp.draft_probs, u, mode, t, k, p)
+    must = [0, 1, 2] + ([] if mode == "greedy" else [6, 7, 8])
+    return clean.to(device), bad.to(device), must
+
+
+def check_invalid_rows(mode: str, dtype: torch.dtype, device: str = "cpu") -> None:
+    clean, bad, must = poison_verify_inputs(mode, dtype, device, seed=17)
+    num, nodes, tok = [o.cpu() for o in ptp_ext.verify_tree(*bad.args())]
+    ref = verify_tree_ref(*bad.to("cpu").args())
+    invalid = ref[2] == -1
+    assert invalid[must].all(), "the reference misses a sentinel row"
+    assert not invalid[[4, 5, 9]].any(), "masks and padding are valid"
+    assert torch.equal(tok == -1, invalid), f"sentinel rows {tok.tolist()} vs {ref[2].tolist()}"
+    assert (num[invalid] == 0).all() and (nodes[invalid, 0] == 0).all()
+    assert (nodes[invalid, 1:] == -1).all()
+    # the other rows: as without the poison (row 4's logits differ: checked against the masks)
+    want = [o.cpu() for o in ptp_ext.verify_tree(*clean.args())]
+    rows = [b for b in range(10) if not invalid[b] and b != 4]
+    for got, w in zip((num, nodes, tok), want):
+        assert torch.equal(got[rows], w[rows])
+    assert tok[4] % 2 == 1, "a masked (-inf) token was emitted"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_invalid_rows(mode, dtype):
+    check_invalid_rows(mode, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_invalid_node_deeper_on_the_path(mode):
+    """The root accepts node 1 (one-hot logits), node 1's logits are NaN: the whole row is the
+    sentinel, not the accepted prefix; a NaN at node 2, which is never reached, is harmless."""
+    logits = _one_hot_logits([5, 7, 9])
+    draft = torch.tensor([[0, 5, 8]])
+    parents = torch.tensor([[-1, 0, 0]])  # node 2 (token 8) is a rejected sibling
+    q = torch.zeros(1, 3, 50)
+    q[0, 1, 5] = q[0, 2, 8] = 1.0
+    u = torch.full((1, 3), 0.5)
+    args = (draft, parents, logits, q, u, mode, 1.0, 0, 1.0)
+    assert [o.tolist() for o in ptp_ext.verify_tree(*args)] == [[1], [[0, 1, -1]], [7]]
+    unreached = logits.clone()
+    unreached[0, 2] = NAN
+    assert [o.tolist() for o in ptp_ext.verify_tree(draft, parents, unreached, *args[3:])] == \
+        [[1], [[0, 1, -1]], [7]]
+    bad = logits.clone()
+    bad[0, 1, 0] = NAN
+    out = ptp_ext.verify_tree(draft, parents, bad, *args[3:])
+    ref = verify_tree_ref(draft, parents, bad, *args[3:])
+    assert [o.tolist() for o in out] == [o.tolist() for o in ref] == [[0], [[0, -1, -1]], [-1]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_temperature_overflow_is_invalid(mode):
+    """Finite logits that overflow once divided by the temperature are +inf: invalid when
+    sampling; at temperature 0 (argmax) the same logits are fine."""
+    logits = torch.randn(1, 1, 20)
+    logits[0, 0, 4] = 3e38
+    none = torch.zeros(1, 1, dtype=torch.long)
+    q = torch.full((1, 1, 20), 0.05)
+    u = torch.full((1, 1), 0.3)
+    hot = ptp_ext.verify_tree(none, none - 1, logits, q, u, mode, 0.5, 0, 1.0)[2]
+    cold = ptp_ext.verify_tree(none, none - 1, logits, q, u, mode, 0.0, 0, 1.0)[2]
+    assert cold.tolist() == [4]
+    assert hot.tolist() == ([4] if mode == "greedy" else [-1])
+    assert verify_tree_ref(none, none - 1, logits, q, u, mode, 0.5, 0, 1.0)[2].tolist() == hot.tolist()
+
+
+def test_raise_on_invalid():
+    clean, bad, _ = poison_verify_inputs("coupled", torch.float32)
+    ptp_ext.verify_tree(*clean.args(), raise_on_invalid=True)  # nothing invalid: no error
+    with pytest.raises(ValueError, match=r"verify_tree: [67] invalid row\(s\) \[0, 1, 2, (3, )?6, 7, 8\] "
+                                         r".*target_logits\[0, c\] for nodes c in \[0\]"):
+        ptp_ext.verify_tree(*bad.args(), raise_on_invalid=True)
+    u = clean.uniforms.clone()
+    u[2, 3] = 1.5
+    args = list(clean.args())
+    args[4] = u
+    with pytest.raises(ValueError, match=r"uniforms\[2\] must be in \[0, 1\), got \[1.5\]"):
+        ptp_ext.verify_tree(*args, raise_on_invalid=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # opcheck, errors, torch.compile
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES)

@@ -13,24 +13,12 @@
 
 #include <cstdint>
 
+#include "../common/cuda_utils.cuh"
+
 namespace ptp {
 namespace invariant_linear_kernels {
 
 constexpr int kWarps = 8;  // output features per block (one warp each)
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <typename T>
 __global__ void invariant_linear_kernel(const T* __restrict__ x, const T* __restrict__ w,
@@ -40,14 +28,14 @@ __global__ void invariant_linear_kernel(const T* __restrict__ x, const T* __rest
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (n >= M) return;
   const T* wn = w + n * K;
-  const float b = bias ? to_f(bias[n]) : 0.f;
+  const float b = bias ? to_float(bias[n]) : 0.f;
   for (int64_t m = 0; m < N; ++m) {
     const T* xm = x + m * K;
     float acc = 0.f;
-    for (int64_t k = lane; k < K; k += 32) acc = fmaf(to_f(xm[k]), to_f(wn[k]), acc);
+    for (int64_t k = lane; k < K; k += 32) acc = fmaf(to_float(xm[k]), to_float(wn[k]), acc);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) y[m * M + n] = from_f<T>(acc + b);
+    if (lane == 0) y[m * M + n] = from_float<T>(acc + b);
   }
 }
 

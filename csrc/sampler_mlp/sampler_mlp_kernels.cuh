@@ -34,7 +34,13 @@
 
 #include <cstdint>
 
+#include "../common/cuda_utils.cuh"
+
 namespace sampler_mlp_kernels {
+
+using ptp::from_float;
+using ptp::to_float;
+using ptp::warp_sum;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -67,19 +73,6 @@ struct LinearParams {
   float* out_f;                 // [N, M] float32, or nullptr:
   void* out;                    // [N, M] in the input dtype
 };
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // 8 consecutive weights p[0..8) as float32 with 16-byte read-only loads (p 16-byte aligned).
 template <typename T> __device__ __forceinline__ void load8_vec(const T* p, float (&w)[8]);
@@ -115,12 +108,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // Shared-memory position of staged column kk (within a row of kc columns, kc % 256 == 0): the
 // two 4-column halves of every 8-column group g are swapped when bit 2 of g is set. Lane l of a
 // warp reads group 32 * seg + l, so in each quarter-warp phase of a 16-byte load lanes 0-3 hit
@@ -134,15 +121,15 @@ __device__ __forceinline__ int swizzle_col(int kk) { return kk ^ (((kk >> 5) & 1
 template <typename T>
 __device__ __forceinline__ float stage_value(const LinearParams& p, int n, int k) {
   if (p.gather) {
-    if (k < p.dh) return to_f(static_cast<const T*>(p.hidden)[static_cast<int64_t>(n) * p.dh + k]);
+    if (k < p.dh) return to_float(static_cast<const T*>(p.hidden)[static_cast<int64_t>(n) * p.dh + k]);
     int64_t t = p.prev_tokens[n];
     t = t < 0 ? 0 : (t >= p.vocab ? p.vocab - 1 : t);
-    return to_f(static_cast<const T*>(p.embedding)[t * p.de + (k - p.dh)]);
+    return to_float(static_cast<const T*>(p.embedding)[t * p.de + (k - p.dh)]);
   }
   float v = p.xf[static_cast<int64_t>(n) * p.K + k];
   if (p.norm_mean != nullptr) {
-    v = (v - p.norm_mean[n]) * p.norm_rstd[n] * to_f(static_cast<const T*>(p.norm_weight)[k]);
-    if (p.norm_bias != nullptr) v += to_f(static_cast<const T*>(p.norm_bias)[k]);
+    v = (v - p.norm_mean[n]) * p.norm_rstd[n] * to_float(static_cast<const T*>(p.norm_weight)[k]);
+    if (p.norm_bias != nullptr) v += to_float(static_cast<const T*>(p.norm_bias)[k]);
   }
   return v;
 }
@@ -223,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParam
         } else {
 #pragma unroll
           for (int e = 0; e < 8; ++e)
-            w[f][e] = (m < p.M && kk + e < kn) ? to_f(src[e]) : 0.f;
+            w[f][e] = (m < p.M && kk + e < kn) ? to_float(src[e]) : 0.f;
         }
       }
 #pragma unroll
@@ -257,11 +244,11 @@ __global__ void __launch_bounds__(kThreads) linear_rows_kernel(const LinearParam
       const float s = warp_sum(acc[f][n]);
       if (lane == (f * NR + n) % 32 && m < p.M && n < p.N) {
         float v = s;
-        if (p.bias != nullptr) v += to_f(static_cast<const T*>(p.bias)[m]);
+        if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[m]);
         if (p.silu) v = v / (1.f + __expf(-v));
         const int64_t o = static_cast<int64_t>(n) * p.M + m;
         if (p.out_f != nullptr) p.out_f[o] = v;
-        else static_cast<T*>(p.out)[o] = from_f<T>(v);
+        else static_cast<T*>(p.out)[o] = from_float<T>(v);
       }
     }
   }
@@ -303,9 +290,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   T* dst = out + static_cast<int64_t>(blockIdx.x) * M;
   for (int i = threadIdx.x; i < M; i += kThreads) {
-    float v = (row[i] - mu) * r * to_f(weight[i]);
-    if (bias != nullptr) v += to_f(bias[i]);
-    dst[i] = from_f<T>(v);
+    float v = (row[i] - mu) * r * to_float(weight[i]);
+    if (bias != nullptr) v += to_float(bias[i]);
+    dst[i] = from_float<T>(v);
   }
 }
 

@@ -14,6 +14,13 @@
 //   out          [B, T, H_q, D]     query's dtype
 //   lse          [B, H_q, T]        float32, natural-log log-sum-exp of the scaled scores
 //                                   (-inf and out = 0 for a row that sees no key)
+//
+// Non-finite keys / values: IEEE softmax(mask(q k^T scale)) v over the first cache_lens[b] + T
+// positions, like SDPA with a boolean mask and like ptp_ext.reference.tree_attention_ref:
+// positions >= cache_lens[b] + T are never read; a masked position's key is never used (score
+// -inf, weight 0) but its value enters the sum (0 * inf = NaN); a NaN or +inf visible score makes
+// the query row's out and lse NaN; a row whose visible scores are all -inf, or that sees nothing,
+// gets out = 0 and lse = -inf.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -37,7 +44,7 @@ inline void check_tree_attention_inputs(const at::Tensor& query, const at::Tenso
   check_shape(value_cache, "value_cache", "[B, H_kv, S_max, D]", {B, Hkv, S, D});
   check_dtype(key_cache, query.scalar_type(), "key_cache");
   check_dtype(value_cache, query.scalar_type(), "value_cache");
-  PTP_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads H_q=", Hq,
+  PTP_CHECK(Hkv > 0 && Hq > 0 && Hq % Hkv == 0, "query heads H_q=", Hq,
             " must be a positive multiple of key_cache heads H_kv=", Hkv);
   PTP_CHECK(T >= 1, "query must hold at least one new token (T >= 1), got ", describe(query));
   PTP_CHECK(T <= S, "T=", T, " new tokens do not fit in the cache (S_max=", S, ")");

@@ -30,23 +30,7 @@
 
 namespace ptp {
 
-// One work unit of the kernel (see tree_attention_cpu_kernel.h).
-struct UnitArgs {
-  int64_t L;           // cache_len of the row: positions < L are visible to every query row
-  int T, G, D, Dp;     // new tokens, query heads per KV head, head dim, D rounded up to kW
-  int64_t kbeg, kend;  // key positions [kbeg, kend) of this unit (kend <= L + T)
-  int64_t q_stride_t;  // elements between query tokens (H_q * D)
-  const bool* mask;    // [T, T] or nullptr (causal)
-  // With a mask: the new tokens row t sees, in index order (vis[t * T + i], i < vis_cnt[t]).
-  // Row t reads them as if they sat at positions L, L + 1, ... (see the kernel).
-  const int32_t* vis;
-  const int32_t* vis_cnt;
-  float scale2;        // scale * log2(e)
-  float* acc;          // [R, Dp] unnormalised output 
-  float* m;            // [R] running max (base 2)
-  float* l;            // [R] running sum
-  float* work;         // scratch: work_floats() floats
-};
+#include "tree_attention/tree_attention_unit.h"
 
 namespace ta_base {
 #include "tree_attention_cpu_kernel.h"
@@ -105,6 +89,8 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
       for (int64_t j = 0; j < T; ++j)
         if (mask[bt * T + j]) vis[bt * T + c++] = static_cast<int32_t>(j);
       vis_cnt[bt] = c;
+      for (int64_t j = 0; j < T; ++j)
+        if (!mask[bt * T + j]) vis[bt * T + c++] = static_cast<int32_t>(j);
     }
   }
 
@@ -153,8 +139,12 @@ void tree_attention_impl(const at::Tensor& query, const at::Tensor& key_cache,
       const int64_t b = bh / Hkv, h = bh % Hkv;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t t = r / G, hq = h * G + r % G;
-        float M = -INFINITY;
-        for (int64_t sp = 0; sp < nsplit; ++sp) M = std::max(M, part_m[(bh * nsplit + sp) * R + r]);
+        float M = -INFINITY;  // NaN when a split's running max is NaN (a NaN score, see the kernel)
+        for (int64_t sp = 0; sp < nsplit; ++sp) {
+          const float m = part_m[(bh * nsplit + sp) * R + r];
+          if (m > M || std::isnan(m)) M = m;
+          if (std::isnan(M)) break;
+        }
         scalar_t* dst = op + ((b * T + t) * Hq + hq) * D;
         float* lse_dst = lp + (b * Hq + hq) * T + t;
         if (M == -INFINITY) {  // the row sees no key

@@ -180,8 +180,11 @@ static inline void qk_rows(const float* q, int D, const float* Kt, float* p) {
 }
 
 // Turns the raw scores s[kBK] of one row into probabilities in place and updates (m, l);
-// returns alpha (the factor for the old accumulator), or -1 when the row sees nothing so far
+// returns alpha (the factor for the old accumulator), or 1 when the row sees nothing so far
 // (p all zero, accumulator untouched).
+// Non-finite scores (tree_attention.h): a NaN or +inf score makes p and l NaN from here on (the
+// max ignores NaN, so a NaN score among -inf ones sets m = NaN explicitly: m stays NaN, which
+// the split merge propagates); a -inf score is weight 0 like a masked one.
 static inline float softmax_update(float* s, float& m, float& l) {
   vf v[kBK / kW];
   vf mx = vset1(-INFINITY);
@@ -189,10 +192,15 @@ static inline float softmax_update(float* s, float& m, float& l) {
     v[i] = vload(s + i * kW);
     mx = v[i] > mx ? v[i] : mx;
   }
-  const float m_new = std::max(m, vhmax(mx));
+  float m_new = std::max(m, vhmax(mx));
   if (m_new == -INFINITY) {
-    for (int i = 0; i < kBK / kW; ++i) vstore(s + i * kW, vf{});
-    return 1.f;
+    bool nan = false;
+    for (int i = 0; i < kBK; ++i) nan = nan || std::isnan(s[i]);
+    if (!nan) {
+      for (int i = 0; i < kBK / kW; ++i) vstore(s + i * kW, vf{});
+      return 1.f;
+    }
+    m_new = NAN;
   }
   const float alpha = std::exp2(m - m_new);  // 0 when m = -inf
   const vf mb = vset1(m_new);
@@ -233,6 +241,9 @@ static inline void rows_step(const UnitArgs& a, int r, const float* Qf, const fl
 // visible new tokens at consecutive positions L, L + 1, ... (vis order), so a tree node's keys
 // fall in the blocks and lanes of plain decoding's (row invariance for trees; the same attention
 // mathematically for any mask). Keys are gathered per new token; its G query rows share them.
+// The slots after the visible ones hold the invisible new tokens' values (keys zeroed, scores
+// -inf, weight 0): every value below L + T enters the sum, as in the causal path and the
+// reference, so a NaN/inf value there gives 0 * inf = NaN (IEEE semantics, tree_attention.h).
 template <typename scalar_t>
 static inline void tree_block(const UnitArgs& a, const float* Qf, const scalar_t* k,
                               const scalar_t* v, float* Kf, float* Kt, float* Vt, float* P,
@@ -245,17 +256,18 @@ static inline void tree_block(const UnitArgs& a, const float* Qf, const scalar_t
     for (int j = 0; j < kBK; ++j) {
       const int64_t vpos = kb + j;
       int64_t src = -1;
-      if (j < n) src = vpos < a.L ? vpos : (vpos - a.L < cnt ? a.L + idx[vpos - a.L] : -1);
-      valid[j] = src >= 0;
+      if (j < n) src = vpos < a.L ? vpos : a.L + idx[vpos - a.L];  // vpos < kend <= L + T
+      valid[j] = src >= 0 && (vpos < a.L || vpos - a.L < cnt);
       float* kd = Kf + static_cast<int64_t>(j) * D;
       float* vd = Vt + static_cast<int64_t>(j) * Dp;
-      if (valid[j]) {
+      if (valid[j])
         to_float(k + src * D, kd, D);
-        to_float(v + src * D, vd, D);
-      } else {
+      else
         std::fill(kd, kd + D, 0.f);
+      if (src >= 0)
+        to_float(v + src * D, vd, D);
+      else
         std::fill(vd, vd + D, 0.f);
-      }
     }
     transpose_keys(Kf, D, Kt);
     for (int r = t * G; r < (t + 1) * G; r += 2) {

@@ -28,6 +28,12 @@
 // L = cache_lens[b] clamped to [0, S_max - T] on the device (no host sync is allowed).
 // Softmax runs in the log2 domain (scores pre-multiplied by scale * log2(e)); a row that sees no
 // key keeps m = -inf, which is guarded so no NaN is produced, and ends with out = 0, lse = -inf.
+//
+// Non-finite inputs (tree_attention.h): a NaN or +inf visible score makes p, hence the running
+// sum l, NaN. fmaxf ignores NaN, so a row whose only non -inf scores are NaN keeps m = -inf with
+// l = NaN: "seen" is therefore m != -inf || l is NaN, and such a row ends NaN (not 0). The split
+// merge propagates a NaN partial log-sum-exp. Masked positions get weight 0 and still multiply
+// their value (0 * inf = NaN), like the reference.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,6 +41,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "../common/cuda_utils.cuh"
 
 namespace ptp {
 namespace tree_attention_kernels {
@@ -84,35 +92,6 @@ __device__ __forceinline__ bool key_visible(int pos, int t, int L, int end, int 
   if (pos < L) return true;
   const int j = pos - L;  // < T since end <= L + T
   return mask_row ? mask_row[j] : (j <= t);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ float to_float(scalar_t x) { return static_cast<float>(x); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_float(float x) { return static_cast<scalar_t>(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // Writes one finished row (already normalised by its sum; `lse2` in log2 units, -inf for a row
@@ -463,10 +442,14 @@ __global__ void __launch_bounds__(kMmaThreads)
     if (r >= p.M) continue;
     const int rgi = rl / 16, rr = rl % 16;
     float m = -INFINITY;
-    for (int k = 0; k < WN; ++k) m = fmaxf(m, sm_m[k * WM + rgi][rr]);
+    bool nan_l = false;  // a NaN score in a warp that saw no other (its m stayed -inf)
+    for (int k = 0; k < WN; ++k) {
+      m = fmaxf(m, sm_m[k * WM + rgi][rr]);
+      nan_l = nan_l || isnan(sm_l[k * WM + rgi][rr]);
+    }
     float vals[4] = {0.f, 0.f, 0.f, 0.f};
     float lse2 = -INFINITY;
-    if (m != -INFINITY) {
+    if (m != -INFINITY || nan_l) {  // m = -inf here: weights NaN, so vals and lse2 end NaN
       float l = 0.f;
       for (int k = 0; k < WN; ++k) {
         const int w = k * WM + rgi;
@@ -592,13 +575,13 @@ __global__ void __launch_bounds__(kFmaThreads) attention_fma_kernel(const Params
   for (int rr = 0; rr < kFmaRowsPerWarp; ++rr) {
     const int r = row_tile * kFmaRows + warp * kFmaRowsPerWarp + rr;
     if (r >= p.M) continue;
-    const bool seen = m[rr] != -INFINITY;
+    const bool seen = m[rr] != -INFINITY || isnan(l[rr]);  // l NaN: a NaN score (see the top)
     const float inv = seen ? 1.f / l[rr] : 0.f;
 #pragma unroll
     for (int i = 0; i < kFmaMaxD / 32; ++i) {
       const int d = lane + 32 * i;
       if (d < D) {
-        const float v = acc[rr][i] * inv;
+        const float v = seen ? acc[rr][i] * inv : 0.f;  // not acc * 0: acc may hold 0 * inf
         store_row_values<scalar_t>(p, b, kvh, r, split, d, &v, 1);
       }
     }
@@ -631,11 +614,21 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const Pa
   float* w_s = sw[wid];
 
   float mx = -INFINITY;
-  for (int s = lane; s < S; s += 32) mx = fmaxf(mx, p.part_lse[s * split_stride + row]);
+  bool nan = false;  // a split saw a NaN or +inf score: the row is NaN
+  for (int s = lane; s < S; s += 32) {
+    const float v = p.part_lse[s * split_stride + row];
+    nan = nan || isnan(v);
+    mx = fmaxf(mx, v);
+  }
   mx = warp_max(mx);
   const int t = r / p.G, h = kvh * p.G + r % p.G;
   scalar_t* o = static_cast<scalar_t*>(p.out) +
                 ((static_cast<size_t>(b) * p.T + t) * p.Hq + h) * static_cast<size_t>(p.D);
+  if (__any_sync(0xffffffffu, nan)) {
+    for (int d = lane; d < p.D; d += 32) o[d] = from_float<scalar_t>(NAN);
+    if (lane == 0) p.lse[(static_cast<size_t>(b) * p.Hq + h) * p.T + t] = NAN;
+    return;
+  }
   if (mx == -INFINITY) {  // the row sees no key at all
     for (int d = lane; d < p.D; d += 32) o[d] = from_float<scalar_t>(0.f);
     if (lane == 0) p.lse[(static_cast<size_t>(b) * p.Hq + h) * p.T + t] = -INFINITY;

@@ -20,6 +20,15 @@
 //   num_accepted   [B] int64          accepted draft nodes (the root not counted)
 //   accepted_nodes [B, N+1] int64     the accepted path: 0, then accepted node ids; -1 padded
 //   next_token     [B] int64          the bonus / correction token after the accepted path
+//
+// Invalid rows (a sentinel, not an error: values are never read on the host for CUDA inputs, and
+// one bad row must not fail the batch): a row is invalid when mode is "coupled" or "rejection"
+// and one of its uniforms is not in [0, 1) (NaN included), or when its walk reaches a node whose
+// logits x (divided by the temperature when sampling) hold a NaN or +inf, or are all -inf (no
+// token can be drawn). An invalid row gets num_accepted 0, accepted_nodes [0, -1, ...] and
+// next_token -1, on every backend and in ptp_ext.reference.verify_tree_ref; the other rows are
+// unaffected. -inf logits are masks (probability 0). ptp_ext.ops.verify_tree(...,
+// raise_on_invalid=True) turns a sentinel into a ValueError.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -11,6 +11,11 @@
 // row (so the probabilities are bit-identical to sampling_probs); top-p uses the reference's
 // float32 `cumsum - p` rule; the CDF of Pick is accumulated in float64; the rejection residual
 // is float64, like verify_tree_ref.
+//
+// Invalid rows (the sentinel rule of verify.h): a node whose logits (divided by the temperature
+// when sampling) hold a NaN or +inf or are all -inf yields the outcome {child -1, token -1}; the
+// walk that reaches it, or a row with a uniform outside [0, 1), writes num_accepted 0,
+// accepted_nodes [0, -1, ...] and next_token -1 for that row.
 #include "verify.h"
 
 #include <ATen/Dispatch.h>
@@ -47,26 +52,27 @@ struct Scratch {
   explicit Scratch(int64_t V) : x(V), p(V) {}
 };
 
-// Node result: the accepted child (-1: none) and, when none, the next token.
+// Node result: the accepted child (-1: none) and, when none, the next token (-1: the node's
+// logits are invalid).
 struct Outcome {
   int64_t child = -1;
   int64_t token = 0;
 };
 
-// Lowest index of the maximum; NaN counts as the maximum, like torch.argmax.
+// Lowest index of the maximum, or -1 when the row is invalid (a NaN or +inf, or all -inf).
 template <typename T>
 int64_t argmax_row(const T* row, int64_t V) {
-  int64_t best = 0;
-  float bv = static_cast<float>(row[0]);
-  for (int64_t i = 1; i < V; ++i) {
+  int64_t best = -1;
+  float bv = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < V; ++i) {
     const float v = static_cast<float>(row[i]);
-    if (std::isnan(bv)) break;
-    if (v > bv || std::isnan(v)) {
+    if (std::isnan(v) || v == std::numeric_limits<float>::infinity()) return -1;
+    if (v > bv) {
       bv = v;
       best = i;
     }
   }
-  return best;
+  return best;  // -1 when every logit is -inf
 }
 
 // Pick(u, P) = min{j : F(j) > u}, F accumulated in float64; the last id with p > 0 when rounding
@@ -88,13 +94,21 @@ at::Tensor blob(void* data, int64_t V, at::ScalarType dtype) {
 }
 
 // sampling_probs(row, temperature > 0, top_k, top_p) into s.p (float32, bit-identical to the
-// reference: same element-wise formulas, ATen's softmax and sum kernels).
+// reference: same element-wise formulas, ATen's softmax and sum kernels). Returns false, leaving
+// s.p unset, when x = logits / temperature holds a NaN or +inf or is all -inf.
 template <typename T>
-void target_probs(const T* row, int64_t V, const Config& cfg, Scratch& s) {
+bool target_probs(const T* row, int64_t V, const Config& cfg, Scratch& s) {
   float* x = s.x.data();
   float* p = s.p.data();
   const float tf = static_cast<float>(cfg.temperature);
-  for (int64_t i = 0; i < V; ++i) x[i] = static_cast<float>(row[i]) / tf;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  bool live = false;
+  for (int64_t i = 0; i < V; ++i) {
+    x[i] = static_cast<float>(row[i]) / tf;
+    if (std::isnan(x[i]) || x[i] == kInf) return false;
+    live = live || x[i] > -kInf;
+  }
+  if (!live) return false;
   if (cfg.top_k > 0 && cfg.top_k < V) {
     // k-th largest value tau; keep x > tau, and the lowest ids among x == tau until k are kept
     // (the stable descending sort of the reference).
@@ -149,6 +163,7 @@ void target_probs(const T* row, int64_t V, const Config& cfg, Scratch& s) {
     const float total = at::cpu::sum(pt, at::IntArrayRef{0}, true).item<float>();
     for (int64_t i = 0; i < V; ++i) p[i] = p[i] / total;
   }
+  return true;
 }
 
 // The outcome at node c of row b.
@@ -157,12 +172,14 @@ Outcome node_outcome(const T* logits, const float* draft_probs, const int64_t* t
                      const std::vector<int64_t>& children, const double* u, int64_t depth,
                      int64_t V, const Config& cfg, Scratch& s) {
   Outcome out;
+  const Outcome invalid{-1, -1};
   const bool argmax_only = cfg.mode == VerifyMode::kGreedy || cfg.temperature == 0.0;
   if (cfg.mode != VerifyMode::kRejection) {
     if (argmax_only) {
       out.token = argmax_row(logits, V);
+      if (out.token < 0) return invalid;
     } else {
-      target_probs(logits, V, cfg, s);
+      if (!target_probs(logits, V, cfg, s)) return invalid;
       out.token = pick_row(u[depth], s.p.data(), V);
     }
     for (int64_t j : children)
@@ -179,10 +196,12 @@ Outcome node_outcome(const T* logits, const float* draft_probs, const int64_t* t
   double* pd = s.pd.data();
   double* r = s.pd2.data();
   if (argmax_only) {
+    const int64_t a = argmax_row(logits, V);
+    if (a < 0) return invalid;
     std::fill(pd, pd + V, 0.0);
-    pd[argmax_row(logits, V)] = 1.0;
+    pd[a] = 1.0;
   } else {
-    target_probs(logits, V, cfg, s);
+    if (!target_probs(logits, V, cfg, s)) return invalid;
     for (int64_t i = 0; i < V; ++i) pd[i] = static_cast<double>(s.p[i]);
   }
   for (int64_t j : children) {
@@ -242,6 +261,11 @@ void verify_impl(const at::Tensor& draft_tokens, const at::Tensor& parents,
 
   std::vector<RowTree> trees(B);
   for (int64_t b = 0; b < B; ++b) trees[b] = build_tree(par + b * N1, N1);
+  // Rows whose uniforms are all in [0, 1) (NaN fails the test); the others are invalid.
+  std::vector<uint8_t> u_ok(B, 1);
+  for (int64_t b = 0; u && b < B; ++b)
+    for (int64_t i = 0; i < N1; ++i)
+      if (!(u[b * N1 + i] >= 0.0 && u[b * N1 + i] < 1.0)) u_ok[b] = 0;
 
   auto compute = [&](int64_t b, int64_t c, Scratch& s) {
     return node_outcome<T>(logits + (b * N1 + c) * V,
@@ -253,14 +277,21 @@ void verify_impl(const at::Tensor& draft_tokens, const at::Tensor& parents,
     int64_t c = 0, n = 0;
     int64_t* path = out_nodes + b * N1;
     path[0] = 0;
-    while (true) {
+    bool invalid = !u_ok[b];
+    while (!invalid) {
       const Outcome o = outcome_of(c);
       if (o.child < 0) {
+        invalid = o.token < 0;
         out_next[b] = o.token;
         break;
       }
       c = o.child;
       path[++n] = c;
+    }
+    if (invalid) {  // the sentinel row: nothing accepted, next_token -1
+      for (int64_t i = 1; i <= n; ++i) path[i] = -1;
+      n = 0;
+      out_next[b] = -1;
     }
     out_num[b] = n;
   };
@@ -276,7 +307,7 @@ void verify_impl(const at::Tensor& draft_tokens, const at::Tensor& parents,
   // Few rows: every reachable node in parallel, then the walks.
   std::vector<int64_t> work;
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c < N1; ++c)
+    for (int64_t c = 0; c < N1 && u_ok[b]; ++c)
       if (trees[b].depth[c] >= 0) work.push_back(b * N1 + c);
   std::vector<Outcome> results(B * N1);
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {

@@ -20,6 +20,11 @@
 // asc) order is < top_p; renormalise. Pick(u, P): segment masses locate the crossing, one warp
 // scans that segment in float64 in id order. Nothing is sorted and nothing is materialised: the
 // probabilities are recomputed from the logits (L2-resident after the first pass).
+//
+// Invalid rows (verify.h): the first pass over a node's row (block_argmax or softmax_stats) also
+// flags a NaN or +inf or an all -inf x (__syncthreads_or); such a node publishes token -1. The
+// walking block writes the sentinel row (0 accepted, next_token -1) when the walk reaches such a
+// node or, in the sampling modes, when a uniform of the row is outside [0, 1).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,6 +32,8 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+
+#include "../common/cuda_utils.cuh"
 
 namespace ptp {
 namespace verify_cuda {
@@ -58,20 +65,9 @@ struct Params {
   int64_t* next_token;          // [B]
 };
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 __device__ __forceinline__ uint32_t order_key(float x) {  // larger float -> larger key
   const uint32_t u = __float_as_uint(x);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-template <typename V_>
-__device__ __forceinline__ V_ warp_sum(V_ v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 struct Shared {
@@ -89,6 +85,7 @@ struct Shared {
   int64_t rem;
   unsigned long long acc;
   bool topk, topp, last;
+  bool invalid;  // the node's x holds a NaN or +inf or is all -inf
   int64_t depth;
   int reach;
 };
@@ -99,17 +96,17 @@ struct RowProbs {
   const T* row;
   float temperature;
   const Shared* sh;
-  __device__ __forceinline__ float x(int64_t i) const { return to_f(row[i]) / temperature; }
+  __device__ __forceinline__ float x(int64_t i) const { return to_float(row[i]) / temperature; }
   __device__ __forceinline__ bool kept_k(float xi, int64_t i) const {
     if (!sh->topk) return true;
     const uint32_t k = order_key(xi);
     return k > sh->tk_key || (k == sh->tk_key && i <= sh->tk_cut);
   }
-  // softmax over the top-k set, before top-p
-  __device__ __forceinline__ float p0(int64_t i) const {
-    const float xi = x(i);
+  // softmax over the top-k set, before top-p (p0_of: from x(i) already loaded)
+  __device__ __forceinline__ float p0_of(float xi, int64_t i) const {
     return kept_k(xi, i) ? __expf(xi - sh->M) / sh->Z : 0.0f;
   }
+  __device__ __forceinline__ float p0(int64_t i) const { return p0_of(x(i), i); }
   __device__ __forceinline__ float operator()(int64_t i) const {
     float p = p0(i);
     if (sh->topp) {
@@ -219,12 +216,14 @@ __device__ int64_t block_argmax(const T* __restrict__ row, int64_t V, int64_t se
   const int64_t lo = w * seg, hi = min(V, lo + seg);
   float best = -INFINITY;
   int64_t bi = INT64_MAX;
+  bool bad = false;  // a NaN or +inf
   struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
   for (int64_t i = lo + lane * VEC; i < hi; i += 32 * VEC) {
     const Pack pk = *reinterpret_cast<const Pack*>(row + i);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float v = to_f(pk.v[k]);
+      const float v = to_float(pk.v[k]);
+      bad = bad || v != v || v == INFINITY;
       if (v > best) { best = v; bi = i + k; }
     }
   }
@@ -235,13 +234,14 @@ __device__ int64_t block_argmax(const T* __restrict__ row, int64_t V, int64_t se
     if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
   }
   if (lane == 0) { sh.seg_m[w] = best; sh.seg_i[w] = bi; }
-  __syncthreads();
+  const int any_bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
     float b = sh.seg_m[0];
     int64_t r = sh.seg_i[0];
     for (int s = 1; s < kWarps; ++s)
       if (sh.seg_m[s] > b || (sh.seg_m[s] == b && sh.seg_i[s] < r)) { b = sh.seg_m[s]; r = sh.seg_i[s]; }
-    sh.result = r == INT64_MAX ? 0 : r;  // an all -inf/NaN row: token 0
+    sh.invalid = any_bad || r == INT64_MAX;  // r == INT64_MAX: every logit is -inf
+    sh.result = r == INT64_MAX ? 0 : r;
   }
   __syncthreads();
   return sh.result;
@@ -255,13 +255,18 @@ __device__ void softmax_stats(const T* __restrict__ row, float temperature, int6
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t lo = w * seg, hi = min(V, lo + seg);
   float m = -INFINITY, s = 0.0f;
+  bool bad = false;  // a NaN or +inf x
   struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
   for (int64_t i = lo + lane * VEC; i < hi; i += 32 * VEC) {
     const Pack pk = *reinterpret_cast<const Pack*>(row + i);
     float x[VEC];
     float cm = m;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) { x[k] = to_f(pk.v[k]) / temperature; cm = fmaxf(cm, x[k]); }
+    for (int k = 0; k < VEC; ++k) {
+      x[k] = to_float(pk.v[k]) / temperature;
+      bad = bad || x[k] != x[k] || x[k] == INFINITY;
+      cm = fmaxf(cm, x[k]);
+    }
     float add = 0.0f;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) add += __expf(x[k] - cm);
@@ -277,10 +282,11 @@ __device__ void softmax_stats(const T* __restrict__ row, float temperature, int6
     m = nm;
   }
   if (lane == 0) { sh.seg_m[w] = m; sh.seg_s[w] = s; }
-  __syncthreads();
+  const int any_bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
     float M = -INFINITY;
     for (int k = 0; k < kWarps; ++k) M = fmaxf(M, sh.seg_m[k]);
+    sh.invalid = any_bad || M == -INFINITY;  // M == -inf: every x is -inf
     float Z = 0.0f;
     for (int k = 0; k < kWarps; ++k)
       if (sh.seg_m[k] != -INFINITY) Z += sh.seg_s[k] * __expf(sh.seg_m[k] - M);
@@ -330,6 +336,13 @@ __device__ __forceinline__ void hist_add(unsigned int* hist, unsigned long long*
 #endif
 }
 
+// The radix passes read the row kStage elements per thread at a time: every load is issued before
+// the histogram updates that use them, so a thread keeps kStage global loads in flight instead of
+// one (a pass cost about V / 256 memory latencies: H200, 2026-11-30). Element i = chunk +
+// j * kThreads + threadIdx.x: each element once, every lane of a warp in the same (chunk, j), so
+// hist_add stays warp-uniform; the histograms are integer sums, the same in any order.
+constexpr int kStage = 8;
+
 // Radix select of the k-th largest order_key(x) -> sh.tk_key, and the id cutoff among ties.
 template <typename T>
 __device__ void topk_threshold(const RowProbs<T>& P, int64_t k, int64_t V, int64_t seg, Shared& sh) {
@@ -338,16 +351,25 @@ __device__ void topk_threshold(const RowProbs<T>& P, int64_t k, int64_t V, int64
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += kThreads) sh.hist[i] = 0;
     __syncthreads();
-    for (int64_t base = threadIdx.x & ~31; base < V; base += kThreads) {  // warp-uniform
-      const int64_t i = base + (threadIdx.x & 31);
-      bool take = false;
-      unsigned int bin = 0;
-      if (i < V) {
-        const uint32_t key = order_key(P.x(i));
-        take = (key & mask) == prefix;
-        bin = (key >> shift) & 255u;
+    for (int64_t chunk = 0; chunk < V; chunk += int64_t(kStage) * kThreads) {  // warp-uniform
+      float xs[kStage];
+#pragma unroll
+      for (int j = 0; j < kStage; ++j) {  // the loads first
+        const int64_t i = chunk + int64_t(j) * kThreads + threadIdx.x;
+        xs[j] = i < V ? P.x(i) : 0.0f;
       }
-      hist_add(sh.hist, nullptr, take, bin, 0);
+#pragma unroll
+      for (int j = 0; j < kStage; ++j) {
+        const int64_t i = chunk + int64_t(j) * kThreads + threadIdx.x;
+        bool take = false;
+        unsigned int bin = 0;
+        if (i < V) {
+          const uint32_t key = order_key(xs[j]);
+          take = (key & mask) == prefix;
+          bin = (key >> shift) & 255u;
+        }
+        hist_add(sh.hist, nullptr, take, bin, 0);
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -383,19 +405,28 @@ __device__ void topp_threshold(const RowProbs<T>& P, double top_p, int64_t V, in
   for (int shift = 24; shift >= 0 && !all; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += kThreads) { sh.hist[i] = 0; sh.hist_mass[i] = 0; }
     __syncthreads();
-    for (int64_t base = threadIdx.x & ~31; base < V; base += kThreads) {  // warp-uniform
-      const int64_t i = base + (threadIdx.x & 31);
-      bool take = false;
-      unsigned int bin = 0;
-      unsigned long long mass = 0;
-      if (i < V) {
-        const float p = P.p0(i);
-        const uint32_t key = __float_as_uint(p);
-        take = (key & mask) == prefix;
-        bin = (key >> shift) & 255u;
-        mass = static_cast<unsigned long long>(double(p) * kFixed);
+    for (int64_t chunk = 0; chunk < V; chunk += int64_t(kStage) * kThreads) {  // warp-uniform
+      float xs[kStage];
+#pragma unroll
+      for (int j = 0; j < kStage; ++j) {  // the loads first
+        const int64_t i = chunk + int64_t(j) * kThreads + threadIdx.x;
+        xs[j] = i < V ? P.x(i) : 0.0f;
       }
-      hist_add(sh.hist, sh.hist_mass, take, bin, mass);
+#pragma unroll
+      for (int j = 0; j < kStage; ++j) {
+        const int64_t i = chunk + int64_t(j) * kThreads + threadIdx.x;
+        bool take = false;
+        unsigned int bin = 0;
+        unsigned long long mass = 0;
+        if (i < V) {
+          const float p = P.p0_of(xs[j], i);
+          const uint32_t key = __float_as_uint(p);
+          take = (key & mask) == prefix;
+          bin = (key >> shift) & 255u;
+          mass = static_cast<unsigned long long>(double(p) * kFixed);
+        }
+        hist_add(sh.hist, sh.hist_mass, take, bin, mass);
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -474,6 +505,7 @@ __global__ void __launch_bounds__(kThreads) verify_tree_kernel(Params prm) {
     sh.depth = d;
     sh.topk = false;
     sh.topp = false;
+    sh.invalid = false;
   }
   __syncthreads();
   int64_t child = -1, token = 0;
@@ -550,6 +582,10 @@ __global__ void __launch_bounds__(kThreads) verify_tree_kernel(Params prm) {
       }
     }
   }
+  if (sh.invalid) {  // set (and followed by a barrier) in block_argmax / softmax_stats
+    child = -1;
+    token = -1;
+  }
   // Publish, then the last block of the row walks it.
   if (threadIdx.x == 0) {
     prm.ws_child[node] = child;
@@ -564,13 +600,28 @@ __global__ void __launch_bounds__(kThreads) verify_tree_kernel(Params prm) {
     const volatile int64_t* wc = prm.ws_child + b * N1;
     const volatile int64_t* wt = prm.ws_token + b * N1;
     int64_t* path = prm.accepted_nodes + b * N1;
+    bool invalid = false;
+    if (prm.mode != kGreedy) {
+      for (int64_t i = 0; i < N1 && !invalid; ++i) {
+        const double u = uniform(i);
+        invalid = !(u >= 0.0 && u < 1.0);  // NaN fails too
+      }
+    }
     int64_t cur = 0, n = 0;
     path[0] = 0;
-    while (true) {
+    while (!invalid) {
       const int64_t ch = wc[cur];
-      if (ch < 0) { prm.next_token[b] = wt[cur]; break; }
+      if (ch < 0) {
+        invalid = wt[cur] < 0;
+        prm.next_token[b] = wt[cur];
+        break;
+      }
       cur = ch;
       path[++n] = cur;
+    }
+    if (invalid) {  // the sentinel row
+      n = 0;
+      prm.next_token[b] = -1;
     }
     for (int64_t i = n + 1; i < N1; ++i) path[i] = -1;
     prm.num_accepted[b] = n;

@@ -1,169 +1,132 @@
-"""The drafter protocol and the registry of drafter names.
+"""The registry of drafter names (the Draft contract itself is :mod:`ptp.decode.draft`).
 
-A drafter proposes, for every active row, a draft tree over the row's committed tokens: node 0 is
-the root (the last committed token, filled in by the decoder), nodes 1..N are draft tokens with
-``parents`` (``-1`` for padding nodes, so rows may have ragged trees). A chain is the tree
-``parents = [-1, 0, 1, ...]``. Drafters that sample their tokens from a distribution q and want
-rejection-sampling verification return ``draft_probs`` (q per node); deterministic drafters
-(lookup, PTP with the position-indexed uniforms) return none and are verified by exact match
-(greedy, or coupled with the same uniforms), which is token-for-token identical to plain decoding.
-
-Drafting that rides on the verification call (PTP partial quadratic, the masked-input drafter)
-uses two optional hooks:
-
-* ``Draft.aux`` (:class:`AuxRows`): extra input rows (embeddings) the decoder appends to the
-  target call after the draft tree. Each hangs after one tree node (it sees that node's
-  ancestors-or-self and the earlier rows of its group). The drafter's ``aux_context(mask)`` turns
-  its adapter on for exactly those rows, so the tree rows stay the target's own computation.
-* ``observe(StepOutcome)``: after verification the decoder hands the drafter the final hidden
-  states of the tree and aux rows and what was accepted; the next draft is built from them (MTP
-  heads read the accepted node's hidden state; no drafter call at all).
+Drafters register a factory under a name with their option dataclass
+(:mod:`ptp.drafters.options`) and presets; :func:`make_drafter` builds one by name or from a
+checkpoint directory whose ``ptp_drafter.json`` names its type, from keyword options (values or
+text) and/or an options instance, and records what it built in ``drafter.spec``.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
 
-import torch
+from ptp.decode.draft import Drafter, NoDrafter
+from ptp.drafters.options import DrafterOptions, NoOptions
 
-from ..sampling import SamplingConfig
-
-__all__ = ["AuxRows", "StepOutcome", "Draft", "DraftRequest", "Drafter", "NoDrafter", "register_drafter", "make_drafter", "option_value",
-           "drafter_names"]
-
-
-@dataclass
-class DraftRequest:
-    """What a drafter sees at each step (rows = the active batch rows, in order)."""
-
-    histories: list[list[int]]  # committed tokens per row (prompt + generated); last = the root
-    sequence_ids: list[int]  # the uniform stream's sequence index per row
-    max_nodes: int  # at most this many draft nodes per row (root excluded)
-    sampling: SamplingConfig
-    max_rows: int = 0  # at most this many rows in the target call (root + nodes + aux rows)
-    cache_lens: Optional[list[int]] = None  # each row's root index (= committed tokens - 1)
+__all__ = ["register_drafter", "make_drafter", "drafter_names", "drafter_entries", "device_preset",
+           "DrafterEntry", "DrafterSpec"]
 
 
-@dataclass
-class AuxRows:
-    """Extra rows of the target call, after the ``N + 1`` tree nodes; ``A`` per batch row.
+@dataclass(frozen=True)
+class DrafterEntry:
+    """A registered drafter: ``factory(model, tokenizer, path_or_none, options) -> Drafter``;
+    ``options`` its option dataclass (``None``: the factory takes the keyword options of the drafter
+    it picks, as ``auto`` does: ``factory(model, tokenizer, path, options, **kw)``)."""
 
-    Row ``a`` of batch row ``b`` hangs after tree node ``anchor[b, a]`` (``-1``: padding, sees
-    only itself); its position id is ``position(anchor node) + offset[b, a]``; it sees the anchor
-    node's ancestors-or-self and the aux rows ``a' <= a`` with ``group[b, a'] == group[b, a]``.
-    """
-
-    embeds: torch.Tensor  # [B, A, hidden] input embeddings (model dtype)
-    anchor: torch.Tensor  # [B, A] int64
-    offset: torch.Tensor  # [B, A] int64
-    group: torch.Tensor  # [B, A] int64
-
-    @property
-    def num_rows(self) -> int:
-        return self.embeds.shape[1]
+    factory: Callable[..., Drafter]
+    options: Optional[type]
+    presets: Mapping[str, DrafterOptions] = field(default_factory=dict)
+    summary: str = ""
 
 
-@dataclass
-class StepOutcome:
-    """What one verification step produced (rows = the request's rows, in order)."""
+@dataclass(frozen=True)
+class DrafterSpec:
+    """What :func:`make_drafter` built: the name (or checkpoint path) asked for, the options, the
+    preset they started from, and ``description`` (``ptp preset=cpu,num_slots=3``)."""
 
-    sequence_ids: list[int]
-    cache_lens: torch.Tensor  # [B] committed tokens before the step (the root's index)
-    tokens: torch.Tensor  # [B, N+1] the verified tree (node 0 = root)
-    parents: torch.Tensor  # [B, N+1]
-    num_accepted: torch.Tensor  # [B]
-    accepted_nodes: torch.Tensor  # [B, N+1] (-1 padded)
-    next_tokens: torch.Tensor  # [B] the target's token after the accepted path
-    hidden: Optional[torch.Tensor] = None  # [B, N+1, hidden] final (normed) hidden states
-    aux_hidden: Optional[torch.Tensor] = None  # [B, A, hidden] of the aux rows
-    aux: Optional[AuxRows] = None
-
-
-@dataclass
-class Draft:
-    """A batch of draft trees; ``N + 1`` nodes per row, node 0 the root."""
-
-    tokens: torch.Tensor  # [B, N+1] int64; column 0 is overwritten with the roots
-    parents: torch.Tensor  # [B, N+1] int64; parents[:, 0] = -1; -1 also marks padding nodes
-    is_chain: bool = False  # every row's real nodes are 0 <- 1 <- 2 ... (pads only at the end)
-    draft_probs: Optional[torch.Tensor] = None  # [B, N+1, V] float32: q of each node's token
-    uniforms: Optional[torch.Tensor] = None  # [B, N+1] the uniforms a PTP-style drafter used
-    aux: Optional[AuxRows] = None  # rows that draft the *next* step inside this target call
-
-    @property
-    def num_nodes(self) -> int:
-        return self.tokens.shape[1]
-
-
-@runtime_checkable
-class Drafter(Protocol):
     name: str
-
-    def propose(self, request: DraftRequest) -> Optional[Draft]:
-        """A draft for every row of the request, or None to decode one plain token.
-
-        Optional extras a drafter may define: ``reset()`` (called at the start of every
-        ``generate``), ``wants_hidden = True`` + ``observe(outcome: StepOutcome)`` (called after
-        every verification, the prefill's included with an empty tree), ``aux_context(mask)``
-        (a context manager enabling its adapter on the rows where ``mask [B, T]`` is True) and
-        ``aux_room(max_nodes) -> int`` (the most aux rows it adds in a step, for KV sizing).
-        """
-        ...
+    options: Optional[DrafterOptions]
+    preset: Optional[str]
+    description: str
 
 
-class NoDrafter:
-    """Plain autoregressive decoding through the same machinery."""
-
-    name = "none"
-
-    def propose(self, request: DraftRequest) -> Optional[Draft]:
-        return None
+_REGISTRY: dict[str, DrafterEntry] = {}
 
 
-# name -> factory(model, tokenizer, path_or_none, **options) -> Drafter
-_REGISTRY: dict[str, Callable[..., Drafter]] = {}
-
-
-def register_drafter(name: str, factory: Callable[..., Drafter]) -> None:
-    """Register a drafter type by name (later issues add ``ptp``, ``mtp``, ``heads``)."""
-    _REGISTRY[name] = factory
+def register_drafter(name: str, factory: Callable[..., Drafter], options: Optional[type] = NoOptions,
+                     presets: Optional[Mapping[str, DrafterOptions]] = None, summary: Optional[str] = None) -> None:
+    """Register a drafter type by name (``summary``: a line for the docs; default: the options
+    class's docstring)."""
+    if summary is None:
+        summary = " ".join((options.__doc__ or "").split()) if options is not None else ""
+    _REGISTRY[name] = DrafterEntry(factory, options, dict(presets or {}), summary)
 
 
 def drafter_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def option_value(text: str):
-    """A drafter option's value from text (CLI, benchmark specs): int, float, bool, else str."""
-    low = text.strip().lower()
-    if low in ("true", "false", "yes", "no"):
-        return low in ("true", "yes")
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+def drafter_entries() -> list[tuple[str, DrafterEntry]]:
+    return sorted(_REGISTRY.items())
 
 
-def make_drafter(name_or_path: Optional[str], model=None, tokenizer=None, **options) -> Drafter:
-    """A drafter by registered name, or from a checkpoint directory whose ``ptp_drafter.json``
-    names its registered ``type``."""
-    name = name_or_path or "none"
+def device_preset(model) -> str:
+    """The preset of the device ``model``'s weights are on: ``cpu`` or ``gpu``."""
+    return "cpu" if model.get_input_embeddings().weight.device.type == "cpu" else "gpu"
+
+
+def _resolve(name: str) -> tuple[str, Optional[str]]:
+    """(registered type, checkpoint path or None) of a name or checkpoint directory."""
+    if name == "mtp":
+        raise ValueError("the masked-input drafter is now called 'masked' ('mtp' was renamed: "
+                         "MTP heads are 'heads')")
     if name in _REGISTRY:
-        return _REGISTRY[name](model, tokenizer, None, **options)
+        return name, None
     meta = os.path.join(name, "ptp_drafter.json")
     if os.path.isfile(meta):
         with open(meta) as f:
             kind = json.load(f).get("type")
+        from ptp.drafters.checkpoint import LEGACY_TYPES
+
+        kind = LEGACY_TYPES.get(kind, kind)
         if kind not in _REGISTRY:
-            raise ValueError(f"{meta}: drafter type {kind!r} is not registered "
-                             f"(known: {drafter_names()})")
-        return _REGISTRY[kind](model, tokenizer, name, **options)
-    raise ValueError(f"unknown drafter {name!r}: not one of {drafter_names()} and not a "
-                     f"checkpoint directory with a ptp_drafter.json")
+            raise ValueError(f"{meta}: drafter type {kind!r} is not registered (known: {drafter_names()})")
+        return kind, name
+    raise ValueError(f"unknown drafter {name!r}: not one of {drafter_names()} and not a checkpoint "
+                     f"directory with a ptp_drafter.json")
 
 
-register_drafter("none", lambda model, tokenizer, path, **kw: NoDrafter())
+def _options(kind: str, entry: DrafterEntry, model, options: Optional[DrafterOptions],
+             kw: dict) -> tuple[DrafterOptions, Optional[str]]:
+    """The drafter's options: ``options`` (or the preset ``kw["preset"]``, or the defaults) with
+    the other keywords over it; and the preset's name."""
+    preset = kw.pop("preset", None)
+    if preset is None:
+        return entry.options.build(options, **kw), None
+    if not entry.presets:
+        raise ValueError(f"drafter {kind!r} has no presets (option 'preset')")
+    if options is not None:
+        raise ValueError(f"drafter {kind!r}: give a preset or an options instance, not both")
+    pname = str(preset).strip().lower()
+    if pname == "auto":
+        if model is None:
+            raise ValueError("preset=auto picks the preset of the model's device: pass the model")
+        pname = device_preset(model)
+    if pname not in entry.presets:
+        raise ValueError(f"option preset must be one of {', '.join(sorted(entry.presets) + ['auto'])}, "
+                         f"got {preset!r}")
+    return entry.options.build(entry.presets[pname], **kw), pname
+
+
+def make_drafter(name_or_path: Optional[str], model=None, tokenizer=None, *,
+                 options: Optional[DrafterOptions] = None, **kw) -> Drafter:
+    """A drafter by registered name, or from a checkpoint directory whose ``ptp_drafter.json``
+    names its registered ``type``. ``options``: an instance of the drafter's option dataclass;
+    keywords (values or text, ``preset=NAME`` for a drafter with presets) override it. The result
+    carries ``spec`` (:class:`DrafterSpec`)."""
+    name = name_or_path or "none"
+    kind, path = _resolve(name)
+    entry = _REGISTRY[kind]
+    if entry.options is None:  # auto: the drafter it picks takes the options (and sets spec)
+        return entry.factory(model, tokenizer, path, options, **kw)
+    opts, preset = _options(kind, entry, model, options, kw)
+    drafter = entry.factory(model, tokenizer, path, opts)
+    base = entry.presets[preset] if preset is not None else None
+    text = ",".join(filter(None, [f"preset={preset}" if preset else "", opts.describe(base)]))
+    drafter.spec = DrafterSpec(name, opts, preset, f"{name} {text}" if text else name)
+    return drafter
+
+
+register_drafter("none", lambda model, tokenizer, path, options: NoDrafter(), NoOptions)

@@ -10,7 +10,7 @@ accepted whenever the two attention paths round alike. Exactness never depends o
 verification (greedy or coupled) only accepts what plain decoding would produce.
 
 Temperature 0: verification is greedy and ignores u; the slots read ``u = 0.5``
-(:data:`ptp.ptp_model.GREEDY_U`) as in training.
+(:data:`ptp.drafters.ptp_model.GREEDY_U`) as in training.
 
 Schemes (``scheme=``):
 
@@ -25,11 +25,13 @@ change which rows ride on a call, never the output): ``max_groups=G`` keeps the 
 the first G nodes only; ``check_first=1`` drops a group's drafts when its slot 0 mispredicted the
 token verification picked (the later slots assumed that prediction); ``min_prob=p`` cuts a draft
 where the product of its slots' own probabilities falls below p. ``lookup_ngram=n`` drafts by
-prompt lookup instead whenever the last n..3 tokens occurred before (copy-heavy text; its chain up
-to ``lookup_tokens`` long, ``lookup_groups=0``: no slot rows on such steps); ``min_gain=g``
-(``rest=R``) pauses a row's slot groups for R steps when they commit under g tokens a step.
-``preset=cpu|gpu|auto`` (:data:`PRESETS`) fills in the measured best setting of a device; explicit
-options override it (``ptp generate`` uses it when given no ``--drafter-option``).
+prompt lookup instead whenever the last n..``lookup_max_ngram`` tokens occurred before
+(copy-heavy text; its chain up to ``lookup_tokens`` long, ``lookup_groups=0``: no slot rows on
+such steps); ``min_gain=g`` (``rest=R``) pauses a row's slot groups for R steps when they commit
+under g tokens a step. ``preset=cpu|gpu|auto`` (:data:`ptp.drafters.options.PTP_PRESETS`) fills
+in the measured best setting of a device; explicit options override it (``ptp generate`` uses it
+when given no ``--drafter-option``). Every option: :class:`ptp.drafters.options.PTPOptions`
+(``docs/drafter-options.md``).
 An adapter with a sampler head (``PTPConfig.sampler``) drafts slots 1..k-1 one at a time, each on
 the previous slot's token (a copy sampler also over the row's committed tokens); greedy,
 ``tree=1`` (``max_nodes``, ``top``, ``min_prob``) drafts a best-first tree over the slots instead,
@@ -41,26 +43,33 @@ their counts, else the full vocabulary; 0 = full): a sampler chain runs the LM h
 and on a CPU the full one (49,152 x 576 for SmolLM2) costs a large part of a call.
 * ``separate``: :class:`PTPDrafter`, a drafter call (over the newly committed tokens and k slots,
   its own KV cache) before each verify call: two calls per step.
+
+``auto`` (registered here): the shipped PTP adapter with the device's preset when it fits the
+model, else prompt lookup (a note on stderr).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections import OrderedDict
 from typing import Optional
 
 import torch
 
-from ptp.ptp_model import GREEDY_U, PTPModel, crop_cache, packed_layout, vector_pick
-from ptp.sampling import SamplingConfig, uniforms
+from ptp.decode.draft import Draft, DraftRequest, Drafter, StepOutcome
+from ptp.decode.sampling import SamplingConfig, uniforms
+from ptp.drafters.base import make_drafter, register_drafter
+from ptp.drafters.options import PTP_PRESETS, PTPOptions
+from ptp.drafters.ptp_model import GREEDY_U, PTPModel, crop_cache, packed_layout, vector_pick
+from ptp.drafters.slots import SlotGroupDrafter
+from ptp.drafters.trees import pack_draft
 from ptp_ext.reference import sampling_probs
 
-from .base import Draft, DraftRequest, StepOutcome, register_drafter
-from .mtp import sampler_tree
-from .slots import SlotGroupDrafter, tree_options, tree_room
+__all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "DEFAULT_CPTP", "PRESETS", "adapter_mismatch",
+           "sdpa_attention"]
 
-__all__ = ["PTPDrafter", "PTPSlotDrafter", "DEFAULT_ADAPTER", "DEFAULT_CPTP", "PRESETS", "device_preset", "preset_options",
-           "adapter_mismatch", "sdpa_attention"]
+PRESETS = PTP_PRESETS  # the PTP drafters' presets (instances of PTPOptions)
 
 DEFAULT_ADAPTER = os.path.join(os.path.dirname(__file__), "weights", "ptp-smollm2-135m-instruct")
 # the shipped C-PTP adapter (``--drafter cptp``): the same drafter, trained on the teacher's conditionals
@@ -81,14 +90,17 @@ def sdpa_attention(model):
         model.set_attn_implementation(previous)
 
 
-class PTPDrafter:
+class PTPDrafter(Drafter):
     name = "ptp"
 
-    def __init__(self, model: PTPModel, num_slots: Optional[int] = None, max_rows: int = 16,
-                 draft_vocab: Optional[int] = None):
+    def __init__(self, model: PTPModel, options: Optional[PTPOptions] = None, max_rows: int = 16, **kw):
+        self.options = o = PTPOptions.build(options, **{"scheme": "separate", **kw})
+        if o.scheme != "separate":
+            raise ValueError(f"PTPDrafter is scheme='separate' (PTPSlotDrafter drafts on the verify call), "
+                             f"got scheme={o.scheme!r}")
         self.model = model.eval()
-        model.auto_draft_vocab(draft_vocab)  # greedy drafts (None: 8,192 tokens if it has counts)
-        self.num_slots = num_slots or model.config.num_slots
+        model.auto_draft_vocab(o.draft_vocab)  # greedy drafts (None: 8,192 tokens if it has counts)
+        self.num_slots = o.num_slots or model.config.num_slots
         self.max_rows = max_rows
         # sequence id -> (cached token ids, HF DynamicCache of exactly those tokens)
         self._caches: OrderedDict[int, tuple[list[int], object]] = OrderedDict()
@@ -160,11 +172,7 @@ class PTPDrafter:
             return None
         rows = [self.draft_row(h, s, k, request.sampling)
                 for h, s in zip(request.histories, request.sequence_ids)]
-        B = len(rows)
-        tokens = torch.zeros(B, k + 1, dtype=torch.long)
-        tokens[:, 1:] = torch.tensor(rows, dtype=torch.long)
-        parents = torch.arange(-1, k, dtype=torch.long).expand(B, k + 1).contiguous()
-        return Draft(tokens=tokens, parents=parents, is_chain=True)
+        return pack_draft([([0] + r, list(range(-1, k))) for r in rows])
 
 
 class PTPSlotDrafter(SlotGroupDrafter):
@@ -173,29 +181,20 @@ class PTPSlotDrafter(SlotGroupDrafter):
     name = "ptp"
     slot_offset = 0  # slot 0 shares its anchor node's position and predicts the next token
 
-    def __init__(self, model: PTPModel, num_slots: Optional[int] = None, scheme: str = "quadratic",
-                 max_groups: Optional[int] = None, check_first: bool = False, min_prob: float = 0.0,
-                 lookup_ngram: int = 0, tree: bool = False, max_nodes: int = 16, top: int = 4,
-                 draft_vocab: Optional[int] = None, lookup_groups: Optional[int] = None,
-                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16,
-                 lookup_branches: int = 1):
-        k = int(num_slots or model.config.num_slots)
+    def __init__(self, model: PTPModel, options: Optional[PTPOptions] = None, **kw):
+        o = PTPOptions.build(options, **kw)
+        if o.scheme == "separate":
+            raise ValueError("scheme='separate' is PTPDrafter (a drafter call before each verify call)")
+        k = o.num_slots or model.config.num_slots
         if k < 2:
             raise ValueError(f"PTP on the verify call needs num_slots >= 2, got {k}")
         if model.sampler is not None and k > model.config.num_slots:
             raise ValueError(f"this adapter's sampler head has {model.config.num_slots} slots, got num_slots={k}")
-        self.tree, self.max_nodes, self.top, min_prob = tree_options(tree, scheme, max_nodes, top, min_prob)
-        # a tree of max_nodes, plus room for lookup's continuations (k - 1 tokens each by default)
-        room = tree_room(self.max_nodes, lookup_ngram, lookup_branches, lookup_tokens, k - 1)
-        super().__init__(model.gate, k, scheme, max_drafts=room if self.tree else k - 1,
-                         max_groups=max_groups, lookup_ngram=lookup_ngram, lookup_groups=lookup_groups,
-                         lookup_tokens=lookup_tokens, min_gain=min_gain, rest=rest,
-                         lookup_branches=lookup_branches)
-        self.check_first = bool(check_first)
-        self.min_prob = float(min_prob)
+        super().__init__(model.gate, o, k, depth=k - 1)
+        self.check_first = o.check_first
         self.model = model.eval()
         # greedy drafts over the adapter's most frequent answer tokens (None: 8,192 if it has counts)
-        model.auto_draft_vocab(draft_vocab)
+        model.auto_draft_vocab(o.draft_vocab)
         self.needs_context = bool(model.config.copy_attn)  # a copy sampler reads the committed tokens
         self._sampling = SamplingConfig()
         self._greedy_rows: Optional[torch.Tensor] = None
@@ -251,14 +250,13 @@ class PTPSlotDrafter(SlotGroupDrafter):
     def _sampler_drafts(self, hidden: torch.Tensor, next_token: int, seq_id: int, next_index: int,
                         context: Optional[list[int]]):
         """Drafts of slots 1..k-1 one at a time (a sampler head: each on the previous slot's token)
-        or, greedy with ``tree``, a best-first tree over them (:func:`ptp.drafters.mtp.sampler_tree`)."""
+        or, greedy with ``tree``, a best-first tree over them (:meth:`ptp.drafters.sampler_head.SlotSampler.draft_tree`)."""
         m, s = self.model, self._sampling
         pick = slot_pick(m, s, self._u(seq_id, next_index, hidden.device))
         if self.check_first and pick(0, m.logits(hidden[0]).float()) != next_token:
             return []
         if self.tree and s.greedy:
-            return sampler_tree(m, hidden, next_token, context, self.max_nodes, self.top, self.min_prob,
-                                first_slot=1)
+            return m.draft_tree(hidden, next_token, context, self.max_nodes, self.top, self.min_prob, first_slot=1)
         probs: Optional[list[float]] = [] if self.min_prob > 0.0 else None
         out = m.draft_chain(hidden, next_token, None if s.greedy else pick, context=context, first_slot=1,
                             probs=probs)
@@ -279,41 +277,6 @@ def slot_pick(model: PTPModel, sampling: SamplingConfig, u: torch.Tensor):
         return lambda j, lg: int(lg.argmax())
     return lambda j, lg: int(vector_pick(u[j].double(), sampling_probs(
         lg.float(), sampling.temperature, sampling.top_k, sampling.top_p)))
-
-
-# Per-device settings (``preset=cpu|gpu|auto``; explicit options override them), measured on
-# SmolLM2-135M-Instruct with the shipped adapters, greedy, 13 Spec-Bench dev prompts x 128 tokens:
-# * cpu: every row of a call costs compute (2-core AMD EPYC: a 5-8 row verify call with the slots
-#   costs ~1.5 one-row calls even with gated_lora_quant_linear). One group of 4 slots after the
-#   root, prompt lookup's chain (up to 4 tokens) instead whenever the text repeats, and no slots
-#   on those lookup steps (a call without the adapter), and a row's slots paused for 16 steps
-#   when its slot steps commit under 1.5 tokens each (prose with little to copy, sampling with
-#   adapters trained at T = 0): 2.63x HF generate greedy before min_gain
-#   (benchmarks/results/2026-12-05-cpu-ptp-cpu-preset.md); at T = 0.7 min_gain takes it from
-#   2.24x to 2.58x (2026-12-05-cpu-ptp-min-gain-t07.md).
-# * gpu: rows are nearly free in a small model's call: the best-first tree over the slots with
-#   lookup's continuation merged in (2.9-3.1 tokens per call on the CPU measurements; the GPU
-#   wall clock is not measured yet).
-PRESETS = {
-    "cpu": {"max_groups": 1, "lookup_ngram": 1, "num_slots": 4, "lookup_groups": 0, "lookup_tokens": 4,
-            "min_gain": 1.5},
-    "gpu": {"tree": 1, "lookup_ngram": 1},
-}
-
-
-def device_preset(model) -> str:
-    """The preset of the device ``model``'s weights are on: ``cpu`` or ``gpu``."""
-    return "cpu" if model.get_input_embeddings().weight.device.type == "cpu" else "gpu"
-
-
-def preset_options(preset: str, model) -> dict:
-    """The options of ``preset`` (``cpu``, ``gpu``, or ``auto``: :func:`device_preset`)."""
-    name = str(preset).lower()
-    if name == "auto":
-        name = device_preset(model)
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS) + ['auto']}, got {preset!r}")
-    return dict(PRESETS[name])
 
 
 def adapter_mismatch(model, path: Optional[str] = None) -> Optional[str]:
@@ -346,20 +309,42 @@ def adapter_mismatch(model, path: Optional[str] = None) -> Optional[str]:
     return None
 
 
-def _factory(model, tokenizer, path, preset: Optional[str] = None, **kw):
-    from ptp.train.checkpoint import load_adapter
+def _factory(model, tokenizer, path, options: PTPOptions, default: str = DEFAULT_ADAPTER):
+    from ptp.drafters.checkpoint import load_adapter
 
-    ckpt = path or DEFAULT_ADAPTER
+    ckpt = path or default
     if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
         raise FileNotFoundError(f"no PTP adapter at {ckpt} (train one with `ptp train ptp --out DIR`)")
-    if preset is not None:
-        kw = {**preset_options(preset, model), **kw}
-    num_slots, scheme = kw.pop("num_slots", None), kw.pop("scheme", "quadratic")
-    num_slots = int(num_slots) if num_slots is not None else None
-    if scheme == "separate":
-        return PTPDrafter(load_adapter(model, ckpt), num_slots=num_slots, **kw)
-    return PTPSlotDrafter(load_adapter(model, ckpt), num_slots=num_slots, scheme=scheme, **kw)
+    if options.scheme == "separate":
+        return PTPDrafter(load_adapter(model, ckpt), options)
+    return PTPSlotDrafter(load_adapter(model, ckpt), options)
 
 
-register_drafter("ptp", _factory)
-register_drafter("cptp", lambda model, tokenizer, path, **kw: _factory(model, tokenizer, path or DEFAULT_CPTP, **kw))
+def _auto_factory(model, tokenizer, path, options: Optional[PTPOptions] = None, **kw):
+    """``auto``: the shipped PTP adapter when it fits ``model`` (with the device's preset, or the
+    PTP options given), else prompt lookup with a note on stderr."""
+    if model is None:
+        raise ValueError("drafter 'auto' picks a drafter for the model: pass the model")
+    why = adapter_mismatch(model)
+    if why is None:
+        if options is None and not kw:
+            kw = {"preset": "auto"}
+        return make_drafter("ptp", model, tokenizer, options=options, **kw)
+    if options is not None or kw:
+        given = ", ".join(sorted(kw)) or type(options).__name__
+        raise ValueError(f"drafter 'auto': the shipped PTP adapter does not fit this model ({why}), so it "
+                         f"would draft by prompt lookup, which the PTP options given ({given}) do not "
+                         f"apply to: name the drafter (--drafter lookup, or ptp with a fitting checkpoint)")
+    print(f"[ptp] the shipped PTP drafter does not fit this model ({why}): drafting by prompt lookup "
+          f"(train a PTP drafter for it with `ptp train ptp`)", file=sys.stderr)
+    return make_drafter("lookup", model, tokenizer)
+
+
+register_drafter("ptp", _factory, PTPOptions, PTP_PRESETS)
+register_drafter("cptp", lambda model, tokenizer, path, options: _factory(model, tokenizer, path, options, DEFAULT_CPTP),
+                 PTPOptions, PTP_PRESETS, summary="C-PTP: the ptp drafter with the shipped C-PTP adapter "
+                 "(trained on the teacher's conditionals); the same options and presets.")
+register_drafter("auto", _auto_factory, None, summary=(
+    "The default of `ptp generate`: the shipped PTP adapter (`ptp`) when it fits the model (SmolLM2-135M-"
+    "Instruct), with the preset of the model's device (`preset=auto`) or, given options, `ptp` with those; "
+    "else prompt lookup (`lookup`, a note on stderr; options are then an error). Takes `ptp`'s options."))

@@ -1,7 +1,7 @@
 """Drafters whose drafting rides on the verification call: groups of slot rows after tree nodes.
 
 Each step's target call carries ``[root, d_1..d_n]`` (the tree rows: the target's own
-computation, adapter off) and, appended by the decoder (:class:`ptp.drafters.base.AuxRows`),
+computation, adapter off) and, appended by the decoder (:class:`ptp.decode.draft.AuxRows`),
 groups of ``k`` slot rows with the drafter's adapter on. A group hangs after tree node ``h``: it
 sees the root and ``d_1..d_h`` and drafts the tokens that follow *if* exactly ``h`` drafts are
 accepted. After verification (``observe``) the group of the accepted node, if there is one, gives
@@ -21,12 +21,13 @@ which are rarely the last accepted one, cost more than they return. A step whose
 has no group drafts nothing next (it then verifies only the root and drafts again).
 
 ``lookup_ngram=n`` (n >= 1; 0 = off) combines the slots with prompt lookup: when the row's last
-n..3 tokens occurred earlier (prompt or output), the continuation of the most recent longest
+n..``lookup_max_ngram`` tokens occurred earlier (prompt or output), the continuation of the most recent longest
 match (if it has >= 2 tokens, or the slots drafted nothing) replaces the slots' draft
 (copy-heavy text: summaries, extraction, translation, code edits), and the slot groups hang
 after *its* nodes as usual (a tree merges the continuations of the ``lookup_branches`` most
-recent longest matches as trie paths). ``lookup_tokens=L`` caps that continuation (default: as the slots'
-drafts; in a tree, each merged continuation, default ``k`` tokens); ``lookup_groups=G`` caps the groups of a row that drafted by lookup (0: none; a step
+recent longest matches as trie paths). ``lookup_tokens=L`` caps that continuation (default: as
+the slots' drafts; in a tree, each merged continuation, default ``k`` tokens); ``lookup_groups=G``
+caps the groups of a row that drafted by lookup (0: none; a step
 whose rows all drafted by lookup then carries no slot rows and runs without the adapter: on a CPU
 the cheap steps of copy-heavy text stay as cheap as plain prompt lookup's, and the next step
 drafts by lookup again or, with no match, verifies the root with one group to draft from the
@@ -48,7 +49,8 @@ or the first ``max_groups``), each seeing its anchor's ancestors, and lookup's c
 the tree as a trie path instead of replacing it. A subclass with ``needs_context`` also gets the
 row's committed tokens (copy samplers).
 
-Subclasses say what a group's input rows are (:meth:`group_embeds`), where their positions start
+The options (:class:`ptp.drafters.options.SlotOptions`, every key in ``docs/drafter-options.md``)
+are checked by their dataclass. Subclasses say what a group's input rows are (:meth:`group_embeds`), where their positions start
 (:attr:`slot_offset`) and how its final hidden states become draft tokens (:meth:`group_drafts`).
 Used by the PTP drafter (u-slots) and the masked-input MTP drafter (mask tokens).
 """
@@ -58,61 +60,47 @@ from typing import Optional
 
 import torch
 
-from .base import AuxRows, Draft, DraftRequest, StepOutcome
-from .lookup import merge_chain
+from ptp.decode.draft import AuxRows, Draft, DraftRequest, Drafter, StepOutcome  # noqa: F401
+from ptp.drafters.lookup import LookupDrafter
+from ptp.drafters.options import SlotOptions
+from ptp.drafters.trees import is_chain, merge_chains, pack_draft
 
-__all__ = ["SlotGroupDrafter", "SCHEMES", "tree_options", "tree_room"]
-
-SCHEMES = ("quadratic", "linear")
+__all__ = ["SlotGroupDrafter"]
 
 
-class SlotGroupDrafter:
+class SlotGroupDrafter(Drafter):
     name = "slots"
     wants_hidden = True
     slot_offset = 0  # position of slot j = position(anchor node) + slot_offset + j
     needs_context = False  # group_drafts also gets the row's committed tokens (copy samplers)
 
-    def __init__(self, gate, num_slots: int, scheme: str = "quadratic",
-                 max_drafts: Optional[int] = None, max_groups: Optional[int] = None,
-                 lookup_ngram: int = 0, lookup_groups: Optional[int] = None,
-                 lookup_tokens: Optional[int] = None, min_gain: float = 0.0, rest: int = 16,
-                 lookup_branches: int = 1) -> None:
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    def __init__(self, gate, options: SlotOptions, num_slots: int, depth: int) -> None:
+        """``options`` (checked by their dataclass); ``num_slots`` k; ``depth``: the tokens a
+        group's chain drafts (PTP: k - 1 after slot 0's, masked: k)."""
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        if max_groups is not None and int(max_groups) < 1:
-            raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+        o = options
+        self.options = o
         self.gate = gate
         self.num_slots = num_slots
-        self.scheme = scheme
-        self.max_drafts = max_drafts if max_drafts is not None else num_slots
-        self.max_groups = int(max_groups) if max_groups is not None else None
-        self.lookup = None
-        if lookup_tokens is not None and int(lookup_tokens) < 1:
-            raise ValueError(f"lookup_tokens must be >= 1, got {lookup_tokens}")
+        self.scheme = o.scheme
+        self.tree, self.max_nodes, self.top, self.min_prob = o.tree, o.max_nodes, o.top, o.min_prob
+        self.max_groups = o.max_groups
+        self.max_drafts = depth
+        if self.tree:  # a tree of max_nodes, plus room for lookup's continuations (depth tokens each by default)
+            self.max_drafts = o.max_nodes + ((o.lookup_tokens or depth) * o.lookup_branches if o.lookup_ngram else 0)
         # longest chain a lookup step drafts (default: as the slots' drafts)
-        self.lookup_tokens = int(lookup_tokens) if lookup_tokens is not None else self.max_drafts
+        self.lookup_tokens = o.lookup_tokens if o.lookup_tokens is not None else self.max_drafts
         # depth of each lookup continuation merged into a tree (default: as deep as the slots draft)
-        self.tree_lookup_depth = int(lookup_tokens) if lookup_tokens is not None else num_slots
-        if int(lookup_ngram) > 0:
-            from .lookup import LookupDrafter
-
-            if int(lookup_branches) < 1:
-                raise ValueError(f"lookup_branches must be >= 1, got {lookup_branches}")
-            self.lookup = LookupDrafter(max_draft_tokens=self.lookup_tokens, max_ngram=max(3, int(lookup_ngram)),
-                                        min_ngram=int(lookup_ngram), num_branches=int(lookup_branches))
-        if lookup_groups is not None and int(lookup_groups) < 0:
-            raise ValueError(f"lookup_groups must be >= 0, got {lookup_groups}")
+        self.tree_lookup_depth = o.lookup_tokens if o.lookup_tokens is not None else num_slots
+        self.lookup = LookupDrafter.of(o, self.lookup_tokens) if o.lookup_ngram > 0 else None
         # slot groups of a row that drafted by lookup (None: as any row)
-        self.lookup_groups = int(lookup_groups) if lookup_groups is not None else None
+        self.lookup_groups = o.lookup_groups
         self.lookup_used = 0  # statistics: steps that drafted by lookup
         self.bare_steps = 0  # statistics: steps without slot rows (lookup_groups=0, min_gain)
         self.groupless_rows = 0  # statistics: row-steps that carried no group (lookup rows, paused rows)
-        if float(min_gain) < 0 or int(rest) < 1:
-            raise ValueError(f"need min_gain >= 0 and rest >= 1, got min_gain={min_gain}, rest={rest}")
         # pause a row's slot groups for `rest` steps when its slot steps commit < min_gain tokens
-        self.min_gain, self.rest = float(min_gain), int(rest)
+        self.min_gain, self.rest = o.min_gain, o.rest
         self._gain: dict[int, list] = {}  # sequence id -> [EMA of tokens per slot step, steps seen, rest left]
         self.rest_steps = 0  # statistics: row-steps whose groups were paused
         # sequence id -> (index of the root the drafts follow, draft tokens, their parents (0 = root))
@@ -159,7 +147,6 @@ class SlotGroupDrafter:
 
     def propose(self, request: DraftRequest) -> Optional[Draft]:
         k = self.num_slots
-        B = len(request.histories)
         budget = min(self.max_drafts, request.max_nodes)
         lookup_budget = min(self.lookup_tokens, request.max_nodes)
         # per row: draft nodes 1..n as (tokens, parents), parents before children (0 = the root)
@@ -191,10 +178,7 @@ class SlotGroupDrafter:
                     row_lookup = True
                 elif conts and not _is_chain(pars):  # a tree: lookup's continuations join it as trie paths
                     t, p = [0] + toks, [-1] + pars
-                    added = 0
-                    for cont in conts:
-                        added += merge_chain(t, p, cont[:self.tree_lookup_depth], max(budget - (len(t) - 1), 0))
-                    if added:
+                    if merge_chains(t, p, [c[:self.tree_lookup_depth] for c in conts], budget):
                         self.lookup_used += 1
                     toks, pars = t[1:], p[1:]
             looked_up = looked_up and row_lookup
@@ -213,20 +197,14 @@ class SlotGroupDrafter:
                 drafts = [(t[:n], p[:n]) for t, p in drafts]
             if rows_needed(0) > request.max_rows:
                 return None
-        n_max = max(len(d[0]) for d in drafts)
-        tokens = torch.zeros(B, n_max + 1, dtype=torch.long)
-        parents = torch.full((B, n_max + 1), -1, dtype=torch.long)
         # each row's groups: none while paused, lookup_groups on a lookup row
         row_groups = [0 if resting[b] else self._num_groups(len(d[0]), row_lookups[b]) for b, d in enumerate(drafts)]
         G = max(row_groups)
         self.groupless_rows += sum(g == 0 for g in row_groups)
-        for b, (d, par) in enumerate(drafts):
-            if d:
-                tokens[b, 1:len(d) + 1] = torch.tensor(d, dtype=torch.long)
-                parents[b, 1:len(d) + 1] = torch.tensor(par, dtype=torch.long)
+        rows = [([0] + d, [-1] + par) for d, par in drafts]
         if G == 0:  # no row carries a group (lookup rows, paused rows): a call without the adapter
             self.bare_steps += 1
-            return Draft(tokens=tokens, parents=parents, is_chain=all(_is_chain(p) for _, p in drafts))
+            return pack_draft(rows)
         embeds, anchor, offset, group = [], [], [], []
         for b, (d, par) in enumerate(drafts):
             n = len(d)
@@ -254,7 +232,7 @@ class SlotGroupDrafter:
         dev = ref.device
         aux = AuxRows(embeds=torch.stack(embeds), anchor=torch.tensor(anchor, device=dev),
                       offset=torch.tensor(offset, device=dev), group=torch.tensor(group, device=dev))
-        return Draft(tokens=tokens, parents=parents, is_chain=all(_is_chain(p) for _, p in drafts), aux=aux)
+        return pack_draft(rows, aux=aux)
 
     def _update_gain(self, seq: int, committed: int) -> None:
         """A step that carried the row's slot groups committed ``committed`` tokens: after 4 such
@@ -297,30 +275,6 @@ class SlotGroupDrafter:
             self._next[seq] = (next_index, toks, pars)
 
 
-def tree_options(tree, scheme: str, max_nodes, top, min_prob) -> tuple[bool, int, int, float]:
-    """Checked ``(tree, max_nodes, top, min_prob)`` of a slot drafter's greedy trees (``tree`` may be
-    a CLI string: 1/true/yes/tree)."""
-    if isinstance(tree, str):
-        tree = tree.lower() in ("1", "true", "yes", "tree")
-    if tree and scheme != "quadratic":
-        raise ValueError("tree drafts need scheme='quadratic' (a group after each of the first nodes)")
-    if int(max_nodes) < 1 or int(top) < 1:
-        raise ValueError(f"need max_nodes >= 1 and top >= 1, got max_nodes={max_nodes}, top={top}")
-    if not 0.0 <= float(min_prob) < 1.0:
-        raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
-    return bool(tree), int(max_nodes), int(top), float(min_prob)
-
-
-def tree_room(max_nodes: int, lookup_ngram, lookup_branches, lookup_tokens, depth: int) -> int:
-    """Draft nodes a slot drafter's tree may hold: ``max_nodes`` of its own, plus room for the
-    ``lookup_branches`` lookup continuations merged into it (``lookup_tokens`` each, default
-    ``depth``) when lookup is on."""
-    if int(lookup_ngram) <= 0:
-        return int(max_nodes)
-    each = int(lookup_tokens) if lookup_tokens is not None else int(depth)
-    return int(max_nodes) + each * max(1, int(lookup_branches))
-
-
 def _is_chain(parents: list[int]) -> bool:
-    """Parents ``[0, 1, 2, ...]`` of draft nodes 1..n: a chain below the root."""
-    return all(p == i for i, p in enumerate(parents))
+    """Parents ``[0, 1, 2, ...]`` of draft nodes 1..n (root excluded): a chain below the root."""
+    return is_chain([-1] + list(parents))

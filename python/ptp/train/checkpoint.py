@@ -1,6 +1,6 @@
-"""Adapter checkpoints: ``adapter.safetensors`` (LoRA + u-embedding only) + ``config.json``.
+"""Writing adapter checkpoints (loading: :mod:`ptp.drafters.checkpoint`): ``adapter.safetensors`` (LoRA + u-embedding only) + ``config.json``.
 
-``config.json`` holds the :class:`~ptp.ptp_model.PTPConfig` (``"ptp"``), the training settings,
+``config.json`` holds the :class:`~ptp.drafters.ptp_model.PTPConfig` (``"ptp"``), the training settings,
 the step reached and the exact command that produced it. ``trainer_state.pt`` (optimizer, step,
 RNG) sits beside them for resuming and is not needed to use the adapter.
 """
@@ -11,12 +11,9 @@ import os
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ptp.ptp_model import PTPConfig, PTPModel
-
-ADAPTER = "adapter.safetensors"
-CONFIG = "config.json"
+from ptp.drafters.checkpoint import ADAPTER, CONFIG, load_adapter, load_heads, load_masked, read_config, read_meta  # noqa: F401
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -45,66 +42,3 @@ def save_adapter(model, out_dir: str, extra: Optional[dict[str, Any]] = None,
     return out_dir
 
 
-def read_meta(ckpt_dir: str) -> dict:
-    path = os.path.join(ckpt_dir, CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no drafter checkpoint config at {path}")
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_config(ckpt_dir: str) -> tuple[PTPConfig, dict]:
-    meta = read_meta(ckpt_dir)
-    if "ptp" not in meta:
-        raise ValueError(f"{ckpt_dir} is a {meta.get('type')!r} checkpoint, not a PTP adapter")
-    return PTPConfig(**meta["ptp"]), meta
-
-
-def _load_tensors(ckpt_dir: str, device) -> dict[str, torch.Tensor]:
-    path = os.path.join(ckpt_dir, ADAPTER)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no adapter weights at {path}")
-    return {k: v.to(device) for k, v in load_file(path).items()}
-
-
-def _check_base(base, tensors: dict[str, torch.Tensor], key: str, ckpt_dir: str) -> None:
-    hidden = base.get_input_embeddings().weight.shape[1]
-    if key in tensors and tensors[key].shape[-1] != hidden:
-        raise ValueError(f"{ckpt_dir} was trained for hidden size {tensors[key].shape[-1]}, "
-                         f"the model has {hidden}: wrong --model for this drafter?")
-
-
-def _load_drafter(base, ckpt_dir: str, key: str, what: str, check_tensor: str, build):
-    meta = read_meta(ckpt_dir)
-    if key not in meta:
-        raise ValueError(f"{ckpt_dir} is a {meta.get('type')!r} checkpoint, not {what}")
-    tensors = _load_tensors(ckpt_dir, base.get_input_embeddings().weight.device)
-    _check_base(base, tensors, check_tensor, ckpt_dir)
-    model = build(meta[key])
-    model.load_adapter_state_dict(tensors)
-    return model.eval()
-
-
-def load_mtp(base, ckpt_dir: str):
-    """Wrap ``base`` with the masked-input drafter stored in ``ckpt_dir``."""
-    from ptp.mtp_model import MTPConfig, MTPModel
-
-    return _load_drafter(base, ckpt_dir, "mtp", "a masked-input drafter", "masks",
-                         lambda cfg: MTPModel(base, MTPConfig(**cfg)))
-
-
-def load_heads(base, ckpt_dir: str):
-    """MTP heads stored in ``ckpt_dir`` on top of ``base``."""
-    from ptp.mtp_model import HeadsConfig, MTPHeads
-
-    return _load_drafter(base, ckpt_dir, "heads", "MTP heads", "bias",
-                         lambda cfg: MTPHeads(base, HeadsConfig(**cfg)))
-
-
-def load_adapter(base, ckpt_dir: str) -> PTPModel:
-    """Wrap ``base`` (the target, any dtype/device) with the adapter stored in ``ckpt_dir``."""
-    config, _ = read_config(ckpt_dir)
-    model = PTPModel(base, config)
-    dev = base.get_input_embeddings().weight.device
-    model.load_adapter_state_dict({k: v.to(dev) for k, v in load_file(os.path.join(ckpt_dir, ADAPTER)).items()})
-    return model.eval()

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from ptp.lora import LoRAConfig
+from ptp.decode.lora import LoRAConfig
 
 
 def _common(p: argparse.ArgumentParser, windows: int) -> None:
@@ -80,7 +80,7 @@ def add_train_parsers(subparsers) -> argparse.ArgumentParser:
                         "previous slot's token)")
     _sampler_args(p, "(implies --sampler)",
                   "start from a trained PTP adapter's tensors (sampler / copy tensors it lacks keep their init)")
-    m = sub.add_parser("mtp", help="train the masked-input drafter (gated LoRA + masks + sampler head)")
+    m = sub.add_parser("masked", help="train the masked-input drafter (gated LoRA + masks + sampler head)")
     _common(m, windows=24)
     m.add_argument("--masks", type=int, default=8, help="k mask tokens per window")
     m.add_argument("--rank", type=int, default=16)
@@ -183,7 +183,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ptp.train.models import load_target
     from ptp.train.trainer import TrainConfig, train
 
-    if args.train_command not in ("ptp", "mtp", "heads"):
+    if args.train_command not in ("ptp", "masked", "heads"):
         raise ValueError(f"unknown train command {args.train_command!r}")
     t0 = time.time()
     if args.threads:
@@ -197,7 +197,7 @@ def run_train(args: argparse.Namespace) -> int:
     counts = answer_token_counts(seqs, base.get_input_embeddings().weight.shape[0])
     loss_fn, mode = None, "distill"
     if args.train_command == "ptp":
-        from ptp.ptp_model import PTPConfig, PTPModel
+        from ptp.drafters.ptp_model import PTPConfig, PTPModel
 
         config = PTPConfig(variant=args.variant, num_slots=args.slots, u_embedding=args.u_embedding,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -208,11 +208,11 @@ def run_train(args: argparse.Namespace) -> int:
         if args.init_from and not os.path.exists(os.path.join(args.out, "trainer_state.pt")):
             _init_from(model, args.init_from, "PTP adapter")
         mode = args.mode
-    elif args.train_command == "mtp":
-        from ptp.mtp_model import MTPConfig, MTPModel
-        from ptp.train.mtp import mtp_batch_loss
+    elif args.train_command == "masked":
+        from ptp.drafters.masked_model import MaskedConfig, MaskedModel
+        from ptp.train.masked import masked_batch_loss
 
-        model = MTPModel(base, MTPConfig(num_masks=args.masks, lora=LoRAConfig(rank=args.rank, alpha=args.alpha),
+        model = MaskedModel(base, MaskedConfig(num_masks=args.masks, lora=LoRAConfig(rank=args.rank, alpha=args.alpha),
                                          sampler=not args.no_sampler, lcm_weight=args.lcm_weight,
                                          base_model=args.model, copy_attn=args.copy_attn))
         model.set_token_counts(counts)
@@ -222,10 +222,10 @@ def run_train(args: argparse.Namespace) -> int:
             _init_from(model, args.init_from, "masked-input drafter")
         if args.freeze_adapter:
             model.freeze_adapter()
-        loss_fn = mtp_batch_loss
+        loss_fn = masked_batch_loss
     else:
-        from ptp.mtp_model import HeadsConfig, MTPHeads
-        from ptp.train.mtp import heads_batch_loss
+        from ptp.drafters.heads_model import HeadsConfig, MTPHeads
+        from ptp.train.masked import heads_batch_loss
 
         model = MTPHeads(base, HeadsConfig(num_heads=args.heads, base_model=args.model,
                                                  token_input=args.token_input,

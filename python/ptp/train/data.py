@@ -8,10 +8,10 @@ used). Temperature > 0: answers are sampled from the plain temperature distribut
 top-p at generation, so every token has a non-empty bin under the training distribution).
 
 Two generation backends (``DataConfig.backend``): ``"ptp"`` decodes with this project's own
-:class:`ptp.decoder.Decoder` (drafter ``none``): every answer is exactly the target's plain
+:class:`ptp.decode.decoder.Decoder` (drafter ``none``): every answer is exactly the target's plain
 single-sequence decoding whatever the batch it shared (row-invariant calls on the CPU), finished
 answers leave the batch, and sampled answers take the position-indexed uniform stream, so token
-``j`` of sequence ``i`` was picked by ``U(seed, i, prompt_len + j)`` (:func:`ptp.sampling.uniforms`).
+``j`` of sequence ``i`` was picked by ``U(seed, i, prompt_len + j)`` (:func:`ptp.decode.sampling.uniforms`).
 ``"hf"`` is transformers' batched ``generate`` (left padded). ``"auto"`` (default) takes ``ptp`` on
 the CPU, where it is 2.1x faster (SmolLM2, 32 answers x 160 tokens on a 2-core AMD EPYC: 0.82 vs
 1.69 s per answer, the same 32 answers), and ``hf`` elsewhere.
@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ptp.decode.draft import Drafter
 from ptp.train.prompts import build_prompt_plan, build_prompts, derive_prompts
 
 
@@ -42,7 +43,7 @@ class DataConfig:
     batch_size: int = 16
     model: str = "smollm2-135m-instruct"
     prompt_set: str = "v2"  # "v2": two-stage varied set (default); "v1": the first 320-template set
-    backend: str = "auto"  # "ptp" (ptp.decoder), "hf" (transformers generate), "auto": ptp on the CPU
+    backend: str = "auto"  # "ptp" (ptp.decode.decoder), "hf" (transformers generate), "auto": ptp on the CPU
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _answer(model, tok, prompts: list[str], cfg: DataConfig, gen: torch.Generato
     return out  # type: ignore[return-value]
 
 
-class _HiddenRecorder:
+class _HiddenRecorder(Drafter):
     """Plain decoding (it drafts nothing) that keeps the target's final hidden state of every fed
     token: the prefill's last prompt token, then each step's root (the token committed before it).
     Those are exactly the answer anchors ``prompt_len-1 .. L-2`` of the finished sequence, computed
@@ -151,10 +152,10 @@ class _HiddenRecorder:
 
 def _answer_decoder(model, tok, prompts: list[str], cfg: DataConfig, bar, first_id: int,
                     record_hidden: bool = False) -> list[Sequence]:
-    """``_answer`` through :class:`ptp.decoder.Decoder` with no drafter (plain decoding)."""
-    from ptp.decoder import Decoder, GenerationConfig
+    """``_answer`` through :class:`ptp.decode.decoder.Decoder` with no drafter (plain decoding)."""
+    from ptp.decode.decoder import Decoder, GenerationConfig
     from ptp.drafters import make_drafter
-    from ptp.sampling import SamplingConfig
+    from ptp.decode.sampling import SamplingConfig
 
     recorder = _HiddenRecorder() if record_hidden else None
     decoder = Decoder(model, tok, recorder if recorder is not None else make_drafter("none", model, tok))

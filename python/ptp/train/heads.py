@@ -10,7 +10,7 @@ calls record these states as they go (:func:`recorded_hidden`) and that pass is 
 the 78 minutes data + hidden states took for the 3,200-answer set on a 2-core AMD EPYC.
 Every optimizer step then trains on ``positions_per_step`` anchors drawn from all sequences, at
 the cost of the heads and their LM-head rows alone: 2 passes over the v2 set take 2-3 minutes on
-that CPU, where the per-sequence loop (:func:`ptp.train.mtp.heads_batch_loss`, which reruns the
+that CPU, where the per-sequence loop (:func:`ptp.train.masked.heads_batch_loss`, which reruns the
 target every step) took 37 minutes for 1.75 passes.
 
 Loss of head i at anchor t: cross-entropy of the data token ``t+2+i`` over the **draft
@@ -49,9 +49,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ptp.models import SMOLLM2_ALIASES
-from ptp.mtp_model import MTPHeads
+from ptp.drafters.heads_model import MTPHeads
+from ptp.drafters.sampler_head import draft_vocab_ids
 from ptp.train.checkpoint import TRAINER_STATE, save_adapter
 from ptp.train.data import Sequence
+from ptp.train.trainer import lr_scheduler
 
 __all__ = ["HeadsTrainConfig", "HeadPositions", "answer_hidden_states", "load_or_compute_hidden",
            "recorded_hidden", "save_hidden", "head_positions", "teacher_topk", "train_heads_cached"]
@@ -279,8 +281,7 @@ class _Vocab:
         else:
             if model.token_counts is None:
                 raise ValueError("train_vocab needs the heads' token counts (set_token_counts)")
-            order = torch.sort(-model.token_counts, stable=True).indices  # as set_draft_vocab
-            self.ids = order[:size].sort().values.to(device)
+            self.ids = draft_vocab_ids(model.token_counts, size).to(device)  # the draft vocabulary's
         self.weight = lm.weight.detach().index_select(0, self.ids).float()
         b = getattr(lm, "bias", None)
         self.bias = None if b is None else b.detach().index_select(0, self.ids).float()
@@ -380,14 +381,6 @@ def holdout_indices(num_seqs: int, holdout: int, seed: int) -> list[int]:
     return sorted(split[:holdout])
 
 
-def _lr_factor(cfg: HeadsTrainConfig, step: int) -> float:
-    f = min(1.0, (step + 1) / max(1, cfg.warmup))
-    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
-        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        f = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
-    return f
-
-
 def _batch(cfg: HeadsTrainConfig, N: int, step: int) -> torch.Tensor:
     """Indices of step ``step``'s anchors: epoch ``e`` walks ``randperm(N)`` seeded ``seed + e``
     (the last incomplete batch of an epoch is skipped); a function of ``(seed, step)`` only."""
@@ -424,7 +417,7 @@ def train_heads_cached(model: MTPHeads, seqs: list[Sequence], H: torch.Tensor, o
     ids = padded_ids(seqs) if model.config.copy_attn else None
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
+    sched = lr_scheduler(opt, cfg.lr_schedule, cfg.warmup, cfg.steps)
     step = 0
     state_path = os.path.join(out_dir, TRAINER_STATE)
     if resume and os.path.exists(state_path):

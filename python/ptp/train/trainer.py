@@ -9,7 +9,7 @@ right-padded real pass and one slot pass, which is what keeps a GPU busy):
    a's k slots draft tokens ``a .. a+k-1``; u_j is drawn in token ``a+j``'s CDF bin
    (``left + (right-left) * Beta(beta, beta)``; ``0.5`` at temperature 0).
 3. *Slot pass* (grad, adapter on the slot rows only): all windows' slots at once against the
-   cached context, through the block mask of :func:`ptp.ptp_model.packed_layout`.
+   cached context, through the block mask of :func:`ptp.drafters.ptp_model.packed_layout`.
 4. Loss. O-PTP: cross-entropy on the data token. C-PTP distillation: KL(teacher P_T || student
    P_T) at temperature T (cross-entropy on the data token at T = 0). With a sampler head
    (``PTPConfig.sampler``) slots 1.. predict through it, teacher-forced on the data token before
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ptp.models import output_cache
-from ptp.ptp_model import PTPModel, batched_slot_layout, crop_cache
-from ptp.sampler_head import window_copy_inputs
+from ptp.drafters.ptp_model import PTPModel, batched_slot_layout, crop_cache
+from ptp.drafters.sampler_head import window_copy_inputs
 from ptp.train.checkpoint import TRAINER_STATE, save_adapter
 from ptp.train.data import Sequence
 from ptp_ext.reference import sampling_probs
@@ -58,15 +58,21 @@ class TrainConfig:
     save_dtype: str = "float32"  # adapter file dtype ("float16" halves it; loading casts back)
 
 
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to 0.1."""
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
-    f = min(1.0, (step + 1) / max(1, cfg.warmup))
-    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
-        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        f = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
-    return f
+def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, warmup: int, steps: int
+                 ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The training runs' schedule, from ``torch.optim.lr_scheduler``: linear warm-up over
+    ``warmup`` steps (factor ``(step + 1) / warmup``), then ``"constant"`` or ``"cosine"`` decay
+    to 10% of the learning rate at ``steps``."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    sched = torch.optim.lr_scheduler
+    w = max(1, int(warmup))
+    warm = sched.LinearLR(opt, start_factor=1.0 / w, end_factor=1.0, total_iters=w - 1)
+    if schedule == "constant":
+        return warm
+    base = [g["initial_lr"] for g in opt.param_groups]  # LinearLR already scaled g["lr"]
+    cosine = sched.CosineAnnealingLR(opt, T_max=max(1, steps - w), eta_min=0.1 * min(base))
+    return sched.SequentialLR(opt, [warm, cosine], milestones=[w])
 
 
 def _bins(probs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,8 +297,7 @@ def train(model, seqs: list[Sequence], cfg: TrainConfig, out_dir: str,
     start_time = time.time()
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_factor(cfg, 0)  # validates cfg.lr_schedule before any work
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+    sched = lr_scheduler(opt, cfg.lr_schedule, cfg.warmup, cfg.steps)
     step, rng, gen = 0, random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     state_path = os.path.join(out_dir, TRAINER_STATE)
     if resume and os.path.exists(state_path):

@@ -1,0 +1,239 @@
+"""ptp against llama.cpp on the same GGUF, the same prompts and token counts, the same threads.
+
+The CPU peer of ptp is llama.cpp running ``SmolLM2-135M-Instruct.Q4_1.gguf`` (the file ptp's
+default model is loaded from). In one process and one run, for every selected Spec-Bench dev
+prompt (first turn, chat template; the same token ids for both, the GGUF carries the vocabulary):
+
+* ptp plain (drafter ``none``) and the ptp methods of ``--methods`` (default: prompt lookup and the
+  default drafter ``auto``), greedy, each checked token-for-token against ptp plain;
+* llama.cpp (llama-cpp-python's ``Llama.eval`` loop, greedy argmax over its logits) generating
+  exactly as many tokens as ptp plain did for that prompt, EOS ignored: llama.cpp rounds the
+  activations of its quantised matmuls to 8 bits, so its text differs from float32 decoding and
+  the comparison is of speed at equal token counts, not of text;
+* ``llama-bench -p 0 -n 128`` (tg128, llama.cpp's own loop without any Python) when the binary
+  is found (``--llama-bench PATH`` or on ``PATH``).
+
+Timing: tokens/s over each prompt's whole generation (prefill included) and, for the headline
+ratio, decode-only tokens/s (the prefill, timed separately for each prompt and method, taken
+out). With 2 threads on a 2-core machine llama.cpp spin-waits: the script records the load
+average before it starts and refuses to run above ``--max-load`` (an idle machine is the only
+fair one). Writes a table per Spec-Bench category to ``benchmarks/results/<date>-cpu-vs-llamacpp.md``.
+
+Without llama-cpp-python it prints why and exits 0 (nothing measured, nothing written). Install:
+``CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python`` (builds llama.cpp from source,
+about 10 minutes on 2 cores; add ``-DLLAMA_BUILD_TOOLS=ON`` for llama-bench).
+
+    PYTHONPATH=$PWD:$PWD/python python benchmarks/vs_llamacpp.py --per-category 3 --max-new-tokens 128
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from typing import Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+INSTALL_HINT = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python'
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def find_llama_bench(path: Optional[str]) -> Optional[str]:
+    """The llama-bench binary: ``path`` if given, else on PATH or beside llama_cpp's libraries."""
+    if path:
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise SystemExit(f"--llama-bench {path}: not an executable file")
+        return path
+    found = shutil.which("llama-bench")
+    if found:
+        return found
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is not None and spec.submodule_search_locations:
+        for root, _, files in os.walk(spec.submodule_search_locations[0]):
+            if "llama-bench" in files:
+                return os.path.join(root, "llama-bench")
+    return None
+
+
+def per_category(questions: list, per_cat: int) -> list:
+    """The first ``per_cat`` questions of every category, in file order."""
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for q in questions:
+        c = q.get("category", "?")
+        if seen[c] < per_cat:
+            seen[c] += 1
+            out.append(q)
+    return out
+
+
+def llama_bench_tg(binary: str, gguf: str, threads: int, n: int = 128) -> Optional[float]:
+    """llama-bench's tg``n`` tokens/s (mean over its repetitions), or None if it failed."""
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n), "-o", "json"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+        rows = json.loads(out)
+        return float(rows[0]["avg_ts"])
+    except (subprocess.SubprocessError, ValueError, KeyError, IndexError, OSError) as e:
+        print(f"llama-bench failed: {e}", file=sys.stderr)
+        return None
+
+
+def run_llama(llm, prompt: list[int], n: int) -> tuple[float, float]:
+    """Greedy decode exactly ``n`` tokens after ``prompt``; returns (prefill s, decode s)."""
+    import numpy as np
+
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    for _ in range(n):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([tok])
+    return t1 - t0, time.perf_counter() - t1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", default=None, help="Spec-Bench JSONL (default: the dev file)")
+    ap.add_argument("--per-category", type=int, default=3, help="prompts per Spec-Bench category")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="threads for both (torch and llama.cpp)")
+    ap.add_argument("--methods", default="lookup,auto",
+                    help="ptp drafters besides plain, comma separated (name[:k=v;...])")
+    ap.add_argument("--llama-bench", default=None, help="path of the llama-bench binary")
+    ap.add_argument("--max-load", type=float, default=0.5,
+                    help="refuse to run when the 1-minute load average is above this")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.per_category < 1 or args.max_new_tokens < 1 or args.threads < 1:
+        raise SystemExit("--per-category, --max-new-tokens and --threads must be >= 1")
+    if not llama_cpp_available():
+        print(f"vs_llamacpp: skipped: llama-cpp-python is not installed ({INSTALL_HINT})")
+        return 0
+    load = os.getloadavg()[0]
+    if load > args.max_load:
+        print(f"vs_llamacpp: load average {load:.2f} > --max-load {args.max_load}: the machine is "
+              f"not idle, timings would be meaningless", file=sys.stderr)
+        return 3
+
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    sys.path.insert(0, ROOT)
+    import torch
+    import llama_cpp
+
+    from benchmarks.e2e import _cpu_name, _default_prompts, parse_method, run_ptp, write_report
+    from ptp.cli import chat_prompt_ids, eos_ids, read_specbench
+    from ptp.drafters import make_drafter
+    from ptp.models import _GGUF_FILE, load_target, smollm2_gguf_dir
+
+    torch.set_num_threads(args.threads)
+    gguf = os.path.join(smollm2_gguf_dir(), _GGUF_FILE)
+    questions = per_category(read_specbench(args.prompts or _default_prompts()), args.per_category)
+    model, tokenizer = load_target("smollm2")
+    eos = eos_ids(model, tokenizer)
+    prompts = [chat_prompt_ids(tokenizer, q["turns"][0]) for q in questions]
+    N = args.max_new_tokens
+
+    methods = {"ptp plain": (make_drafter("none", model, tokenizer), model)}
+    for spec in filter(None, args.methods.split(",")):
+        name, opts = parse_method(spec.replace(";", ","))
+        m = copy.deepcopy(model)  # adapters wrap the model's linears: one copy per drafter
+        methods[f"ptp {spec}"] = (make_drafter(name, m, tokenizer, **opts), m)
+
+    # per method: warm-up, the prefill (a 1-token run of each prompt), then the whole runs
+    results, prefill = {}, {}
+    for label, (drafter, m) in methods.items():
+        run_ptp(m, tokenizer, drafter, prompts[:1], 4, eos)
+        prefill[label] = [r[2] for r in run_ptp(m, tokenizer, drafter, prompts, 1, eos)]
+        t0 = time.perf_counter()
+        results[label] = run_ptp(m, tokenizer, drafter, prompts, N, eos)
+        print(f"{label}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    ref = [r[0] for r in results["ptp plain"]]
+    exact = {k: sum(r[0] == x for r, x in zip(v, ref)) for k, v in results.items()}
+
+    llm = llama_cpp.Llama(model_path=gguf, n_threads=args.threads, n_threads_batch=args.threads,
+                          n_ctx=4096, verbose=False)
+    run_llama(llm, prompts[0], 4)  # warm-up
+    lcpp = [run_llama(llm, p, len(t)) for p, t in zip(prompts, ref)]
+    bench_bin = find_llama_bench(args.llama_bench)
+    tg128 = llama_bench_tg(bench_bin, gguf, args.threads) if bench_bin else None
+    load_after = os.getloadavg()[0]
+
+    cats = defaultdict(list)
+    for i, q in enumerate(questions):
+        cats[q.get("category", "?")].append(i)
+
+    def ptp_stats(label, idx):
+        toks = sum(len(results[label][i][0]) for i in idx)
+        calls = sum(results[label][i][1] for i in idx)
+        secs = sum(results[label][i][2] for i in idx)
+        dec = sum(results[label][i][2] - prefill[label][i] for i in idx)
+        # the 1-token run's time is the prefill plus one step: decode-only counts the rest
+        return toks / secs, (toks - len(idx)) / max(dec, 1e-9), toks / max(calls, 1)
+
+    def llama_stats(idx):
+        toks = sum(len(ref[i]) for i in idx)
+        return toks / sum(sum(lcpp[i]) for i in idx), toks / sum(lcpp[i][1] for i in idx)
+
+    date = datetime.date.today().isoformat()
+    all_idx = list(range(len(prompts)))
+    l_e2e, l_dec = llama_stats(all_idx)
+    lines = [f"# ptp vs llama.cpp on the same GGUF, CPU ({date}), greedy\n",
+             "Command: `PYTHONPATH=$PWD:$PWD/python python benchmarks/vs_llamacpp.py "
+             + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n",
+             f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {args.threads} threads for each "
+             f"engine; load average {load:.2f} before, {load_after:.2f} after. torch "
+             f"{torch.__version__}; llama-cpp-python {getattr(llama_cpp, '__version__', '?')}. "
+             f"Model: SmolLM2-135M-Instruct, `{_GGUF_FILE}` for llama.cpp, the same file "
+             f"dequantised to float32 for ptp (its decoding calls read the Q4_1 blocks). "
+             f"{len(prompts)} Spec-Bench dev prompts ({args.per_category} per category, first "
+             f"turn, chat template), up to {N} new tokens, batch 1.\n",
+             "llama.cpp decodes exactly as many tokens as ptp plain did for each prompt (EOS "
+             "ignored): it rounds activations to 8 bits in its quantised matmuls, so its tokens "
+             "differ from float32 decoding; the comparison is of speed at equal token counts. "
+             "`e2e` counts the whole generation (prefill included); `decode` takes each prompt's "
+             "prefill out (timed separately).\n"]
+    if tg128 is not None:
+        lines.append(f"llama-bench `-t {args.threads} -p 0 -n 128`: **{tg128:.1f} tok/s** (tg128).\n")
+    lines.append("## All prompts\n")
+    lines.append("| engine | e2e tok/s | decode tok/s | decode vs llama.cpp loop | "
+                 + ("decode vs llama-bench tg128 | " if tg128 else "")
+                 + "tokens per call | tokens == ptp plain |")
+    lines.append("|---|---|---|---|" + ("---|" if tg128 else "") + "---|---|")
+    lines.append(f"| llama.cpp (Llama.eval loop) | {l_e2e:.1f} | {l_dec:.1f} | 1.00x | "
+                 + (f"{l_dec / tg128:.2f}x | " if tg128 else "") + "1.00 | - |")
+    for label in results:
+        e2e, dec, tpc = ptp_stats(label, all_idx)
+        lines.append(f"| {label} | {e2e:.1f} | {dec:.1f} | {dec / l_dec:.2f}x | "
+                     + (f"{dec / tg128:.2f}x | " if tg128 else "")
+                     + f"{tpc:.2f} | {exact[label]}/{len(prompts)} |")
+    lines.append("\n## Per category (decode tok/s, ratio vs llama.cpp, tokens per call)\n")
+    names = list(results)
+    lines.append("| category | n | llama.cpp | " + " | ".join(names) + " |")
+    lines.append("|---|---|---|" + "---|" * len(names))
+    for cat, idx in sorted(cats.items()):
+        ld = llama_stats(idx)[1]
+        cells = []
+        for label in names:
+            _, dec, tpc = ptp_stats(label, idx)
+            cells.append(f"{dec:.1f} ({dec / ld:.2f}x, {tpc:.2f})")
+        lines.append(f"| {cat} | {len(idx)} | {ld:.1f} | " + " | ".join(cells) + " |")
+    write_report(lines, args.out or os.path.join(HERE, "results", f"{date}-cpu-vs-llamacpp.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+// decode_step on the CPU: semantics in decode_step.h, reference ptp_ext.reference.decode_step_ref.
+//
+// The step body (decode_step_cpu_kernel.h) is compiled three times, like invariant_linear's
+// kernel: baseline ISA, AVX2 + FMA + F16C, and the same 8-lane code with AVX-512VL's 32 registers
+// (taller register tiles); each copy holds its own copies of invariant_linear's and
+// tree_attention's inner kernels (static inline functions in headers), so the projections and
+// the attention are computed by exactly the code of those ops, without a dispatcher call or a
+// thread-pool fork/join per op.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "decode_step.h"
+#include "../common/cpu_isa.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace ptp {
+namespace ds {
+
+// The step's team (one thread when built without OpenMP: the pragmas are then ignored).
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+inline int team_rank() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+#include "tree_attention/tree_attention_unit.h"
+
+// One projection: float32 [M, K] (format 0) or GGUF blocks (1 q4_1, 2 q8_0; row_bytes per row).
+struct LinearW {
+  const void* w = nullptr;
+  int64_t format = 0, M = 0, K = 0, row_bytes = 0;
+  const float* bias = nullptr;
+  const float* lora_a = nullptr;  // [rank, K] or null
+  const float* lora_b = nullptr;  // [M, rank]
+  int64_t rank = 0;
+  float lora_scale = 0.f;
+};
+
+struct LayerW {
+  LinearW lin[7];  // q, k, v, o, gate, up, down
+  const float* ln1;
+  const float* ln2;
+  float* key_cache;    // [B, H_kv, S, D]
+  float* value_cache;
+};
+
+struct StepArgs {
+  int64_t B, T, H, Hq, Hkv, D, I, S, num_layers, aux_start;
+  float eps;
+  double scale;
+  const float* cos;
+  const float* sin;
+  const int64_t* lens;
+  const bool* mask;
+  const LayerW* layers;
+  const float* final_norm;
+  float* h;    // [B * T, H] the residual stream (in place)
+  float* out;  // [B * T, H]
+  int num_threads;
+};
+
+namespace ds_base {
+namespace il {
+#include "../invariant_linear/invariant_linear_cpu_kernel.h"
+}  // namespace il
+namespace ta {
+#include "../tree_attention/tree_attention_cpu_kernel.h"
+}  // namespace ta
+#include "decode_step_cpu_kernel.h"
+}  // namespace ds_base
+
+#ifdef PTP_HAVE_X86
+PTP_AVX2_BEGIN
+#define PTP_CPU_AVX2 1
+namespace ds_avx2 {
+namespace il {
+#include "../invariant_linear/invariant_linear_cpu_kernel.h"
+}  // namespace il
+namespace ta {
+#include "../tree_attention/tree_attention_cpu_kernel.h"
+}  // namespace ta
+#include "decode_step_cpu_kernel.h"
+}  // namespace ds_avx2
+#undef PTP_CPU_AVX2
+PTP_AVX2_END
+
+PTP_AVX512VL_BEGIN
+#define PTP_CPU_AVX2 1
+namespace ds_avx512 {
+namespace il {
+#define PTP_IL_MAX_TILE 6
+#include "../invariant_linear/invariant_linear_cpu_kernel.h"
+}  // namespace il
+namespace ta {
+#include "../tree_attention/tree_attention_cpu_kernel.h"
+}  // namespace ta
+#define PTP_DS_ZMM 1
+#include "decode_step_cpu_kernel.h"
+#undef PTP_DS_ZMM
+}  // namespace ds_avx512
+#undef PTP_CPU_AVX2
+PTP_AVX512VL_END
+#endif
+
+}  // namespace ds
+
+at::Tensor decode_step_cpu(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                           at::TensorList key_caches, at::TensorList value_caches,
+                           const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+                           at::TensorList weights, at::IntArrayRef formats,
+                           const c10::List<std::optional<at::Tensor>>& biases,
+                           at::TensorList norm_weights,
+                           const c10::List<std::optional<at::Tensor>>& lora_a,
+                           const c10::List<std::optional<at::Tensor>>& lora_b,
+                           at::ArrayRef<double> lora_scales, int64_t aux_start, double eps,
+                           double scale) {
+  check_decode_step_inputs(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask,
+                           weights, formats, biases, norm_weights, lora_a, lora_b, lora_scales,
+                           aux_start);
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  const int64_t L = static_cast<int64_t>(key_caches.size()), D = cos.size(2);
+  at::Tensor out = at::empty_like(hidden);
+  if (B == 0) return out;
+  at::Tensor h = hidden.clone();  // the residual stream
+  const at::Tensor lens_t = cache_lens.to(at::kLong).contiguous();
+  const bool lora = lora_a.size() > 0;
+  std::vector<ds::LayerW> layers(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    ds::LayerW& Lw = layers[l];
+    for (int64_t j = 0; j < kDecodeStepLinears; ++j) {
+      const int64_t i = l * kDecodeStepLinears + j;
+      const at::Tensor& w = weights[i];
+      ds::LinearW& lw = Lw.lin[j];
+      lw.w = w.data_ptr();
+      lw.format = formats[i];
+      lw.M = w.size(0);
+      lw.K = formats[i] == 0 ? w.size(1) : w.size(1) / decode_step_block_bytes(formats[i]) * 32;
+      lw.row_bytes = w.size(1);
+      const std::optional<at::Tensor> bias = biases[i];
+      lw.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+      if (lora) {
+        const std::optional<at::Tensor> a = lora_a[i], b = lora_b[i];
+        if (a.has_value()) {
+          lw.lora_a = a->data_ptr<float>();
+          lw.lora_b = b->data_ptr<float>();
+          lw.rank = a->size(0);
+          lw.lora_scale = static_cast<float>(lora_scales[i]);
+        }
+      }
+    }
+    Lw.ln1 = norm_weights[2 * l].data_ptr<float>();
+    Lw.ln2 = norm_weights[2 * l + 1].data_ptr<float>();
+    Lw.key_cache = key_caches[l].data_ptr<float>();
+    Lw.value_cache = value_caches[l].data_ptr<float>();
+  }
+  ds::StepArgs a;
+  a.B = B;
+  a.T = T;
+  a.H = H;
+  a.D = D;
+  a.Hq = weights[0].size(0) / D;
+  a.Hkv = key_caches[0].size(1);
+  a.I = weights[4].size(0);
+  a.S = key_caches[0].size(2);
+  a.num_layers = L;
+  a.aux_start = lora ? aux_start : T;
+  a.eps = static_cast<float>(eps);
+  a.scale = scale;
+  a.cos = cos.data_ptr<float>();
+  a.sin = sin.data_ptr<float>();
+  a.lens = lens_t.data_ptr<int64_t>();
+  a.mask = tree_mask.has_value() ? tree_mask->data_ptr<bool>() : nullptr;
+  a.layers = layers.data();
+  a.final_norm = norm_weights[2 * L].data_ptr<float>();
+  a.h = h.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  // nested in another parallel region (e.g. at::parallel_for): one thread
+  a.num_threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+#ifdef PTP_HAVE_X86
+  if (cpu_has_avx512vl()) {
+    ds::ds_avx512::run_step(a);
+    return out;
+  }
+  if (cpu_has_avx2()) {
+    ds::ds_avx2::run_step(a);
+    return out;
+  }
+#endif
+  ds::ds_base::run_step(a);
+  return out;
+}
+
+#ifdef PTP_WITH_CUDA
+// Registered for CUDA only so that a CUDA tensor gets this message instead of the dispatcher's.
+at::Tensor decode_step_cuda(const at::Tensor& hidden, const at::Tensor&, const at::Tensor&,
+                            at::TensorList, at::TensorList, const at::Tensor&,
+                            const std::optional<at::Tensor>&, at::TensorList, at::IntArrayRef,
+                            const c10::List<std::optional<at::Tensor>>&, at::TensorList,
+                            const c10::List<std::optional<at::Tensor>>&,
+                            const c10::List<std::optional<at::Tensor>>&, at::ArrayRef<double>,
+                            int64_t, double, double) {
+  PTP_CHECK(false, "decode_step is CPU-only (GPU decoding calls take ptp.decode.fastpath with CUDA "
+            "graphs), got hidden ", describe(hidden));
+  return at::Tensor();
+}
+#endif
+
+}  // namespace ptp

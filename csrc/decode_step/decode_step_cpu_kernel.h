@@ -1,0 +1,412 @@
+// The body of decode_step_cpu, included once per ISA (see decode_step_cpu.cpp) inside a namespace
+// that also holds that ISA's copies of invariant_linear's kernel (namespace il) and
+// tree_attention's (namespace ta). Torch-free: raw pointers in a StepArgs.
+//
+// Threads: one OpenMP parallel region per call. Per layer, seven phases, each ending at a barrier:
+//   1. every thread RMS-normalises all rows into its own buffer (a few KB; no barrier needed),
+//      then computes its share of q, k and v's output features (rows of the weights: each
+//      weight byte is read by one thread, once per call, for all the call's rows);
+//   2. rotary + KV-cache write, split over (row, head);
+//   3. attention units (batch row, KV head, 512-key chunk) as tree_attention;
+//   4. merge of the chunks, split over (batch row, KV head);
+//   5. o_proj over the thread's output features + residual on those features;
+//   then the MLP: norm (each thread, all rows), gate and up over the thread's features with
+//   SiLU(gate) * up fused, barrier, down + residual over the thread's features, barrier.
+// A thread's share never changes a value: every element is computed by one thread in a fixed
+// order (invariant_linear's register tiles, or in the AVX-512 copy the 16-lane tiles below;
+// fixed attention chunks).
+
+#include "../common/cpu_simd.inc"
+
+// Features [n0, n1) of thread `tid` of `P` over M features, in multiples of 4 (register tiles).
+static inline void share(int64_t M, int tid, int P, int64_t& n0, int64_t& n1) {
+  const int64_t tiles = (M + 3) / 4;
+  n0 = std::min(M, tiles * tid / P * 4);
+  n1 = std::min(M, tiles * (tid + 1) / P * 4);
+}
+
+#ifdef PTP_DS_ZMM
+// ---- GGUF blocks, 16-lane (AVX-512) dot products ------------------------------------------------
+// A block's 32 weights in two zmm (weights 0-15, 16-31), bitwise the loaded float32 weights:
+// Q4_1 through a 16-entry table d * v + m (v = 0..15, one FMA each: d * v is exact, so it rounds
+// once, as the loader's d * q + m) indexed by the nibbles (vpermps); Q8_0 as d * q (exact).
+// About half the instructions of invariant_linear's 8-lane dequantisation (the blocks' matvec is
+// compute-bound on one core: ~5 ns per block and row there). Each output is
+// hsum16(acc) with acc = fma(x[0:16], w[0:16], acc), fma(x[16:32], w[16:32], acc) over the blocks
+// in order: one fixed sequence per (row, feature), whatever the tiling (row invariance).
+template <int FMT>
+static inline void zweights(const uint8_t* blk, __m512& lo, __m512& hi) {
+  if constexpr (FMT == 1) {
+    int32_t dm_bits;
+    __builtin_memcpy(&dm_bits, blk, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));  // [d, m, 0, 0]
+    const __m512 iota = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f,
+                                       12.f, 13.f, 14.f, 15.f);
+    const __m512 table = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), iota,
+                                         _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)), table);
+    hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)),
+                               table);
+  } else {
+    uint16_t d_bits;
+    __builtin_memcpy(&d_bits, blk, 2);
+    const __m512 d = _mm512_set1_ps(_cvtsh_ss(d_bits));
+    const __m128i* q = reinterpret_cast<const __m128i*>(blk + 2);
+    lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
+    hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))));
+  }
+}
+
+constexpr int kZRows = 4;  // x rows per register tile (4 x 4 accumulators + 8 x vectors)
+
+// NR x rows against NW weight rows: GGUF blocks dequantised in registers (kBuf false, row j at
+// w + j * row_bytes) or float32 rows already dequantised into buf (kBuf true, row j at
+// buf + j * K). The same FMAs either way.
+template <int NR, int NW, int FMT, bool kBuf>
+static inline void ztile(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes,
+                         const float* buf, float* out, int64_t ldo) {
+  constexpr int64_t kBytes = FMT == 1 ? 20 : 34;
+  __m512 acc[NR][NW];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m512 xl[NR], xh[NR];
+    for (int r = 0; r < NR; ++r) {
+      xl[r] = _mm512_loadu_ps(x + r * K + b * 32);
+      xh[r] = _mm512_loadu_ps(x + r * K + b * 32 + 16);
+    }
+    for (int j = 0; j < NW; ++j) {
+      __m512 lo, hi;
+      if constexpr (kBuf) {
+        lo = _mm512_loadu_ps(buf + j * K + b * 32);
+        hi = _mm512_loadu_ps(buf + j * K + b * 32 + 16);
+      } else {
+        zweights<FMT>(w + j * row_bytes + b * kBytes, lo, hi);
+      }
+      for (int r = 0; r < NR; ++r) {
+        acc[r][j] = _mm512_fmadd_ps(xl[r], lo, acc[r][j]);
+        acc[r][j] = _mm512_fmadd_ps(xh[r], hi, acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NW; ++j) out[r * ldo + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+template <int NW, int FMT, bool kBuf>
+static inline void ztile_rows(int64_t rows, const float* x, int64_t K, const uint8_t* w,
+                              int64_t row_bytes, const float* buf, float* out, int64_t ldo) {
+  switch (rows) {
+    case 1: ztile<1, NW, FMT, kBuf>(x, K, w, row_bytes, buf, out, ldo); break;
+    case 2: ztile<2, NW, FMT, kBuf>(x, K, w, row_bytes, buf, out, ldo); break;
+    case 3: ztile<3, NW, FMT, kBuf>(x, K, w, row_bytes, buf, out, ldo); break;
+    default: ztile<4, NW, FMT, kBuf>(x, K, w, row_bytes, buf, out, ldo); break;
+  }
+}
+
+// Features [n0, n1) of a GGUF-block linear over all N rows of x. One x tile: weights dequantised
+// in registers; more: each weight tile dequantised once into buf (exact values), then every x
+// tile reads it.
+template <int FMT>
+static inline void zrows_block(const float* x, int64_t N, int64_t K, const uint8_t* w,
+                               int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy,
+                               float* buf) {
+  constexpr int64_t kBytes = FMT == 1 ? 20 : 34;
+  const int64_t tiles = (N + kZRows - 1) / kZRows;
+  const int64_t base = N / tiles, extra = N % tiles;
+  int64_t n = n0;
+  for (; n < n1;) {
+    const int nw = n + 4 <= n1 ? 4 : 1;
+    const uint8_t* wn = w + n * row_bytes;
+    if (tiles == 1) {
+      if (nw == 4)
+        ztile_rows<4, FMT, false>(N, x, K, wn, row_bytes, nullptr, y + n, ldy);
+      else
+        ztile_rows<1, FMT, false>(N, x, K, wn, row_bytes, nullptr, y + n, ldy);
+    } else {
+      for (int j = 0; j < nw; ++j)
+        for (int64_t b = 0; b < K / 32; ++b) {
+          __m512 lo, hi;
+          zweights<FMT>(wn + j * row_bytes + b * kBytes, lo, hi);
+          _mm512_storeu_ps(buf + j * K + b * 32, lo);
+          _mm512_storeu_ps(buf + j * K + b * 32 + 16, hi);
+        }
+      int64_t m = 0;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t rows = base + (t < extra ? 1 : 0);
+        if (nw == 4)
+          ztile_rows<4, FMT, true>(rows, x + m * K, K, nullptr, 0, buf, y + m * ldy + n, ldy);
+        else
+          ztile_rows<1, FMT, true>(rows, x + m * K, K, nullptr, 0, buf, y + m * ldy + n, ldy);
+        m += rows;
+      }
+    }
+    n += nw;
+  }
+}
+
+// The same tiles over float32 weights (K a multiple of 32): bitwise the blocks' results for the
+// same weight values, so a layer gives the same outputs whether it kept its GGUF blocks or not
+// (e.g. a model copy whose blocks no longer match), as quant_linear / invariant_linear do.
+static inline void zrows_block_f32(const float* x, int64_t N, int64_t K, const float* w, int64_t n0,
+                                   int64_t n1, float* y, int64_t ldy) {
+  const int64_t tiles = (N + kZRows - 1) / kZRows;
+  const int64_t base = N / tiles, extra = N % tiles;
+  for (int64_t n = n0; n < n1;) {
+    const int nw = n + 4 <= n1 ? 4 : 1;
+    int64_t m = 0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t rows = base + (t < extra ? 1 : 0);
+      if (nw == 4)
+        ztile_rows<4, 1, true>(rows, x + m * K, K, nullptr, 0, w + n * K, y + m * ldy + n, ldy);
+      else
+        ztile_rows<1, 1, true>(rows, x + m * K, K, nullptr, 0, w + n * K, y + m * ldy + n, ldy);
+      m += rows;
+    }
+    n += nw;
+  }
+}
+#endif
+
+// y[m, n] (+ bias[n]) for the call's N rows of x and features [n0, n1) of one linear.
+static inline void linear_part(const LinearW& w, const float* x, int64_t N, float* y, int64_t ldy,
+                               int64_t n0, int64_t n1, float* buf) {
+  if (n0 >= n1 || N == 0) return;
+  const int64_t K = w.K;
+#ifdef PTP_DS_ZMM
+  if (w.format == 1) {
+    zrows_block<1>(x, N, K, static_cast<const uint8_t*>(w.w), w.row_bytes, n0, n1, y, ldy, buf);
+  } else if (w.format == 2) {
+    zrows_block<2>(x, N, K, static_cast<const uint8_t*>(w.w), w.row_bytes, n0, n1, y, ldy, buf);
+  } else if (K % 32 == 0) {
+    zrows_block_f32(x, N, K, static_cast<const float*>(w.w), n0, n1, y, ldy);
+  } else
+#endif
+  if (w.format == 1) {
+    il::qrows_block<true>(x, N, K, static_cast<const uint8_t*>(w.w), w.row_bytes, n0, n1, y, ldy, buf);
+  } else if (w.format == 2) {
+    il::qrows_block<false>(x, N, K, static_cast<const uint8_t*>(w.w), w.row_bytes, n0, n1, y, ldy, buf);
+  } else {
+    const float* wf = static_cast<const float*>(w.w);
+    il::rows_block(x, N, K, wf + n0 * K, n0, n1, y, ldy, wf + n1 * K);
+  }
+  if (w.bias)
+    for (int64_t m = 0; m < N; ++m)
+      for (int64_t n = n0; n < n1; ++n) y[m * ldy + n] += w.bias[n];
+}
+
+// linear_part plus the gated-LoRA delta scale * (x A^T) B^T on rows t >= aux_start of every batch
+// row (the aux rows: a suffix of each row's T tokens). x A^T ([naux, R], small) is computed by
+// every thread for all aux rows; the delta only for the thread's features.
+static inline void linear_lora(const LinearW& w, const float* x, int64_t B, int64_t T,
+                               int64_t aux_start, float* y, int64_t ldy, int64_t n0, int64_t n1,
+                               float* buf, float* lora_t, float* lora_d) {
+  linear_part(w, x, B * T, y, ldy, n0, n1, buf);
+  const int64_t naux = T - aux_start;
+  if (w.lora_a == nullptr || naux <= 0 || n0 >= n1) return;
+  const int64_t K = w.K, R = w.rank, M = w.M;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r0 = b * T + aux_start;
+    il::rows_block(x + r0 * K, naux, K, w.lora_a, 0, R, lora_t, R);
+    il::rows_block(lora_t, naux, R, w.lora_b + n0 * R, n0, n1, lora_d, M);
+    for (int64_t i = 0; i < naux; ++i)
+      for (int64_t n = n0; n < n1; ++n) y[(r0 + i) * ldy + n] += w.lora_scale * lora_d[i * M + n];
+  }
+}
+
+// out = weight * (x * rsqrt(mean(x^2) + eps)) over one row of H (HF's Llama RMSNorm, float32).
+static inline void rms_norm(const float* x, const float* weight, int64_t H, float eps, float* out) {
+  vf acc = vf{};
+  const int64_t H8 = H / kW * kW;
+  for (int64_t i = 0; i < H8; i += kW) {
+    const vf v = vload(x + i);
+    acc = vfma(v, v, acc);
+  }
+  float ss = vhsum(acc);
+  for (int64_t i = H8; i < H; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+  for (int64_t i = 0; i < H; ++i) out[i] = weight[i] * (x[i] * r);
+}
+
+// Rotary in place on one head of D values: x * cos + rotate_half(x) * sin (HF's
+// apply_rotary_pos_emb; rotate_half(x) = [-x2, x1]).
+static inline void rotary(float* x, const float* c, const float* s, int64_t D, float* tmp) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < D; ++d) tmp[d] = x[d];
+  for (int64_t d = 0; d < h; ++d) {
+    const float a = tmp[d] * c[d], b = -tmp[d + h] * s[d];
+    x[d] = a + b;
+  }
+  for (int64_t d = h; d < D; ++d) {
+    const float a = tmp[d] * c[d], b = tmp[d - h] * s[d];
+    x[d] = a + b;
+  }
+}
+
+static inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+static void run_step(const StepArgs& a) {
+  const int64_t B = a.B, T = a.T, H = a.H, Hq = a.Hq, Hkv = a.Hkv, D = a.D, I = a.I, S = a.S;
+  const int64_t N = B * T, G = Hq / Hkv, R = T * G;
+  const int64_t Wq = Hq * D, Wkv = Hkv * D, Wqkv = Wq + 2 * Wkv;
+  const int64_t Dp = (D + ta::kW - 1) / ta::kW * ta::kW;
+  const int P0 = a.num_threads;
+
+  // Attention units: fixed 512-key chunks (tree_attention's split; row invariance).
+  constexpr int64_t chunk = 512;
+  int64_t max_keys = 0;
+  for (int64_t b = 0; b < B; ++b) max_keys = std::max(max_keys, a.lens[b] + T);
+  const int64_t nsplit = std::max<int64_t>(1, (max_keys + chunk - 1) / chunk);
+  const int64_t units = B * Hkv * nsplit;
+  std::vector<int32_t> vis, vis_cnt;
+  if (a.mask) {
+    vis.assign(static_cast<size_t>(B * T * T), 0);
+    vis_cnt.assign(static_cast<size_t>(B * T), 0);
+    for (int64_t bt = 0; bt < B * T; ++bt) {
+      int32_t c = 0;
+      for (int64_t j = 0; j < T; ++j)
+        if (a.mask[bt * T + j]) vis[bt * T + c++] = static_cast<int32_t>(j);
+      vis_cnt[bt] = c;
+    }
+  }
+
+  // Shared buffers, and per-thread ones (index tid).
+  const int64_t maxK = std::max(H, std::max(I, Wq));
+  const int64_t maxM = std::max(Wqkv, std::max(I, H));
+  int64_t max_rank = 0;
+  for (int64_t l = 0; l < a.num_layers; ++l)
+    for (int j = 0; j < 7; ++j) max_rank = std::max(max_rank, a.layers[l].lin[j].rank);
+  const int64_t naux = T - a.aux_start;
+  const int64_t work = ta::work_floats(static_cast<int>(R), static_cast<int>(D), static_cast<int>(Dp));
+  const int64_t per_thread = N * H + 4 * maxK + naux * max_rank + naux * maxM + D + work + Dp;
+  std::vector<float> shared_buf(static_cast<size_t>(N * Wqkv + N * Wq + N * H + 2 * N * I +
+                                                    units * R * Dp + 2 * units * R));
+  std::vector<float> thread_buf(static_cast<size_t>(per_thread * P0));
+  float* qkv = shared_buf.data();       // [N, Wqkv]: q | k | v per row
+  float* att = qkv + N * Wqkv;          // [N, Wq]
+  float* tmp = att + N * Wq;            // [N, H]: o_proj / down outputs
+  float* gate = tmp + N * H;            // [N, I] (then SiLU(gate) * up)
+  float* up = gate + N * I;             // [N, I]
+  float* part_acc = up + N * I;         // [units, R, Dp]
+  float* part_m = part_acc + units * R * Dp;
+  float* part_l = part_m + units * R;
+  const float scale2 = static_cast<float>(a.scale * M_LOG2E);
+
+#pragma omp parallel num_threads(P0)
+  {
+    const int P = team_size(), tid = team_rank();
+    float* xn = thread_buf.data() + per_thread * tid;  // [N, H] normed rows
+    float* lbuf = xn + N * H;                          // 4 * maxK: a dequantised weight tile
+    float* lora_t = lbuf + 4 * maxK;                   // [naux, R]
+    float* lora_d = lora_t + naux * max_rank;          // [naux, M]
+    float* rtmp = lora_d + naux * maxM;                // [D]
+    float* wbuf = rtmp + D;                            // attention scratch
+    float* obuf = wbuf + work;                         // [Dp]
+    float* h = a.h;
+    int64_t n0, n1;
+    for (int64_t l = 0; l < a.num_layers; ++l) {
+      const LayerW& Lw = a.layers[l];
+      // 1. norm (every thread, all rows) + q / k / v features of this thread
+      for (int64_t m = 0; m < N; ++m) rms_norm(h + m * H, Lw.ln1, H, a.eps, xn + m * H);
+      share(Wq, tid, P, n0, n1);
+      linear_lora(Lw.lin[0], xn, B, T, a.aux_start, qkv, Wqkv, n0, n1, lbuf, lora_t, lora_d);
+      share(Wkv, tid, P, n0, n1);
+      linear_lora(Lw.lin[1], xn, B, T, a.aux_start, qkv + Wq, Wqkv, n0, n1, lbuf, lora_t, lora_d);
+      linear_lora(Lw.lin[2], xn, B, T, a.aux_start, qkv + Wq + Wkv, Wqkv, n0, n1, lbuf, lora_t, lora_d);
+#pragma omp barrier
+      // 2. rotary on q and k, K / V written to the cache at cache_lens[b] + t
+      share(N * (Hq + Hkv), tid, P, n0, n1);
+      for (int64_t it = n0; it < n1; ++it) {
+        const int64_t m = it / (Hq + Hkv), hd = it % (Hq + Hkv), b = m / T, t = m % T;
+        float* row = qkv + m * Wqkv;
+        rotary(row + hd * D, a.cos + m * D, a.sin + m * D, D, rtmp);
+        if (hd >= Hq) {
+          const int64_t hk = hd - Hq, pos = a.lens[b] + t;
+          float* kd = Lw.key_cache + ((b * Hkv + hk) * S + pos) * D;
+          float* vd = Lw.value_cache + ((b * Hkv + hk) * S + pos) * D;
+          std::copy(row + hd * D, row + hd * D + D, kd);
+          std::copy(row + Wq + Wkv + hk * D, row + Wq + Wkv + hk * D + D, vd);
+        }
+      }
+#pragma omp barrier
+      // 3. attention units
+      for (int64_t u = tid; u < units; u += P) {
+        const int64_t bh = u / nsplit, sp = u % nsplit, b = bh / Hkv, hk = bh % Hkv;
+        const int64_t n_keys = a.lens[b] + T;
+        UnitArgs ua;
+        ua.L = a.lens[b];
+        ua.T = static_cast<int>(T);
+        ua.G = static_cast<int>(G);
+        ua.D = static_cast<int>(D);
+        ua.Dp = static_cast<int>(Dp);
+        ua.kbeg = std::min(n_keys, sp * chunk);
+        ua.kend = std::min(n_keys, (sp + 1) * chunk);
+        ua.q_stride_t = Wqkv;
+        ua.mask = a.mask ? a.mask + b * T * T : nullptr;
+        ua.vis = a.mask ? vis.data() + b * T * T : nullptr;
+        ua.vis_cnt = a.mask ? vis_cnt.data() + b * T : nullptr;
+        ua.scale2 = scale2;
+        ua.acc = part_acc + u * R * Dp;
+        ua.m = part_m + u * R;
+        ua.l = part_l + u * R;
+        ua.work = wbuf;
+        const float* q = qkv + b * T * Wqkv + hk * G * D;
+        const float* kc = Lw.key_cache + (b * Hkv + hk) * S * D;
+        const float* vc = Lw.value_cache + (b * Hkv + hk) * S * D;
+        ta::attend_unit<float>(q, kc, vc, ua);
+      }
+#pragma omp barrier
+      // 4. merge the chunks (log-sum-exp) into att [N, H_q * D]
+      for (int64_t bh = tid; bh < B * Hkv; bh += P) {
+        const int64_t b = bh / Hkv, hk = bh % Hkv;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t t = r / G, hq = hk * G + r % G;
+          float M = -INFINITY;
+          for (int64_t sp = 0; sp < nsplit; ++sp) M = std::max(M, part_m[(bh * nsplit + sp) * R + r]);
+          float* dst = att + (b * T + t) * Wq + hq * D;
+          if (M == -INFINITY) {
+            std::fill(dst, dst + D, 0.f);
+            continue;
+          }
+          std::fill(obuf, obuf + Dp, 0.f);
+          float lsum = 0.f;
+          for (int64_t sp = 0; sp < nsplit; ++sp) {
+            const int64_t u = bh * nsplit + sp;
+            const float mu = part_m[u * R + r];
+            if (mu == -INFINITY) continue;
+            const float wgt = std::exp2(mu - M);
+            lsum += wgt * part_l[u * R + r];
+            const float* acc = part_acc + (u * R + r) * Dp;
+            for (int64_t d = 0; d < D; ++d) obuf[d] += wgt * acc[d];
+          }
+          const float inv = 1.f / lsum;
+          for (int64_t d = 0; d < D; ++d) dst[d] = obuf[d] * inv;
+        }
+      }
+#pragma omp barrier
+      // 5. o_proj + residual on this thread's features
+      share(H, tid, P, n0, n1);
+      linear_lora(Lw.lin[3], att, B, T, a.aux_start, tmp, H, n0, n1, lbuf, lora_t, lora_d);
+      for (int64_t m = 0; m < N; ++m)
+        for (int64_t n = n0; n < n1; ++n) h[m * H + n] = h[m * H + n] + tmp[m * H + n];
+#pragma omp barrier
+      // MLP: norm (all rows), gate / up features, SiLU(gate) * up
+      for (int64_t m = 0; m < N; ++m) rms_norm(h + m * H, Lw.ln2, H, a.eps, xn + m * H);
+      share(I, tid, P, n0, n1);
+      linear_lora(Lw.lin[4], xn, B, T, a.aux_start, gate, I, n0, n1, lbuf, lora_t, lora_d);
+      linear_lora(Lw.lin[5], xn, B, T, a.aux_start, up, I, n0, n1, lbuf, lora_t, lora_d);
+      for (int64_t m = 0; m < N; ++m)
+        for (int64_t n = n0; n < n1; ++n) gate[m * I + n] = silu(gate[m * I + n]) * up[m * I + n];
+#pragma omp barrier
+      share(H, tid, P, n0, n1);
+      linear_lora(Lw.lin[6], gate, B, T, a.aux_start, tmp, H, n0, n1, lbuf, lora_t, lora_d);
+      for (int64_t m = 0; m < N; ++m)
+        for (int64_t n = n0; n < n1; ++n) h[m * H + n] = h[m * H + n] + tmp[m * H + n];
+#pragma omp barrier
+    }
+    share(N, tid, P, n0, n1);
+    for (int64_t m = n0; m < n1; ++m) rms_norm(h + m * H, a.final_norm, H, a.eps, a.out + m * H);
+  }
+}

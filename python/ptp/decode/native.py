@@ -1,0 +1,146 @@
+"""A decoding call's whole layer stack in one op: ``ptp_ext.ops.decode_step`` over a model's weights.
+
+The direct layer loop of :mod:`ptp.decode.fastpath` still makes ~40 op calls per layer (norms,
+rotary, projections, cache writes, attention, residuals), each a dispatcher call and, for the
+big ones, a fork/join of the thread pool: on a 2-core CPU SmolLM2-135M's decoding step spent
+most of its ~18 ms there, against ~4 ms of weight streaming. ``decode_step`` runs the same layers
+(RMSNorm, projections over the GGUF blocks or float32 weights, rotary, KV-cache write, tree
+attention, SiLU-gated MLP, residuals, final norm) in one OpenMP region, calling the kernels of
+``quant_linear`` / ``invariant_linear`` / ``tree_attention`` directly.
+
+:class:`NativeStep` packs a :class:`~ptp.decode.fastpath.FastForward`'s weights once (lists of the
+existing tensors: nothing is copied) and runs the op. It is exact in the sense the decoder needs
+(every row's output bitwise independent of the call's other rows: plain and speculative decoding
+give identical tokens) but not bitwise the HF forward (its norms and elementwise ops round
+differently, at float32 rounding level). The decoder uses it for every decoding call of a CPU
+model whose structure it supports (``GenerationConfig.native_step``; the prefill keeps the HF
+forward), including calls with a gated-LoRA adapter on the aux rows (the self-speculative
+drafters), so all decoding calls of a run go through the same arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ptp_ext import ops
+
+from ptp.decode.linear import LinearPlan
+
+__all__ = ["NativeStep", "native_step_for"]
+
+_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+_FORMATS = {None: 0, "q4_1": 1, "q8_0": 2}
+_SILU = {"SiLU", "SiLUActivation"}  # torch's module and transformers' (ACT2FN["silu"])
+
+
+def _unsupported(fast) -> Optional[str]:
+    """Why ``fast``'s model cannot run through ``decode_step`` (None: it can)."""
+    layers = fast.layers
+    if not layers:
+        return "the model has no layers"
+    norms = [fast.norm] + [m for L in layers for m in (L.ln1, L.ln2)]
+    for n in norms:
+        if type(n).__name__ not in _NORMS:
+            return f"norm {type(n).__name__} is not a Llama-style RMSNorm"
+        w = getattr(n, "weight", None)
+        if w is None or w.dtype != torch.float32 or w.device.type != "cpu":
+            return "norm weights must be float32 on the CPU"
+    eps = {float(n.variance_epsilon) for n in norms}
+    if len(eps) != 1:
+        return f"the norms use different epsilons {sorted(eps)}"
+    if len({(L.head_dim, L.scaling) for L in layers}) != 1:
+        return "the layers differ in head_dim or attention scaling"
+    for L in layers:
+        extra = [getattr(L, n, None) for n in ("q_norm", "k_norm", "post_attn", "post_ff", "rope", "window")]
+        if any(e is not None for e in extra):
+            return "the layers have q/k norms, extra norms, typed rotaries or a sliding window (Gemma 3)"
+        if L.act is not F.silu and type(L.act).__name__ not in _SILU:
+            return f"activation {L.act!r} is not SiLU"
+        for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down):
+            if p.linear is None:
+                return f"projection {type(p.module).__name__} is not an nn.Linear (or a gated LoRA over one)"
+            w = p.linear.weight
+            if w.device.type != "cpu" or (p.qweight is None and w.dtype != torch.float32):
+                return "projection weights must be float32 (or GGUF blocks) on the CPU"
+            if p.lora and (p.module.lora_A.dtype != torch.float32 or p.module.lora_B.dtype != torch.float32):
+                return "LoRA adapters must be float32"
+    return None
+
+
+class NativeStep:
+    """``hidden = step(h, position_ids, cache, cache_lens, tree_mask)``: the final normed hidden
+    states of a decoding call through ``ptp_ext.ops.decode_step``, or None when this call needs
+    the Python loop (a LoRA gate whose aux rows are not a suffix of every batch row)."""
+
+    def __init__(self, fast):
+        reason = _unsupported(fast)
+        if reason is not None:
+            raise ValueError(f"decode_step cannot run this model: {reason}")
+        self.rotary = fast.rotary
+        self.eps = float(fast.norm.variance_epsilon)
+        self.scale = float(fast.layers[0].scaling)
+        plans: list[LinearPlan] = [p for L in fast.layers for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down)]
+        self.plans = plans
+        self.weights = [p.qweight if p.qweight is not None else p.linear.weight.detach().contiguous()
+                        for p in plans]
+        self.formats = [_FORMATS[p.format] if p.qweight is not None else 0 for p in plans]
+        self.biases = [None if p.linear.bias is None else p.linear.bias.detach().float().contiguous()
+                       for p in plans]
+        self.norm_weights = [n.weight.detach() for L in fast.layers for n in (L.ln1, L.ln2)]
+        self.norm_weights.append(fast.norm.weight.detach())
+        lora = [p.module if p.lora else None for p in plans]
+        self.gates = {id(m.gate): m.gate for m in lora if m is not None}
+        self.lora_a = [None if m is None else m.lora_A.detach() for m in lora]
+        self.lora_b = [None if m is None else m.lora_B.detach() for m in lora]
+        self.lora_scales = [0.0 if m is None else float(m.scale) for m in lora]
+        self.gate_of = [None if m is None else m.gate for m in lora]
+
+    def _adapter(self, T: int):
+        """(lora_a, lora_b, lora_scales, aux_start) for this call, or None if unsupported."""
+        active = [g for g in self.gates.values() if g.index is not None]
+        if not active:
+            return [], [], [], T
+        if any(g.suffix is None for g in active):
+            return None
+        starts = {g.suffix for g in active}
+        if len(starts) != 1:
+            return None
+        on = [g is not None and g.index is not None for g in self.gate_of]
+        a = [t if o else None for t, o in zip(self.lora_a, on)]
+        b = [t if o else None for t, o in zip(self.lora_b, on)]
+        return a, b, self.lora_scales, starts.pop()
+
+    def __call__(self, h: torch.Tensor, position_ids: torch.Tensor, cache, cache_lens: torch.Tensor,
+                 tree_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        B, T, _ = h.shape
+        adapter = self._adapter(T)
+        if adapter is None or h.dtype != torch.float32 or h.device.type != "cpu":
+            return None
+        if not all(layer.is_initialized for layer in cache.layers):
+            return None
+        cos, sin = type(self.rotary).forward(self.rotary, h, position_ids)
+        lora_a, lora_b, lora_scales, aux_start = adapter
+        return ops.decode_step(
+            h.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
+            [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
+            cache_lens, None if tree_mask is None else tree_mask.contiguous(), self.weights,
+            self.formats, self.biases, self.norm_weights, lora_a, lora_b, lora_scales, aux_start,
+            self.eps, self.scale)
+
+
+def native_step_for(fast, required: bool = False) -> Optional[NativeStep]:
+    """A :class:`NativeStep` for ``fast`` (a FastForward), or None when the model is not supported
+    (``required``: raise ``ValueError`` saying why instead) or the tests route ``ptp_ext.ops`` to
+    the pure-PyTorch references."""
+    if getattr(ops.tree_attention, "__module__", "") != "ptp_ext.ops":
+        if required:
+            raise ValueError("native_step=True, but ptp_ext.ops.tree_attention is routed to a reference")
+        return None
+    reason = _unsupported(fast)
+    if reason is not None:
+        if required:
+            raise ValueError(f"native_step=True, but decode_step cannot run this model: {reason}")
+        return None
+    return NativeStep(fast)

@@ -1,0 +1,366 @@
+"""``ptp_ext.ops.decode_step`` (a Llama-family decoding call's whole layer stack in one op) and the
+decoder's use of it (``ptp.decode.native``).
+
+Against ``decode_step_ref`` (float tolerance; float32, Q4_1 and Q8_0 weights, biases, GQA, trees,
+a gated LoRA on aux rows, batch rows of different lengths); bitwise row invariance (a row's
+output in calls of 1, 3 and 9 rows, tree nodes against plain decoding along their path, batch
+rows against calls of their own, base rows with and without aux rows); decoding exactness through
+the Decoder (plain == lookup chains == random trees == HF greedy; coupled sampling plain == spec,
+the PTP drafter's aux rows); argument checks; opcheck; SmolLM2 (slow).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptp_ext import ops
+from ptp_ext.reference import decode_step_ref, quantize_ref
+
+from ptp_testing import assert_same_logits, hf_greedy, record_sampling_logits
+from test_decoder_exact import RandomTreeDrafter
+from ptp.decode.decoder import Decoder, GenerationConfig, tree_mask_and_depth
+from ptp.decode.fastpath import fast_forward_for
+from ptp.decode.lora import GatedLoRALinear, LoRAConfig
+from ptp.decode.native import NativeStep, native_step_for
+from ptp.decode.sampling import SamplingConfig
+from ptp.drafters import LookupDrafter
+from ptp.models import tiny_model
+
+FORMATS = {"float32": 0, "q4_1": 1, "q8_0": 2}
+VOCAB = 97
+
+
+# ---------------------------------------------------------------------------------------------
+# Input builder: random tiny Llama weights (every value random: no zeros)
+# ---------------------------------------------------------------------------------------------
+def make_step(B=2, T=5, H=64, Hq=4, Hkv=2, D=16, I=96, L=2, S=48, fmt="q4_1", bias=False,
+              lora=False, lens=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return torch.randn(*shape, generator=g) * s
+
+    weights, formats, biases, la, lb, ls = [], [], [], [], [], []
+    for _ in range(L):
+        for j, (M, K) in enumerate([(Hq * D, H), (Hkv * D, H), (Hkv * D, H), (H, Hq * D), (I, H),
+                                    (I, H), (H, I)]):
+            w = rnd(M, K, s=K ** -0.5)
+            weights.append(w if fmt == "float32" else quantize_ref(w, fmt))
+            formats.append(FORMATS[fmt])
+            biases.append(rnd(M, s=0.1) if bias and j < 3 else None)
+            if lora:
+                la.append(rnd(4, K, s=0.1))
+                lb.append(rnd(M, 4, s=0.1))
+                ls.append(2.0)
+    norms = [1 + 0.1 * rnd(H) for _ in range(2 * L + 1)]
+    ang = rnd(B, T, D // 2, s=3.0)
+    ang = torch.cat([ang, ang], dim=-1)
+    lens = torch.tensor(lens if lens is not None else [7 + 5 * b for b in range(B)])
+    keys = [rnd(B, Hkv, S, D) for _ in range(L)]
+    values = [rnd(B, Hkv, S, D) for _ in range(L)]
+    return dict(hidden=rnd(B, T, H), cos=ang.cos(), sin=ang.sin(), key_caches=keys,
+                value_caches=values, cache_lens=lens, tree_mask=None, weights=weights,
+                formats=formats, biases=biases, norm_weights=norms, lora_a=la, lora_b=lb,
+                lora_scales=ls, aux_start=T, eps=1e-5, scale=D ** -0.5)
+
+
+def clone_caches(kw):
+    out = dict(kw)
+    out["key_caches"] = [k.clone() for k in kw["key_caches"]]
+    out["value_caches"] = [v.clone() for v in kw["value_caches"]]
+    return out
+
+
+def random_tree_mask(B, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    parents = torch.full((B, T), -1, dtype=torch.long)
+    for i in range(1, T):
+        parents[:, i] = torch.randint(0, i, (B,), generator=g)
+    return parents, tree_mask_and_depth(parents)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["float32", "q4_1", "q8_0"])
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 5), (3, 9)])
+@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_matches_reference(fmt, B, T, tree, lora):
+    kw = make_step(B=B, T=T, fmt=fmt, bias=fmt == "float32", lora=lora, seed=B * 10 + T)
+    if tree:
+        kw["tree_mask"] = random_tree_mask(B, T, seed=T)[1]
+    if lora:
+        kw["aux_start"] = T // 2
+    ref_kw = clone_caches(kw)
+    out = ops.decode_step(**kw)
+    ref = decode_step_ref(**ref_kw)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for got, exp in zip(kw["key_caches"] + kw["value_caches"], ref_kw["key_caches"] + ref_kw["value_caches"]):
+        torch.testing.assert_close(got, exp, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [dict(H=96, Hq=6, Hkv=6, D=16, I=64),   # MHA, I < H
+                                   dict(H=64, Hq=8, Hkv=1, D=8, I=160),   # MQA, small head dim
+                                   dict(H=128, Hq=2, Hkv=2, D=64, I=256)])
+def test_matches_reference_over_shapes(shape):
+    kw = make_step(B=2, T=4, fmt="q8_0", L=1, S=600, lens=[530, 3], **shape)  # 2 key chunks
+    ref_kw = clone_caches(kw)
+    torch.testing.assert_close(ops.decode_step(**kw), decode_step_ref(**ref_kw), atol=2e-5, rtol=2e-5)
+
+
+def test_blocks_equal_their_float32_weights():
+    """A layer gives bitwise the same outputs from its GGUF blocks as from the dequantised float32
+    weights (a model copy whose blocks no longer match falls back to float32 without changing a
+    token)."""
+    from ptp_ext.reference import dequantize_ref
+
+    for fmt in ("q4_1", "q8_0"):
+        kw = make_step(B=2, T=6, fmt=fmt, seed=11)
+        flat = dict(kw, weights=[dequantize_ref(w, fmt) for w in kw["weights"]],
+                    formats=[0] * len(kw["formats"]))
+        assert torch.equal(ops.decode_step(**clone_caches(kw)), ops.decode_step(**clone_caches(flat))), fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# Row invariance (bitwise)
+# ---------------------------------------------------------------------------------------------
+def _rows(kw, b, t0, t1):
+    """kw restricted to batch row b and tokens [t0, t1) (cos / sin / hidden sliced)."""
+    out = dict(kw)
+    for k in ("hidden", "cos", "sin"):
+        out[k] = kw[k][b:b + 1, t0:t1].contiguous()
+    out["key_caches"] = [c[b:b + 1].clone() for c in kw["key_caches"]]
+    out["value_caches"] = [c[b:b + 1].clone() for c in kw["value_caches"]]
+    out["cache_lens"] = kw["cache_lens"][b:b + 1] + t0
+    out["tree_mask"] = None
+    out["aux_start"] = t1 - t0
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["float32", "q4_1"])
+def test_chain_rows_equal_plain_decoding(fmt):
+    """Node t of a 9-row chain == the t-th of nine 1-row calls, and of three 3-row calls."""
+    kw = make_step(B=1, T=9, fmt=fmt, seed=3)
+    chain = ops.decode_step(**clone_caches(kw))
+    for step in (1, 3):
+        state = clone_caches(kw)
+        outs = []
+        for t0 in range(0, 9, step):
+            part = _rows(state, 0, t0, t0 + step)
+            part["key_caches"], part["value_caches"] = state["key_caches"], state["value_caches"]
+            outs.append(ops.decode_step(**part))
+        assert torch.equal(torch.cat(outs, dim=1), chain), step
+
+
+def test_tree_nodes_equal_plain_decoding_along_their_path():
+    kw = make_step(B=1, T=8, fmt="q4_1", seed=4)
+    parents, mask = random_tree_mask(1, 8, seed=5)
+    kw["tree_mask"] = mask
+    tree = ops.decode_step(**clone_caches(kw))
+    for node in range(8):
+        path = [node]
+        while parents[0, path[-1]] >= 0:
+            path.append(int(parents[0, path[-1]]))
+        path.reverse()
+        state = clone_caches(kw)
+        for d, n in enumerate(path):  # plain decoding: one call per token of the path
+            part = _rows(state, 0, n, n + 1)
+            part["key_caches"], part["value_caches"] = state["key_caches"], state["value_caches"]
+            part["cache_lens"] = kw["cache_lens"] + d
+            out = ops.decode_step(**part)
+        assert torch.equal(out[0, 0], tree[0, node]), node
+
+
+def test_batch_rows_equal_their_own_calls():
+    kw = make_step(B=3, T=4, fmt="q8_0", lens=[3, 20, 11], seed=6)
+    kw["tree_mask"] = random_tree_mask(3, 4, seed=6)[1]
+    full = ops.decode_step(**clone_caches(kw))
+    for b in range(3):
+        one = _rows(kw, b, 0, 4)
+        one["cache_lens"] = kw["cache_lens"][b:b + 1]
+        one["tree_mask"] = kw["tree_mask"][b:b + 1].contiguous()
+        assert torch.equal(ops.decode_step(**one)[0], full[b]), b
+
+
+def test_aux_rows_leave_the_base_rows_bitwise():
+    """A call with 3 adapter rows after 4 tree rows: the tree rows are bitwise the call without
+    them (the aux rows see the tree, the tree rows never see the aux rows)."""
+    T, A = 4, 3
+    kw = make_step(B=2, T=T + A, fmt="q4_1", lora=True, seed=7)
+    _, node_mask = random_tree_mask(2, T, seed=8)
+    mask = torch.zeros(2, T + A, T + A, dtype=torch.bool)
+    mask[:, :T, :T] = node_mask
+    mask[:, T:, :T] = node_mask[:, -1:, :]
+    mask[:, T:, T:] = torch.ones(A, A, dtype=torch.bool).tril()
+    kw["tree_mask"], kw["aux_start"] = mask, T
+    with_aux = ops.decode_step(**clone_caches(kw))
+    base = dict(kw)
+    for k in ("hidden", "cos", "sin"):
+        base[k] = kw[k][:, :T].contiguous()
+    base["tree_mask"], base["aux_start"] = node_mask, T
+    base["lora_a"], base["lora_b"], base["lora_scales"] = [], [], []
+    assert torch.equal(ops.decode_step(**clone_caches(base)), with_aux[:, :T])
+    # and the adapter does change the aux rows (vs the same call without it)
+    no_lora = dict(kw, lora_a=[], lora_b=[], lora_scales=[])
+    assert not torch.equal(ops.decode_step(**clone_caches(no_lora))[:, T:], with_aux[:, T:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the decoder
+# ---------------------------------------------------------------------------------------------
+FAMILIES = ["llama", "qwen2", "mistral"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    extra = {"sliding_window": None} if request.param == "mistral" else {}
+    return tiny_model(request.param, vocab_size=VOCAB, seed=FAMILIES.index(request.param), **extra)
+
+
+def _prompts(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in [5, 12, 9][:n]]
+
+
+def _count_calls(monkeypatch):
+    calls = []
+    real = ops.decode_step
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ops, "decode_step", spy)
+    return calls
+
+
+def test_supported_models_take_the_native_step(model, monkeypatch):
+    assert native_step_for(fast_forward_for(model)) is not None
+    calls = _count_calls(monkeypatch)
+    Decoder(model).generate(_prompts(1), GenerationConfig(max_new_tokens=6))
+    assert len(calls) == 5  # every decoding call after the prefill's
+    calls.clear()
+    Decoder(model).generate(_prompts(1), GenerationConfig(max_new_tokens=6, native_step=False))
+    assert calls == []
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_plain_equals_speculative_and_hf(model, batch):
+    prompts = _prompts(batch)
+    cfg = GenerationConfig(max_new_tokens=32)
+    plain_dec = Decoder(model)
+    plain_rec = record_sampling_logits(plain_dec)
+    plain = [r.new_token_ids for r in plain_dec.generate(prompts, cfg)]
+    for drafter in (LookupDrafter(lookup_tokens=6), RandomTreeDrafter(6, seed=1),
+                    RandomTreeDrafter(5, seed=2, chain=True)):
+        dec = Decoder(model, drafter=drafter)
+        rec = record_sampling_logits(dec)
+        assert [r.new_token_ids for r in dec.generate(prompts, cfg)] == plain, drafter.name
+        assert_same_logits(plain_rec, rec)
+    eos = model.generation_config.eos_token_id
+    for p, got in zip(prompts, plain):
+        assert got == hf_greedy(model, p, 32, eos_token_id=eos)[:len(got)]
+
+
+def test_sampled_plain_equals_speculative(model):
+    prompts = _prompts(2)
+    cfg = GenerationConfig(max_new_tokens=32, sampling=SamplingConfig(temperature=0.9, seed=3))
+    plain = [r.new_token_ids for r in Decoder(model).generate(prompts, cfg)]
+    for drafter in (RandomTreeDrafter(6, seed=4), LookupDrafter(lookup_tokens=4)):
+        got = [r.new_token_ids for r in Decoder(model, drafter=drafter).generate(prompts, cfg)]
+        assert got == plain, drafter.name
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_ptp_drafter_aux_rows_are_exact(temperature, monkeypatch):
+    """The PTP drafter's slot rows run the gated LoRA inside decode_step; its tokens equal plain
+    decoding's, with bitwise the same logits behind every token."""
+    from ptp.drafters.ptp_drafter import PTPSlotDrafter
+    from ptp.drafters.ptp_model import PTPConfig, PTPModel
+
+    base = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    m = PTPModel(base, PTPConfig(num_slots=3, temperature=temperature, lora=LoRAConfig(rank=4, alpha=8)))
+    g = torch.Generator().manual_seed(2)
+    for mod in m.modules():
+        if isinstance(mod, GatedLoRALinear):
+            with torch.no_grad():
+                mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.05)
+    m.eval()
+    cfg = GenerationConfig(max_new_tokens=32, sampling=SamplingConfig(temperature=temperature, seed=5))
+    plain_dec = Decoder(base)
+    plain_rec = record_sampling_logits(plain_dec)
+    plain = [r.new_token_ids for r in plain_dec.generate(_prompts(2), cfg)]
+    calls = _count_calls(monkeypatch)
+    dec = Decoder(base, drafter=PTPSlotDrafter(m, num_slots=3))
+    rec = record_sampling_logits(dec)
+    assert [r.new_token_ids for r in dec.generate(_prompts(2), cfg)] == plain
+    assert_same_logits(plain_rec, rec)
+    assert calls and all(shape[1] > 1 for shape in calls)  # the slot calls took the op
+
+
+def test_native_step_switch_errors(model):
+    with pytest.raises(ValueError, match="native_step=True needs the fast path"):
+        Decoder(model).generate(_prompts(1), GenerationConfig(max_new_tokens=2, native_step=True,
+                                                              fast_path=False))
+    fast = fast_forward_for(model)
+    fast.layers[0].act = torch.tanh
+    with pytest.raises(ValueError, match="activation .* is not SiLU"):
+        NativeStep(fast)
+    assert native_step_for(fast) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks, opcheck
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change,match", [
+    (lambda kw: kw.update(hidden=kw["hidden"].double()), "hidden must be Float"),
+    (lambda kw: kw.update(hidden=kw["hidden"][:, :, :32].contiguous()), r"weights\[0\] \(layer 0 q_proj\) must have shape"),
+    (lambda kw: kw.update(cos=kw["cos"][:, :3].contiguous()), "cos must have shape"),
+    (lambda kw: kw.update(weights=kw["weights"][:-1]), "weights must hold 7 tensors per layer"),
+    (lambda kw: kw.update(formats=[3] * len(kw["formats"])), r"formats\[0\] must be 0"),
+    (lambda kw: kw["weights"].__setitem__(3, kw["weights"][3][:, :20].contiguous()),
+     r"weights\[3\] \(layer 0 o_proj\) must have shape"),
+    (lambda kw: kw.update(cache_lens=torch.tensor([7, 45])), "cache_lens must satisfy"),
+    (lambda kw: kw.update(tree_mask=torch.ones(2, 5, 4, dtype=torch.bool)), "tree_mask must be bool"),
+    (lambda kw: kw.update(value_caches=kw["value_caches"][:1]), "value_caches must hold 2"),
+    (lambda kw: kw.update(lora_a=[None] * 14), "lora_a, lora_b and lora_scales must be empty"),
+    (lambda kw: kw.update(aux_start=6), r"aux_start must be in \[0, T\]"),
+])
+def test_argument_errors(change, match):
+    kw = make_step()
+    change(kw)
+    with pytest.raises(ValueError, match=match):
+        ops.decode_step(**kw)
+
+
+def test_opcheck():
+    kw = make_step(B=2, T=3, fmt="q4_1", lora=True)
+    kw["aux_start"] = 2
+    args = [kw[k] for k in ("hidden", "cos", "sin", "key_caches", "value_caches", "cache_lens",
+                            "tree_mask", "weights", "formats", "biases", "norm_weights", "lora_a",
+                            "lora_b", "lora_scales", "aux_start", "eps", "scale")]
+    torch.library.opcheck(torch.ops.ptp_ext.decode_step.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2 (slow)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_greedy_matches_hf_and_speculative():
+    from ptp.train.models import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("SmolLM2 not cached")
+    from ptp.models import load_target
+    from ptp.decode.quant import quantized_weights
+
+    model, tok = load_target("smollm2")
+    assert len(quantized_weights(model)) > 0  # the GGUF blocks are attached: decode_step reads them
+    prompt = Decoder(model, tok).encode("Name three rivers in Europe.")  # chat template
+    cfg = GenerationConfig(max_new_tokens=40, eos_token_ids=())
+    plain = Decoder(model).generate(prompt, cfg).new_token_ids
+    assert plain == hf_greedy(model, prompt, 40)
+    spec = Decoder(model, drafter=LookupDrafter()).generate(prompt, cfg).new_token_ids
+    tree = Decoder(model, drafter=RandomTreeDrafter(6, seed=1)).generate(prompt, cfg).new_token_ids
+    assert spec == plain and tree == plain
