@@ -93,15 +93,19 @@ def llama_bench_tg(binary: str, gguf: str, threads: int, n: int = 128) -> Option
 
 def run_llama(llm, prompt: list[int], n: int) -> tuple[float, float]:
     """Greedy decode exactly ``n`` tokens after ``prompt``; returns (prefill s, decode s)."""
+    import llama_cpp
     import numpy as np
+
+    def last_logits():  # the last evaluated token's logits, read in place (no copy)
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
     t1 = time.perf_counter()
     for _ in range(n):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.eval([tok])
+        llm.eval([int(np.argmax(last_logits()))])
     return t1 - t0, time.perf_counter() - t1
 
 
