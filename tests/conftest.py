@@ -63,12 +63,9 @@ def seed(request: pytest.FixtureRequest) -> int:
     s = _seed_for(request.node.nodeid)
     torch.manual_seed(s)
     random.seed(s)
-    try:
-        import numpy as np
+    import numpy as np  # an install requirement of ptp
 
-        np.random.seed(s)
-    except ImportError:
-        pass
+    np.random.seed(s)
     return s
 
 

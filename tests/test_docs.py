@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_MAX_LINES = 200
 # Paths of the development machines, not of a checkout: data and scratch directories must be
 # written as placeholders (RUNS/..., DATA/...) in committed files.
-LOCAL_PATHS = ("/work/", "../shared")
+LOCAL_PATHS = ("/" + "work/", ".." + "/shared")  # spelled in pieces: this file is checked too
 THIS_FILE = "tests/test_docs.py"  # names the paths above to look for them
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")

@@ -74,7 +74,7 @@ def test_state_dict_roundtrip_and_errors():
         load_lora_state_dict(b, {})
     with pytest.raises(ValueError, match="aux_mask must be bool"):
         with apply_gated_lora(tiny_model("llama", vocab_size=101, hidden_size=48), LoRAConfig()).rows(torch.zeros(3)):
-            pass
+            raise AssertionError("rows() accepted a float mask")
 
 
 @pytest.mark.slow
