@@ -343,6 +343,23 @@ __device__ __forceinline__ void hist_add(unsigned int* hist, unsigned long long*
 // hist_add stays warp-uniform; the histograms are integer sums, the same in any order.
 constexpr int kStage = 8;
 
+// One staged pass over the row: body(i, x) for every i < V of this thread, x = P.x(i), the
+// kStage loads of a chunk issued before any body runs. Every thread runs every chunk
+// (warp-uniform), so bodies may use warp-collective operations (hist_add).
+template <typename T, typename Body>
+__device__ __forceinline__ void staged_pass(const RowProbs<T>& P, int64_t V, Body&& body) {
+  for (int64_t chunk = 0; chunk < V; chunk += int64_t(kStage) * kThreads) {
+    float xs[kStage];
+#pragma unroll
+    for (int j = 0; j < kStage; ++j) {  // the loads first
+      const int64_t i = chunk + int64_t(j) * kThreads + threadIdx.x;
+      xs[j] = i < V ? P.x(i) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kStage; ++j) body(chunk + int64_t(j) * kThreads + threadIdx.x, xs[j]);
+  }
+}
+
 // Radix select of the k-th largest order_key(x) -> sh.tk_key, and the id cutoff among ties.
 template <typename T>
 __device__ void topk_threshold(const RowProbs<T>& P, int64_t k, int64_t V, int64_t seg, Shared& sh) {
@@ -351,26 +368,16 @@ __device__ void topk_threshold(const RowProbs<T>& P, int64_t k, int64_t V, int64
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += kThreads) sh.hist[i] = 0;
     __syncthreads();
-    for (int64_t chunk = 0; chunk < V; chunk += int64_t(kStage) * kThreads) {  // warp-uniform
-      float xs[kStage];
-#pragma unroll
-      for (int j = 0; j < kStage; ++j) {  // the loads first
-        const int64_t i = chunk + int64_t(j) * kThreads + threadIdx.x;
-        xs[j] = i < V ? P.x(i) : 0.0f;
+    staged_pass(P, V, [&](int64_t i, float x) {
+      bool take = false;
+      unsigned int bin = 0;
+      if (i < V) {
+        const uint32_t key = order_key(x);
+        take = (key & mask) == prefix;
+        bin = (key >> shift) & 255u;
       }
-#pragma unroll
-      for (int j = 0; j < kStage; ++j) {
-        const int64_t i = chunk + int64_t(j) * kThreads + threadIdx.x;
-        bool take = false;
-        unsigned int bin = 0;
-        if (i < V) {
-          const uint32_t key = order_key(xs[j]);
-          take = (key & mask) == prefix;
-          bin = (key >> shift) & 255u;
-        }
-        hist_add(sh.hist, nullptr, take, bin, 0);
-      }
-    }
+      hist_add(sh.hist, nullptr, take, bin, 0);
+    });
     __syncthreads();
     if (threadIdx.x == 0) {
       int64_t cum = 0;
@@ -405,29 +412,19 @@ __device__ void topp_threshold(const RowProbs<T>& P, double top_p, int64_t V, in
   for (int shift = 24; shift >= 0 && !all; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += kThreads) { sh.hist[i] = 0; sh.hist_mass[i] = 0; }
     __syncthreads();
-    for (int64_t chunk = 0; chunk < V; chunk += int64_t(kStage) * kThreads) {  // warp-uniform
-      float xs[kStage];
-#pragma unroll
-      for (int j = 0; j < kStage; ++j) {  // the loads first
-        const int64_t i = chunk + int64_t(j) * kThreads + threadIdx.x;
-        xs[j] = i < V ? P.x(i) : 0.0f;
+    staged_pass(P, V, [&](int64_t i, float x) {
+      bool take = false;
+      unsigned int bin = 0;
+      unsigned long long mass = 0;
+      if (i < V) {
+        const float p = P.p0_of(x, i);
+        const uint32_t key = __float_as_uint(p);
+        take = (key & mask) == prefix;
+        bin = (key >> shift) & 255u;
+        mass = static_cast<unsigned long long>(double(p) * kFixed);
       }
-#pragma unroll
-      for (int j = 0; j < kStage; ++j) {
-        const int64_t i = chunk + int64_t(j) * kThreads + threadIdx.x;
-        bool take = false;
-        unsigned int bin = 0;
-        unsigned long long mass = 0;
-        if (i < V) {
-          const float p = P.p0_of(xs[j], i);
-          const uint32_t key = __float_as_uint(p);
-          take = (key & mask) == prefix;
-          bin = (key >> shift) & 255u;
-          mass = static_cast<unsigned long long>(double(p) * kFixed);
-        }
-        hist_add(sh.hist, sh.hist_mass, take, bin, mass);
-      }
-    }
+      hist_add(sh.hist, sh.hist_mass, take, bin, mass);
+    });
     __syncthreads();
     if (threadIdx.x == 0) {
       int sel = -1;
