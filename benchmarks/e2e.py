@@ -82,7 +82,9 @@ def run_hf(model, prompts, max_new, eos, lookup_tokens=None, temperature=0.0, se
 
 def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, seed=0, row_invariant=None,
             fast_path=None, max_draft_nodes=64, cuda_graphs=None, decoder=None):
-    """``decoder``: reuse one Decoder (of ``model`` and ``drafter``) across runs, e.g. so that the
+    """Per prompt ``(new_token_ids, target_calls, seconds, decode_seconds, decode_tokens)``:
+    decode_* count from the first commit (the prefill's token) on, timed inside the same run.
+    ``decoder``: reuse one Decoder (of ``model`` and ``drafter``) across runs, e.g. so that the
     CUDA graphs captured in the warm-up replay in the timed run."""
     from ptp.decode.decoder import Decoder, GenerationConfig
     from ptp.decode.sampling import SamplingConfig
@@ -94,9 +96,18 @@ def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, s
                            cuda_graphs=cuda_graphs)
     out = []
     for i, p in enumerate(prompts):
+        first: list = []  # (time, tokens) of the first commit: the prefill's token
+
+        def on_tokens(_, new, first=first):
+            if not first:
+                first.append((time.perf_counter(), len(new)))
         t0 = time.perf_counter()
-        r = decoder.generate([p], cfg, sequence_ids=[i])[0]
-        out.append((r.new_token_ids, r.target_calls, time.perf_counter() - t0))
+        r = decoder.generate([p], cfg, sequence_ids=[i], on_tokens=on_tokens)[0]
+        t1 = time.perf_counter()
+        # decode-only: the calls after the first commit, and the tokens they committed
+        t_first, n_first = first[0] if first else (t1, len(r.new_token_ids))
+        out.append((r.new_token_ids, r.target_calls, t1 - t0, t1 - t_first,
+                    len(r.new_token_ids) - n_first))
     return out
 
 

@@ -4,8 +4,9 @@ The CPU peer of ptp is llama.cpp running ``SmolLM2-135M-Instruct.Q4_1.gguf`` (th
 default model is loaded from). In one process and one run, for every selected Spec-Bench dev
 prompt (first turn, chat template; the same token ids for both, the GGUF carries the vocabulary):
 
-* ptp plain (drafter ``none``) and the ptp methods of ``--methods`` (default: prompt lookup and the
-  default drafter ``auto``), greedy, each checked token-for-token against ptp plain;
+* ptp plain (drafter ``none``) and the ptp methods of ``--methods`` (default: prompt lookup with
+  fixed 4-token chains, the default drafter ``auto`` -- cost-aware lookup on a CPU -- and the PTP
+  adapter with its CPU preset), each checked token-for-token against ptp plain;
 * llama.cpp (llama-cpp-python's ``Llama.eval`` loop, greedy argmax over its logits) generating
   exactly as many tokens as ptp plain did for that prompt, EOS ignored: llama.cpp rounds the
   activations of its quantised matmuls to 8 bits, so its text differs from float32 decoding and
@@ -14,8 +15,10 @@ prompt (first turn, chat template; the same token ids for both, the GGUF carries
   is found (``--llama-bench PATH`` or on ``PATH``).
 
 Timing: tokens/s over each prompt's whole generation (prefill included) and, for the headline
-ratio, decode-only tokens/s (the prefill, timed separately for each prompt and method, taken
-out). With 2 threads on a 2-core machine llama.cpp spin-waits: the script records the load
+ratio, decode-only tokens/s (from the first committed token, the prefill's, to the end, timed
+inside the same run; llama.cpp: its ``eval`` calls after the prompt's). ``--temperature 0.7``
+runs ptp with coupled sampling (each method checked against plain sampling with the same
+uniforms); llama.cpp stays greedy. With 2 threads on a 2-core machine llama.cpp spin-waits: the script records the load
 average before it starts and refuses to run above ``--max-load`` (an idle machine is the only
 fair one). Writes a table per Spec-Bench category to ``benchmarks/results/<date>-cpu-vs-llamacpp.md``.
 
@@ -115,13 +118,19 @@ def main(argv=None) -> int:
     ap.add_argument("--per-category", type=int, default=3, help="prompts per Spec-Bench category")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="threads for both (torch and llama.cpp)")
-    ap.add_argument("--methods", default="lookup,auto",
+    ap.add_argument("--methods", default="lookup:row_cost=0,auto,ptp:preset=cpu",
                     help="ptp drafters besides plain, comma separated (name[:k=v;...])")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="ptp's sampling temperature (0: greedy; else coupled sampling, seed 0, "
+                         "each method checked token-for-token against plain sampling with the "
+                         "same uniforms); llama.cpp stays greedy (its speed does not depend on it)")
     ap.add_argument("--llama-bench", default=None, help="path of the llama-bench binary")
     ap.add_argument("--max-load", type=float, default=0.5,
                     help="refuse to run when the 1-minute load average is above this")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.temperature < 0:
+        raise SystemExit("--temperature must be >= 0")
     if args.per_category < 1 or args.max_new_tokens < 1 or args.threads < 1:
         raise SystemExit("--per-category, --max-new-tokens and --threads must be >= 1")
     if not llama_cpp_available():
@@ -157,13 +166,13 @@ def main(argv=None) -> int:
         m = copy.deepcopy(model)  # adapters wrap the model's linears: one copy per drafter
         methods[f"ptp {spec}"] = (make_drafter(name, m, tokenizer, **opts), m)
 
-    # per method: warm-up, the prefill (a 1-token run of each prompt), then the whole runs
-    results, prefill = {}, {}
+    # per method: a warm-up, then the runs (decode time: from the first commit, the prefill's
+    # token, to the end, timed inside each run)
+    results = {}
     for label, (drafter, m) in methods.items():
-        run_ptp(m, tokenizer, drafter, prompts[:1], 4, eos)
-        prefill[label] = [r[2] for r in run_ptp(m, tokenizer, drafter, prompts, 1, eos)]
+        run_ptp(m, tokenizer, drafter, prompts[:1], 8, eos, temperature=args.temperature)
         t0 = time.perf_counter()
-        results[label] = run_ptp(m, tokenizer, drafter, prompts, N, eos)
+        results[label] = run_ptp(m, tokenizer, drafter, prompts, N, eos, temperature=args.temperature)
         print(f"{label}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     ref = [r[0] for r in results["ptp plain"]]
     exact = {k: sum(r[0] == x for r, x in zip(v, ref)) for k, v in results.items()}
@@ -184,9 +193,9 @@ def main(argv=None) -> int:
         toks = sum(len(results[label][i][0]) for i in idx)
         calls = sum(results[label][i][1] for i in idx)
         secs = sum(results[label][i][2] for i in idx)
-        dec = sum(results[label][i][2] - prefill[label][i] for i in idx)
-        # the 1-token run's time is the prefill plus one step: decode-only counts the rest
-        return toks / secs, (toks - len(idx)) / max(dec, 1e-9), toks / max(calls, 1)
+        dec = sum(results[label][i][3] for i in idx)
+        dec_toks = sum(results[label][i][4] for i in idx)
+        return toks / secs, dec_toks / max(dec, 1e-9), toks / max(calls, 1)
 
     def llama_stats(idx):
         toks = sum(len(ref[i]) for i in idx)
@@ -195,7 +204,8 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     all_idx = list(range(len(prompts)))
     l_e2e, l_dec = llama_stats(all_idx)
-    lines = [f"# ptp vs llama.cpp on the same GGUF, CPU ({date}), greedy\n",
+    mode = "greedy" if args.temperature == 0 else f"T = {args.temperature:g} (coupled sampling)"
+    lines = [f"# ptp vs llama.cpp on the same GGUF, CPU ({date}), ptp {mode}\n",
              "Command: `PYTHONPATH=$PWD:$PWD/python python benchmarks/vs_llamacpp.py "
              + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n",
              f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {args.threads} threads for each "
@@ -208,8 +218,9 @@ def main(argv=None) -> int:
              "llama.cpp decodes exactly as many tokens as ptp plain did for each prompt (EOS "
              "ignored): it rounds activations to 8 bits in its quantised matmuls, so its tokens "
              "differ from float32 decoding; the comparison is of speed at equal token counts. "
-             "`e2e` counts the whole generation (prefill included); `decode` takes each prompt's "
-             "prefill out (timed separately).\n"]
+             "`e2e` counts the whole generation (prefill included); `decode` counts from the "
+             "first token (the prefill's) on, timed inside the same run (llama.cpp: its `eval` "
+             "calls after the prompt's).\n"]
     if tg128 is not None:
         lines.append(f"llama-bench `-t {args.threads} -p 0 -n 128`: **{tg128:.1f} tok/s** (tg128).\n")
     lines.append("## All prompts\n")

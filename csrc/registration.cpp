@@ -44,6 +44,8 @@ TORCH_LIBRARY(ptp_ext, m) {
       "Tensor(b!)[] value_caches, Tensor cache_lens, Tensor? tree_mask, Tensor[] weights, "
       "int[] formats, Tensor?[] biases, Tensor[] norm_weights, Tensor?[] lora_a, Tensor?[] lora_b, "
       "float[] lora_scales, int aux_start, float eps, float scale) -> Tensor");
+  // ---- decode_linear: one linear in decode_step's arithmetic (the decoding LM head; CPU) ----
+  m.def("decode_linear(Tensor x, Tensor weight, int format, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
@@ -55,6 +57,7 @@ TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
   m.impl("quant_linear", &ptp::quant_linear_cpu);
   m.impl("gated_lora_quant_linear", &ptp::gated_lora_quant_linear_cpu);
   m.impl("decode_step", &ptp::decode_step_cpu);  // CPU only (the CUDA entry raises)
+  m.impl("decode_linear", &ptp::decode_linear_cpu);
 }
 
 #ifdef PTP_WITH_CUDA
@@ -67,5 +70,6 @@ TORCH_LIBRARY_IMPL(ptp_ext, CUDA, m) {
   m.impl("quant_linear", &ptp::quant_linear_cuda);
   m.impl("gated_lora_quant_linear", &ptp::gated_lora_quant_linear_cuda);
   m.impl("decode_step", &ptp::decode_step_cuda);  // a clear "CPU-only" error
+  m.impl("decode_linear", &ptp::decode_linear_cuda);
 }
 #endif

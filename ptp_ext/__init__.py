@@ -16,6 +16,7 @@ Ops (documented wrappers in :mod:`ptp_ext.ops`, re-exported here):
 * :func:`quant_linear` -- invariant_linear over GGUF Q8_0 / Q4_1 blocks (inference-only)
 * :func:`gated_lora_quant_linear` -- gated_lora_linear over GGUF blocks (inference-only)
 * :func:`decode_step` -- a Llama-family decoding call's whole layer stack in one op (CPU only)
+* :func:`decode_linear` -- one linear in decode_step's arithmetic: the decoding LM head (CPU only)
 
 Modules: :mod:`ptp_ext.ops` (the wrappers), :mod:`ptp_ext.reference` (``<op>_ref``: pure
 PyTorch, the executable specification; ``sampling_probs`` and ``pick`` define ptp's sampling).
@@ -27,11 +28,11 @@ import torch  # noqa: F401  (the extension links against libtorch: load it first
 
 from . import _C  # noqa: F401  (registers torch.ops.ptp_ext.*)
 from . import ops, reference
-from .ops import (decode_step, gated_lora_linear, gated_lora_quant_linear, invariant_linear,
+from .ops import (decode_linear, decode_step, gated_lora_linear, gated_lora_quant_linear, invariant_linear,
                   quant_linear, sampler_mlp, tree_attention, verify_tree)
 
 __all__ = ["ops", "reference", "tree_attention", "verify_tree", "sampler_mlp", "invariant_linear",
-           "gated_lora_linear", "quant_linear", "gated_lora_quant_linear", "decode_step",
+           "gated_lora_linear", "quant_linear", "gated_lora_quant_linear", "decode_step", "decode_linear",
            "with_cuda"]
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ from . import _checks
 from .reference import logits_valid, uniforms_valid
 
 __all__ = ["tree_attention", "verify_tree", "sampler_mlp", "invariant_linear", "gated_lora_linear",
-           "quant_linear", "gated_lora_quant_linear", "decode_step"]
+           "quant_linear", "gated_lora_quant_linear", "decode_step", "decode_linear"]
 
 _ops = torch.ops.ptp_ext
 
@@ -639,3 +639,45 @@ def _decode_step_fake(hidden, cos, sin, key_caches, value_caches, cache_lens, tr
     torch._check(len(weights) == 7 * len(key_caches), lambda: "weights must hold 7 per layer")
     return hidden.new_empty(hidden.shape)
 
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, format: int,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One linear layer in :func:`decode_step`'s arithmetic (CPU only): the decoding call's LM head.
+
+    The same register tiles as the step's projections (16-lane AVX-512 tiles where the CPU has
+    them, else :func:`quant_linear` / :func:`invariant_linear`'s kernels), one OpenMP region, the
+    output features split over the threads. Every row is bitwise independent of the call's other
+    rows; it is not bitwise :func:`quant_linear` (another summation order). The decoder computes the
+    logits of every native decoding call with it, so one run's logits all come from one arithmetic.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(..., K)`` float32 on the CPU (contiguous).
+    weight : torch.Tensor
+        float32 ``(M, K)`` (``format`` 0) or uint8 GGUF blocks ``(M, K / 32 * block_bytes)``
+        (``format`` 1: q4_1, 2: q8_0; :data:`DECODE_STEP_FORMATS`), contiguous.
+    format : int
+        0, 1 or 2.
+    bias : torch.Tensor, optional
+        ``(M,)`` float32.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., M)`` float32. Inference-only.
+    """
+    if x.device.type != "cpu":
+        raise ValueError(f"decode_linear is CPU-only, got x on {x.device}")
+    return _ops.decode_linear(x, weight, int(format), bias)
+
+
+@torch.library.register_fake("ptp_ext::decode_linear")
+def _decode_linear_fake(x, weight, format, bias):
+    torch._check(x.dim() >= 1, lambda: "x must have shape [..., K]")
+    torch._check(weight.dim() == 2, lambda: "weight must be 2-D")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_register_inference_only("decode_linear", " (training: F.linear on the dequantised weight)")

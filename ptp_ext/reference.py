@@ -26,6 +26,7 @@ __all__ = [
     "dequantize_ref",
     "quantize_ref",
     "quant_linear_ref",
+    "decode_linear_ref",
     "gated_lora_quant_linear_ref",
     "QUANT_BLOCK_BYTES",
     "chain_parents",
@@ -362,6 +363,13 @@ def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def _rotate_half_ref(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def decode_linear_ref(x: torch.Tensor, weight: torch.Tensor, format: int,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference for :func:`ptp_ext.ops.decode_linear`: ``F.linear`` on the dequantised weights."""
+    w = weight if format == 0 else dequantize_ref(weight, {1: "q4_1", 2: "q8_0"}[format])
+    return torch.nn.functional.linear(x, w, bias)
 
 
 def decode_step_ref(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask, weights,

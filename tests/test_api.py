@@ -290,8 +290,11 @@ def test_growing_cache_gives_the_tokens_of_one_sized_up_front(monkeypatch):
     for initial in (10 ** 9, 2):  # sized up front, then from prompt + 2 + room
         monkeypatch.setattr(decoder_mod, "INITIAL_CACHE_NEW_TOKENS", initial)
         # max_draft_nodes 8: a small draft room, so the buffers start at ~25 positions and double
+        # a fresh drafter per run: lookup keeps its learnt acceptance rates across generate calls
+        drafter = LookupDrafter(lookup_branches=2)
         for name, dr, cfg in (("greedy", drafter, GenerationConfig(80, max_draft_nodes=8)),
-                              ("sampled", drafter, GenerationConfig(80, sampling, max_draft_nodes=8)),
+                              ("sampled", LookupDrafter(lookup_branches=2),
+                               GenerationConfig(80, sampling, max_draft_nodes=8)),
                               ("plain-eos", None, GenerationConfig(80, eos_token_ids=(11, 40),
                                                                    max_draft_nodes=8))):
             sizes.append([])

@@ -130,6 +130,8 @@ def test_vs_llamacpp_refuses_a_busy_machine_and_bad_arguments(monkeypatch):
     assert vs_llamacpp.main(["--max-load", "-1"]) == 3  # any load average is above -1
     with pytest.raises(SystemExit, match="must be >= 1"):
         vs_llamacpp.main(["--per-category", "0"])
+    with pytest.raises(SystemExit, match="--temperature must be >= 0"):
+        vs_llamacpp.main(["--temperature", "-1"])
     with pytest.raises(SystemExit, match="not an executable"):
         vs_llamacpp.find_llama_bench("/nonexistent/llama-bench")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ptp_ext import ops
-from ptp_ext.reference import decode_step_ref, quantize_ref
+from ptp_ext.reference import decode_linear_ref, decode_step_ref, quantize_ref
 
 from ptp_testing import assert_same_logits, hf_greedy, record_sampling_logits
 from test_decoder_exact import RandomTreeDrafter
@@ -340,6 +340,74 @@ def test_opcheck():
                             "tree_mask", "weights", "formats", "biases", "norm_weights", "lora_a",
                             "lora_b", "lora_scales", "aux_start", "eps", "scale")]
     torch.library.opcheck(torch.ops.ptp_ext.decode_step.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_linear: one linear in the step's arithmetic (the decoding LM head)
+# ---------------------------------------------------------------------------------------------
+def _head(fmt, M=76, K=96, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(M, K, generator=g) * K ** -0.5
+    b = torch.randn(M, generator=g) if bias else None
+    return (w if fmt == "float32" else quantize_ref(w, fmt)), FORMATS[fmt], b
+
+
+@pytest.mark.parametrize("fmt", ["float32", "q4_1", "q8_0"])
+@pytest.mark.parametrize("N", [1, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_matches_reference_and_is_row_invariant(fmt, N, bias):
+    w, f, b = _head(fmt, bias=bias, seed=N)
+    x = torch.randn(N, 96, generator=torch.Generator().manual_seed(N + 1))
+    y = ops.decode_linear(x, w, f, b)
+    torch.testing.assert_close(y, decode_linear_ref(x, w, f, b), rtol=1e-4, atol=1e-4)
+    for i in range(N):  # each row bitwise its own 1-row call
+        assert torch.equal(y[i], ops.decode_linear(x[i:i + 1], w, f, b)[0]), i
+    # leading dims are kept; a [B, T, K] input gives the same rows
+    y3 = ops.decode_linear(x.view(1, N, 96), w, f, b)
+    assert y3.shape == (1, N, w.shape[0]) and torch.equal(y3[0], y)
+
+
+def test_decode_linear_threads_do_not_change_values():
+    w, f, b = _head("q4_1", M=200, K=64)
+    x = torch.randn(6, 64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.decode_linear(x, w, f, b)
+        torch.set_num_threads(2)
+        assert torch.equal(one, ops.decode_linear(x, w, f, b))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_linear_is_the_native_steps_head(model):
+    fast = fast_forward_for(model)
+    step = NativeStep(fast)
+    h = torch.randn(2, 3, model.config.hidden_size)
+    weight, fmt, bias = step.head
+    assert torch.equal(step.logits(h), ops.decode_linear(h, weight, fmt, bias))
+    torch.testing.assert_close(step.logits(h), model.get_output_embeddings()(h), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(2, 64).double(), torch.randn(5, 64), 0), "x must be Float"),
+    ((torch.randn(2, 64), torch.randn(5, 63), 0), r"weight must have shape \[M, K\]"),
+    ((torch.randn(2, 64), torch.zeros(5, 41, dtype=torch.uint8), 1), r"must have shape \[M, K / 32 \* 20\]"),
+    ((torch.randn(2, 48), torch.zeros(5, 30, dtype=torch.uint8), 1), "K a multiple of 32"),
+    ((torch.randn(2, 64), torch.randn(5, 64), 3), "format must be 0"),
+    ((torch.randn(2, 64), torch.randn(5, 64), 1), "weight must be Byte"),
+])
+def test_decode_linear_argument_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.decode_linear(*args)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.decode_linear(torch.randn(2, 64), torch.randn(5, 64), 0, torch.randn(4))
+
+
+def test_decode_linear_opcheck():
+    w, f, b = _head("q8_0", bias=True)
+    torch.library.opcheck(torch.ops.ptp_ext.decode_linear.default, (torch.randn(3, 96), w, f, b),
                           test_utils=("test_schema", "test_faketensor"))
 
 

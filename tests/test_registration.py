@@ -1,4 +1,4 @@
-"""The op surface of ptp_ext: the six ops registered under torch.ops.ptp_ext with the contract's
+"""The op surface of ptp_ext: the ops registered under torch.ops.ptp_ext with the contract's
 schemas (csrc/registration.cpp), a kernel per dispatch key consistent with ptp_ext.with_cuda(),
 fake implementations that trace under FakeTensorMode, and a documented public wrapper per op."""
 from __future__ import annotations
@@ -40,6 +40,7 @@ SCHEMAS = {
         "int[] formats, Tensor?[] biases, Tensor[] norm_weights, Tensor?[] lora_a, Tensor?[] lora_b, "
         "float[] lora_scales, int aux_start, float eps, float scale) -> Tensor"
     ),
+    "decode_linear": "ptp_ext::decode_linear(Tensor x, Tensor weight, int format, Tensor? bias) -> Tensor",
 }
 
 
@@ -75,7 +76,8 @@ def test_with_cuda_is_a_bool():
 def test_public_api():
     """Every op has its wrapper at the package level and in __all__; the docstring lists them."""
     for name in ("tree_attention", "verify_tree", "sampler_mlp", "invariant_linear",
-                 "gated_lora_linear", "quant_linear", "gated_lora_quant_linear"):
+                 "gated_lora_linear", "quant_linear", "gated_lora_quant_linear", "decode_step",
+                 "decode_linear"):
         assert name in ptp_ext.__all__ and getattr(ptp_ext, name) is getattr(ptp_ext.ops, name)
         assert f":func:`{name}`" in ptp_ext.__doc__
     assert {"ops", "reference", "with_cuda"} <= set(ptp_ext.__all__)

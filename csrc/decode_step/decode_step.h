@@ -182,6 +182,48 @@ inline void check_decode_step_inputs(
   }
 }
 
+// decode_linear: one linear in decode_step's arithmetic (the decoding call's LM head, so that the
+// logits of every decoding call come from the same kernels as its hidden states).
+//   x       [..., K] float32, contiguous, CPU
+//   weight  float32 [M, K] (format 0) or uint8 GGUF blocks [M, K / 32 * bytes] (1 q4_1, 2 q8_0)
+//   bias    [M] float32 or None
+// returns [..., M] float32; every row bitwise independent of the others.
+inline void check_decode_linear_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t format,
+                                       const std::optional<at::Tensor>& bias) {
+  check_dtype(x, at::kFloat, "x");
+  PTP_CHECK(x.dim() >= 1, "x must have shape [..., K], got ", describe(x));
+  PTP_CHECK(x.device().is_cpu(), "decode_linear is CPU-only, got x ", describe(x));
+  check_contiguous(x, "x");
+  const int64_t K = x.size(-1);
+  PTP_CHECK(format >= 0 && format <= 2, "format must be 0 (float32), 1 (q4_1) or 2 (q8_0), got ", format);
+  check_same_device(weight, x, "weight", "x");
+  check_contiguous(weight, "weight");
+  PTP_CHECK(weight.dim() == 2, "weight must be 2-D, got ", describe(weight));
+  if (format == 0) {
+    check_dtype(weight, at::kFloat, "weight");
+    PTP_CHECK(weight.size(1) == K, "weight must have shape [M, K] = [*, ", K, "], got ", describe(weight));
+  } else {
+    check_dtype(weight, at::kByte, "weight");
+    PTP_CHECK(K % 32 == 0, "GGUF blocks need K a multiple of 32, got K=", K);
+    PTP_CHECK(weight.size(1) == K / 32 * decode_step_block_bytes(format),
+              "weight must have shape [M, K / 32 * ", decode_step_block_bytes(format), "] = [*, ",
+              K / 32 * decode_step_block_bytes(format), "] for format ", format, ", got ", describe(weight));
+  }
+  if (bias.has_value()) {
+    check_shape(*bias, "bias", "[M]", {weight.size(0)});
+    check_dtype(*bias, at::kFloat, "bias");
+    check_same_device(*bias, x, "bias", "x");
+    check_contiguous(*bias, "bias");
+  }
+}
+
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t format,
+                             const std::optional<at::Tensor>& bias);
+#ifdef PTP_WITH_CUDA
+at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t format,
+                              const std::optional<at::Tensor>& bias);
+#endif
+
 at::Tensor decode_step_cpu(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
                            at::TensorList key_caches, at::TensorList value_caches,
                            const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,

@@ -213,7 +213,47 @@ at::Tensor decode_step_cpu(const at::Tensor& hidden, const at::Tensor& cos, cons
   return out;
 }
 
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t format,
+                             const std::optional<at::Tensor>& bias) {
+  check_decode_linear_inputs(x, weight, format, bias);
+  const int64_t K = x.size(-1), M = weight.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = M;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t N = x.numel() / std::max<int64_t>(K, 1);
+  if (N == 0 || M == 0) return y;
+  if (K == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+  ds::LinearW w;
+  w.w = weight.data_ptr();
+  w.format = format;
+  w.M = M;
+  w.K = K;
+  w.row_bytes = weight.size(1);
+  w.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const int P = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+#ifdef PTP_HAVE_X86
+  if (cpu_has_avx512vl()) {
+    ds::ds_avx512::run_linear(w, xp, N, yp, P);
+    return y;
+  }
+  if (cpu_has_avx2()) {
+    ds::ds_avx2::run_linear(w, xp, N, yp, P);
+    return y;
+  }
+#endif
+  ds::ds_base::run_linear(w, xp, N, yp, P);
+  return y;
+}
+
 #ifdef PTP_WITH_CUDA
+at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor&, int64_t,
+                              const std::optional<at::Tensor>&) {
+  PTP_CHECK(false, "decode_linear is CPU-only (it is decode_step's arithmetic), got x ", describe(x));
+  return at::Tensor();
+}
+
 // Registered for CUDA only so that a CUDA tensor gets this message instead of the dispatcher's.
 at::Tensor decode_step_cuda(const at::Tensor& hidden, const at::Tensor&, const at::Tensor&,
                             at::TensorList, at::TensorList, const at::Tensor&,

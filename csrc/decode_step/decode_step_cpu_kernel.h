@@ -247,6 +247,19 @@ static inline void rotary(float* x, const float* c, const float* s, int64_t D, f
 
 static inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
+// One linear over all N rows of x in the step's arithmetic (decode_linear: the decoding call's LM
+// head), features split over the team in multiples of 4 as the step's projections.
+static void run_linear(const LinearW& w, const float* x, int64_t N, float* y, int num_threads) {
+  std::vector<float> buf(static_cast<size_t>(4 * w.K * num_threads));
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int P = team_size(), tid = team_rank();
+    int64_t n0, n1;
+    share(w.M, tid, P, n0, n1);
+    linear_part(w, x, N, y, w.M, n0, n1, buf.data() + 4 * w.K * tid);
+  }
+}
+
 static void run_step(const StepArgs& a) {
   const int64_t B = a.B, T = a.T, H = a.H, Hq = a.Hq, Hkv = a.Hkv, D = a.D, I = a.I, S = a.S;
   const int64_t N = B * T, G = Hq / Hkv, R = T * G;

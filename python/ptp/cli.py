@@ -4,10 +4,11 @@
                  [--prompt TEXT | --prompts FILE.jsonl [--limit N]] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                  [--batch-size B] [--stop S ...] [--jsonl OUT] [--json OUT] [--[no-]chat-template] [--[no-]progress]
 
-``--drafter auto`` (the default) drafts with the shipped PTP adapter for SmolLM2-135M-Instruct
-(``ptp``, with the preset of the device: ``ptp.drafters.options.PTP_PRESETS``), or by prompt lookup
-for a model it does not fit (the registered drafter ``auto``). Every drafter's options:
-``docs/drafter-options.md``.
+``--drafter auto`` (the default) picks the fastest exact drafter measured for the device: on a
+CPU cost-aware prompt lookup (``lookup``), elsewhere the shipped PTP adapter for
+SmolLM2-135M-Instruct (``ptp``, with the preset of the device: ``ptp.drafters.options.PTP_PRESETS``)
+or prompt lookup for a model it does not fit (the registered drafter ``auto``). Every drafter's
+options: ``docs/drafter-options.md``.
 
 ``--prompts`` reads Spec-Bench's JSONL: one JSON object per line with ``turns`` (a list of user
 messages; the first is the prompt), ``question_id`` (default: the line number, 1-based) and
@@ -52,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the target's weights and activations")
     gen.add_argument("--drafter", default="auto",
                      help="registered drafter name (none, lookup, ptp, cptp, masked, heads), checkpoint directory, "
-                          "or auto (default): the shipped PTP drafter (ptp) when it fits the model "
-                          "(SmolLM2-135M-Instruct), else prompt lookup. ptp / cptp without --drafter-option "
-                          "take the device's preset (preset=cpu|gpu)")
+                          "or auto (default): the fastest exact drafter measured for the device: on a CPU "
+                          "cost-aware prompt lookup, on a GPU the shipped PTP drafter (ptp) when it fits the "
+                          "model (SmolLM2-135M-Instruct), else prompt lookup. ptp / cptp without "
+                          "--drafter-option take the device's preset (preset=cpu|gpu)")
     gen.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
                      help="drafter option (repeatable), e.g. scheme=linear, num_slots=4, tree=1 "
                           "(every drafter's options: docs/drafter-options.md)")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -327,12 +328,18 @@ class Decoder:
             if self._fast is not None and invariant:
                 self._fast.native = native_step_for(self._fast, required=bool(config.native_step))
         self._use_graphs = self._graphs_wanted(config, len(prompts))  # runner: with the cache (_generate)
+        # no cyclic garbage collection inside the loop: its passes over the model's objects took
+        # ~3 % of a CPU decoding step (reference counting still frees the loop's tensors)
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             if not invariant:
                 return self._generate(prompts, config, sequence_ids, on_tokens, None)
             with LinearRouter(self.model) as linears:
                 return self._generate(prompts, config, sequence_ids, on_tokens, linears)
         finally:
+            if collecting:
+                gc.enable()
             self._fast = None
             self._linears = None
             self._use_graphs = False

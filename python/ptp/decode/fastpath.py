@@ -173,8 +173,14 @@ class FastForward:
         self.native = None
 
     def logits(self, hidden: torch.Tensor, linears=None) -> torch.Tensor:
-        """The LM head over ``hidden``, as the decoding call's linears run."""
-        return self.head(hidden, linears is not None and linears.wants(hidden))
+        """The LM head over ``hidden``, as the decoding call's linears run (with the native step:
+        in its arithmetic, ``ops.decode_linear``)."""
+        invariant = linears is not None and linears.wants(hidden)
+        if self.native is not None and invariant:
+            out = self.native.logits(hidden)
+            if out is not None:
+                return out
+        return self.head(hidden, invariant)
 
     def __call__(self, h: torch.Tensor, position_ids: torch.Tensor, cache, cache_lens: torch.Tensor,
                  tree_mask: Optional[torch.Tensor], linears=None,

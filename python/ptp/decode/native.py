@@ -96,6 +96,25 @@ class NativeStep:
         self.lora_b = [None if m is None else m.lora_B.detach() for m in lora]
         self.lora_scales = [0.0 if m is None else float(m.scale) for m in lora]
         self.gate_of = [None if m is None else m.gate for m in lora]
+        # the LM head in the step's arithmetic (ops.decode_linear), so that every decoding call's
+        # logits come from the same kernels; None: the head is not a plain float32 / GGUF linear
+        head = fast.head
+        self.head = None
+        if head.linear is not None and head.linear.weight.device.type == "cpu":
+            if head.qweight is not None:
+                self.head = (head.qweight, _FORMATS[head.format], head.linear.bias)
+            elif head.linear.weight.dtype == torch.float32:
+                self.head = (head.linear.weight.detach().contiguous(), 0, head.linear.bias)
+            if self.head is not None and self.head[2] is not None:
+                self.head = (self.head[0], self.head[1], self.head[2].detach().float().contiguous())
+
+    def logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """The LM head over a decoding call's final hidden states (``ops.decode_linear``), or None
+        when it must run as the fast path's plan."""
+        if self.head is None or hidden.dtype != torch.float32 or hidden.device.type != "cpu":
+            return None
+        weight, fmt, bias = self.head
+        return ops.decode_linear(hidden.contiguous(), weight, fmt, bias)
 
     def _adapter(self, T: int):
         """(lora_a, lora_b, lora_scales, aux_start) for this call, or None if unsupported."""

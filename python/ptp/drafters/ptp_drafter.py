@@ -44,8 +44,9 @@ and on a CPU the full one (49,152 x 576 for SmolLM2) costs a large part of a cal
 * ``separate``: :class:`PTPDrafter`, a drafter call (over the newly committed tokens and k slots,
   its own KV cache) before each verify call: two calls per step.
 
-``auto`` (registered here): the shipped PTP adapter with the device's preset when it fits the
-model, else prompt lookup (a note on stderr).
+``auto`` (registered here): on a CPU, cost-aware prompt lookup (measured faster there); on a
+GPU the shipped PTP adapter with the device's preset when it fits the model, else prompt lookup
+(a note on stderr). PTP options given select ``ptp`` on any device.
 """
 from __future__ import annotations
 
@@ -321,10 +322,16 @@ def _factory(model, tokenizer, path, options: PTPOptions, default: str = DEFAULT
 
 
 def _auto_factory(model, tokenizer, path, options: Optional[PTPOptions] = None, **kw):
-    """``auto``: the shipped PTP adapter when it fits ``model`` (with the device's preset, or the
-    PTP options given), else prompt lookup with a note on stderr."""
+    """``auto``: the fastest exact drafter measured for the model's device. On a CPU that is
+    cost-aware prompt lookup (every row of a call costs compute there; the PTP adapter's slot
+    rows did not pay: benchmarks/results/2026-12-06-cpu-vs-llamacpp.md); elsewhere the shipped
+    PTP adapter when it fits ``model`` (the device's preset, or the PTP options given), else
+    prompt lookup with a note on stderr. PTP options given on a CPU select ``ptp``."""
     if model is None:
         raise ValueError("drafter 'auto' picks a drafter for the model: pass the model")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and options is None and not kw:
+        return make_drafter("lookup", model, tokenizer)
     why = adapter_mismatch(model)
     if why is None:
         if options is None and not kw:
@@ -345,6 +352,8 @@ register_drafter("cptp", lambda model, tokenizer, path, options: _factory(model,
                  PTPOptions, PTP_PRESETS, summary="C-PTP: the ptp drafter with the shipped C-PTP adapter "
                  "(trained on the teacher's conditionals); the same options and presets.")
 register_drafter("auto", _auto_factory, None, summary=(
-    "The default of `ptp generate`: the shipped PTP adapter (`ptp`) when it fits the model (SmolLM2-135M-"
-    "Instruct), with the preset of the model's device (`preset=auto`) or, given options, `ptp` with those; "
-    "else prompt lookup (`lookup`, a note on stderr; options are then an error). Takes `ptp`'s options."))
+    "The default of `ptp generate`: the fastest exact drafter measured for the model's device. On a CPU, "
+    "cost-aware prompt lookup (`lookup`: every row of a call costs compute there, and the PTP adapter's "
+    "slot rows do not pay on 2 cores); on a GPU the shipped PTP adapter (`ptp`) when it fits the model "
+    "(SmolLM2-135M-Instruct), with the preset of the model's device (`preset=auto`), else `lookup` (a note "
+    "on stderr). Given `ptp`'s options, `ptp` with those (on any device)."))
