@@ -346,7 +346,7 @@ def test_opcheck():
 # ---------------------------------------------------------------------------------------------
 # decode_linear: one linear in the step's arithmetic (the decoding LM head)
 # ---------------------------------------------------------------------------------------------
-def _head(fmt, M=76, K=96, bias=False, seed=0):
+def _head(fmt, M=77, K=96, bias=False, seed=0):  # M odd: 1-feature tiles at a range end
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(M, K, generator=g) * K ** -0.5
     b = torch.randn(M, generator=g) if bias else None
@@ -354,7 +354,7 @@ def _head(fmt, M=76, K=96, bias=False, seed=0):
 
 
 @pytest.mark.parametrize("fmt", ["float32", "q4_1", "q8_0"])
-@pytest.mark.parametrize("N", [1, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize("N", [1, 3, 4, 5, 7, 8, 9, 17])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_linear_matches_reference_and_is_row_invariant(fmt, N, bias):
     w, f, b = _head(fmt, bias=bias, seed=N)

@@ -7,7 +7,7 @@
 //      then computes its share of q, k and v's output features (rows of the weights: each
 //      weight byte is read by one thread, once per call, for all the call's rows);
 //   2. rotary + KV-cache write, split over (row, head);
-//   3. attention units (batch row, KV head, 512-key chunk) as tree_attention;
+//   3. attention units (batch row, KV head, 64-key chunk), tree_attention's unit;
 //   4. merge of the chunks, split over (batch row, KV head);
 //   5. o_proj over the thread's output features + residual on those features;
 //   then the MLP: norm (each thread, all rows), gate and up over the thread's features with
@@ -106,9 +106,63 @@ static inline void ztile_rows(int64_t rows, const float* x, int64_t K, const uin
   }
 }
 
-// Features [n0, n1) of a GGUF-block linear over all N rows of x. One x tile: weights dequantised
-// in registers; more: each weight tile dequantised once into buf (exact values), then every x
-// tile reads it.
+// Taller tiles (5..8 x rows) against NW (1 or 2) weight rows, the weights dequantised in registers
+// once per block for all the tile's rows and each row's x vectors loaded as they are used (8 x 2
+// accumulators + 4 weight vectors + 2 x vectors: no spills). The same FMAs per accumulator as
+// ztile (acc = fma(x[0:16], w[0:16], acc), fma(x[16:32], w[16:32], acc) over the blocks in order),
+// so a row's outputs are bitwise those of any other tiling.
+constexpr int kZTall = 8;
+
+template <int NR, int NW, int FMT>
+static inline void ztall(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, float* out,
+                         int64_t ldo) {
+  constexpr int64_t kBytes = FMT == 1 ? 20 : 34;
+  __m512 acc[NR][NW];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m512 lo[NW], hi[NW];
+    for (int j = 0; j < NW; ++j) zweights<FMT>(w + j * row_bytes + b * kBytes, lo[j], hi[j]);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 xl = _mm512_loadu_ps(x + r * K + b * 32);
+      const __m512 xh = _mm512_loadu_ps(x + r * K + b * 32 + 16);
+      for (int j = 0; j < NW; ++j) {
+        acc[r][j] = _mm512_fmadd_ps(xl, lo[j], acc[r][j]);
+        acc[r][j] = _mm512_fmadd_ps(xh, hi[j], acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NW; ++j) out[r * ldo + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+template <int NW, int FMT>
+static inline void ztall_rows(int64_t rows, const float* x, int64_t K, const uint8_t* w,
+                              int64_t row_bytes, float* out, int64_t ldo) {
+  switch (rows) {
+    case 1: ztall<1, NW, FMT>(x, K, w, row_bytes, out, ldo); break;
+    case 2: ztall<2, NW, FMT>(x, K, w, row_bytes, out, ldo); break;
+    case 3: ztall<3, NW, FMT>(x, K, w, row_bytes, out, ldo); break;
+    case 4: ztall<4, NW, FMT>(x, K, w, row_bytes, out, ldo); break;
+    case 5: ztall<5, NW, FMT>(x, K, w, row_bytes, out, ldo); break;
+    case 6: ztall<6, NW, FMT>(x, K, w, row_bytes, out, ldo); break;
+    case 7: ztall<7, NW, FMT>(x, K, w, row_bytes, out, ldo); break;
+    default: ztall<8, NW, FMT>(x, K, w, row_bytes, out, ldo); break;
+  }
+}
+
+// Features [n0, n1) of a GGUF-block linear over all N rows of x. Up to 4 rows: one register tile
+// of 4 weight rows (ztile). 5-8 rows: one tall tile against 2 weight rows at a time (ztall; the
+// buffered path below made 5 rows cost twice 4). More: each 4-row weight tile dequantised once
+// into buf (exact values), then every 4-row x tile reads it.
+#ifndef PTP_ZPF_ROWS
+#define PTP_ZPF_ROWS 32
+#endif
+// Software prefetch distance in weight rows (8 register tiles): the blocks of the rows this far
+// ahead in the thread's range are requested into L2 while a tile computes, so that the weight
+// stream keeps flowing from DRAM (a prefetch never changes a value).
+constexpr int64_t kZPrefetchRows = PTP_ZPF_ROWS;
+
 template <int FMT>
 static inline void zrows_block(const float* x, int64_t N, int64_t K, const uint8_t* w,
                                int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy,
@@ -117,14 +171,25 @@ static inline void zrows_block(const float* x, int64_t N, int64_t K, const uint8
   const int64_t tiles = (N + kZRows - 1) / kZRows;
   const int64_t base = N / tiles, extra = N % tiles;
   int64_t n = n0;
+  // the bytes prefetched so far (from the range's start, one tile ahead at first)
+  const uint8_t* pf = w + n0 * row_bytes;
+  const uint8_t* const pf_end = w + n1 * row_bytes;
+  const bool tall = tiles > 1 && N <= kZTall;
   for (; n < n1;) {
-    const int nw = n + 4 <= n1 ? 4 : 1;
+    const int nw = tall ? (n + 2 <= n1 ? 2 : 1) : (n + 4 <= n1 ? 4 : 1);
     const uint8_t* wn = w + n * row_bytes;
+    const uint8_t* pf_to = std::min(pf_end, wn + (kZPrefetchRows + nw) * row_bytes);
+    for (; pf < pf_to; pf += 64) _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
     if (tiles == 1) {
       if (nw == 4)
         ztile_rows<4, FMT, false>(N, x, K, wn, row_bytes, nullptr, y + n, ldy);
       else
         ztile_rows<1, FMT, false>(N, x, K, wn, row_bytes, nullptr, y + n, ldy);
+    } else if (tall) {
+      if (nw == 2)
+        ztall_rows<2, FMT>(N, x, K, wn, row_bytes, y + n, ldy);
+      else
+        ztall_rows<1, FMT>(N, x, K, wn, row_bytes, y + n, ldy);
     } else {
       for (int j = 0; j < nw; ++j)
         for (int64_t b = 0; b < K / 32; ++b) {
@@ -267,8 +332,12 @@ static void run_step(const StepArgs& a) {
   const int64_t Dp = (D + ta::kW - 1) / ta::kW * ta::kW;
   const int P0 = a.num_threads;
 
-  // Attention units: fixed 512-key chunks (tree_attention's split; row invariance).
-  constexpr int64_t chunk = 512;
+  // Attention units: fixed 64-key chunks (row invariance: a key's chunk depends on its position
+  // only). Finer than tree_attention's 512: SmolLM2 has 3 KV heads, so a short context made 3
+  // units for 2 threads (one waited at the barrier); 64-key chunks balance them (plain decoding
+  // of short prompts +10 % on 2 threads; the chunks' merge is a few hundred flops each).
+  constexpr int64_t chunk = 64;
+  static_assert(chunk % ta::kBK == 0, "chunks hold whole key blocks");
   int64_t max_keys = 0;
   for (int64_t b = 0; b < B; ++b) max_keys = std::max(max_keys, a.lens[b] + T);
   const int64_t nsplit = std::max<int64_t>(1, (max_keys + chunk - 1) / chunk);

@@ -8,8 +8,8 @@ first) into a trie (:func:`ptp.drafters.trees.trie`), so alternatives after a di
 become siblings: a small tree. The other drafters draft by lookup through :meth:`continuations`.
 
 Cost-aware draft length (``row_cost > 0``, the default on a CPU): every row of a target call
-costs compute there (SmolLM2-135M on 2 cores: a 2-row call ~1.1x a 1-row call, 4 rows ~1.35x, 8
-rows ~2.1x), so a draft that is rarely accepted slows decoding down. The drafter learns, per
+costs compute there (SmolLM2-135M on 2 cores: a 2-row call ~1.15x a 1-row call, 4 rows ~1.45x, 8
+rows ~2.4x), so a draft that is rarely accepted slows decoding down. The drafter learns, per
 matched n-gram length, how often a drafted token is accepted once the tokens before it were
 (counted from the committed tokens it sees at the next step: a step that commits m tokens
 accepted m - 1 drafts), and drafts the length L (0 = no draft: a plain step) that maximises the
@@ -30,9 +30,10 @@ from ptp.drafters.trees import pack_draft, trie
 
 __all__ = ["LookupDrafter", "AcceptanceModel", "continuations", "matches", "CPU_ROW_COST"]
 
-# A 1-row decoding call of SmolLM2-135M on the 2-core dev CPU costs ~10.7 ms, each further row
-# ~1.2-1.6 ms (benchmarks/results/2026-12-06-cpu-vs-llamacpp.md): an extra row ~0.13 of a call.
-CPU_ROW_COST = 0.13
+# A 1-row decoding call of SmolLM2-135M on the 2-core dev CPU costs ~7.8 ms, 2 rows ~1.16x that,
+# 4 rows ~1.45x, 5 rows ~1.8x (benchmarks/results/2026-12-07-cpu-vs-llamacpp.md): a further row
+# ~0.18 of a call (its 0.27 GFLOP at the FMA rate of 2 cores).
+CPU_ROW_COST = 0.18
 
 
 def continuations(history: list[int], depth: int, min_ngram: int, max_ngram: int, num: int) -> list[list[int]]:
@@ -100,7 +101,7 @@ class LookupDrafter(Drafter):
     name = "lookup"
 
     def __init__(self, options: Optional[LookupDrafterOptions] = None, device=None, **kw) -> None:
-        """``device``: the target's (``row_cost`` unset: 0.13 on the CPU or when unknown, else 0)."""
+        """``device``: the target's (``row_cost`` unset: 0.18 on the CPU or when unknown, else 0)."""
         self.options = o = LookupDrafterOptions.build(options, **kw)
         self.lookup_tokens = o.lookup_tokens  # depth of each continuation
         self.lookup_ngram, self.lookup_max_ngram = o.lookup_ngram, o.lookup_max_ngram

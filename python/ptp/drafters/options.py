@@ -278,7 +278,7 @@ class LookupDrafterOptions(LookupOptions):
     row_cost: Optional[float] = option(None, "cost of one more row in a target call, as a fraction of a "
                                              "1-row call: the draft length maximises the expected tokens "
                                              "per cost, learnt from the acceptance per matched n-gram "
-                                             "length (none: 0.13, measured on a 2-core CPU, for a model "
+                                             "length (none: 0.18, measured on a 2-core CPU, for a model "
                                              "on the CPU, 0 on a GPU; 0 = always lookup_tokens)", min=0.0)
 
 
