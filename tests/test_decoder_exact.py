@@ -428,6 +428,26 @@ def test_lookup_drafter_trees():
     assert chain.tokens[0].tolist() == [0, 3, 8, 1, 2] and chain.is_chain
 
 
+def test_ngram_index_equals_the_scan():
+    """The cost-aware lookup's incremental n-gram index finds exactly the continuations of the
+    full-history scan (``matches``), as the history grows by steps of any size."""
+    import numpy as np
+
+    from ptp.drafters.lookup import NgramIndex, matches
+
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        vocab, lo = int(rng.integers(2, 8)), int(rng.integers(1, 3))
+        hi = int(rng.integers(lo, 5))
+        h = rng.integers(0, vocab, int(rng.integers(1, 50))).tolist()
+        index = NgramIndex(lo, hi)
+        for L in range(1, len(h) + 1):
+            if rng.random() < 0.4 or L == len(h):
+                index.extend(h[:L])
+                for depth, num in ((1, 1), (3, 1), (5, 3)):
+                    assert index.matches(depth, num) == matches(h[:L], depth, lo, hi, num), (h[:L], depth, num)
+
+
 def test_acceptance_model_draft_length():
     from ptp.drafters.lookup import AcceptanceModel
 

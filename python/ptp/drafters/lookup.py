@@ -28,7 +28,7 @@ from ptp.drafters.base import register_drafter
 from ptp.drafters.options import LookupDrafterOptions
 from ptp.drafters.trees import pack_draft, trie
 
-__all__ = ["LookupDrafter", "AcceptanceModel", "continuations", "matches", "CPU_ROW_COST"]
+__all__ = ["LookupDrafter", "AcceptanceModel", "NgramIndex", "continuations", "matches", "CPU_ROW_COST"]
 
 # A 1-row decoding call of SmolLM2-135M on the 2-core dev CPU costs ~7.8 ms, 2 rows ~1.16x that,
 # 4 rows ~1.45x, 5 rows ~1.8x (benchmarks/results/2026-12-07-cpu-vs-llamacpp.md): a further row
@@ -61,6 +61,44 @@ def matches(history: list[int], depth: int, min_ngram: int, max_ngram: int, num:
                 if len(found) == num:
                     return found, first_n
     return found, first_n
+
+
+class NgramIndex:
+    """An append-only history's n-grams (n in ``min_n..max_n``) -> their start positions, kept
+    up to date as the history grows, so that a lookup per step costs O(matches) instead of a scan
+    of the whole history. :meth:`matches` returns exactly :func:`matches`'s result."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+        self.starts: dict[tuple, list[int]] = {}
+        self.done = 0  # n-grams followed by a token are indexed for start positions < done
+        self.tokens: list[int] = []
+
+    def extend(self, history: list[int]) -> None:
+        """Index the n-grams of ``history`` (which extends the one seen before) that are followed
+        by at least one token."""
+        L = len(history)
+        for i in range(self.done, L - 1):
+            for n in range(self.min_n, self.max_n + 1):
+                if i - n + 1 < 0:
+                    break
+                self.starts.setdefault(tuple(history[i - n + 1:i + 1]), []).append(i - n + 1)
+        self.done = max(self.done, L - 1)
+        self.tokens = history
+
+    def matches(self, depth: int, num: int) -> tuple[list[list[int]], int]:
+        h = self.tokens
+        found: list[list[int]] = []
+        first_n = 0
+        for n in range(min(self.max_n, len(h) - 1), self.min_n - 1, -1):
+            for i in reversed(self.starts.get(tuple(h[-n:]), ())):
+                cont = h[i + n: i + n + depth]
+                if cont and cont not in found and not any(f[:len(cont)] == cont for f in found):
+                    found.append(cont)
+                    first_n = first_n or n
+                    if len(found) == num:
+                        return found, first_n
+        return found, first_n
 
 
 class AcceptanceModel:
@@ -111,16 +149,19 @@ class LookupDrafter(Drafter):
         self.row_cost = o.row_cost if o.row_cost is not None else (CPU_ROW_COST if on_cpu else 0.0)
         self.model = AcceptanceModel(self.row_cost) if self.row_cost > 0 else None
         self._pending: dict[int, tuple[int, int, int]] = {}  # sequence id -> (history len, n, L)
+        self._index: dict[int, NgramIndex] = {}  # sequence id -> its history's n-grams
 
     def reset(self) -> None:
         # the acceptance rates stay across generate calls (they describe the model and the kind
         # of text, and a short answer would not learn them): a new drafter, or forget(), starts
         # from the prior, so that a run repeats its target-call counts (the tokens never vary)
         self._pending.clear()
+        self._index.clear()
 
     def forget(self) -> None:
         """Back to the prior acceptance rates."""
         self._pending.clear()
+        self._index.clear()
         if self.model is not None:
             self.model = AcceptanceModel(self.row_cost)
 
@@ -155,7 +196,12 @@ class LookupDrafter(Drafter):
         pending = self._pending.pop(sid, None)
         if pending is not None and len(history) > pending[0]:
             self.model.record(pending[1], pending[2], len(history) - pending[0] - 1)
-        found, n = matches(history, depth, self.lookup_ngram, self.lookup_max_ngram, self.lookup_branches)
+        index = self._index.get(sid)
+        if index is None or index.done > len(history) or (
+                index.done and index.tokens[index.done - 1] != history[index.done - 1]):
+            index = self._index[sid] = NgramIndex(self.lookup_ngram, self.lookup_max_ngram)
+        index.extend(history)
+        found, n = index.matches(depth, self.lookup_branches)
         L = self.model.length(n, min(depth, max(map(len, found)))) if found else 0
         if L == 0:
             return [0], [-1]
