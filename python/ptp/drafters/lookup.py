@@ -47,14 +47,23 @@ def matches(history: list[int], depth: int, min_ngram: int, max_ngram: int, num:
             ) -> tuple[list[list[int]], int]:
     """:func:`continuations` and the n-gram length of the first one (0: none found)."""
     h = np.asarray(history, dtype=np.int64)
-    found: list[list[int]] = []
-    first_n = 0
-    for n in range(min(max_ngram, len(h) - 1), min_ngram - 1, -1):
+
+    def starts(n: int):
         # windows starting at i with i + n < len(h): at least one token follows them
         windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)
-        starts = np.flatnonzero((windows == h[-n:]).all(axis=1))
-        for i in starts[::-1]:  # most recent first
-            cont = h[i + n: i + n + depth].tolist()
+        return np.flatnonzero((windows == h[-n:]).all(axis=1)).tolist()
+    return _pick(h.tolist(), starts, depth, min_ngram, max_ngram, num)
+
+
+def _pick(history: list[int], starts, depth: int, min_ngram: int, max_ngram: int, num: int
+          ) -> tuple[list[list[int]], int]:
+    """The continuations of :func:`matches`, given ``starts(n)``: the start positions (ascending)
+    of the earlier occurrences of the last n tokens that at least one token follows."""
+    found: list[list[int]] = []
+    first_n = 0
+    for n in range(min(max_ngram, len(history) - 1), min_ngram - 1, -1):
+        for i in reversed(starts(n)):  # most recent first
+            cont = history[i + n: i + n + depth]
             if cont and cont not in found and not any(f[:len(cont)] == cont for f in found):
                 found.append(cont)
                 first_n = first_n or n
@@ -88,17 +97,7 @@ class NgramIndex:
 
     def matches(self, depth: int, num: int) -> tuple[list[list[int]], int]:
         h = self.tokens
-        found: list[list[int]] = []
-        first_n = 0
-        for n in range(min(self.max_n, len(h) - 1), self.min_n - 1, -1):
-            for i in reversed(self.starts.get(tuple(h[-n:]), ())):
-                cont = h[i + n: i + n + depth]
-                if cont and cont not in found and not any(f[:len(cont)] == cont for f in found):
-                    found.append(cont)
-                    first_n = first_n or n
-                    if len(found) == num:
-                        return found, first_n
-        return found, first_n
+        return _pick(h, lambda n: self.starts.get(tuple(h[-n:]), ()), depth, self.min_n, self.max_n, num)
 
 
 class AcceptanceModel:
