@@ -44,11 +44,11 @@ static inline void zweights(const uint8_t* blk, __m512& lo, __m512& hi) {
                                        12.f, 13.f, 14.f, 15.f);
     const __m512 table = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), iota,
                                          _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)), table);
-    hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)),
-                               table);
+    // vpermps reads only an index lane's low 4 bits: the zero-extended byte indexes its low
+    // nibble as it is, and shifted right by 4 its high nibble (no masks).
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
+    lo = _mm512_permutexvar_ps(idx, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
   } else {
     uint16_t d_bits;
     __builtin_memcpy(&d_bits, blk, 2);
