@@ -12,7 +12,10 @@ prompt (first turn, chat template; the same token ids for both, the GGUF carries
   activations of its quantised matmuls to 8 bits, so its text differs from float32 decoding and
   the comparison is of speed at equal token counts, not of text;
 * ``llama-bench -p 0 -n 128`` (tg128, llama.cpp's own loop without any Python) when the binary
-  is found (``--llama-bench PATH`` or on ``PATH``).
+  is found (``--llama-bench PATH`` or on ``PATH``): once from an empty context (tg128) and once at
+  every prompt's depth (``-d``: the prompt's token count), so that ptp's decoding of a prompt is
+  compared with llama.cpp's own loop decoding after a context of the same length (attention over
+  a longer context costs both engines: llama-bench's tg128 is 147 tok/s at depth 0, 107 at 512).
 
 Timing: tokens/s over each prompt's whole generation (prefill included) and, for the headline
 ratio, decode-only tokens/s (from the first committed token, the prefill's, to the end, timed
@@ -94,6 +97,25 @@ def llama_bench_tg(binary: str, gguf: str, threads: int, n: int = 128) -> Option
         return None
 
 
+def llama_bench_depths(binary: str, gguf: str, threads: int, depths: list[int], n: int = 128,
+                       reps: int = 2) -> Optional[dict[int, float]]:
+    """{depth: llama-bench tg``n`` tokens/s after a context of ``depth`` tokens} (one llama-bench
+    run over all the depths, ``reps`` repetitions each), or None if it failed."""
+    uniq = sorted(set(depths))
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n), "-r", str(reps),
+           "-d", ",".join(map(str, uniq)), "-o", "json"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True).stdout
+        got = {int(r["n_depth"]): float(r["avg_ts"]) for r in json.loads(out)}
+    except (subprocess.SubprocessError, ValueError, KeyError, TypeError, OSError) as e:
+        print(f"llama-bench -d failed: {e}", file=sys.stderr)
+        return None
+    if set(got) != set(uniq):
+        print(f"llama-bench -d: missing depths {sorted(set(uniq) - set(got))}", file=sys.stderr)
+        return None
+    return got
+
+
 def run_llama(llm, prompt: list[int], n: int) -> tuple[float, float]:
     """Greedy decode exactly ``n`` tokens after ``prompt``; returns (prefill s, decode s)."""
     import llama_cpp
@@ -125,14 +147,16 @@ def main(argv=None) -> int:
                          "each method checked token-for-token against plain sampling with the "
                          "same uniforms); llama.cpp stays greedy (its speed does not depend on it)")
     ap.add_argument("--llama-bench", default=None, help="path of the llama-bench binary")
+    ap.add_argument("--bench-reps", type=int, default=2,
+                    help="llama-bench repetitions per prompt depth")
     ap.add_argument("--max-load", type=float, default=0.5,
                     help="refuse to run when the 1-minute load average is above this")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.temperature < 0:
         raise SystemExit("--temperature must be >= 0")
-    if args.per_category < 1 or args.max_new_tokens < 1 or args.threads < 1:
-        raise SystemExit("--per-category, --max-new-tokens and --threads must be >= 1")
+    if min(args.per_category, args.max_new_tokens, args.threads, args.bench_reps) < 1:
+        raise SystemExit("--per-category, --max-new-tokens, --threads and --bench-reps must be >= 1")
     if not llama_cpp_available():
         print(f"vs_llamacpp: skipped: llama-cpp-python is not installed ({INSTALL_HINT})")
         return 0
@@ -183,6 +207,8 @@ def main(argv=None) -> int:
     lcpp = [run_llama(llm, p, len(t)) for p, t in zip(prompts, ref)]
     bench_bin = find_llama_bench(args.llama_bench)
     tg128 = llama_bench_tg(bench_bin, gguf, args.threads) if bench_bin else None
+    at_depth = (llama_bench_depths(bench_bin, gguf, args.threads, [len(p) for p in prompts], N,
+                                   args.bench_reps) if bench_bin else None)
     load_after = os.getloadavg()[0]
 
     cats = defaultdict(list)
@@ -200,6 +226,10 @@ def main(argv=None) -> int:
     def llama_stats(idx):
         toks = sum(len(ref[i]) for i in idx)
         return toks / sum(sum(lcpp[i]) for i in idx), toks / sum(lcpp[i][1] for i in idx)
+
+    def bench_stats(idx):  # llama-bench at each prompt's depth, as many tokens as ptp plain made
+        toks = sum(len(ref[i]) for i in idx)
+        return toks / sum(len(ref[i]) / at_depth[len(prompts[i])] for i in idx)
 
     date = datetime.date.today().isoformat()
     all_idx = list(range(len(prompts)))
@@ -223,29 +253,48 @@ def main(argv=None) -> int:
              "calls after the prompt's).\n"]
     if tg128 is not None:
         lines.append(f"llama-bench `-t {args.threads} -p 0 -n 128`: **{tg128:.1f} tok/s** (tg128).\n")
+    b_dec = bench_stats(all_idx) if at_depth else None
+    if b_dec is not None:
+        lines.append(f"llama-bench at each prompt's depth (`-t {args.threads} -p 0 -n {N} -d "
+                     f"<prompt tokens> -r {args.bench_reps}`, weighted by ptp plain's token "
+                     f"counts): **{b_dec:.1f} tok/s**. This is llama.cpp's plain decoding at the "
+                     f"contexts ptp decodes at; the ratios below use it as the reference.\n")
     lines.append("## All prompts\n")
     lines.append("| engine | e2e tok/s | decode tok/s | decode vs llama.cpp loop | "
+                 + ("decode vs llama-bench (same depths) | " if b_dec else "")
                  + ("decode vs llama-bench tg128 | " if tg128 else "")
                  + "tokens per call | tokens == ptp plain |")
-    lines.append("|---|---|---|---|" + ("---|" if tg128 else "") + "---|---|")
+    lines.append("|---|---|---|---|" + ("---|" if b_dec else "") + ("---|" if tg128 else "")
+                 + "---|---|")
+    if b_dec:
+        lines.append(f"| llama-bench (same depths) | - | {b_dec:.1f} | {b_dec / l_dec:.2f}x | 1.00x | "
+                     + (f"{b_dec / tg128:.2f}x | " if tg128 else "") + "1.00 | - |")
     lines.append(f"| llama.cpp (Llama.eval loop) | {l_e2e:.1f} | {l_dec:.1f} | 1.00x | "
+                 + (f"{l_dec / b_dec:.2f}x | " if b_dec else "")
                  + (f"{l_dec / tg128:.2f}x | " if tg128 else "") + "1.00 | - |")
     for label in results:
         e2e, dec, tpc = ptp_stats(label, all_idx)
         lines.append(f"| {label} | {e2e:.1f} | {dec:.1f} | {dec / l_dec:.2f}x | "
+                     + (f"{dec / b_dec:.2f}x | " if b_dec else "")
                      + (f"{dec / tg128:.2f}x | " if tg128 else "")
                      + f"{tpc:.2f} | {exact[label]}/{len(prompts)} |")
-    lines.append("\n## Per category (decode tok/s, ratio vs llama.cpp, tokens per call)\n")
+    ref_name = "llama-bench at the same depths" if b_dec else "llama.cpp's eval loop"
+    lines.append(f"\n## Per category (decode tok/s, ratio vs {ref_name}, tokens per call)\n")
     names = list(results)
-    lines.append("| category | n | llama.cpp | " + " | ".join(names) + " |")
-    lines.append("|---|---|---|" + "---|" * len(names))
+    lines.append("| category | n | prompt tokens | llama.cpp loop | "
+                 + ("llama-bench | " if b_dec else "") + " | ".join(names) + " |")
+    lines.append("|---|---|---|---|" + ("---|" if b_dec else "") + "---|" * len(names))
     for cat, idx in sorted(cats.items()):
         ld = llama_stats(idx)[1]
+        bd = bench_stats(idx) if b_dec else None
+        base = bd if bd else ld
         cells = []
         for label in names:
             _, dec, tpc = ptp_stats(label, idx)
-            cells.append(f"{dec:.1f} ({dec / ld:.2f}x, {tpc:.2f})")
-        lines.append(f"| {cat} | {len(idx)} | {ld:.1f} | " + " | ".join(cells) + " |")
+            cells.append(f"{dec:.1f} ({dec / base:.2f}x, {tpc:.2f})")
+        ptoks = sum(len(prompts[i]) for i in idx) / len(idx)
+        lines.append(f"| {cat} | {len(idx)} | {ptoks:.0f} | {ld:.1f} | "
+                     + (f"{bd:.1f} | " if bd else "") + " | ".join(cells) + " |")
     write_report(lines, args.out or os.path.join(HERE, "results", f"{date}-cpu-vs-llamacpp.md"))
     return 0
 

@@ -136,6 +136,38 @@ def test_vs_llamacpp_refuses_a_busy_machine_and_bad_arguments(monkeypatch):
         vs_llamacpp.find_llama_bench("/nonexistent/llama-bench")
 
 
+def test_vs_llamacpp_llama_bench_at_prompt_depths(tmp_path):
+    """llama-bench runs once over the prompts' distinct depths and its JSON rows map back to
+    them; a failing binary or a missing depth gives None (the report then leaves it out)."""
+    import stat
+    import sys
+
+    from benchmarks.vs_llamacpp import llama_bench_depths
+
+    fake = tmp_path / "llama-bench"
+    log = tmp_path / "argv.txt"
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+open({str(log)!r}, "w").write(" ".join(sys.argv[1:]))
+a = sys.argv[1:]
+depths = [int(d) for d in a[a.index("-d") + 1].split(",")]
+drop = {str(tmp_path / "drop")!r}
+import os
+if os.path.exists(drop):
+    depths = depths[:-1]
+print(json.dumps([{{"n_depth": d, "avg_ts": 1000.0 / (d + 10)}} for d in depths]))
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    got = llama_bench_depths(str(fake), "m.gguf", 2, [30, 10, 30, 90], n=64, reps=3)
+    assert got == {10: 50.0, 30: 25.0, 90: 10.0}
+    argv = log.read_text().split()
+    assert argv[argv.index("-d") + 1] == "10,30,90" and argv[argv.index("-n") + 1] == "64"
+    assert argv[argv.index("-r") + 1] == "3" and argv[argv.index("-t") + 1] == "2"
+    (tmp_path / "drop").write_text("")
+    assert llama_bench_depths(str(fake), "m.gguf", 2, [10, 30]) is None
+    assert llama_bench_depths(str(tmp_path / "absent"), "m.gguf", 2, [10]) is None
+
+
 def test_vs_llamacpp_per_category_selection():
     from benchmarks.vs_llamacpp import per_category
 
