@@ -416,8 +416,23 @@ static void run_step(const StepArgs& a) {
         }
       }
 #pragma omp barrier
-      // 3. attention units
+      // 3. attention units. Each starts by requesting the keys and values of the thread's next
+      // unit (one 64-key chunk: 16 KB each for a 64-dim head), so that only a thread's first unit
+      // of a layer waits on DRAM (KV rows are evicted by every call's weight stream; interleaved
+      // A/B, SmolLM2 at an 800-token context: 8.44 -> 8.12 ms a call).
       for (int64_t u = tid; u < units; u += P) {
+        if (u + P < units) {
+          const int64_t un = u + P, bhn = un / nsplit, spn = un % nsplit;
+          const int64_t bn = bhn / Hkv, hkn = bhn % Hkv, keys = a.lens[bn] + T;
+          const int64_t kb = std::min(keys, spn * chunk), ke = std::min(keys, (spn + 1) * chunk);
+          const int64_t off = ((bn * Hkv + hkn) * S + kb) * D;
+          const char* kp = reinterpret_cast<const char*>(Lw.key_cache + off);
+          const char* vp = reinterpret_cast<const char*>(Lw.value_cache + off);
+          for (int64_t byte = 0; byte < (ke - kb) * D * 4; byte += 64) {
+            __builtin_prefetch(kp + byte, 0, 3);
+            __builtin_prefetch(vp + byte, 0, 3);
+          }
+        }
         const int64_t bh = u / nsplit, sp = u % nsplit, b = bh / Hkv, hk = bh % Hkv;
         const int64_t n_keys = a.lens[b] + T;
         UnitArgs ua;
