@@ -30,9 +30,11 @@ from ptp.drafters.trees import pack_draft, trie
 
 __all__ = ["LookupDrafter", "AcceptanceModel", "NgramIndex", "continuations", "matches", "CPU_ROW_COST"]
 
-# A 1-row decoding call of SmolLM2-135M on the 2-core dev CPU costs ~7.8 ms, 2 rows ~1.16x that,
-# 4 rows ~1.45x, 5 rows ~1.8x (benchmarks/results/2026-12-07-cpu-vs-llamacpp.md): a further row
-# ~0.18 of a call (its 0.27 GFLOP at the FMA rate of 2 cores).
+# A 1-row decoding call of SmolLM2-135M on the 2-core dev CPU costs ~6.0 ms at a 256-token
+# context, 2 rows ~1.28x that, 4 rows ~1.77x, 8 rows ~3.3x (a further row is its 0.27 GFLOP at
+# the FMA rate of 2 cores, ~1.1-1.7 ms). The value is the end-to-end optimum, not the raw ratio:
+# over 26 dev prompts lookup with row_cost 0.12 / 0.18 / 0.24 / 0.35 ran at 1.08 / 1.04 / 1.00 /
+# ~0.91 of each other (two runs, ~5 % noise), row_cost 0 (fixed 4-token chains) well below.
 CPU_ROW_COST = 0.18
 
 
