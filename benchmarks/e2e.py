@@ -81,11 +81,12 @@ def run_hf(model, prompts, max_new, eos, lookup_tokens=None, temperature=0.0, se
 
 
 def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, seed=0, row_invariant=None,
-            fast_path=None, max_draft_nodes=64, cuda_graphs=None, decoder=None):
+            fast_path=None, max_draft_nodes=64, cuda_graphs=None, decoder=None, first_id=0):
     """Per prompt ``(new_token_ids, target_calls, seconds, decode_seconds, decode_tokens)``:
     decode_* count from the first commit (the prefill's token) on, timed inside the same run.
     ``decoder``: reuse one Decoder (of ``model`` and ``drafter``) across runs, e.g. so that the
-    CUDA graphs captured in the warm-up replay in the timed run."""
+    CUDA graphs captured in the warm-up replay in the timed run. Prompt i is sequence
+    ``first_id + i`` (its uniform stream when sampling)."""
     from ptp.decode.decoder import Decoder, GenerationConfig
     from ptp.decode.sampling import SamplingConfig
 
@@ -102,7 +103,7 @@ def run_ptp(model, tokenizer, drafter, prompts, max_new, eos, temperature=0.0, s
             if not first:
                 first.append((time.perf_counter(), len(new)))
         t0 = time.perf_counter()
-        r = decoder.generate([p], cfg, sequence_ids=[i], on_tokens=on_tokens)[0]
+        r = decoder.generate([p], cfg, sequence_ids=[first_id + i], on_tokens=on_tokens)[0]
         t1 = time.perf_counter()
         # decode-only: the calls after the first commit, and the tokens they committed
         t_first, n_first = first[0] if first else (t1, len(r.new_token_ids))

@@ -190,25 +190,35 @@ def main(argv=None) -> int:
         m = copy.deepcopy(model)  # adapters wrap the model's linears: one copy per drafter
         methods[f"ptp {spec}"] = (make_drafter(name, m, tokenizer, **opts), m)
 
-    # per method: a warm-up, then the runs (decode time: from the first commit, the prefill's
-    # token, to the end, timed inside each run)
-    results = {}
-    for label, (drafter, m) in methods.items():
-        run_ptp(m, tokenizer, drafter, prompts[:1], 8, eos, temperature=args.temperature)
-        t0 = time.perf_counter()
-        results[label] = run_ptp(m, tokenizer, drafter, prompts, N, eos, temperature=args.temperature)
-        print(f"{label}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    ref = [r[0] for r in results["ptp plain"]]
-    exact = {k: sum(r[0] == x for r, x in zip(v, ref)) for k, v in results.items()}
-
     llm = llama_cpp.Llama(model_path=gguf, n_threads=args.threads, n_threads_batch=args.threads,
                           n_ctx=4096, verbose=False)
-    run_llama(llm, prompts[0], 4)  # warm-up
-    lcpp = [run_llama(llm, p, len(t)) for p, t in zip(prompts, ref)]
     bench_bin = find_llama_bench(args.llama_bench)
+
+    # Warm-ups, then prompt by prompt every engine in turn (ptp's methods, llama.cpp's loop,
+    # llama-bench at the prompt's depth), so that a slow spell of the shared machine hits all of
+    # them alike. A short pause between engines lets the other's idle threads stop spinning.
+    # ptp's decode time: from the first commit (the prefill's token) to the end, inside each run.
+    for label, (drafter, m) in methods.items():
+        run_ptp(m, tokenizer, drafter, prompts[:1], 8, eos, temperature=args.temperature)
+    run_llama(llm, prompts[0], 4)
+    results = {label: [] for label in methods}
+    lcpp = []
+    at_depth: Optional[dict[int, float]] = {} if bench_bin else None
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        for label, (drafter, m) in methods.items():
+            results[label] += run_ptp(m, tokenizer, drafter, [p], N, eos, temperature=args.temperature,
+                                      first_id=i)
+            time.sleep(0.05)
+        lcpp.append(run_llama(llm, p, len(results["ptp plain"][-1][0])))
+        time.sleep(0.05)
+        if at_depth is not None and len(p) not in at_depth:
+            got = llama_bench_depths(bench_bin, gguf, args.threads, [len(p)], N, args.bench_reps)
+            at_depth = None if got is None else {**at_depth, **got}
+        print(f"prompt {i + 1}/{len(prompts)}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    ref = [r[0] for r in results["ptp plain"]]
+    exact = {k: sum(r[0] == x for r, x in zip(v, ref)) for k, v in results.items()}
     tg128 = llama_bench_tg(bench_bin, gguf, args.threads) if bench_bin else None
-    at_depth = (llama_bench_depths(bench_bin, gguf, args.threads, [len(p) for p in prompts], N,
-                                   args.bench_reps) if bench_bin else None)
     load_after = os.getloadavg()[0]
 
     cats = defaultdict(list)
@@ -250,7 +260,9 @@ def main(argv=None) -> int:
              "differ from float32 decoding; the comparison is of speed at equal token counts. "
              "`e2e` counts the whole generation (prefill included); `decode` counts from the "
              "first token (the prefill's) on, timed inside the same run (llama.cpp: its `eval` "
-             "calls after the prompt's).\n"]
+             "calls after the prompt's). The engines run prompt by prompt in turn (every ptp "
+             "method, llama.cpp's loop, llama-bench at the prompt's depth), so that the shared "
+             "machine's slow spells hit them alike.\n"]
     if tg128 is not None:
         lines.append(f"llama-bench `-t {args.threads} -p 0 -n 128`: **{tg128:.1f} tok/s** (tg128).\n")
     b_dec = bench_stats(all_idx) if at_depth else None
