@@ -12,8 +12,8 @@ prompt (first turn, chat template; the same token ids for both, the GGUF carries
   activations of its quantised matmuls to 8 bits, so its text differs from float32 decoding and
   the comparison is of speed at equal token counts, not of text;
 * ``llama-bench -p 0 -n 128`` (tg128, llama.cpp's own loop without any Python) when the binary
-  is found (``--llama-bench PATH`` or on ``PATH``): once from an empty context (tg128) and once at
-  every prompt's depth (``-d``: the prompt's token count), so that ptp's decoding of a prompt is
+  is found (``--llama-bench PATH`` or on ``PATH``): from an empty context (tg128, at four points
+  spread over the run) and at every prompt's depth (``-d``: the prompt's token count), so that ptp's decoding of a prompt is
   compared with llama.cpp's own loop decoding after a context of the same length (attention over
   a longer context costs both engines: llama-bench's tg128 is 147 tok/s at depth 0, 107 at 512).
 
@@ -204,8 +204,13 @@ def main(argv=None) -> int:
     results = {label: [] for label in methods}
     lcpp = []
     at_depth: Optional[dict[int, float]] = {} if bench_bin else None
+    tg_runs: list[float] = []  # tg128 at 4 points spread over the run (it drifts with the VM)
+    tg_every = max(1, -(-len(prompts) // 4))
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
+        if bench_bin and i % tg_every == 0:
+            tg = llama_bench_tg(bench_bin, gguf, args.threads)
+            tg_runs += [tg] if tg is not None else []
         for label, (drafter, m) in methods.items():
             results[label] += run_ptp(m, tokenizer, drafter, [p], N, eos, temperature=args.temperature,
                                       first_id=i)
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
         print(f"prompt {i + 1}/{len(prompts)}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     ref = [r[0] for r in results["ptp plain"]]
     exact = {k: sum(r[0] == x for r, x in zip(v, ref)) for k, v in results.items()}
-    tg128 = llama_bench_tg(bench_bin, gguf, args.threads) if bench_bin else None
+    tg128 = sum(tg_runs) / len(tg_runs) if tg_runs else None
     load_after = os.getloadavg()[0]
 
     cats = defaultdict(list)
@@ -264,7 +269,9 @@ def main(argv=None) -> int:
              "method, llama.cpp's loop, llama-bench at the prompt's depth), so that the shared "
              "machine's slow spells hit them alike.\n"]
     if tg128 is not None:
-        lines.append(f"llama-bench `-t {args.threads} -p 0 -n 128`: **{tg128:.1f} tok/s** (tg128).\n")
+        lines.append(f"llama-bench `-t {args.threads} -p 0 -n 128`: **{tg128:.1f} tok/s** (tg128: "
+                     f"mean of {len(tg_runs)} runs spread over the run, "
+                     f"{min(tg_runs):.1f}-{max(tg_runs):.1f}; decoding after an empty context).\n")
     b_dec = bench_stats(all_idx) if at_depth else None
     if b_dec is not None:
         lines.append(f"llama-bench at each prompt's depth (`-t {args.threads} -p 0 -n {N} -d "
