@@ -166,12 +166,14 @@ static inline void ztall_rows(int64_t rows, const float* x, int64_t K, const uin
 // up, and a longer one only evicts).
 constexpr int64_t kZPrefetchRows = PTP_ZPF_ROWS;
 
-// `nta`: the layers' weights are prefetched non-temporally (into L1 only: on Zen the L3 is filled
-// by L2 evictions, so these lines never enter it), which keeps the LM head (prefetched into L2,
-// the default) and the KV cache resident in L3 from one call to the next instead of being evicted
-// by 66 MB of layer blocks. Interleaved A/B on the 2-core EPYC (32 MB L3), SmolLM2 calls of 1 row:
-// 7.87 -> 7.18 ms at a 64-token context, 7.42 -> 6.86 at 256, 9.47 -> 8.77 at 800; 4 rows at 256:
-// 13.76 -> 13.24.
+// `nta`: in a 1-row call the layers' weights are prefetched non-temporally (into L1 only: on Zen
+// the L3 is filled by L2 evictions, so these lines never enter it), which keeps the LM head
+// (prefetched into L2, the default) and the KV cache resident in L3 from one call to the next
+// instead of being evicted by 66 MB of layer blocks. Interleaved A/B on the 2-core EPYC (32 MB
+// L3), SmolLM2 1-row calls: 7.87 -> 7.18 ms at a 64-token context, 7.42 -> 6.86 at 256, 9.47 ->
+// 8.77 at 800 (another time, on a busier host, even). With more rows the x rows crowd L1 and
+// the weight lines, which NTA keeps out of L2, are fetched again: 2 and 3 rows were 5-8 % slower
+// with it, so they prefetch into L2.
 template <int FMT>
 static inline void zrows_block(const float* x, int64_t N, int64_t K, const uint8_t* w,
                                int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy,
@@ -188,7 +190,7 @@ static inline void zrows_block(const float* x, int64_t N, int64_t K, const uint8
     const int nw = tall ? (n + 2 <= n1 ? 2 : 1) : (n + 4 <= n1 ? 4 : 1);
     const uint8_t* wn = w + n * row_bytes;
     const uint8_t* pf_to = std::min(pf_end, wn + (kZPrefetchRows + nw) * row_bytes);
-    if (nta)
+    if (nta && N == 1)
       for (; pf < pf_to; pf += 64) _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_NTA);
     else
       for (; pf < pf_to; pf += 64) _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
