@@ -250,7 +250,8 @@ static inline void zrows_block_f32(const float* x, int64_t N, int64_t K, const f
 #endif
 
 // y[m, n] (+ bias[n]) for the call's N rows of x and features [n0, n1) of one linear.
-// `nta`: the weights stream past the caches (the decoding call's layers; see zrows_block).
+// `nta`: the decoding call's layers, whose weights in a 1-row call stream past L2 and L3 (see
+// zrows_block); the LM head keeps the default.
 static inline void linear_part(const LinearW& w, const float* x, int64_t N, float* y, int64_t ldy,
                                int64_t n0, int64_t n1, float* buf, bool nta = false) {
   if (n0 >= n1 || N == 0) return;
@@ -432,29 +433,33 @@ static void run_step(const StepArgs& a) {
       // unit (one 64-key chunk: 16 KB each for a 64-dim head), so that only a thread's first unit
       // of a layer waits on DRAM (KV rows are evicted by every call's weight stream; interleaved
       // A/B, SmolLM2 at an 800-token context: 8.44 -> 8.12 ms a call).
+      // unit u: batch row b, KV head hk, keys [kbeg, kend) (a 64-key chunk of the L + T keys)
+      struct Unit { int64_t b, hk, kbeg, kend; };
+      const auto unit = [&](int64_t u) {
+        const int64_t bh = u / nsplit, sp = u % nsplit, b = bh / Hkv, keys = a.lens[b] + T;
+        return Unit{b, bh % Hkv, std::min(keys, sp * chunk), std::min(keys, (sp + 1) * chunk)};
+      };
       for (int64_t u = tid; u < units; u += P) {
         if (u + P < units) {
-          const int64_t un = u + P, bhn = un / nsplit, spn = un % nsplit;
-          const int64_t bn = bhn / Hkv, hkn = bhn % Hkv, keys = a.lens[bn] + T;
-          const int64_t kb = std::min(keys, spn * chunk), ke = std::min(keys, (spn + 1) * chunk);
-          const int64_t off = ((bn * Hkv + hkn) * S + kb) * D;
+          const Unit nx = unit(u + P);
+          const int64_t off = ((nx.b * Hkv + nx.hk) * S + nx.kbeg) * D;
           const char* kp = reinterpret_cast<const char*>(Lw.key_cache + off);
           const char* vp = reinterpret_cast<const char*>(Lw.value_cache + off);
-          for (int64_t byte = 0; byte < (ke - kb) * D * 4; byte += 64) {
+          for (int64_t byte = 0; byte < (nx.kend - nx.kbeg) * D * 4; byte += 64) {
             __builtin_prefetch(kp + byte, 0, 3);
             __builtin_prefetch(vp + byte, 0, 3);
           }
         }
-        const int64_t bh = u / nsplit, sp = u % nsplit, b = bh / Hkv, hk = bh % Hkv;
-        const int64_t n_keys = a.lens[b] + T;
+        const Unit un = unit(u);
+        const int64_t b = un.b, hk = un.hk;
         UnitArgs ua;
         ua.L = a.lens[b];
         ua.T = static_cast<int>(T);
         ua.G = static_cast<int>(G);
         ua.D = static_cast<int>(D);
         ua.Dp = static_cast<int>(Dp);
-        ua.kbeg = std::min(n_keys, sp * chunk);
-        ua.kend = std::min(n_keys, (sp + 1) * chunk);
+        ua.kbeg = un.kbeg;
+        ua.kend = un.kend;
         ua.q_stride_t = Wqkv;
         ua.mask = a.mask ? a.mask + b * T * T : nullptr;
         ua.vis = a.mask ? vis.data() + b * T * T : nullptr;

@@ -8,8 +8,8 @@ first) into a trie (:func:`ptp.drafters.trees.trie`), so alternatives after a di
 become siblings: a small tree. The other drafters draft by lookup through :meth:`continuations`.
 
 Cost-aware draft length (``row_cost > 0``, the default on a CPU): every row of a target call
-costs compute there (SmolLM2-135M on 2 cores: a 2-row call ~1.15x a 1-row call, 4 rows ~1.45x, 8
-rows ~2.4x), so a draft that is rarely accepted slows decoding down. The drafter learns, per
+costs compute there (SmolLM2-135M on 2 cores: a 2-row call ~1.3x a 1-row call, 4 rows ~1.8x, 8
+rows ~3.3x), so a draft that is rarely accepted slows decoding down. The drafter learns, per
 matched n-gram length, how often a drafted token is accepted once the tokens before it were
 (counted from the committed tokens it sees at the next step: a step that commits m tokens
 accepted m - 1 drafts), and drafts the length L (0 = no draft: a plain step) that maximises the
