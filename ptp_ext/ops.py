@@ -576,7 +576,8 @@ def decode_step(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
     For each of the L layers: RMSNorm, q / k / v projections, rotary, writing the new K / V at
     ``cache_lens[b] + t``, attention over the row's cache plus the call's tree
-    (:func:`tree_attention`'s semantics and kernel), o projection + residual, RMSNorm, SiLU-gated
+    (:func:`tree_attention`'s semantics; its kernel, or on AVX-512 CPUs a 16-lane form that
+    needs no key transposes), o projection + residual, RMSNorm, SiLU-gated
     MLP + residual; then the final RMSNorm. Projections read GGUF blocks (:func:`quant_linear`'s
     kernel) or float32 weights (:func:`invariant_linear`'s), optionally with a gated-LoRA delta on
     the rows ``t >= aux_start`` of every batch row (:func:`gated_lora_linear`). One parallel region

@@ -6,9 +6,15 @@ a gated LoRA on aux rows, batch rows of different lengths); bitwise row invarian
 output in calls of 1, 3 and 9 rows, tree nodes against plain decoding along their path, batch
 rows against calls of their own, base rows with and without aux rows); decoding exactness through
 the Decoder (plain == lookup chains == random trees == HF greedy; coupled sampling plain == spec,
-the PTP drafter's aux rows); argument checks; opcheck; SmolLM2 (slow).
+the PTP drafter's aux rows); each CPU kernel copy (baseline, AVX2, AVX-512); argument checks;
+opcheck; SmolLM2 (slow).
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,9 +108,21 @@ def test_matches_reference(fmt, B, T, tree, lora):
 
 @pytest.mark.parametrize("shape", [dict(H=96, Hq=6, Hkv=6, D=16, I=64),   # MHA, I < H
                                    dict(H=64, Hq=8, Hkv=1, D=8, I=160),   # MQA, small head dim
-                                   dict(H=128, Hq=2, Hkv=2, D=64, I=256)])
+                                   dict(H=128, Hq=2, Hkv=2, D=64, I=256),
+                                   dict(H=160, Hq=4, Hkv=2, D=80, I=96),  # head dim > 64
+                                   dict(H=96, Hq=4, Hkv=1, D=40, I=64)])  # D % 16 != 0
 def test_matches_reference_over_shapes(shape):
     kw = make_step(B=2, T=4, fmt="q8_0", L=1, S=600, lens=[530, 3], **shape)  # 2 key chunks
+    ref_kw = clone_caches(kw)
+    torch.testing.assert_close(ops.decode_step(**kw), decode_step_ref(**ref_kw), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_many_query_rows_per_kv_head(tree):
+    """9 tokens x 8 query heads per KV head = 72 query rows in one attention unit."""
+    kw = make_step(B=1, T=9, H=64, Hq=8, Hkv=1, D=8, I=64, fmt="q8_0", seed=9)
+    if tree:
+        kw["tree_mask"] = random_tree_mask(1, 9, seed=9)[1]
     ref_kw = clone_caches(kw)
     torch.testing.assert_close(ops.decode_step(**kw), decode_step_ref(**ref_kw), atol=2e-5, rtol=2e-5)
 
@@ -120,6 +138,31 @@ def test_blocks_equal_their_float32_weights():
         flat = dict(kw, weights=[dequantize_ref(w, fmt) for w in kw["weights"]],
                     formats=[0] * len(kw["formats"]))
         assert torch.equal(ops.decode_step(**clone_caches(kw)), ops.decode_step(**clone_caches(flat))), fmt
+
+
+_ISA_CHECK = """
+import sys
+sys.path[:0] = sys.argv[1:]
+import test_decode_step as t
+for fmt in ("float32", "q4_1", "q8_0"):
+    t.test_matches_reference(fmt, 3, 9, True, True)
+    t.test_matches_reference(fmt, 2, 5, False, False)
+t.test_blocks_equal_their_float32_weights()
+for fmt in ("float32", "q4_1"):
+    t.test_chain_rows_equal_plain_decoding(fmt)
+t.test_tree_nodes_equal_plain_decoding_along_their_path()
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512vl"])
+def test_every_cpu_kernel_copy(isa):
+    """Each ISA copy of the step (8-lane kernels, or the 16-lane tiles and attention units):
+    against the reference, GGUF blocks == their float32 weights, chains and tree nodes == plain
+    decoding."""
+    env = dict(os.environ, PTP_CPU_ISA=isa)
+    here = Path(__file__).resolve().parent
+    subprocess.run([sys.executable, "-c", _ISA_CHECK, str(here), *sys.path], env=env, check=True,
+                   timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 //      then computes its share of q, k and v's output features (rows of the weights: each
 //      weight byte is read by one thread, once per call, for all the call's rows);
 //   2. rotary + KV-cache write, split over (row, head);
-//   3. attention units (batch row, KV head, 64-key chunk), tree_attention's unit;
+//   3. attention units (batch row, KV head, 64-key chunk), tree_attention's unit (in the AVX-512
+//      copy its 16-lane form below, zattend_unit);
 //   4. merge of the chunks, split over (batch row, KV head);
 //   5. o_proj over the thread's output features + residual on those features;
 //   then the MLP: norm (each thread, all rows), gate and up over the thread's features with
@@ -247,6 +248,295 @@ static inline void zrows_block_f32(const float* x, int64_t N, int64_t K, const f
     n += nw;
   }
 }
+// ---- Attention units, 16-lane (AVX-512) ---------------------------------------------------------
+// The same unit as tree_attention's (batch row, KV head, key range; all G * T query rows sharing
+// every key read; online softmax in base 2 over fixed 32-key blocks by position; tree rows read
+// their visible new tokens at positions L, L + 1, ... in vis order), computed without
+// transposing keys: a score is a dot product over the head dim in 16-lane chunks (lane l sums
+// q[16c + l] * k[16c + l] over the chunks c in order) and then a fixed pairwise tree over the 16
+// lanes, so its bits depend on (q row, key) only, wherever the key sits in a block (row
+// invariance for chains and trees). P @ V as tree_attention: acc = acc * alpha, then
+// acc = fma(p[j], v[j], acc) over the block's keys in order. The 8-lane unit transposes every
+// key block, which a 1-row call's 3 query rows per KV head do not amortise: interleaved A/B on the
+// 2-core EPYC, SmolLM2 1-row calls 2 % (128-token context), 6 % (512) and 8 % (900) faster; 2-
+// and 4-row calls the same (±2 %: the unit's KV reads from DRAM bound them).
+constexpr int kZBK = 32;  // keys per online-softmax block (as tree_attention's kBK)
+constexpr int kZRowsAtt = 4;  // query rows per register group in P @ V
+
+static inline int64_t zatt_chunks(int64_t D) { return (D + 15) / 16; }
+// floats of scratch for R query rows of head dim D
+static inline int64_t zatt_work_floats(int64_t R, int64_t D) {
+  return R * zatt_chunks(D) * 16 + kZRowsAtt * kZBK * 16 + R * kZBK + 32;
+}
+
+// lane j of the result = the sum of the 16 lanes of v[j] (v: 16 vectors of 16 floats), by halving
+// the partial sums four times (partial l += partial l + half): one fixed tree for every vector.
+static inline __m512 zreduce16(const float* v) {
+  const __m512i a1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i a2 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i a3 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+  const __m512i a4 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i b1 = _mm512_add_epi32(a1, _mm512_set1_epi32(8));
+  const __m512i b2 = _mm512_add_epi32(a2, _mm512_set1_epi32(4));
+  const __m512i b3 = _mm512_add_epi32(a3, _mm512_set1_epi32(2));
+  const __m512i b4 = _mm512_add_epi32(a4, _mm512_set1_epi32(1));
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 p = _mm512_loadu_ps(v + 32 * i), q = _mm512_loadu_ps(v + 32 * i + 16);
+    w[i] = _mm512_add_ps(_mm512_permutex2var_ps(p, a1, q), _mm512_permutex2var_ps(p, b1, q));
+  }
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm512_add_ps(_mm512_permutex2var_ps(w[2 * i], a2, w[2 * i + 1]),
+                         _mm512_permutex2var_ps(w[2 * i], b2, w[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    y[i] = _mm512_add_ps(_mm512_permutex2var_ps(x[2 * i], a3, x[2 * i + 1]),
+                         _mm512_permutex2var_ps(x[2 * i], b3, x[2 * i + 1]));
+  return _mm512_add_ps(_mm512_permutex2var_ps(y[0], a4, y[1]), _mm512_permutex2var_ps(y[0], b4, y[1]));
+}
+
+// 2^x for x <= 0 (or NaN), tree_attention's vexp2 in 16 lanes: exactly 0 below -126.
+static inline __m512 zexp2(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-126.f), magic = _mm512_set1_ps(12582912.f);
+  const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  const __m512 xc = _mm512_mask_mov_ps(x, below, lo);
+  const __m512 t = _mm512_add_ps(xc, magic);
+  const __m512 f = _mm512_sub_ps(xc, _mm512_sub_ps(t, magic));
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B400000));
+  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~below), p, scale);
+}
+
+// The max of 16 non-NaN lanes, in a fixed order.
+static inline float zhmax(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  float r = t[0];
+  for (int i = 1; i < 16; ++i) r = t[i] > r ? t[i] : r;
+  return r;
+}
+
+// Scores of rows [r0, r0 + NR) (Qf rows of Dc chunks) against the block's keys kp[j], j < n
+// (key rows of D floats; nullptr: no key, score left unset): the 16-lane products of key j and
+// row r land in P16[r - r0][j], then S[r][j] = zreduce16 of them.
+template <int NR>
+static inline void zscores(const float* Qf, int64_t Dc, int64_t D, const float* const* kp, int n,
+                           float* P16, float* S, int r0) {
+  const __mmask16 tail = D % 16 ? static_cast<__mmask16>((1u << (D % 16)) - 1) : 0xffff;
+  for (int64_t c0 = 0; c0 < Dc; c0 += 4) {  // head-dim chunks 4 at a time, queries in registers
+    const int nc = static_cast<int>(std::min<int64_t>(4, Dc - c0));
+    __m512 qr[NR][4];
+    for (int rr = 0; rr < NR; ++rr)
+      for (int cc = 0; cc < 4; ++cc)
+        if (cc < nc) qr[rr][cc] = _mm512_loadu_ps(Qf + (r0 + rr) * Dc * 16 + 16 * (c0 + cc));
+    for (int j = 0; j < n; ++j) {
+      if (kp[j] == nullptr) continue;
+      __m512 p[NR];
+      for (int cc = 0; cc < 4; ++cc)
+        if (cc < nc) {
+          const int64_t c = c0 + cc;
+          const __m512 kk = c + 1 < Dc ? _mm512_loadu_ps(kp[j] + 16 * c)
+                                       : _mm512_maskz_loadu_ps(tail, kp[j] + 16 * c);
+          for (int rr = 0; rr < NR; ++rr) {
+            if (c == 0)
+              p[rr] = _mm512_mul_ps(qr[rr][cc], kk);
+            else if (cc == 0)
+              p[rr] = _mm512_fmadd_ps(qr[rr][cc], kk, _mm512_loadu_ps(P16 + (rr * kZBK + j) * 16));
+            else
+              p[rr] = _mm512_fmadd_ps(qr[rr][cc], kk, p[rr]);
+          }
+        }
+      for (int rr = 0; rr < NR; ++rr) _mm512_storeu_ps(P16 + (rr * kZBK + j) * 16, p[rr]);
+    }
+  }
+  for (int rr = 0; rr < NR; ++rr) {
+    float* s = S + (r0 + rr) * kZBK;
+    _mm512_storeu_ps(s, zreduce16(P16 + rr * kZBK * 16));
+    if (n > 16) _mm512_storeu_ps(s + 16, zreduce16(P16 + (rr * kZBK + 16) * 16));
+  }
+}
+
+// Row r's scores s[kZBK] (lanes with `valid` clear: weight 0) -> probabilities in place, (m, l)
+// updated; returns alpha for the old accumulator (1 when the row sees nothing so far). The
+// non-finite rules of tree_attention's softmax_update (a NaN score makes m, p and l NaN).
+static inline float zsoftmax(float* s, uint32_t valid, float& m, float& l) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  const __m512 v0 = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>(valid), _mm512_loadu_ps(s));
+  const __m512 v1 = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>(valid >> 16), _mm512_loadu_ps(s + 16));
+  __m512 mx = ninf;
+  mx = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(v0, mx, _CMP_GT_OQ), v0);
+  mx = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(v1, mx, _CMP_GT_OQ), v1);
+  float m_new = std::max(m, zhmax(mx));
+  if (m_new == -INFINITY) {
+    const bool nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) || _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
+    if (!nan) {
+      _mm512_storeu_ps(s, _mm512_setzero_ps());
+      _mm512_storeu_ps(s + 16, _mm512_setzero_ps());
+      return 1.f;
+    }
+    m_new = NAN;
+  }
+  const float alpha = std::exp2(m - m_new);  // 0 when m = -inf
+  const __m512 mb = _mm512_set1_ps(m_new);
+  const __m512 p0 = zexp2(_mm512_sub_ps(v0, mb)), p1 = zexp2(_mm512_sub_ps(v1, mb));
+  _mm512_storeu_ps(s, p0);
+  _mm512_storeu_ps(s + 16, p1);
+  l = l * alpha + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+  m = m_new;
+  return alpha;
+}
+
+// acc_r = acc_r * alpha_r + sum_{j < n} p_r[j] * v_j for rows [r0, r0 + NR), in groups of up to 4
+// head-dim chunks held in registers (acc rows of stride Dp, D valid floats).
+template <int NR>
+static inline void zpv(float* acc, int64_t Dp, int64_t D, const float* alpha, const float* S,
+                       const float* const* vp, int n, int r0) {
+  const int64_t Dc = zatt_chunks(D);
+  const __mmask16 tail = D % 16 ? static_cast<__mmask16>((1u << (D % 16)) - 1) : 0xffff;
+  for (int64_t c0 = 0; c0 < Dc; c0 += 4) {
+    const int nc = static_cast<int>(std::min<int64_t>(4, Dc - c0));
+    __m512 x[NR][4];
+    for (int rr = 0; rr < NR; ++rr) {
+      const __m512 al = _mm512_set1_ps(alpha[rr]);
+      for (int cc = 0; cc < 4; ++cc)
+        if (cc < nc) {
+          const int64_t c = c0 + cc;
+          const float* src = acc + (r0 + rr) * Dp + 16 * c;
+          x[rr][cc] = _mm512_mul_ps(c + 1 < Dc ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(tail, src), al);
+        }
+    }
+    for (int j = 0; j < n; ++j) {
+      for (int cc = 0; cc < 4; ++cc)
+        if (cc < nc) {
+          const int64_t c = c0 + cc;
+          const __m512 vv = c + 1 < Dc ? _mm512_loadu_ps(vp[j] + 16 * c)
+                                       : _mm512_maskz_loadu_ps(tail, vp[j] + 16 * c);
+          for (int rr = 0; rr < NR; ++rr)
+            x[rr][cc] = _mm512_fmadd_ps(_mm512_set1_ps(S[(r0 + rr) * kZBK + j]), vv, x[rr][cc]);
+        }
+    }
+    for (int rr = 0; rr < NR; ++rr)
+      for (int cc = 0; cc < 4; ++cc)
+        if (cc < nc) {
+          const int64_t c = c0 + cc;
+          float* dst = acc + (r0 + rr) * Dp + 16 * c;
+          if (c + 1 < Dc)
+            _mm512_storeu_ps(dst, x[rr][cc]);
+          else
+            _mm512_mask_storeu_ps(dst, tail, x[rr][cc]);
+        }
+  }
+}
+
+// Rows [r0, r1) of one block: scores against kp, row r's visible keys the bits of
+// valid[(r - r0) * vstride], softmax, P @ V with vp.
+static inline void zblock_rows(const UnitArgs& a, const float* Qf, int64_t Dc, float* P16, float* S,
+                               const float* const* kp, const float* const* vp, int n,
+                               const uint32_t* valid, int vstride, int r0, int r1) {
+  const int64_t D = a.D;
+  for (int r = r0; r < r1;) {
+    const int nr = std::min(kZRowsAtt, r1 - r);
+    switch (nr) {
+      case 1: zscores<1>(Qf, Dc, D, kp, n, P16, S, r); break;
+      case 2: zscores<2>(Qf, Dc, D, kp, n, P16, S, r); break;
+      case 3: zscores<3>(Qf, Dc, D, kp, n, P16, S, r); break;
+      default: zscores<4>(Qf, Dc, D, kp, n, P16, S, r); break;
+    }
+    float alpha[kZRowsAtt];
+    for (int rr = 0; rr < nr; ++rr)
+      alpha[rr] = zsoftmax(S + (r + rr) * kZBK, valid[(r + rr - r0) * vstride], a.m[r + rr], a.l[r + rr]);
+    switch (nr) {
+      case 1: zpv<1>(a.acc, a.Dp, D, alpha, S, vp, n, r); break;
+      case 2: zpv<2>(a.acc, a.Dp, D, alpha, S, vp, n, r); break;
+      case 3: zpv<3>(a.acc, a.Dp, D, alpha, S, vp, n, r); break;
+      default: zpv<4>(a.acc, a.Dp, D, alpha, S, vp, n, r); break;
+    }
+    r += nr;
+  }
+}
+
+// One unit (tree_attention's attend_unit, float32 caches): q rows of token t at q + t *
+// q_stride_t, query head g of the KV head at + g * D; k / v the head's cache rows [S, D].
+static inline void zattend_unit(const float* q, const float* k, const float* v, const UnitArgs& a) {
+  const int T = a.T, G = a.G, R = T * G;
+  const int64_t D = a.D, Dc = zatt_chunks(D), L = a.L;
+  float* Qf = a.work;                  // [R, Dc * 16] scaled queries, zero-padded
+  float* P16 = Qf + R * Dc * 16;       // [kZRowsAtt, kZBK, 16] lane products
+  float* S = P16 + kZRowsAtt * kZBK * 16;  // [R, kZBK] scores / probabilities
+  for (int r = 0; r < R; ++r) {
+    const float* src = q + (r / G) * a.q_stride_t + static_cast<int64_t>(r % G) * D;
+    float* dst = Qf + r * Dc * 16;
+    for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * a.scale2;
+    for (int64_t d = D; d < Dc * 16; ++d) dst[d] = 0.f;
+  }
+  std::fill(P16, P16 + kZRowsAtt * kZBK * 16, 0.f);
+  for (int r = 0; r < R; ++r) {
+    std::fill(a.acc + r * a.Dp, a.acc + (r + 1) * a.Dp, 0.f);
+    a.m[r] = -INFINITY;
+    a.l[r] = 0.f;
+  }
+  const float* kp[kZBK];
+  const float* vp[kZBK];
+  uint32_t valid[64];  // visible keys of up to 64 rows
+  for (int64_t kb = a.kbeg; kb < a.kend; kb += kZBK) {
+    const int n = static_cast<int>(std::min<int64_t>(kZBK, a.kend - kb));
+    constexpr int kPrefetchBlocks = 2;  // keys and values this many blocks ahead
+    if (kb + kPrefetchBlocks * kZBK < a.kend) {
+      const int64_t kq = kb + kPrefetchBlocks * kZBK;
+      const int64_t bytes = std::min<int64_t>(kZBK, a.kend - kq) * D * 4;
+      const char* k2 = reinterpret_cast<const char*>(k + kq * D);
+      const char* v2 = reinterpret_cast<const char*>(v + kq * D);
+      for (int64_t off = 0; off < bytes; off += 64) {
+        _mm_prefetch(k2 + off, _MM_HINT_T0);
+        _mm_prefetch(v2 + off, _MM_HINT_T0);
+      }
+    }
+    const uint32_t all = n == 32 ? 0xffffffffu : ((1u << n) - 1);
+    if (a.vis && kb + n > L) {
+      // tree mask: each token's rows read their own keys (visible new tokens in vis order, then
+      // the invisible ones' values with weight 0)
+      for (int t = 0; t < T; ++t) {
+        const int32_t* idx = a.vis + static_cast<int64_t>(t) * T;
+        const int64_t cnt = a.vis_cnt[t];
+        uint32_t ok = 0;
+        for (int j = 0; j < n; ++j) {
+          const int64_t vpos = kb + j;
+          const int64_t src = vpos < L ? vpos : L + idx[vpos - L];
+          const bool vis = vpos < L || vpos - L < cnt;
+          kp[j] = vis ? k + src * D : nullptr;
+          vp[j] = v + src * D;
+          if (vis) ok |= 1u << j;
+        }
+        zblock_rows(a, Qf, Dc, P16, S, kp, vp, n, &ok, 0, t * G, (t + 1) * G);
+      }
+      continue;
+    }
+    for (int j = 0; j < n; ++j) {
+      kp[j] = k + (kb + j) * D;
+      vp[j] = v + (kb + j) * D;
+    }
+    // causal among the new tokens: row t sees new token jj <= t (or the tree mask's row t, when
+    // the block does not reach the new tokens: all of it)
+    for (int r0 = 0; r0 < R; r0 += 64) {
+      const int r1 = std::min(R, r0 + 64);
+      for (int r = r0; r < r1; ++r) {
+        uint32_t ok = all;
+        const int t = r / G;
+        for (int j = static_cast<int>(std::max<int64_t>(0, L - kb)); j < n; ++j)
+          if (kb + j - L > t) ok &= ~(1u << j);
+        valid[r - r0] = ok;
+      }
+      zblock_rows(a, Qf, Dc, P16, S, kp, vp, n, valid, 1, r0, r1);
+    }
+  }
+}
+
 #endif
 
 // y[m, n] (+ bias[n]) for the call's N rows of x and features [n0, n1) of one linear.
@@ -377,7 +667,11 @@ static void run_step(const StepArgs& a) {
   for (int64_t l = 0; l < a.num_layers; ++l)
     for (int j = 0; j < 7; ++j) max_rank = std::max(max_rank, a.layers[l].lin[j].rank);
   const int64_t naux = T - a.aux_start;
+#ifdef PTP_DS_ZMM
+  const int64_t work = zatt_work_floats(R, D);
+#else
   const int64_t work = ta::work_floats(static_cast<int>(R), static_cast<int>(D), static_cast<int>(Dp));
+#endif
   const int64_t per_thread = N * H + 4 * maxK + naux * max_rank + naux * maxM + D + work + Dp;
   std::vector<float> shared_buf(static_cast<size_t>(N * Wqkv + N * Wq + N * H + 2 * N * I +
                                                     units * R * Dp + 2 * units * R));
@@ -472,7 +766,11 @@ static void run_step(const StepArgs& a) {
         const float* q = qkv + b * T * Wqkv + hk * G * D;
         const float* kc = Lw.key_cache + (b * Hkv + hk) * S * D;
         const float* vc = Lw.value_cache + (b * Hkv + hk) * S * D;
+#ifdef PTP_DS_ZMM
+        zattend_unit(q, kc, vc, ua);
+#else
         ta::attend_unit<float>(q, kc, vc, ua);
+#endif
       }
 #pragma omp barrier
       // 4. merge the chunks (log-sum-exp) into att [N, H_q * D]
