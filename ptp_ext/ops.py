@@ -22,7 +22,7 @@ from . import _checks
 from .reference import logits_valid, uniforms_valid
 
 __all__ = ["tree_attention", "verify_tree", "sampler_mlp", "invariant_linear", "gated_lora_linear",
-           "quant_linear", "gated_lora_quant_linear", "decode_step", "decode_linear"]
+           "quant_linear", "gated_lora_quant_linear", "decode_step", "decode_linear", "q4_1_split"]
 
 _ops = torch.ops.ptp_ext
 
@@ -562,7 +562,28 @@ _register_inference_only("gated_lora_quant_linear",
 # ---------------------------------------------------------------------------------------------
 # decode_step: a Llama-family decoding call's whole layer stack in one op (CPU only)
 # ---------------------------------------------------------------------------------------------
-DECODE_STEP_FORMATS = {"float32": 0, "q4_1": 1, "q8_0": 2}  # weight format codes of decode_step
+# weight format codes of decode_step / decode_linear ("q4_1_split": q4_1_split's layout)
+DECODE_STEP_FORMATS = {"float32": 0, "q4_1": 1, "q8_0": 2, "q4_1_split": 3}
+
+
+def q4_1_split(qweight: torch.Tensor) -> torch.Tensor:
+    """Q4_1 GGUF blocks ``uint8 (M, K / 32 * 20)`` -> ``uint8 (M, K / 32 * 24)`` in the layout
+    :func:`decode_step` reads fastest (format 3, ``"q4_1_split"``): each row's ``K / 32``
+    ``(d, m)`` scale pairs as float32 (exact: every fp16 is a float32), then its ``K / 32`` x 16
+    nibble bytes. The weights ``d * q + m`` stay bitwise the same.
+
+    A block's scales then arrive as float32 broadcast loads instead of an fp16 load, convert and
+    two broadcasts on the shuffle pipes, the bottleneck of a 1-row Q4_1 matvec on Zen 4, and no
+    16-byte nibble load crosses a cache line. 20 % more bytes, 2.5-5.7 % faster SmolLM2 1- and
+    2-row calls on the 2-core EPYC dev VM (interleaved A/B, 128-900-token contexts). A new tensor.
+    """
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] % 20:
+        raise ValueError("qweight must be uint8 Q4_1 blocks of shape (M, K / 32 * 20), got "
+                         f"{tuple(qweight.shape)} {qweight.dtype}")
+    M = qweight.shape[0]
+    blocks = qweight.reshape(M, -1, 20)
+    dm = blocks[..., :4].contiguous().view(torch.float16).float().reshape(M, -1)  # [M, 2 nb]
+    return torch.cat([dm.view(torch.uint8), blocks[..., 4:].reshape(M, -1)], dim=1).contiguous()
 
 
 def decode_step(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -603,7 +624,8 @@ def decode_step(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         ``7 * L``: per layer q, k, v, o, gate, up, down, each float32 ``(M, K)`` or uint8 GGUF
         blocks ``(M, K / 32 * block_bytes)``.
     formats : list of int
-        Per weight: 0 float32, 1 q4_1, 2 q8_0 (:data:`DECODE_STEP_FORMATS`).
+        Per weight: 0 float32, 1 q4_1, 2 q8_0, 3 q4_1 in :func:`q4_1_split`'s layout
+        (:data:`DECODE_STEP_FORMATS`).
     biases : list of torch.Tensor or None
         Per weight, ``(M,)`` float32 or None.
     norm_weights : list of torch.Tensor
@@ -658,9 +680,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, format: int,
         ``(..., K)`` float32 on the CPU (contiguous).
     weight : torch.Tensor
         float32 ``(M, K)`` (``format`` 0) or uint8 GGUF blocks ``(M, K / 32 * block_bytes)``
-        (``format`` 1: q4_1, 2: q8_0; :data:`DECODE_STEP_FORMATS`), contiguous.
+        (``format`` 1: q4_1, 2: q8_0, 3: :func:`q4_1_split`'s q4_1; :data:`DECODE_STEP_FORMATS`),
+        contiguous.
     format : int
-        0, 1 or 2.
+        0, 1, 2 or 3.
     bias : torch.Tensor, optional
         ``(M,)`` float32.
 

@@ -365,11 +365,24 @@ def _rotate_half_ref(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
 
 
+def _decode_step_weight_ref(weight: torch.Tensor, format: int) -> torch.Tensor:
+    """A decode_step weight as float32 ``[M, K]`` (format 0 float32, 1 q4_1, 2 q8_0, 3 q4_1 in
+    ``ops.q4_1_split``'s layout: a row's (d, m) float32 pairs, then its nibble bytes)."""
+    if format == 0:
+        return weight
+    if format == 3:
+        M, nb = weight.shape[0], weight.shape[1] // 24
+        dm = weight[:, :8 * nb].contiguous().view(torch.float32).reshape(M, nb, 2)
+        qs = weight[:, 8 * nb:].reshape(M, nb, 16)
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
+        return (dm[..., :1] * q + dm[..., 1:]).reshape(M, -1)
+    return dequantize_ref(weight, {1: "q4_1", 2: "q8_0"}[format])
+
+
 def decode_linear_ref(x: torch.Tensor, weight: torch.Tensor, format: int,
                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference for :func:`ptp_ext.ops.decode_linear`: ``F.linear`` on the dequantised weights."""
-    w = weight if format == 0 else dequantize_ref(weight, {1: "q4_1", 2: "q8_0"}[format])
-    return torch.nn.functional.linear(x, w, bias)
+    return torch.nn.functional.linear(x, _decode_step_weight_ref(weight, format), bias)
 
 
 def decode_step_ref(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask, weights,
@@ -380,11 +393,10 @@ def decode_step_ref(hidden, cos, sin, key_caches, value_caches, cache_lens, tree
     B, T, H = hidden.shape
     D = cos.shape[-1]
     L = len(key_caches)
-    names = {0: "float32", 1: "q4_1", 2: "q8_0"}
     lens = cache_lens.long()
 
     def linear(i: int, x: torch.Tensor) -> torch.Tensor:
-        w = weights[i] if formats[i] == 0 else dequantize_ref(weights[i], names[formats[i]])
+        w = _decode_step_weight_ref(weights[i], formats[i])
         y = F.linear(x, w, biases[i])
         if lora_a and lora_a[i] is not None and aux_start < T:
             tail = x[:, aux_start:]

@@ -32,7 +32,16 @@ from ptp.decode.sampling import SamplingConfig
 from ptp.drafters import LookupDrafter
 from ptp.models import tiny_model
 
-FORMATS = {"float32": 0, "q4_1": 1, "q8_0": 2}
+FORMATS = ops.DECODE_STEP_FORMATS
+
+
+def quantize(w, fmt):
+    """float32 weights in decode_step format `fmt` (q4_1_split: q4_1 in ops.q4_1_split's layout)."""
+    if fmt == "float32":
+        return w
+    if fmt == "q4_1_split":
+        return ops.q4_1_split(quantize_ref(w, "q4_1"))
+    return quantize_ref(w, fmt)
 VOCAB = 97
 
 
@@ -51,7 +60,7 @@ def make_step(B=2, T=5, H=64, Hq=4, Hkv=2, D=16, I=96, L=2, S=48, fmt="q4_1", bi
         for j, (M, K) in enumerate([(Hq * D, H), (Hkv * D, H), (Hkv * D, H), (H, Hq * D), (I, H),
                                     (I, H), (H, I)]):
             w = rnd(M, K, s=K ** -0.5)
-            weights.append(w if fmt == "float32" else quantize_ref(w, fmt))
+            weights.append(quantize(w, fmt))
             formats.append(FORMATS[fmt])
             biases.append(rnd(M, s=0.1) if bias and j < 3 else None)
             if lora:
@@ -88,7 +97,7 @@ def random_tree_mask(B, T, seed):
 # ---------------------------------------------------------------------------------------------
 # Against the reference
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["float32", "q4_1", "q8_0"])
+@pytest.mark.parametrize("fmt", ["float32", "q4_1", "q8_0", "q4_1_split"])
 @pytest.mark.parametrize("B,T", [(1, 1), (2, 5), (3, 9)])
 @pytest.mark.parametrize("tree", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
@@ -137,7 +146,50 @@ def test_blocks_equal_their_float32_weights():
         kw = make_step(B=2, T=6, fmt=fmt, seed=11)
         flat = dict(kw, weights=[dequantize_ref(w, fmt) for w in kw["weights"]],
                     formats=[0] * len(kw["formats"]))
-        assert torch.equal(ops.decode_step(**clone_caches(kw)), ops.decode_step(**clone_caches(flat))), fmt
+        out = ops.decode_step(**clone_caches(kw))
+        assert torch.equal(out, ops.decode_step(**clone_caches(flat))), fmt
+        if fmt == "q4_1":  # the same weights with float32 scales split from the nibbles
+            split = dict(kw, weights=[ops.q4_1_split(w) for w in kw["weights"]],
+                         formats=[FORMATS["q4_1_split"]] * len(kw["formats"]))
+            assert torch.equal(out, ops.decode_step(**clone_caches(split)))
+
+
+def test_q4_1_split_layout_and_errors():
+    w = quantize_ref(torch.randn(5, 96, generator=torch.Generator().manual_seed(2)), "q4_1")
+    s = ops.q4_1_split(w)
+    assert s.shape == (5, 72) and s.dtype == torch.uint8 and s.is_contiguous()
+    blocks = w.view(5, 3, 20)
+    scales = blocks[..., :4].contiguous().view(torch.float16).float().reshape(5, 6)
+    assert torch.equal(s[:, :24].contiguous().view(torch.float32), scales)  # (d, m) of blocks 0-2
+    assert torch.equal(s[:, 24:], blocks[..., 4:].reshape(5, 48))  # then their nibble bytes
+    for bad in (torch.zeros(5, 41, dtype=torch.uint8), torch.zeros(5, 40), torch.zeros(40, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="Q4_1 blocks"):
+            ops.q4_1_split(bad)
+
+
+_ISA_CHECK = """
+import sys
+sys.path[:0] = sys.argv[1:]
+import test_decode_step as t
+for fmt in ("float32", "q4_1", "q8_0", "q4_1_split"):
+    t.test_matches_reference(fmt, 3, 9, True, True)
+    t.test_matches_reference(fmt, 2, 5, False, False)
+t.test_blocks_equal_their_float32_weights()
+for fmt in ("q4_1", "q4_1_split"):
+    t.test_chain_rows_equal_plain_decoding(fmt)
+t.test_tree_nodes_equal_plain_decoding_along_their_path()
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512vl"])
+def test_every_cpu_kernel_copy(isa):
+    """Each ISA copy of the step (8-lane kernels, or the 16-lane tiles and attention units; the
+    split Q4_1 dequantised per 4-row tile for the 8-lane ones): against the reference, GGUF
+    blocks == their float32 weights == the split Q4_1, chains and tree nodes == plain decoding."""
+    env = dict(os.environ, PTP_CPU_ISA=isa)
+    here = Path(__file__).resolve().parent
+    subprocess.run([sys.executable, "-c", _ISA_CHECK, str(here), *sys.path], env=env, check=True,
+                   timeout=300)
 
 
 _ISA_CHECK = """
@@ -181,7 +233,7 @@ def _rows(kw, b, t0, t1):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["float32", "q4_1"])
+@pytest.mark.parametrize("fmt", ["float32", "q4_1", "q4_1_split"])
 def test_chain_rows_equal_plain_decoding(fmt):
     """Node t of a 9-row chain == the t-th of nine 1-row calls, and of three 3-row calls."""
     kw = make_step(B=1, T=9, fmt=fmt, seed=3)
@@ -360,7 +412,9 @@ def test_native_step_switch_errors(model):
     (lambda kw: kw.update(hidden=kw["hidden"][:, :, :32].contiguous()), r"weights\[0\] \(layer 0 q_proj\) must have shape"),
     (lambda kw: kw.update(cos=kw["cos"][:, :3].contiguous()), "cos must have shape"),
     (lambda kw: kw.update(weights=kw["weights"][:-1]), "weights must hold 7 tensors per layer"),
-    (lambda kw: kw.update(formats=[3] * len(kw["formats"])), r"formats\[0\] must be 0"),
+    (lambda kw: kw.update(formats=[4] * len(kw["formats"])), r"formats\[0\] must be 0"),
+    (lambda kw: kw.update(formats=[3] * len(kw["formats"])),  # q4_1 bytes labelled q4_1_split
+     r"weights\[0\] \(layer 0 q_proj\) must have shape \[M, K / 32 \* block_bytes\]"),
     (lambda kw: kw["weights"].__setitem__(3, kw["weights"][3][:, :20].contiguous()),
      r"weights\[3\] \(layer 0 o_proj\) must have shape"),
     (lambda kw: kw.update(cache_lens=torch.tensor([7, 45])), "cache_lens must satisfy"),
@@ -393,10 +447,10 @@ def _head(fmt, M=77, K=96, bias=False, seed=0):  # M odd: 1-feature tiles at a r
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(M, K, generator=g) * K ** -0.5
     b = torch.randn(M, generator=g) if bias else None
-    return (w if fmt == "float32" else quantize_ref(w, fmt)), FORMATS[fmt], b
+    return quantize(w, fmt), FORMATS[fmt], b
 
 
-@pytest.mark.parametrize("fmt", ["float32", "q4_1", "q8_0"])
+@pytest.mark.parametrize("fmt", ["float32", "q4_1", "q8_0", "q4_1_split"])
 @pytest.mark.parametrize("N", [1, 3, 4, 5, 7, 8, 9, 17])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_linear_matches_reference_and_is_row_invariant(fmt, N, bias):
@@ -438,7 +492,8 @@ def test_decode_linear_is_the_native_steps_head(model):
     ((torch.randn(2, 64), torch.randn(5, 63), 0), r"weight must have shape \[M, K\]"),
     ((torch.randn(2, 64), torch.zeros(5, 41, dtype=torch.uint8), 1), r"must have shape \[M, K / 32 \* 20\]"),
     ((torch.randn(2, 48), torch.zeros(5, 30, dtype=torch.uint8), 1), "K a multiple of 32"),
-    ((torch.randn(2, 64), torch.randn(5, 64), 3), "format must be 0"),
+    ((torch.randn(2, 64), torch.randn(5, 64), 4), "format must be 0"),
+    ((torch.randn(2, 64), torch.zeros(5, 40, dtype=torch.uint8), 3), r"must have shape \[M, K / 32 \* 24\]"),
     ((torch.randn(2, 64), torch.randn(5, 64), 1), "weight must be Byte"),
 ])
 def test_decode_linear_argument_errors(args, match):
@@ -457,6 +512,71 @@ def test_decode_linear_opcheck():
 # ---------------------------------------------------------------------------------------------
 # SmolLM2 (slow)
 # ---------------------------------------------------------------------------------------------
+def test_huge_page_copies():
+    from ptp.decode.native import huge_page_copies
+
+    ts = [torch.randint(0, 255, (1000, 40), dtype=torch.uint8), torch.randn(7, 5), torch.randn(3)]
+    mapping, copies = huge_page_copies(ts)
+    for t, c in zip(ts, copies):
+        assert torch.equal(t, c) and c.dtype == t.dtype and c.data_ptr() % 64 == 0
+    if mapping is not None:
+        assert copies[0].data_ptr() % (2 << 20) == 0
+        assert len({c.data_ptr() for c in copies}) == 3
+    assert huge_page_copies([]) == (None, [])
+
+
+def test_native_step_is_packed_once(model, monkeypatch):
+    """The decoder asks for the native step at every generate: one packing per FastForward (the
+    same object), rebuilt when the thread count crosses the split policy's bound."""
+    import ptp.decode.native as native
+
+    fast = fast_forward_for(model)
+    step = native_step_for(fast)
+    assert native_step_for(fast) is step
+    monkeypatch.setattr(native, "SPLIT_Q4_1_MAX_THREADS", torch.get_num_threads() - 1)
+    assert native_step_for(fast) is not step
+
+
+@pytest.mark.slow
+def test_smollm2_native_packings_agree(monkeypatch):
+    """Q4_1 re-laid with float32 scales (few threads) or kept as GGUF blocks, in huge-page copies
+    or not: bitwise the same logits, the same tokens."""
+    from ptp.train.models import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("SmolLM2 not cached")
+    import ptp.decode.native as native
+    from ptp.decode.cache import RowCache
+    from ptp.models import load_target
+
+    model, tok = load_target("smollm2")
+    fast = fast_forward_for(model)
+    packings = [NativeStep(fast, split_q4_1=True), NativeStep(fast, split_q4_1=False, huge_pages=False)]
+    assert 3 in packings[0].formats and 3 not in packings[1].formats and 1 in packings[1].formats
+    cfg = model.config
+    L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    logits = []
+    for step in packings:
+        cache = RowCache(L, 1, 64)
+        for layer in cache.layers:
+            layer.lazy_initialization(torch.zeros(1, Hkv, 1, D), torch.zeros(1, Hkv, 1, D))
+            layer.keys.normal_(generator=torch.Generator().manual_seed(1))
+            layer.values.normal_(generator=torch.Generator().manual_seed(2))
+        lens = torch.tensor([40])
+        ids = torch.randint(0, cfg.vocab_size, (1, 3), generator=torch.Generator().manual_seed(3))
+        cache.set_write_positions(lens, [40], 3)
+        with torch.inference_mode():
+            h = step(fast.embed(ids), lens.view(1, 1) + torch.arange(3), cache, lens, None)
+            logits.append(step.logits(h))
+    assert torch.equal(logits[0], logits[1])
+    prompt = Decoder(model, tok).encode("Name three rivers in Europe.")
+    gen = GenerationConfig(max_new_tokens=24, eos_token_ids=())
+    split = Decoder(model, drafter=LookupDrafter()).generate(prompt, gen).new_token_ids
+    monkeypatch.setattr(native, "SPLIT_Q4_1_MAX_THREADS", 0)
+    assert Decoder(model, drafter=LookupDrafter()).generate(prompt, gen).new_token_ids == split
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_matches_hf_and_speculative():
     from ptp.train.models import smollm2_available

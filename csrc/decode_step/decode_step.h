@@ -19,7 +19,9 @@
 //   value_caches  L x [B, H_kv, S, D] float32
 //   cache_lens    [B] int32 / int64, tree_mask [B, T, T] bool or None (causal)
 //   weights       7L tensors, per layer q, k, v, o, gate, up, down: float32 [M, K] or uint8 GGUF
-//                 blocks [M, K / 32 * bytes] (formats: 0 float32, 1 q4_1, 2 q8_0)
+//                 blocks [M, K / 32 * bytes] (formats: 0 float32, 1 q4_1, 2 q8_0, 3 q4_1 split:
+//                 each row's K / 32 (d, m) scale pairs as float32, then its K / 32 x 16 nibble
+//                 bytes, 24 bytes per block; ops.q4_1_split)
 //   biases        7L optional float32 [M];  norm_weights 2L + 1 float32 [H] (ln1, ln2 per layer,
 //                 then the final norm)
 //   lora_a/lora_b empty, or 7L optional float32 [R, K] / [M, R]; lora_scales 7L (or empty);
@@ -41,8 +43,9 @@ constexpr const char* kDecodeStepNames[kDecodeStepLinears] = {"q_proj", "k_proj"
                                                               "gate_proj", "up_proj", "down_proj"};
 
 inline int64_t decode_step_block_bytes(int64_t format) {
-  return format == 1 ? 20 : format == 2 ? 34 : 0;
+  return format == 1 ? 20 : format == 3 ? 24 : format == 2 ? 34 : 0;
 }
+#define PTP_DECODE_STEP_FORMATS "0 (float32), 1 (q4_1), 2 (q8_0) or 3 (q4_1 split)"
 
 inline void check_decode_step_inputs(
     const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
@@ -139,7 +142,7 @@ inline void check_decode_step_inputs(
     check_same_device(w, hidden, name.c_str(), "hidden");
     check_contiguous(w, name.c_str());
     const int64_t f = formats[i];
-    PTP_CHECK(f >= 0 && f <= 2, "formats[", i, "] must be 0 (float32), 1 (q4_1) or 2 (q8_0), got ", f);
+    PTP_CHECK(f >= 0 && f <= 3, "formats[", i, "] must be " PTP_DECODE_STEP_FORMATS ", got ", f);
     if (f == 0) {
       check_dtype(w, at::kFloat, name.c_str());
       check_shape(w, name.c_str(), "[M, K]", {M, K});
@@ -185,7 +188,8 @@ inline void check_decode_step_inputs(
 // decode_linear: one linear in decode_step's arithmetic (the decoding call's LM head, so that the
 // logits of every decoding call come from the same kernels as its hidden states).
 //   x       [..., K] float32, contiguous, CPU
-//   weight  float32 [M, K] (format 0) or uint8 GGUF blocks [M, K / 32 * bytes] (1 q4_1, 2 q8_0)
+//   weight  float32 [M, K] (format 0) or uint8 GGUF blocks [M, K / 32 * bytes] (1 q4_1, 2 q8_0,
+//           3 q4_1 split: float32 scales, then nibbles)
 //   bias    [M] float32 or None
 // returns [..., M] float32; every row bitwise independent of the others.
 inline void check_decode_linear_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t format,
@@ -195,7 +199,7 @@ inline void check_decode_linear_inputs(const at::Tensor& x, const at::Tensor& we
   PTP_CHECK(x.device().is_cpu(), "decode_linear is CPU-only, got x ", describe(x));
   check_contiguous(x, "x");
   const int64_t K = x.size(-1);
-  PTP_CHECK(format >= 0 && format <= 2, "format must be 0 (float32), 1 (q4_1) or 2 (q8_0), got ", format);
+  PTP_CHECK(format >= 0 && format <= 3, "format must be " PTP_DECODE_STEP_FORMATS ", got ", format);
   check_same_device(weight, x, "weight", "x");
   check_contiguous(weight, "weight");
   PTP_CHECK(weight.dim() == 2, "weight must be 2-D, got ", describe(weight));

@@ -36,21 +36,30 @@ static inline void share(int64_t M, int tid, int P, int64_t& n0, int64_t& n1) {
 // hsum16(acc) with acc = fma(x[0:16], w[0:16], acc), fma(x[16:32], w[16:32], acc) over the blocks
 // in order: one fixed sequence per (row, feature), whatever the tiling (row invariance).
 template <int FMT>
-static inline void zweights(const uint8_t* blk, __m512& lo, __m512& hi) {
+static inline void zweights(const uint8_t* row, int64_t b, int64_t nb, __m512& lo, __m512& hi) {
+  const __m512 iota = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f,
+                                     12.f, 13.f, 14.f, 15.f);
   if constexpr (FMT == 1) {
+    const uint8_t* blk = row + 20 * b;
     int32_t dm_bits;
     __builtin_memcpy(&dm_bits, blk, 4);
     const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));  // [d, m, 0, 0]
-    const __m512 iota = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f,
-                                       12.f, 13.f, 14.f, 15.f);
     const __m512 table = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), iota,
                                          _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
-    // vpermps reads only an index lane's low 4 bits: the zero-extended byte indexes its low
-    // nibble as it is, and shifted right by 4 its high nibble (no masks).
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
     lo = _mm512_permutexvar_ps(idx, table);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
+  } else if constexpr (FMT == 3) {
+    // q4_1 split (ops.q4_1_split): (d, m) as float32 at row + 8 b, broadcast straight from memory
+    // (load ports: the fp16 load, convert and two broadcasts above occupy the shuffle pipes that
+    // bound a 1-row call), the nibbles at row + 8 nb + 16 b
+    const float* dm = reinterpret_cast<const float*>(row) + 2 * b;
+    const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(dm[0]), iota, _mm512_set1_ps(dm[1]));
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 8 * nb + 16 * b)));
+    lo = _mm512_permutexvar_ps(idx, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
   } else {
+    const uint8_t* blk = row + 34 * b;
     uint16_t d_bits;
     __builtin_memcpy(&d_bits, blk, 2);
     const __m512 d = _mm512_set1_ps(_cvtsh_ss(d_bits));
@@ -68,7 +77,6 @@ constexpr int kZRows = 4;  // x rows per register tile (4 x 4 accumulators + 8 x
 template <int NR, int NW, int FMT, bool kBuf>
 static inline void ztile(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes,
                          const float* buf, float* out, int64_t ldo) {
-  constexpr int64_t kBytes = FMT == 1 ? 20 : 34;
   __m512 acc[NR][NW];
   for (int r = 0; r < NR; ++r)
     for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_ps();
@@ -84,7 +92,7 @@ static inline void ztile(const float* x, int64_t K, const uint8_t* w, int64_t ro
         lo = _mm512_loadu_ps(buf + j * K + b * 32);
         hi = _mm512_loadu_ps(buf + j * K + b * 32 + 16);
       } else {
-        zweights<FMT>(w + j * row_bytes + b * kBytes, lo, hi);
+        zweights<FMT>(w + j * row_bytes, b, K / 32, lo, hi);
       }
       for (int r = 0; r < NR; ++r) {
         acc[r][j] = _mm512_fmadd_ps(xl[r], lo, acc[r][j]);
@@ -117,13 +125,12 @@ constexpr int kZTall = 8;
 template <int NR, int NW, int FMT>
 static inline void ztall(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, float* out,
                          int64_t ldo) {
-  constexpr int64_t kBytes = FMT == 1 ? 20 : 34;
   __m512 acc[NR][NW];
   for (int r = 0; r < NR; ++r)
     for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t b = 0; b < K / 32; ++b) {
     __m512 lo[NW], hi[NW];
-    for (int j = 0; j < NW; ++j) zweights<FMT>(w + j * row_bytes + b * kBytes, lo[j], hi[j]);
+    for (int j = 0; j < NW; ++j) zweights<FMT>(w + j * row_bytes, b, K / 32, lo[j], hi[j]);
     for (int r = 0; r < NR; ++r) {
       const __m512 xl = _mm512_loadu_ps(x + r * K + b * 32);
       const __m512 xh = _mm512_loadu_ps(x + r * K + b * 32 + 16);
@@ -179,7 +186,6 @@ template <int FMT>
 static inline void zrows_block(const float* x, int64_t N, int64_t K, const uint8_t* w,
                                int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy,
                                float* buf, bool nta) {
-  constexpr int64_t kBytes = FMT == 1 ? 20 : 34;
   const int64_t tiles = (N + kZRows - 1) / kZRows;
   const int64_t base = N / tiles, extra = N % tiles;
   int64_t n = n0;
@@ -209,7 +215,7 @@ static inline void zrows_block(const float* x, int64_t N, int64_t K, const uint8
       for (int j = 0; j < nw; ++j)
         for (int64_t b = 0; b < K / 32; ++b) {
           __m512 lo, hi;
-          zweights<FMT>(wn + j * row_bytes + b * kBytes, lo, hi);
+          zweights<FMT>(wn + j * row_bytes, b, K / 32, lo, hi);
           _mm512_storeu_ps(buf + j * K + b * 32, lo);
           _mm512_storeu_ps(buf + j * K + b * 32 + 16, hi);
         }
@@ -539,6 +545,26 @@ static inline void zattend_unit(const float* q, const float* k, const float* v, 
 
 #endif
 
+// `rows` rows of q4_1 split (format 3, row stride row_bytes) -> their float32 weights d * q + m
+// (one rounding: d * q is exact), rows of K floats in out.
+static inline void q41_split_dequant(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K,
+                                     float* out) {
+  const int64_t nb = K / 32;
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint8_t* row = w + j * row_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      float dm[2];
+      std::memcpy(dm, row + 8 * b, 8);
+      const uint8_t* qs = row + 8 * nb + 16 * b;
+      float* o = out + j * K + 32 * b;
+      for (int i = 0; i < 16; ++i) {
+        o[i] = dm[0] * static_cast<float>(qs[i] & 15) + dm[1];  // fused or not: the same
+        o[i + 16] = dm[0] * static_cast<float>(qs[i] >> 4) + dm[1];
+      }
+    }
+  }
+}
+
 // y[m, n] (+ bias[n]) for the call's N rows of x and features [n0, n1) of one linear.
 // `nta`: the decoding call's layers, whose weights in a 1-row call stream past L2 and L3 (see
 // zrows_block); the LM head keeps the default.
@@ -549,6 +575,8 @@ static inline void linear_part(const LinearW& w, const float* x, int64_t N, floa
 #ifdef PTP_DS_ZMM
   if (w.format == 1) {
     zrows_block<1>(x, N, K, static_cast<const uint8_t*>(w.w), w.row_bytes, n0, n1, y, ldy, buf, nta);
+  } else if (w.format == 3) {
+    zrows_block<3>(x, N, K, static_cast<const uint8_t*>(w.w), w.row_bytes, n0, n1, y, ldy, buf, nta);
   } else if (w.format == 2) {
     zrows_block<2>(x, N, K, static_cast<const uint8_t*>(w.w), w.row_bytes, n0, n1, y, ldy, buf, nta);
   } else if (K % 32 == 0) {
@@ -557,6 +585,12 @@ static inline void linear_part(const LinearW& w, const float* x, int64_t N, floa
 #endif
   if (w.format == 1) {
     il::qrows_block<true>(x, N, K, static_cast<const uint8_t*>(w.w), w.row_bytes, n0, n1, y, ldy, buf);
+  } else if (w.format == 3) {  // 4 rows at a time to float32 (what qrows_block does for q4_1)
+    for (int64_t n = n0; n < n1; n += 4) {
+      const int64_t rows = std::min<int64_t>(4, n1 - n);
+      q41_split_dequant(static_cast<const uint8_t*>(w.w) + n * w.row_bytes, w.row_bytes, rows, K, buf);
+      il::rows_block(x, N, K, buf, 0, rows, y + n, ldy);
+    }
   } else if (w.format == 2) {
     il::qrows_block<false>(x, N, K, static_cast<const uint8_t*>(w.w), w.row_bytes, n0, n1, y, ldy, buf);
   } else {
