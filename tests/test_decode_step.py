@@ -526,13 +526,14 @@ def test_huge_page_copies():
 
 
 def test_native_step_is_packed_once(model, monkeypatch):
-    """The decoder asks for the native step at every generate: one packing per FastForward (the
-    same object), rebuilt when the thread count crosses the split policy's bound."""
+    """The decoder builds a FastForward and asks for the native step at every generate: one
+    packing per model (the same object), rebuilt when the thread count crosses the split
+    policy's bound."""
     import ptp.decode.native as native
 
     fast = fast_forward_for(model)
     step = native_step_for(fast)
-    assert native_step_for(fast) is step
+    assert native_step_for(fast) is step and native_step_for(fast_forward_for(model)) is step
     monkeypatch.setattr(native, "SPLIT_Q4_1_MAX_THREADS", torch.get_num_threads() - 1)
     assert native_step_for(fast) is not step
 

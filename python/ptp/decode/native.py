@@ -20,6 +20,7 @@ drafters), so all decoding calls of a run go through the same arithmetic.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -69,6 +70,9 @@ def huge_page_copies(tensors: list[torch.Tensor]):
         copies.append(c)
         off += size
     return m, copies
+
+# model (its embedding module) -> (key, NativeStep): native_step_for's packings
+_PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 _FORMATS = {None: 0, "q4_1": 1, "q8_0": 2}
@@ -221,15 +225,16 @@ def native_step_for(fast, required: bool = False) -> Optional[NativeStep]:
         if required:
             raise ValueError(f"native_step=True, but decode_step cannot run this model: {reason}")
         return None
-    # one packing per FastForward and set of linears (the decoder asks at every generate; the
-    # packed copies cost ~0.1 s for SmolLM2), rebuilt when a plan, its module, blocks or adapter
-    # changed, or the thread count crossed SPLIT_Q4_1_MAX_THREADS
+    # One packing per model and set of linears: the decoder builds a FastForward at every
+    # generate and asks again, and the packed copies cost ~0.07 s for SmolLM2. Rebuilt when a
+    # linear, its blocks or adapter changed, or the thread count crossed SPLIT_Q4_1_MAX_THREADS.
+    # Weakly keyed by the model's embedding module: nothing of it is kept alive or deep-copied.
     plans = [p for L in fast.layers for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down)] + [fast.head]
-    key = (tuple((id(p), id(p.module), id(p.linear), id(p.qweight), p.format, p.lora) for p in plans),
+    key = (tuple((id(p.module), id(p.linear), id(p.qweight), p.format, p.lora) for p in plans),
            torch.get_num_threads() <= SPLIT_Q4_1_MAX_THREADS)
-    cached = getattr(fast, "_native_step", None)
+    cached = _PACKED.get(fast.embed)
     if cached is not None and cached[0] == key:
         return cached[1]
     step = NativeStep(fast)
-    fast._native_step = (key, step, plans)  # plans kept alive: their ids stay theirs
+    _PACKED[fast.embed] = (key, step)
     return step
