@@ -250,6 +250,43 @@ def test_rejection_frequencies(shape):
     assert (num > 0).float().mean() > 0.2  # drafts do get accepted
 
 
+@pytest.mark.parametrize("V", [5, 8, 37, 64, 1003])
+def test_greedy_argmax_ties_and_invalid_values(V):
+    """Greedy verify picks the lowest index of the maximum (ties in different 8-lane groups,
+    the vectorised body and the scalar tail), and a NaN / +inf anywhere in the row, before or
+    after the maximum, makes the row invalid."""
+    g = torch.Generator().manual_seed(V)
+    rows = []
+    for case in range(12):
+        x = torch.randn(V, generator=g)
+        top = x.max().item() + 1.0
+        pos = torch.randperm(V, generator=g)[:3].tolist()
+        if case % 3 == 0:
+            x[pos] = top  # a three-way tie
+        elif case % 3 == 1:
+            x[pos[0]] = top
+        else:
+            x[:] = -math.inf
+            if case % 2:
+                x[pos[-1]] = 0.0
+        if case in (4, 7):
+            x[pos[1 if V > 1 else 0]] = math.nan if case == 4 else math.inf
+        if case == 10:
+            x[V - 1] = math.nan  # in the tail (or the last lane)
+        rows.append(x)
+    logits = torch.stack(rows).view(12, 1, V)
+    tokens = torch.zeros(12, 1, dtype=torch.long)
+    parents = torch.full((12, 1), -1)
+    num, nodes, tok = ptp_ext.verify_tree(tokens, parents, logits, None, None, "greedy", 1.0, 0, 1.0)
+    ref = verify_tree_ref(tokens, parents, logits, None, None, "greedy", 1.0, 0, 1.0)
+    assert torch.equal(tok, ref[2]), (tok.tolist(), ref[2].tolist())
+    for r, x in enumerate(rows):
+        if torch.isnan(x).any() or torch.isposinf(x).any() or torch.isneginf(x).all():
+            assert tok[r] == -1
+        else:
+            assert tok[r] == int(torch.nonzero(x == x.max())[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # Invalid rows: NaN / +inf / all -inf logits and uniforms outside [0, 1) give the sentinel row
 # (0 accepted, next_token -1), never a token; the other rows are unaffected.
