@@ -34,7 +34,9 @@ __all__ = ["LookupDrafter", "AcceptanceModel", "NgramIndex", "continuations", "m
 # context, 2 rows ~1.28x that, 4 rows ~1.77x, 8 rows ~3.3x (a further row is its 0.27 GFLOP at
 # the FMA rate of 2 cores, ~1.1-1.7 ms). The value is the end-to-end optimum, not the raw ratio:
 # over 26 dev prompts lookup with row_cost 0.12 / 0.18 / 0.24 / 0.35 ran at 1.08 / 1.04 / 1.00 /
-# ~0.91 of each other (two runs, ~5 % noise), row_cost 0 (fixed 4-token chains) well below.
+# ~0.91 of each other (two runs, ~5 % noise), row_cost 0 (fixed 4-token chains) well below;
+# after the faster 1-row calls of 2026-12-07 (third run) 0.12 / 0.18 / 0.26 / 0.35 ran at 1.00 /
+# 1.00 / 1.02 / 1.01: within the noise, so 0.18 stays.
 CPU_ROW_COST = 0.18
 
 
