@@ -573,9 +573,9 @@ def q4_1_split(qweight: torch.Tensor) -> torch.Tensor:
     nibble bytes. The weights ``d * q + m`` stay bitwise the same.
 
     A block's scales then arrive as float32 broadcast loads instead of an fp16 load, convert and
-    two broadcasts on the shuffle pipes, the bottleneck of a 1-row Q4_1 matvec on Zen 4, and no
-    16-byte nibble load crosses a cache line. 20 % more bytes, 2.5-5.7 % faster SmolLM2 1- and
-    2-row calls on the 2-core EPYC dev VM (interleaved A/B, 128-900-token contexts). A new tensor.
+    two broadcasts on the shuffle pipes, the bottleneck of a 1-row Q4_1 matvec on Zen 4. 20 % more
+    bytes; SmolLM2's 1- and 2-row calls on the 2-core EPYC dev VM ~2 % faster (interleaved A/B,
+    ``ptp.decode.native.SPLIT_Q4_1_MAX_THREADS``). A new tensor.
     """
     if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] % 20:
         raise ValueError("qweight must be uint8 Q4_1 blocks of shape (M, K / 32 * 20), got "

@@ -151,10 +151,10 @@ inline void check_decode_step_inputs(
   for (int64_t i = 0; i < n; ++i) {
     const int64_t j = i % kDecodeStepLinears, M = rows[j], K = cols[j];
     const at::Tensor& w = weights[i];
-    const int64_t fi = formats[i];
+    const int64_t f = formats[i];
     const bool weight_ok =
-        fi == 0 ? fits(w, at::kFloat, {M, K})
-                : fi >= 1 && fi <= 3 && K % 32 == 0 && fits(w, at::kByte, {M, K / 32 * decode_step_block_bytes(fi)});
+        f == 0 ? fits(w, at::kFloat, {M, K})
+               : f >= 1 && f <= 3 && K % 32 == 0 && fits(w, at::kByte, {M, K / 32 * decode_step_block_bytes(f)});
     const bool bias_ok = !biases[i].has_value() || fits(*biases[i], at::kFloat, {M});
     bool lora_ok = true;
     if (lora) {
@@ -168,7 +168,6 @@ inline void check_decode_step_inputs(
                                  kDecodeStepNames[j], ")");
     check_same_device(w, hidden, name.c_str(), "hidden");
     check_contiguous(w, name.c_str());
-    const int64_t f = formats[i];
     PTP_CHECK(f >= 0 && f <= 3, "formats[", i, "] must be " PTP_DECODE_STEP_FORMATS ", got ", f);
     if (f == 0) {
       check_dtype(w, at::kFloat, name.c_str());

@@ -37,25 +37,29 @@ static inline void share(int64_t M, int tid, int P, int64_t& n0, int64_t& n1) {
 // in order: one fixed sequence per (row, feature), whatever the tiling (row invariance).
 template <int FMT>
 static inline void zweights(const uint8_t* row, int64_t b, int64_t nb, __m512& lo, __m512& hi) {
-  const __m512 iota = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f,
-                                     12.f, 13.f, 14.f, 15.f);
-  if constexpr (FMT == 1) {
-    const uint8_t* blk = row + 20 * b;
-    int32_t dm_bits;
-    __builtin_memcpy(&dm_bits, blk, 4);
-    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));  // [d, m, 0, 0]
-    const __m512 table = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), iota,
-                                         _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
-    lo = _mm512_permutexvar_ps(idx, table);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
-  } else if constexpr (FMT == 3) {
-    // q4_1 split (ops.q4_1_split): (d, m) as float32 at row + 8 b, broadcast straight from memory
-    // (load ports: the fp16 load, convert and two broadcasts above occupy the shuffle pipes that
-    // bound a 1-row call), the nibbles at row + 8 nb + 16 b
-    const float* dm = reinterpret_cast<const float*>(row) + 2 * b;
-    const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(dm[0]), iota, _mm512_set1_ps(dm[1]));
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 8 * nb + 16 * b)));
+  if constexpr (FMT == 1 || FMT == 3) {
+    const __m512 iota = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f,
+                                       12.f, 13.f, 14.f, 15.f);
+    __m512 table;
+    const uint8_t* qs;
+    if constexpr (FMT == 1) {  // GGUF: (d, m) fp16 then the 16 nibble bytes, in the block
+      const uint8_t* blk = row + 20 * b;
+      int32_t dm_bits;
+      __builtin_memcpy(&dm_bits, blk, 4);
+      const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));  // [d, m, 0, 0]
+      table = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), iota, _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
+      qs = blk + 4;
+    } else {
+      // q4_1 split (ops.q4_1_split): (d, m) as float32 at row + 8 b, broadcast straight from
+      // memory (load ports: the fp16 load, convert and two broadcasts above occupy the shuffle
+      // pipes that bound a 1-row call), the nibbles at row + 8 nb + 16 b
+      const float* dm = reinterpret_cast<const float*>(row) + 2 * b;
+      table = _mm512_fmadd_ps(_mm512_set1_ps(dm[0]), iota, _mm512_set1_ps(dm[1]));
+      qs = row + 8 * nb + 16 * b;
+    }
+    // vpermps reads only an index lane's low 4 bits: the zero-extended byte indexes its low
+    // nibble as it is, and shifted right by 4 its high nibble (no masks).
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
     lo = _mm512_permutexvar_ps(idx, table);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
   } else {
@@ -271,6 +275,14 @@ constexpr int kZBK = 32;  // keys per online-softmax block (as tree_attention's 
 constexpr int kZRowsAtt = 4;  // query rows per register group in P @ V
 
 static inline int64_t zatt_chunks(int64_t D) { return (D + 15) / 16; }
+// lanes of the last 16-float chunk of a D-float row that hold values
+static inline __mmask16 zatt_tail(int64_t D) {
+  return D % 16 ? static_cast<__mmask16>((1u << (D % 16)) - 1) : static_cast<__mmask16>(0xffff);
+}
+// chunk c (of Dc) of a row: the last one masked to the row's D floats (zeros beyond)
+static inline __m512 zatt_load(const float* row, int64_t c, int64_t Dc, __mmask16 tail) {
+  return c + 1 < Dc ? _mm512_loadu_ps(row + 16 * c) : _mm512_maskz_loadu_ps(tail, row + 16 * c);
+}
 // floats of scratch for R query rows of head dim D
 static inline int64_t zatt_work_floats(int64_t R, int64_t D) {
   return R * zatt_chunks(D) * 16 + kZRowsAtt * kZBK * 16 + R * kZBK + 32;
@@ -345,7 +357,7 @@ static inline void zscores_chunks(const float* Qf, int64_t Dc, int64_t c0, __mma
     __m512 p[NR];
     for (int cc = 0; cc < NC; ++cc) {
       const int64_t c = c0 + cc;
-      const __m512 kk = c + 1 < Dc ? _mm512_loadu_ps(kp[j] + 16 * c) : _mm512_maskz_loadu_ps(tail, kp[j] + 16 * c);
+      const __m512 kk = zatt_load(kp[j], c, Dc, tail);
       for (int rr = 0; rr < NR; ++rr) {
         if (cc == 0)
           p[rr] = c0 == 0 ? _mm512_mul_ps(qr[rr][0], kk)
@@ -361,7 +373,7 @@ static inline void zscores_chunks(const float* Qf, int64_t Dc, int64_t c0, __mma
 template <int NR>
 static inline void zscores(const float* Qf, int64_t Dc, int64_t D, const float* const* kp, int n,
                            float* P16, float* S, int r0) {
-  const __mmask16 tail = D % 16 ? static_cast<__mmask16>((1u << (D % 16)) - 1) : 0xffff;
+  const __mmask16 tail = zatt_tail(D);
   int64_t c0 = 0;
   for (; c0 + 4 <= Dc; c0 += 4) zscores_chunks<NR, 4>(Qf, Dc, c0, tail, kp, n, P16, r0);
   switch (Dc - c0) {
@@ -417,14 +429,13 @@ static inline void zpv_chunks(float* acc, int64_t Dp, int64_t Dc, int64_t c0, __
     const __m512 al = _mm512_set1_ps(alpha[rr]);
     for (int cc = 0; cc < NC; ++cc) {
       const int64_t c = c0 + cc;
-      const float* src = acc + (r0 + rr) * Dp + 16 * c;
-      x[rr][cc] = _mm512_mul_ps(c + 1 < Dc ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(tail, src), al);
+      x[rr][cc] = _mm512_mul_ps(zatt_load(acc + (r0 + rr) * Dp, c, Dc, tail), al);
     }
   }
   for (int j = 0; j < n; ++j)
     for (int cc = 0; cc < NC; ++cc) {
       const int64_t c = c0 + cc;
-      const __m512 vv = c + 1 < Dc ? _mm512_loadu_ps(vp[j] + 16 * c) : _mm512_maskz_loadu_ps(tail, vp[j] + 16 * c);
+      const __m512 vv = zatt_load(vp[j], c, Dc, tail);
       for (int rr = 0; rr < NR; ++rr)
         x[rr][cc] = _mm512_fmadd_ps(_mm512_set1_ps(S[(r0 + rr) * kZBK + j]), vv, x[rr][cc]);
     }
@@ -443,7 +454,7 @@ template <int NR>
 static inline void zpv(float* acc, int64_t Dp, int64_t D, const float* alpha, const float* S,
                        const float* const* vp, int n, int r0) {
   const int64_t Dc = zatt_chunks(D);
-  const __mmask16 tail = D % 16 ? static_cast<__mmask16>((1u << (D % 16)) - 1) : 0xffff;
+  const __mmask16 tail = zatt_tail(D);
   int64_t c0 = 0;
   for (; c0 + 4 <= Dc; c0 += 4) zpv_chunks<NR, 4>(acc, Dp, Dc, c0, tail, alpha, S, vp, n, r0);
   switch (Dc - c0) {
