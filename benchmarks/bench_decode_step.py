@@ -10,7 +10,10 @@ per-call hidden states agree to float rounding). Then:
 * per decoding call (layers + LM head) for 1..16 chain rows at a 256-token context: the fast
   path and the native step, torch.utils.benchmark medians, and the blocks' bytes per second;
 * plain decoding tok/s, the two paths interleaved over the same prompts (decode only: a
-  1-token run, i.e. the prefill, is subtracted).
+  1-token run, i.e. the prefill, is subtracted);
+* rooflines (``--no-roofline`` skips them): this machine's read bandwidth (a streaming sum) and
+  float32 multiply-add rate (an L2-resident sgemm), and ``decode_linear``'s achieved rate per
+  weight format, with the weights in L2 (compute) and streamed from DRAM (bytes).
 
 CPU only: with --device cuda it prints "skipped" and exits 0.
 """
@@ -139,6 +142,88 @@ def decode_rate(model, tok, new_tokens: int, repeats: int, clock: str) -> tuple[
     return {k: statistics.median(v) for k, v in times.items()}, same
 
 
+def _median_s(fn, reps: int = 9) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _blocks(M: int, K: int, fmt: str, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Random weights of ``M x K`` in decode_linear's format ``fmt`` and its code."""
+    from ptp_ext import ops
+    from ptp_ext.reference import quantize_ref
+
+    w = torch.randn(M, K, generator=g) * 0.05
+    if fmt == "float32":
+        return w, 0
+    if fmt == "q4_1_split":
+        return ops.q4_1_split(quantize_ref(w, "q4_1")), 3
+    return quantize_ref(w, fmt), ops.DECODE_STEP_FORMATS[fmt]
+
+
+def roofline(threads: int) -> list[str]:
+    """Markdown lines: machine limits and decode_linear's achieved rates against them."""
+    from ptp_ext import ops
+
+    g = torch.Generator().manual_seed(0)
+    lines = ["", "## Rooflines", ""]
+    limits = {}
+    for t in sorted({1, threads}):
+        torch.set_num_threads(t)
+        big = torch.ones(128 << 20)  # 512 MiB of float32
+        bw = big.numel() * 4 / _median_s(lambda: big.sum(), 9) / 1e9
+        a, b = torch.randn(256, 576, generator=g), torch.randn(576, 576, generator=g)
+        flops = 2 * 256 * 576 * 576 / _median_s(lambda: torch.mm(a, b), 51) / 1e9
+        limits[t] = (bw, flops)
+        lines.append(f"* {t} thread{'s' if t > 1 else ''}: read bandwidth {bw:.1f} GB/s (a streaming "
+                     f"`sum` over 512 MiB); float32 multiply-adds {flops:.0f} GFLOP/s (L2-resident "
+                     "sgemm 256 x 576 x 576, torch's BLAS)")
+        del big
+    lines += ["", "`decode_linear`, one thread, a 1536 x 576 weight resident in L2 (compute): ns per "
+              "32-weight block and row of x, GFLOP/s (2 flops per weight and row) and its share of the "
+              "sgemm rate above:", "",
+              "| format | bytes / block | 1 row | 2 rows | 4 rows | 8 rows |", "|---|---:|---:|---:|---:|---:|"]
+    torch.set_num_threads(1)
+    M, K = 1536, 576
+    blocks = M * K // 32
+    formats = ["q4_1", "q4_1_split", "q8_0", "float32"]
+    for fmt in formats:
+        w, code = _blocks(M, K, fmt, g)
+        cells = []
+        for n in (1, 2, 4, 8):
+            x = torch.randn(n, K, generator=g)
+            sec = _median_s(lambda: ops.decode_linear(x, w, code), 201)
+            gf = 2 * M * K * n / sec / 1e9
+            cells.append(f"{sec / blocks * 1e9:.2f} ns, {gf:.1f} GF/s ({gf / limits[1][1]:.0%})")
+        lines.append(f"| {fmt} | {w.numel() * w.element_size() / blocks:.0f} | " + " | ".join(cells) + " |")
+    torch.set_num_threads(threads)
+    lines += ["", f"`decode_linear`, {threads} thread{'s' if threads > 1 else ''}, 1 row, the weights "
+              "streamed from DRAM (a 49152 x 576 matrix, SmolLM2's LM head shape; 256 MiB read between "
+              "calls to evict it): GB/s of weight bytes and the share of the read bandwidth:", "",
+              "| format | MiB | ms | GB/s | of read bandwidth |", "|---|---:|---:|---:|---:|"]
+    flush = torch.ones(64 << 20)
+    M = 49152
+    for fmt in formats:
+        w, code = _blocks(M, K, fmt, g)
+        x = torch.randn(1, K, generator=g)
+        ts = []
+        for _ in range(15):
+            flush.add_(1.0)
+            t0 = time.perf_counter()
+            ops.decode_linear(x, w, code)
+            ts.append(time.perf_counter() - t0)
+        sec = statistics.median(ts)
+        nbytes = w.numel() * w.element_size()
+        gbs = nbytes / sec / 1e9
+        lines.append(f"| {fmt} | {nbytes / 2**20:.1f} | {sec * 1e3:.2f} | {gbs:.1f} | "
+                     f"{gbs / limits[threads][0]:.0%} |")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -147,6 +232,7 @@ def main() -> int:
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="wall: torch.utils.benchmark medians; cpu: process CPU time (steadier on a "
                          "shared machine; meaningful with --threads 1)")
+    ap.add_argument("--no-roofline", action="store_true", help="skip the rooflines section")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.device != "cpu":
@@ -183,6 +269,8 @@ def main() -> int:
     lines += ["", "| rows | fast path ms | native ms | speed-up | native GB/s (blocks) |", "|---:|---:|---:|---:|---:|"]
     for T, py, nat in calls:
         lines.append(f"| {T} | {py:.2f} | {nat:.2f} | {py / nat:.2f}x | {qbytes / nat / 1e6:.1f} |")
+    if not args.no_roofline:
+        lines += roofline(args.threads)
     text = "\n".join(lines)
     print(text)
     if args.out:
