@@ -514,8 +514,8 @@ def test_a_gguf_path_loads_with_its_blocks_attached():
 @pytest.mark.slow
 def test_heads_draft_vocabulary_reads_the_lm_heads_blocks():
     """The shipped heads' draft-vocabulary LM head (8,192 rows of the tied Q8_0 LM head) goes
-    through quant_linear when SmolLM2's blocks are attached: the draft logits are bitwise those
-    of the float32 rows."""
+    through decode_linear's blocks when SmolLM2's blocks are attached: the draft logits are
+    bitwise those of the float32 rows (decode_linear's format 0)."""
     from ptp.train.models import smollm2_available
 
     if not smollm2_available():

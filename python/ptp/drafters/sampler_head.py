@@ -213,8 +213,8 @@ def draft_vocab_ids(counts: torch.Tensor, size: int) -> torch.Tensor:
 class DraftVocab:
     """The rows of ``base``'s LM head for the draft vocabulary (:func:`draft_vocab_ids`):
     :meth:`logits` gives the logits over them, ``ids`` maps an index back to the token. On CPU a
-    few rows go through ``ptp_ext.ops`` (the LM head's GGUF blocks, if attached: the same rows as
-    blocks, bitwise the same logits)."""
+    few rows go through ``ptp_ext.ops`` (the LM head's GGUF blocks, if attached, in
+    ``decode_linear``: bitwise the decoding step's logits of those tokens)."""
 
     def __init__(self, base: nn.Module, counts: torch.Tensor, size: int) -> None:
         lm = base.lm_head
@@ -236,11 +236,17 @@ class DraftVocab:
         b = None if self.bias is None else self.bias.to(w.dtype)
         z = z.to(w.dtype)
         if z.device.type == "cpu":
-            # a few rows: the op reads the weights once (CPU BLAS's GEMM for 2-16 rows is 2-3x slower)
-            from ptp_ext.ops import invariant_linear, quant_linear
+            # a few rows: the op reads the weights once (CPU BLAS's GEMM for 2-16 rows is 2-3x slower);
+            # GGUF rows through decode_linear, the decoding step's LM-head kernel (its 16-lane tiles
+            # where the CPU has AVX-512: SmolLM2's 8,192-row draft vocabulary 0.7 -> 0.2 ms a row)
+            from ptp_ext.ops import DECODE_STEP_FORMATS, decode_linear, invariant_linear
 
-            if self.q is not None and z.dtype == torch.float32:
-                out = quant_linear(z.reshape(-1, z.shape[-1]), self.q[0], self.q[1], b)
+            z2 = z.reshape(-1, z.shape[-1]).contiguous()
+            native = z.dtype == torch.float32 and not z.requires_grad  # decode_linear: inference only
+            if native and self.q is not None and self.q[1] in DECODE_STEP_FORMATS:
+                out = decode_linear(z2, self.q[0], DECODE_STEP_FORMATS[self.q[1]], b)
+            elif native:  # the float32 rows in the same arithmetic as their blocks
+                out = decode_linear(z2, w, 0, b)
             else:
                 out = invariant_linear(z.reshape(-1, z.shape[-1]), w, b)
             return out.view(*z.shape[:-1], w.shape[0])
