@@ -143,6 +143,8 @@ def decode_rate(model, tok, new_tokens: int, repeats: int, clock: str) -> tuple[
 
 
 def _median_s(fn, reps: int = 9) -> float:
+    """Median seconds of ``reps`` calls after one warm-up (fixed counts: the roofline's figures
+    are medians of these, not ``_timing``'s autoranged blocks)."""
     fn()
     ts = []
     for _ in range(reps):
@@ -158,11 +160,11 @@ def _blocks(M: int, K: int, fmt: str, g: torch.Generator) -> tuple[torch.Tensor,
     from ptp_ext.reference import quantize_ref
 
     w = torch.randn(M, K, generator=g) * 0.05
-    if fmt == "float32":
-        return w, 0
     if fmt == "q4_1_split":
-        return ops.q4_1_split(quantize_ref(w, "q4_1")), 3
-    return quantize_ref(w, fmt), ops.DECODE_STEP_FORMATS[fmt]
+        w = ops.q4_1_split(quantize_ref(w, "q4_1"))
+    elif fmt != "float32":
+        w = quantize_ref(w, fmt)
+    return w, ops.DECODE_STEP_FORMATS[fmt]
 
 
 def roofline(threads: int) -> list[str]:

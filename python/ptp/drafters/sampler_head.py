@@ -248,7 +248,7 @@ class DraftVocab:
             elif native:  # the float32 rows in the same arithmetic as their blocks
                 out = decode_linear(z2, w, 0, b)
             else:
-                out = invariant_linear(z.reshape(-1, z.shape[-1]), w, b)
+                out = invariant_linear(z2, w, b)
             return out.view(*z.shape[:-1], w.shape[0])
         return F.linear(z, w, b)
 
