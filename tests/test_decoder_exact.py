@@ -449,19 +449,59 @@ def test_ngram_index_equals_the_scan():
 
 
 def test_acceptance_model_draft_length():
-    from ptp.drafters.lookup import AcceptanceModel
+    from ptp.drafters.lookup import CPU_CALL_COSTS, AcceptanceModel
 
     m = AcceptanceModel(row_cost=0.13)
-    assert m.length(2, 6) == 2  # prior rate 0.5: (1 + .5 + .25) / 1.26 beats L = 1 and L = 3
+    k1, k3 = m.key(1, False), m.key(12, True)
+    assert k1 != k3 and m.key(2, True) != m.key(3, True) and m.key(17, True) == m.key(30, True)
+    assert m.length(k1, 6) == 2  # prior rate 0.5: (1 + .5 + .25) / 1.26 beats L = 1 and L = 3
     for _ in range(50):
-        m.record(1, 4, 0)  # 1-gram matches: never accepted
-        m.record(3, 4, 4)  # 3-gram matches: always
-    assert m.rate(1) < 0.05 and m.rate(3) > 0.95
-    assert m.length(1, 6) == 0 and m.length(3, 6) == 6 and m.length(3, 2) == 2
-    assert AcceptanceModel(row_cost=0.0).length(1, 5) == 5  # free rows: as deep as allowed
-    lengths = [AcceptanceModel(row_cost=0.13, prior_rate=a, prior=1.0).length(1, 8)
+        m.record(k1, 4, 0)  # never accepted
+        m.record(k3, 6, 6)  # always
+    assert m.rate(k1, 1) < 0.05 and m.rate(k3, 1) > 0.95 and m.rate(k3, 4) > 0.95
+    assert m.rate(k1, 2) == 0.5  # never reached: the prior
+    assert m.length(k1, 6) == 0 and m.length(k3, 6) == 6 and m.length(k3, 2) == 2
+    assert AcceptanceModel(row_cost=0.0).length(k1, 5) == 5  # free rows: as deep as allowed
+    lengths = [AcceptanceModel(row_cost=0.13, prior_rate=a, prior=1.0).length(k1, 8)
                for a in (0.1, 0.3, 0.5, 0.7, 0.9)]
     assert lengths == sorted(lengths) and lengths[0] == 0 and lengths[-1] == 8
+
+    # depth by depth: the first token accepted half the time, the rest always once it was
+    m = AcceptanceModel(costs=CPU_CALL_COSTS)
+    for i in range(200):
+        m.record(k1, 4, 4 if i % 2 else 0)
+    assert abs(m.rate(k1, 1) - 0.5) < 0.01 and m.rate(k1, 2) > 0.98 and m.rate(k1, 4) > 0.98
+    # with the table's costs, (1 + .5 * 3) / 1.74 (L = 3) beats L = 1, 2 and 4 (3 / 2.21)
+    assert m.length(k1, 8) == 3 and m.length(k1, 1) == 1  # 1.5 / 1.23 > 1
+    assert AcceptanceModel(costs=CPU_CALL_COSTS, prior_rate=0.15).length(k1, 8) == 0  # 1.15 / 1.23
+    assert [m.cost(L) for L in range(len(CPU_CALL_COSTS))] == list(CPU_CALL_COSTS)
+    assert m.cost(len(CPU_CALL_COSTS)) > CPU_CALL_COSTS[-1]  # beyond the table: extrapolated
+    for bad in (dict(), dict(row_cost=0.1, costs=CPU_CALL_COSTS), dict(costs=(1.0, 0.9)),
+                dict(costs=(1.2, 1.4))):
+        with pytest.raises(ValueError):
+            AcceptanceModel(**bad)
+
+
+def test_lookup_match_features():
+    from ptp.drafters.lookup import NgramIndex, match_features
+
+    #            0  1  2  3  4  5  6  7  8  9 10 11
+    history = [9, 1, 2, 3, 4, 7, 1, 2, 3, 5, 1, 2, 3]
+    index = NgramIndex(1, 3)
+    index.extend(history)
+    found, n, length, agree = index.matches_with_features(4, 1)
+    # the most recent 3-gram match (1 2 3 at 6..8) continues 5 1 2 3; traced back, 3 tokens agree
+    # (7 before it, 5 before the end); its occurrences continue with 5 and 4: no agreement
+    assert found == [[5, 1, 2, 3]] and n == 3 and length == 3 and not agree
+    history = [8, 1, 2, 3, 4, 0, 8, 1, 2, 3]
+    index = NgramIndex(1, 3)
+    index.extend(history)
+    found, n, length, agree = index.matches_with_features(2, 1)
+    assert found == [[4, 0]] and n == 3 and length == 4 and agree  # 8 1 2 3 twice, both then 4
+    assert match_features(history, 3, 1, index._starts) == (4, True)
+    index = NgramIndex(1, 3)
+    index.extend([1, 2, 3])
+    assert index.matches_with_features(4, 1) == ([], 0, 0, False)
 
 
 def test_lookup_drafts_only_what_pays():
@@ -482,11 +522,11 @@ def test_lookup_drafts_only_what_pays():
     d = LookupDrafter(lookup_tokens=6, row_cost=0.13)
     history = [1, 2, 3, 4, 5] * 4
     proposed = []
-    for _ in range(40):  # the target never follows the lookup: one token, not the drafted one
+    for _ in range(80):  # the target never follows the lookup: one token, not the drafted one
         draft = d.propose(DraftRequest([history], [0], 16, SamplingConfig()))
         proposed.append(draft is not None)
-        first = int(draft.tokens[0, 1]) if draft is not None else history[-1]
-        history = history + [first % 5 + 1]
+        conts = d.continuations(history, 1)  # drafted or not, the lookup's guess is wrong
+        history = history + [conts[0][0] % 5 + 1 if conts else 1]
     assert proposed[0] and not any(proposed[-10:])
     d.reset()  # a new generate call keeps what was learnt; forget() goes back to the prior
     assert d.propose(DraftRequest([history], [0], 16, SamplingConfig())) is None
@@ -494,6 +534,31 @@ def test_lookup_drafts_only_what_pays():
     assert d.propose(DraftRequest([history], [0], 16, SamplingConfig())) is not None
     assert LookupDrafter(lookup_tokens=6, row_cost=0).propose(
         DraftRequest([history], [0], 16, SamplingConfig())) is not None
+
+
+def test_lookup_scores_lookups_it_did_not_draft():
+    """Every lookup is scored against the committed tokens, drafted or not: after the target
+    stopped following the lookup (drafting stopped), the drafter drafts again once it follows it
+    again; and the CPU's default prices calls by the measured call-cost table."""
+    from ptp.drafters.lookup import CPU_CALL_COSTS
+
+    d = LookupDrafter(lookup_tokens=4)  # on the CPU: the call-cost table
+    assert d.call_costs == CPU_CALL_COSTS and d.model.costs == CPU_CALL_COSTS and d.row_cost > 0
+    assert LookupDrafter(lookup_tokens=4, row_cost=0.2).model.costs is None
+    assert LookupDrafter(lookup_tokens=4, device="meta").model is None  # off the CPU: fixed chains
+    period = [11, 12, 13, 14, 15, 16, 17, 18]
+    history = period * 2
+    proposed = []
+    for step in range(150):
+        draft = d.propose(DraftRequest([history], [0], 16, SamplingConfig()))
+        proposed.append(draft is not None)
+        follow = step >= 70  # first the target never follows the lookup, then always
+        nxt = period[len(history) % len(period)] if follow else 100 + step
+        if draft is not None and follow:  # the whole draft accepted, plus one token
+            history = history + draft.tokens[0, 1:].tolist()
+            nxt = period[len(history) % len(period)]
+        history = history + [nxt]
+    assert not any(proposed[50:70]) and all(proposed[-20:])
 
 
 class _CharTokenizer:

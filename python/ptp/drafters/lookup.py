@@ -7,18 +7,21 @@ row's last n tokens (n from ``lookup_max_ngram`` down to ``lookup_ngram``), as i
 first) into a trie (:func:`ptp.drafters.trees.trie`), so alternatives after a divergence point
 become siblings: a small tree. The other drafters draft by lookup through :meth:`continuations`.
 
-Cost-aware draft length (``row_cost > 0``, the default on a CPU): every row of a target call
-costs compute there (SmolLM2-135M on 2 cores: a 2-row call ~1.3x a 1-row call, 4 rows ~1.8x, 8
-rows ~3.3x), so a draft that is rarely accepted slows decoding down. The drafter learns, per
-matched n-gram length, how often a drafted token is accepted once the tokens before it were
-(counted from the committed tokens it sees at the next step: a step that commits m tokens
-accepted m - 1 drafts), and drafts the length L (0 = no draft: a plain step) that maximises the
-expected tokens per cost, ``(1 + a + ... + a^L) / (1 + row_cost * L)``. It only changes which
-rows ride on a call, never the output.
+Cost-aware draft length (the default on a CPU): every row of a target call costs compute there
+(SmolLM2-135M on 2 cores: a 2-row call ~1.23x a 1-row call, 4 rows ~1.74x, 9 rows ~4.6x,
+:data:`CPU_CALL_COSTS`), so a draft that is rarely accepted slows decoding down. The drafter learns
+how often lookup's j-th token is accepted once the tokens before it were, per match class (how
+long the match is once traced back, and whether the matched n-gram's earlier occurrences agree on
+the next token) and depth, and drafts the length L (0 = no draft: a plain step) that maximises the
+expected tokens per call cost, ``(1 + a_1 + a_1 a_2 + ...) / cost(1 + L rows)``. Every lookup is
+scored against the tokens the target commits after it, drafted or not, so a class whose drafts
+stopped paying keeps being measured. ``row_cost=c`` prices a call linearly (``1 + c L``) instead,
+``row_cost=0`` drafts fixed ``lookup_tokens`` chains. It only changes which rows ride on a call,
+never the output.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,16 +31,8 @@ from ptp.drafters.base import register_drafter
 from ptp.drafters.options import LookupDrafterOptions
 from ptp.drafters.trees import pack_draft, trie
 
-__all__ = ["LookupDrafter", "AcceptanceModel", "NgramIndex", "continuations", "matches", "CPU_ROW_COST"]
+__all__ = ["LookupDrafter", "AcceptanceModel", "NgramIndex", "continuations", "matches", "CPU_CALL_COSTS"]
 
-# A 1-row decoding call of SmolLM2-135M on the 2-core dev CPU costs ~6.0 ms at a 256-token
-# context, 2 rows ~1.28x that, 4 rows ~1.77x, 8 rows ~3.3x (a further row is its 0.27 GFLOP at
-# the FMA rate of 2 cores, ~1.1-1.7 ms). The value is the end-to-end optimum, not the raw ratio:
-# over 26 dev prompts lookup with row_cost 0.12 / 0.18 / 0.24 / 0.35 ran at 1.08 / 1.04 / 1.00 /
-# ~0.91 of each other (two runs, ~5 % noise), row_cost 0 (fixed 4-token chains) well below;
-# after the faster 1-row calls of 2026-12-07 (third run) 0.12 / 0.18 / 0.26 / 0.35 ran at 1.00 /
-# 1.00 / 1.02 / 1.01: within the noise, so 0.18 stays.
-CPU_ROW_COST = 0.18
 
 
 def continuations(history: list[int], depth: int, min_ngram: int, max_ngram: int, num: int) -> list[list[int]]:
@@ -63,17 +58,46 @@ def _pick(history: list[int], starts, depth: int, min_ngram: int, max_ngram: int
           ) -> tuple[list[list[int]], int]:
     """The continuations of :func:`matches`, given ``starts(n)``: the start positions (ascending)
     of the earlier occurrences of the last n tokens that at least one token follows."""
+    found, first_n, _ = _pick_at(history, starts, depth, min_ngram, max_ngram, num)
+    return found, first_n
+
+
+def _pick_at(history: list[int], starts, depth: int, min_ngram: int, max_ngram: int, num: int
+             ) -> tuple[list[list[int]], int, int]:
+    """:func:`_pick` and the start of the first continuation's match (-1: none)."""
     found: list[list[int]] = []
-    first_n = 0
+    first_n, first_i = 0, -1
     for n in range(min(max_ngram, len(history) - 1), min_ngram - 1, -1):
         for i in reversed(starts(n)):  # most recent first
             cont = history[i + n: i + n + depth]
             if cont and cont not in found and not any(f[:len(cont)] == cont for f in found):
                 found.append(cont)
-                first_n = first_n or n
+                if not first_n:
+                    first_n, first_i = n, i
                 if len(found) == num:
-                    return found, first_n
-    return found, first_n
+                    return found, first_n, first_i
+    return found, first_n, first_i
+
+
+# How far a match is traced back (its length is a feature of the acceptance model), and how many
+# of the matched n-gram's occurrences are checked for agreeing on the next token.
+MAX_MATCH_LENGTH = 32
+AGREEMENT_WINDOW = 16
+
+
+def match_features(history: list[int], n: int, i: int, starts) -> tuple[int, bool]:
+    """What predicts that a lookup continuation will be accepted: the length of the match that
+    ends at ``history``'s end and at ``i + n`` (its n-gram extended backwards, up to
+    :data:`MAX_MATCH_LENGTH`), and whether the n-gram's recent occurrences (``starts(n)``, up to
+    :data:`AGREEMENT_WINDOW` of them) are all followed by the same token."""
+    L, length = len(history), n
+    while length < MAX_MATCH_LENGTH and i - (length - n) - 1 >= 0 and \
+            history[i - (length - n) - 1] == history[L - length - 1]:
+        length += 1
+    nxt = history[i + n]
+    occ = starts(n)
+    agree = all(history[s + n] == nxt for s in occ[-AGREEMENT_WINDOW:])
+    return length, agree
 
 
 class NgramIndex:
@@ -99,40 +123,94 @@ class NgramIndex:
         self.done = max(self.done, L - 1)
         self.tokens = history
 
+    def _starts(self, n: int):
+        return self.starts.get(tuple(self.tokens[-n:]), ())
+
     def matches(self, depth: int, num: int) -> tuple[list[list[int]], int]:
-        h = self.tokens
-        return _pick(h, lambda n: self.starts.get(tuple(h[-n:]), ()), depth, self.min_n, self.max_n, num)
+        return _pick(self.tokens, self._starts, depth, self.min_n, self.max_n, num)
+
+    def matches_with_features(self, depth: int, num: int) -> tuple[list[list[int]], int, int, bool]:
+        """:meth:`matches` and the first continuation's :func:`match_features` (0, False: none)."""
+        found, n, i = _pick_at(self.tokens, self._starts, depth, self.min_n, self.max_n, num)
+        if not found:
+            return found, 0, 0, False
+        return (found, n) + match_features(self.tokens, n, i, self._starts)
+
+
+# A target call of 1, 2, 3, ... rows against a 1-row call: SmolLM2-135M-Instruct (Q4_1 GGUF), 2
+# threads of a 2-core Zen 4 CPU, 256-token context (benchmarks/results/2026-12-07-cpu-decode-step.md).
+# Extra rows cost their multiply-adds on a CPU, in steps where the kernels' register tiles change
+# (5 and 9 rows); beyond the table a row costs the table's mean row.
+CPU_CALL_COSTS = (1.0, 1.23, 1.41, 1.74, 2.21, 2.38, 2.71, 3.07, 4.60)
+
+
+def _length_bucket(length: int) -> int:
+    """Match lengths 1, 2, 3, 4-5, 6-8, 9-16, 17+ -> 0..6."""
+    for b, top in enumerate((1, 2, 3, 5, 8, 16)):
+        if length <= top:
+            return b
+    return 6
 
 
 class AcceptanceModel:
-    """Per matched n-gram length: how often a drafted token is accepted once the tokens before it
-    were (``prior`` pseudo-counts at rate ``prior_rate``), and the draft length that maximises the
-    expected committed tokens per unit of call cost ``1 + row_cost * L``."""
+    """How often lookup's j-th drafted token is accepted once the tokens before it were, per
+    match class (the match's length, :func:`_length_bucket`, and whether the n-gram's occurrences
+    agree on the next token) and depth j, with ``prior`` pseudo-counts at rate ``prior_rate``; and
+    the draft length that maximises the expected committed tokens per unit of call cost.
 
-    def __init__(self, row_cost: float, prior_rate: float = 0.5, prior: float = 2.0) -> None:
+    The call cost of 1 + L rows is ``costs[L]`` (a table, :data:`CPU_CALL_COSTS`) or, given a
+    ``row_cost``, ``1 + row_cost * L``. Every lookup is scored, drafted or not, from the tokens the
+    target commits after it (:meth:`record`: the continuation against the committed tokens): the
+    rates keep learning where drafting has stopped paying, and a class that starts paying again is
+    drafted again."""
+
+    def __init__(self, row_cost: Optional[float] = None, costs: Optional[Sequence[float]] = None,
+                 prior_rate: float = 0.5, prior: float = 2.0) -> None:
+        if (row_cost is None) == (costs is None):
+            raise ValueError("AcceptanceModel: give either row_cost or costs")
+        if costs is not None and (len(costs) < 2 or costs[0] != 1.0 or list(costs) != sorted(costs)):
+            raise ValueError(f"costs must start at 1.0 (a 1-row call) and not decrease, got {list(costs)}")
         self.row_cost = row_cost
+        self.costs = tuple(costs) if costs is not None else None
         self.prior_rate, self.prior = prior_rate, prior
-        self.reached: dict[int, float] = {}
-        self.accepted: dict[int, float] = {}
+        self.reached: dict[tuple, float] = {}
+        self.accepted: dict[tuple, float] = {}
 
-    def rate(self, n: int) -> float:
-        return ((self.accepted.get(n, 0.0) + self.prior * self.prior_rate)
-                / (self.reached.get(n, 0.0) + self.prior))
+    @staticmethod
+    def key(length: int, agree: bool) -> tuple[int, bool]:
+        """The match class of a lookup whose match is ``length`` tokens long."""
+        return _length_bucket(length), bool(agree)
 
-    def record(self, n: int, drafted: int, accepted: int) -> None:
-        """A draft of ``drafted`` tokens (its first match of length ``n``) had ``accepted``."""
+    def cost(self, L: int) -> float:
+        """A call of 1 + L rows against a 1-row call."""
+        if self.costs is None:
+            return 1.0 + self.row_cost * L
+        c = self.costs
+        if L < len(c):
+            return c[L]
+        return c[-1] + (L + 1 - len(c)) * (c[-1] - 1.0) / (len(c) - 1)
+
+    def rate(self, key: tuple, depth: int) -> float:
+        k = (key, depth)
+        return ((self.accepted.get(k, 0.0) + self.prior * self.prior_rate)
+                / (self.reached.get(k, 0.0) + self.prior))
+
+    def record(self, key: tuple, drafted: int, accepted: int) -> None:
+        """A continuation of ``drafted`` tokens (drafted or only looked up) of match class ``key``
+        whose first ``accepted`` tokens the target then committed."""
         accepted = min(accepted, drafted)
-        self.reached[n] = self.reached.get(n, 0.0) + min(accepted + 1, drafted)
-        self.accepted[n] = self.accepted.get(n, 0.0) + accepted
+        for j in range(1, min(accepted + 1, drafted) + 1):
+            k = (key, j)
+            self.reached[k] = self.reached.get(k, 0.0) + 1.0
+            self.accepted[k] = self.accepted.get(k, 0.0) + (j <= accepted)
 
-    def length(self, n: int, longest: int) -> int:
-        """The best draft length in ``0..longest`` after a match of length ``n``."""
-        a = self.rate(n)
+    def length(self, key: tuple, longest: int) -> int:
+        """The best draft length in ``0..longest`` for a lookup of match class ``key``."""
         best, best_value, expected, p = 0, 1.0, 1.0, 1.0
         for L in range(1, longest + 1):
-            p *= a
+            p *= self.rate(key, L)
             expected += p
-            value = expected / (1.0 + self.row_cost * L)
+            value = expected / self.cost(L)
             if value > best_value:
                 best, best_value = L, value
         return best
@@ -142,17 +220,27 @@ class LookupDrafter(Drafter):
     name = "lookup"
 
     def __init__(self, options: Optional[LookupDrafterOptions] = None, device=None, **kw) -> None:
-        """``device``: the target's (``row_cost`` unset: 0.18 on the CPU or when unknown, else 0)."""
+        """``device``: the target's (``row_cost`` unset: the call costs of :data:`CPU_CALL_COSTS`
+        on the CPU or when unknown, else 0: fixed ``lookup_tokens`` chains)."""
         self.options = o = LookupDrafterOptions.build(options, **kw)
         self.lookup_tokens = o.lookup_tokens  # depth of each continuation
         self.lookup_ngram, self.lookup_max_ngram = o.lookup_ngram, o.lookup_max_ngram
         self.lookup_branches = o.lookup_branches
         self.max_nodes = o.max_nodes if o.lookup_branches > 1 else o.lookup_tokens
         on_cpu = device is None or torch.device(device).type == "cpu"
-        self.row_cost = o.row_cost if o.row_cost is not None else (CPU_ROW_COST if on_cpu else 0.0)
-        self.model = AcceptanceModel(self.row_cost) if self.row_cost > 0 else None
-        self._pending: dict[int, tuple[int, int, int]] = {}  # sequence id -> (history len, n, L)
+        self.call_costs = CPU_CALL_COSTS if o.row_cost is None and on_cpu else None
+        # row_cost: what one more row adds to a call (a 2-row call's extra cost with the table)
+        self.row_cost = (self.call_costs[1] - 1.0 if self.call_costs is not None
+                         else o.row_cost if o.row_cost is not None else 0.0)
+        self.model = self._new_model()
+        # sequence id -> the lookups not yet scored: (history length, match class, continuation)
+        self._pending: dict[int, list[tuple[int, tuple, list[int]]]] = {}
         self._index: dict[int, NgramIndex] = {}  # sequence id -> its history's n-grams
+
+    def _new_model(self) -> Optional[AcceptanceModel]:
+        if self.call_costs is not None:
+            return AcceptanceModel(costs=self.call_costs)
+        return AcceptanceModel(row_cost=self.row_cost) if self.row_cost > 0 else None
 
     def reset(self) -> None:
         # the acceptance rates stay across generate calls (they describe the model and the kind
@@ -163,10 +251,8 @@ class LookupDrafter(Drafter):
 
     def forget(self) -> None:
         """Back to the prior acceptance rates."""
-        self._pending.clear()
-        self._index.clear()
-        if self.model is not None:
-            self.model = AcceptanceModel(self.row_cost)
+        self.reset()
+        self.model = self._new_model()
 
     @classmethod
     def of(cls, options, depth: Optional[int] = None) -> "LookupDrafter":
@@ -193,22 +279,42 @@ class LookupDrafter(Drafter):
             return None
         return pack_draft(rows)
 
+    def _score(self, history: list[int], sid: int) -> None:
+        """Score this row's earlier lookups against the tokens committed since: a lookup is
+        scored once the target has committed a token it got wrong, or all of it."""
+        keep = []
+        for q, key, cont in self._pending.pop(sid, ()):
+            if q > len(history):
+                continue  # not this row's history any more
+            seen = history[q:q + len(cont)]
+            a = 0
+            while a < len(seen) and seen[a] == cont[a]:
+                a += 1
+            if a < len(seen) or len(seen) == len(cont):
+                self.model.record(key, len(cont), a)
+            else:
+                keep.append((q, key, cont))
+        if keep:
+            self._pending[sid] = keep
+
     def _costed(self, history: list[int], sid: int, depth: int, budget: int):
-        """One row's trie, its depth chosen by the acceptance model (the previous draft of this
-        row scored first: the tokens committed since then accepted all but the last)."""
-        pending = self._pending.pop(sid, None)
-        if pending is not None and len(history) > pending[0]:
-            self.model.record(pending[1], pending[2], len(history) - pending[0] - 1)
+        """One row's trie, its depth chosen by the acceptance model for the match's class (every
+        lookup, drafted or not, is scored later from the committed tokens)."""
+        self._score(history, sid)
         index = self._index.get(sid)
         if index is None or index.done > len(history) or (
                 index.done and index.tokens[index.done - 1] != history[index.done - 1]):
             index = self._index[sid] = NgramIndex(self.lookup_ngram, self.lookup_max_ngram)
+            self._pending.pop(sid, None)
         index.extend(history)
-        found, n = index.matches(depth, self.lookup_branches)
-        L = self.model.length(n, min(depth, max(map(len, found)))) if found else 0
+        found, _, length, agree = index.matches_with_features(depth, self.lookup_branches)
+        if not found:
+            return [0], [-1]
+        key = self.model.key(length, agree)
+        self._pending.setdefault(sid, []).append((len(history), key, found[0]))
+        L = self.model.length(key, max(map(len, found)))
         if L == 0:
             return [0], [-1]
-        self._pending[sid] = (len(history), n, L)
         return trie([c[:L] for c in found], budget)
 
 
