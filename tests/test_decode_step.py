@@ -341,6 +341,35 @@ def test_sampled_plain_equals_speculative(model):
         assert got == plain, drafter.name
 
 
+def test_rotary_table_equals_the_rotary_module():
+    """NativeStep's rotary table (head_dim a multiple of 32, a static rope type): the rows at any
+    positions, table grown or not, equal the model's rotary module bitwise; a dynamic rope type
+    runs the module itself; and decoding through the table stays exact (plain == speculative)."""
+    model = tiny_model("llama", vocab_size=VOCAB, seed=5, num_attention_heads=2, num_key_value_heads=1)
+    fast = fast_forward_for(model)
+    step = NativeStep(fast)
+    assert fast.layers[0].head_dim == 32 and step._static_rope
+    h = torch.zeros(3, 4, 64)
+    g = torch.Generator().manual_seed(0)
+    for top in (100, 300, 1000, 50):  # the table starts at 256 positions and doubles
+        pos = torch.randint(0, top, (3, 4), generator=g)
+        cos, sin = step.rotary_at(h, pos)
+        want_cos, want_sin = type(fast.rotary).forward(fast.rotary, h, pos)
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+        assert cos.is_contiguous() and cos.shape == (3, 4, 32)
+    assert step._rope_table[1].shape[0] > 512  # grown twice
+    fast.rotary.rope_type = "dynamic"
+    try:
+        assert not NativeStep(fast)._static_rope
+    finally:
+        fast.rotary.rope_type = "default"
+    prompts = _prompts(2)
+    cfg = GenerationConfig(max_new_tokens=24)
+    plain = [r.new_token_ids for r in Decoder(model).generate(prompts, cfg)]
+    for drafter in (LookupDrafter(lookup_tokens=4, row_cost=0), RandomTreeDrafter(5, seed=3)):
+        assert [r.new_token_ids for r in Decoder(model, drafter=drafter).generate(prompts, cfg)] == plain
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_ptp_drafter_aux_rows_are_exact(temperature, monkeypatch):
     """The PTP drafter's slot rows run the gated LoRA inside decode_step; its tokens equal plain

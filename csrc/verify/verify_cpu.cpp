@@ -46,13 +46,14 @@ struct Config {
   double top_p;
 };
 
-// Per-thread buffers, reused across the nodes a thread computes.
+// Per-thread buffers, reused across the nodes a thread computes; sized on first use, so that
+// greedy verification (an argmax per node) allocates none (two 196 KB rows per thread and call
+// for SmolLM2's vocabulary cost ~80 us of page faults and zeroing in a decoding loop).
 struct Scratch {
   std::vector<float> x, p;
   std::vector<double> pd, pd2;
   std::vector<int32_t> idx;
   std::vector<uint8_t> keep;
-  explicit Scratch(int64_t V) : x(V), p(V) {}
 };
 
 // Node result: the accepted child (-1: none) and, when none, the next token (-1: the node's
@@ -156,6 +157,8 @@ at::Tensor blob(void* data, int64_t V, at::ScalarType dtype) {
 // s.p unset, when x = logits / temperature holds a NaN or +inf or is all -inf.
 template <typename T>
 bool target_probs(const T* row, int64_t V, const Config& cfg, Scratch& s) {
+  s.x.resize(V);
+  s.p.resize(V);
   float* x = s.x.data();
   float* p = s.p.data();
   const float tf = static_cast<float>(cfg.temperature);
@@ -357,7 +360,7 @@ void verify_impl(const at::Tensor& draft_tokens, const at::Tensor& parents,
   if (B >= 2 * at::get_num_threads()) {
     // Many rows: walk each row lazily, computing only the nodes on its path.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      Scratch s(V);
+      Scratch s;
       for (int64_t b = begin; b < end; ++b) walk(b, [&](int64_t c) { return compute(b, c, s); });
     });
     return;
@@ -369,7 +372,7 @@ void verify_impl(const at::Tensor& draft_tokens, const at::Tensor& parents,
       if (trees[b].depth[c] >= 0) work.push_back(b * N1 + c);
   std::vector<Outcome> results(B * N1);
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
-    Scratch s(V);
+    Scratch s;
     for (int64_t w = begin; w < end; ++w)
       results[work[w]] = compute(work[w] / N1, work[w] % N1, s);
   });
