@@ -175,3 +175,32 @@ def test_vs_llamacpp_per_category_selection():
     got = per_category(qs, 2)
     assert [q["question_id"] for q in got] == [0, 1, 10, 11, 13, 14, 15]
     assert collections.Counter(q["category"] for q in got) == {"qa": 2, "math": 2, "coding": 1, "rag": 2}
+
+
+def test_step_costs_benchmark_on_a_tiny_model():
+    """bench_step_costs: the cycling drafter's row counts, the per-row-count groups (tokens
+    checked against plain decoding inside), the ratios and the report's rows."""
+    from benchmarks.bench_step_costs import CyclingDrafter, measure, report, step_costs
+    from ptp.models import tiny_model
+
+    d = CyclingDrafter(3, token=5)
+    from ptp.decode.draft import DraftRequest
+    from ptp.decode.sampling import SamplingConfig
+    req = DraftRequest([[1, 2, 3]], [0], 16, SamplingConfig())
+    drafts = [d.propose(req) for _ in range(4)]
+    assert d.rows == [1, 2, 3, 1] and drafts[0] is None and drafts[3] is None
+    assert drafts[2].tokens[0, 1:].tolist() == [5, 5] and drafts[2].parents[0].tolist() == [-1, 0, 1]
+    with pytest.raises(ValueError):
+        CyclingDrafter(0, token=1)
+
+    model = tiny_model("llama", vocab_size=61, seed=0)
+    prompts = [list(range(3, 12)), list(range(5, 30))]
+    times = measure(model, None, prompts, max_new=12, max_rows=3, token=60, long_prompt=20)
+    assert set(times["short"]) == {1, 2, 3} and set(times["long"]) == {1, 2, 3}
+    assert 8 <= sum(len(v) for g in times.values() for v in g.values()) <= 2 * 11  # a step per commit
+    costs = step_costs(times["short"])
+    assert costs[1][1] == 1.0 and all(c[0] > 0 for c in costs.values())
+    lines = report(times, 3)
+    assert len(lines) == 2 + 3 and lines[2].startswith("| 1 | ") and lines[2].endswith("| 1.000 |")
+    with pytest.raises(ValueError, match="no 1-row steps"):
+        step_costs({2: [0.1]})

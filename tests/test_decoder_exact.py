@@ -471,9 +471,9 @@ def test_acceptance_model_draft_length():
     for i in range(200):
         m.record(k1, 4, 4 if i % 2 else 0)
     assert abs(m.rate(k1, 1) - 0.5) < 0.01 and m.rate(k1, 2) > 0.98 and m.rate(k1, 4) > 0.98
-    # with the table's costs, (1 + .5 * 3) / 1.74 (L = 3) beats L = 1, 2 and 4 (3 / 2.21)
-    assert m.length(k1, 8) == 3 and m.length(k1, 1) == 1  # 1.5 / 1.23 > 1
-    assert AcceptanceModel(costs=CPU_CALL_COSTS, prior_rate=0.15).length(k1, 8) == 0  # 1.15 / 1.23
+    # with the table's costs, (1 + .5 * 3) / 1.78 (L = 3) beats L = 1, 2 and 4 (3 / 2.20)
+    assert m.length(k1, 8) == 3 and m.length(k1, 1) == 1  # 1.5 / 1.26 > 1
+    assert AcceptanceModel(costs=CPU_CALL_COSTS, prior_rate=0.15).length(k1, 8) == 0  # 1.15 / 1.26
     assert [m.cost(L) for L in range(len(CPU_CALL_COSTS))] == list(CPU_CALL_COSTS)
     assert m.cost(len(CPU_CALL_COSTS)) > CPU_CALL_COSTS[-1]  # beyond the table: extrapolated
     for bad in (dict(), dict(row_cost=0.1, costs=CPU_CALL_COSTS), dict(costs=(1.0, 0.9)),

@@ -8,7 +8,7 @@ first) into a trie (:func:`ptp.drafters.trees.trie`), so alternatives after a di
 become siblings: a small tree. The other drafters draft by lookup through :meth:`continuations`.
 
 Cost-aware draft length (the default on a CPU): every row of a target call costs compute there
-(SmolLM2-135M on 2 cores: a 2-row call ~1.23x a 1-row call, 4 rows ~1.74x, 9 rows ~4.6x,
+(SmolLM2-135M on 2 cores: a 2-row step ~1.26x a 1-row step, 4 rows ~1.78x, 9 rows ~4.4x,
 :data:`CPU_CALL_COSTS`), so a draft that is rarely accepted slows decoding down. The drafter learns
 how often lookup's j-th token is accepted once the tokens before it were, per match class (how
 long the match is once traced back, and whether the matched n-gram's earlier occurrences agree on
@@ -137,11 +137,14 @@ class NgramIndex:
         return (found, n) + match_features(self.tokens, n, i, self._starts)
 
 
-# A target call of 1, 2, 3, ... rows against a 1-row call: SmolLM2-135M-Instruct (Q4_1 GGUF), 2
-# threads of a 2-core Zen 4 CPU, 256-token context (benchmarks/results/2026-12-07-cpu-decode-step.md).
-# Extra rows cost their multiply-adds on a CPU, in steps where the kernels' register tiles change
-# (5 and 9 rows); beyond the table a row costs the table's mean row.
-CPU_CALL_COSTS = (1.0, 1.23, 1.41, 1.74, 2.21, 2.38, 2.71, 3.07, 4.60)
+# A decoding step of 1, 2, 3, ... rows against a 1-row step, in the decoding loop (draft, call,
+# verify, commit): SmolLM2-135M-Instruct (Q4_1 GGUF), 2 threads of a 2-core Zen 4 CPU, the mean of
+# prompts under and over 300 tokens (benchmarks/bench_step_costs.py,
+# benchmarks/results/2026-12-07-cpu-step-costs.md; the calls alone at a 256-token context, in
+# 2026-12-07-cpu-decode-step.md: 1.23 / 1.41 / 1.74 / 2.21 / 2.38 / 2.71 / 3.07 / 4.6). Extra rows
+# cost their multiply-adds on a CPU, in steps where the kernels' register tiles change (5 and 9
+# rows); beyond the table a row costs the table's mean row.
+CPU_CALL_COSTS = (1.0, 1.26, 1.51, 1.78, 2.20, 2.56, 2.85, 3.15, 4.44)
 
 
 def _length_bucket(length: int) -> int:

@@ -278,8 +278,8 @@ class LookupDrafterOptions(LookupOptions):
     row_cost: Optional[float] = option(None, "cost of one more row in a target call, as a fraction of a "
                                              "1-row call: the draft length maximises the expected tokens "
                                              "per call cost, learnt from the acceptance per depth and match "
-                                             "class (none: on the CPU the call costs measured on a 2-core "
-                                             "CPU, 1.23x a 1-row call for 2 rows, 1.74x for 4, 4.6x for 9; "
+                                             "class (none: on the CPU the step costs measured on a 2-core "
+                                             "CPU, 1.26x a 1-row step for 2 rows, 1.78x for 4, 4.44x for 9; "
                                              "0 on a GPU; 0 = always lookup_tokens)", min=0.0)
 
 
