@@ -47,8 +47,8 @@ struct Config {
 };
 
 // Per-thread buffers, reused across the nodes a thread computes; sized on first use, so that
-// greedy verification (an argmax per node) allocates none (two 196 KB rows per thread and call
-// for SmolLM2's vocabulary cost ~80 us of page faults and zeroing in a decoding loop).
+// greedy verification (an argmax per node) allocates and zeroes none of the vocabulary-sized
+// rows it never reads.
 struct Scratch {
   std::vector<float> x, p;
   std::vector<double> pd, pd2;

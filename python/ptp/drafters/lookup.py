@@ -303,12 +303,13 @@ class LookupDrafter(Drafter):
     def _costed(self, history: list[int], sid: int, depth: int, budget: int):
         """One row's trie, its depth chosen by the acceptance model for the match's class (every
         lookup, drafted or not, is scored later from the committed tokens)."""
-        self._score(history, sid)
         index = self._index.get(sid)
         if index is None or index.done > len(history) or (
                 index.done and index.tokens[index.done - 1] != history[index.done - 1]):
+            # a new history for this sequence id: its earlier lookups are not scored against it
             index = self._index[sid] = NgramIndex(self.lookup_ngram, self.lookup_max_ngram)
             self._pending.pop(sid, None)
+        self._score(history, sid)
         index.extend(history)
         found, _, length, agree = index.matches_with_features(depth, self.lookup_branches)
         if not found:
