@@ -648,8 +648,10 @@ def decode_step(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     """
     if hidden.device.type != "cpu":
         raise ValueError(f"decode_step is CPU-only, got hidden on {hidden.device}")
+    # formats as given (the op's int[] takes any integers; a per-element int() cost ~20 us a call
+    # for SmolLM2's 210 weights)
     return _ops.decode_step(hidden, cos, sin, list(key_caches), list(value_caches), cache_lens,
-                            tree_mask, list(weights), [int(f) for f in formats], list(biases),
+                            tree_mask, list(weights), list(formats), list(biases),
                             list(norm_weights), list(lora_a), list(lora_b),
                             [float(s) for s in lora_scales], int(aux_start), float(eps), float(scale))
 

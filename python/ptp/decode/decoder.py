@@ -578,8 +578,11 @@ class Decoder:
                 width = max(n_host) + 1
                 if not is_chain and width > 1:
                     cache.compact(cache_lens, acc_nodes, width)
-                acc_tokens = tokens.gather(1, acc_nodes[:, :width].clamp_min(0))[:, 1:].tolist()
-                new_tokens = [acc_tokens[i][:n] + [t] for i, (n, t) in enumerate(zip(n_host, nxt.tolist()))]
+                if width > 1:
+                    acc_tokens = tokens.gather(1, acc_nodes[:, :width].clamp_min(0))[:, 1:].tolist()
+                    new_tokens = [acc_tokens[i][:n] + [t] for i, (n, t) in enumerate(zip(n_host, nxt.tolist()))]
+                else:  # no draft token accepted (a plain step): the target's own tokens only
+                    new_tokens = [[t] for t in nxt.tolist()]
             cache_lens = cache_lens + num_acc + 1
             host_lens = [h + n + 1 for h, n in zip(host_lens, n_host)]
             for b in rows:
