@@ -204,3 +204,17 @@ def test_step_costs_benchmark_on_a_tiny_model():
     assert len(lines) == 2 + 3 and lines[2].startswith("| 1 | ") and lines[2].endswith("| 1.000 |")
     with pytest.raises(ValueError, match="no 1-row steps"):
         step_costs({2: [0.1]})
+
+
+def test_fit_lookup_prior_replay():
+    """fit_lookup_prior: every lookup along an answer scored against the answer's next tokens."""
+    from benchmarks.fit_lookup_prior import replay, table
+
+    period = [11, 12, 13, 14, 15]
+    model = replay([([1, 2] + period, period * 3)], depth=4)  # the answer repeats the prompt
+    rates = table(model, 4)
+    assert rates and all(r == (1.0, 1.0, 1.0, 1.0) for r in rates.values())  # every lookup right
+    model = replay([([1, 2, 3], [4, 1, 5, 1, 6, 1, 7])], depth=2)  # after 1, never the same token
+    rates = table(model, 2)
+    assert rates and all(r[0] == 0.0 for r in rates.values())
+    assert sum(model.reached.values()) >= 3

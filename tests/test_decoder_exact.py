@@ -449,9 +449,17 @@ def test_ngram_index_equals_the_scan():
 
 
 def test_acceptance_model_draft_length():
-    from ptp.drafters.lookup import CPU_CALL_COSTS, AcceptanceModel
+    from ptp.drafters.lookup import CPU_CALL_COSTS, PRIOR_RATES, AcceptanceModel
 
+    # the default prior: the class's fitted rates per depth (deeper than the table: its last)
     m = AcceptanceModel(row_cost=0.13)
+    k = m.key(4, True)
+    assert m.rate(k, 1) == PRIOR_RATES[k][0] and m.rate(k, 9) == PRIOR_RATES[k][-1]
+    assert m.rate(("unseen", True), 1) == 0.5
+    short, long_ = m.key(1, False), m.key(30, True)  # short matches rarely pay, long ones do
+    assert m.length(short, 4) == 0 and m.length(long_, 4) == 4
+
+    m = AcceptanceModel(row_cost=0.13, prior_rate=0.5)
     k1, k3 = m.key(1, False), m.key(12, True)
     assert k1 != k3 and m.key(2, True) != m.key(3, True) and m.key(17, True) == m.key(30, True)
     assert m.length(k1, 6) == 2  # prior rate 0.5: (1 + .5 + .25) / 1.26 beats L = 1 and L = 3
@@ -467,7 +475,7 @@ def test_acceptance_model_draft_length():
     assert lengths == sorted(lengths) and lengths[0] == 0 and lengths[-1] == 8
 
     # depth by depth: the first token accepted half the time, the rest always once it was
-    m = AcceptanceModel(costs=CPU_CALL_COSTS)
+    m = AcceptanceModel(costs=CPU_CALL_COSTS, prior_rate=0.5)
     for i in range(200):
         m.record(k1, 4, 4 if i % 2 else 0)
     assert abs(m.rate(k1, 1) - 0.5) < 0.01 and m.rate(k1, 2) > 0.98 and m.rate(k1, 4) > 0.98
@@ -517,7 +525,7 @@ def test_lookup_drafts_only_what_pays():
         lengths.append(L)
         for _ in range(L + 1):
             history = history + [period[len(history) % len(period)]]
-    assert lengths[-1] == 6 and lengths[0] < 6
+    assert lengths[-1] == 6 and lengths[0] >= 1  # a long, agreeing match: drafted from the start
 
     d = LookupDrafter(lookup_tokens=6, row_cost=0.13)
     history = [1, 2, 3, 4, 5] * 4

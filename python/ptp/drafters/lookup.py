@@ -31,7 +31,8 @@ from ptp.drafters.base import register_drafter
 from ptp.drafters.options import LookupDrafterOptions
 from ptp.drafters.trees import pack_draft, trie
 
-__all__ = ["LookupDrafter", "AcceptanceModel", "NgramIndex", "continuations", "matches", "CPU_CALL_COSTS"]
+__all__ = ["LookupDrafter", "AcceptanceModel", "NgramIndex", "continuations", "matches", "CPU_CALL_COSTS",
+           "PRIOR_RATES"]
 
 
 
@@ -147,6 +148,22 @@ class NgramIndex:
 CPU_CALL_COSTS = (1.0, 1.26, 1.51, 1.78, 2.20, 2.56, 2.85, 3.15, 4.44)
 
 
+# The acceptance model's prior: per match class (length bucket, agreement) the rate at depths
+# 1-4 (deeper: depth 4's), replayed from SmolLM2-135M-Instruct's greedy answers to 96 prompts of
+# the training set (ptp.train.prompts, disjoint from Spec-Bench; benchmarks/fit_lookup_prior.py).
+# Weighted as 2 lookups, it sets where a new drafter starts (short matches whose occurrences
+# disagree are rarely right: no draft; long agreeing ones: deep drafts) until its own counts lead.
+PRIOR_RATES = {
+    (0, False): (0.13, 0.50, 0.58, 0.66), (0, True): (0.26, 0.55, 0.62, 0.66),
+    (1, False): (0.27, 0.58, 0.59, 0.46), (1, True): (0.58, 0.63, 0.73, 0.71),
+    (2, False): (0.24, 0.82, 0.74, 0.70), (2, True): (0.68, 0.70, 0.71, 0.79),
+    (3, False): (0.42, 0.80, 0.77, 0.78), (3, True): (0.77, 0.70, 0.80, 0.86),
+    (4, False): (0.58, 0.88, 0.89, 0.87), (4, True): (0.84, 0.85, 0.89, 0.88),
+    (5, False): (0.58, 0.89, 0.81, 0.69), (5, True): (0.91, 0.89, 0.89, 0.88),
+    (6, False): (0.80, 1.00, 0.92, 0.89), (6, True): (0.96, 0.93, 0.95, 0.97),
+}
+
+
 def _length_bucket(length: int) -> int:
     """Match lengths 1, 2, 3, 4-5, 6-8, 9-16, 17+ -> 0..6."""
     for b, top in enumerate((1, 2, 3, 5, 8, 16)):
@@ -158,8 +175,9 @@ def _length_bucket(length: int) -> int:
 class AcceptanceModel:
     """How often lookup's j-th drafted token is accepted once the tokens before it were, per
     match class (the match's length, :func:`_length_bucket`, and whether the n-gram's occurrences
-    agree on the next token) and depth j, with ``prior`` pseudo-counts at rate ``prior_rate``; and
-    the draft length that maximises the expected committed tokens per unit of call cost.
+    agree on the next token) and depth j, with ``prior`` pseudo-counts at the class's
+    :data:`PRIOR_RATES` (or at ``prior_rate`` for every class); and the draft length that
+    maximises the expected committed tokens per unit of call cost.
 
     The call cost of 1 + L rows is ``costs[L]`` (a table, :data:`CPU_CALL_COSTS`) or, given a
     ``row_cost``, ``1 + row_cost * L``. Every lookup is scored, drafted or not, from the tokens the
@@ -168,7 +186,7 @@ class AcceptanceModel:
     drafted again."""
 
     def __init__(self, row_cost: Optional[float] = None, costs: Optional[Sequence[float]] = None,
-                 prior_rate: float = 0.5, prior: float = 2.0) -> None:
+                 prior_rate: Optional[float] = None, prior: float = 2.0) -> None:
         if (row_cost is None) == (costs is None):
             raise ValueError("AcceptanceModel: give either row_cost or costs")
         if costs is not None and (len(costs) < 2 or costs[0] != 1.0 or list(costs) != sorted(costs)):
@@ -193,9 +211,16 @@ class AcceptanceModel:
             return c[L]
         return c[-1] + (L + 1 - len(c)) * (c[-1] - 1.0) / (len(c) - 1)
 
+    def prior_of(self, key: tuple, depth: int) -> float:
+        """The prior rate of depth ``depth`` in match class ``key``."""
+        if self.prior_rate is not None:
+            return self.prior_rate
+        rates = PRIOR_RATES.get(key)
+        return 0.5 if rates is None else rates[min(depth, len(rates)) - 1]
+
     def rate(self, key: tuple, depth: int) -> float:
         k = (key, depth)
-        return ((self.accepted.get(k, 0.0) + self.prior * self.prior_rate)
+        return ((self.accepted.get(k, 0.0) + self.prior * self.prior_of(key, depth))
                 / (self.reached.get(k, 0.0) + self.prior))
 
     def record(self, key: tuple, drafted: int, accepted: int) -> None:
