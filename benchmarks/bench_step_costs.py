@@ -111,7 +111,7 @@ def report(times: dict[str, dict[int, list[float]]], max_rows: int) -> list[str]
 
 
 def main(argv=None) -> int:
-    from benchmarks.e2e import _cpu_name, _default_prompts
+    from benchmarks.e2e import _cpu_name, _default_prompts, write_report
     from benchmarks.vs_llamacpp import per_category
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -143,9 +143,7 @@ def main(argv=None) -> int:
              f"drafts of 0..{args.max_rows - 1} tokens in turn, rejected; each step from one committed "
              f"token to the next (draft, call, verify, commit); prompts under / from {LONG_PROMPT} "
              f"tokens. Tokens equal plain decoding's on every prompt.", ""] + report(times, args.max_rows)
-    print("\n".join(lines))
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    write_report(lines, args.out)
     return 0
 
 

@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
+from typing import Optional
 
 import torch
 
@@ -343,10 +344,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_report(lines: list[str], out: str) -> None:
-    """Print the markdown report and write it to ``out``."""
+def write_report(lines: list[str], out: Optional[str]) -> None:
+    """Print the markdown report and write it to ``out`` (None: print only)."""
     text = "\n".join(lines) + "\n"
     print(text)
+    if out is None:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)

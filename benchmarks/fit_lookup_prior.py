@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from benchmarks.e2e import write_report
     from ptp.decode.decoder import Decoder, GenerationConfig
     from ptp.models import load_target
     from ptp.train.data import chat_ids
@@ -92,9 +93,7 @@ def main(argv=None) -> int:
         lines.append(f"| {b} | {agree} | " + " | ".join(f"{x:.2f}" for x in r)
                      + f" | {int(model_.reached.get(((b, agree), 1), 0))} |")
     lines += ["", "PRIOR_RATES = {" + ", ".join(f"{k!r}: {v!r}" for k, v in rates.items()) + "}"]
-    print("\n".join(lines))
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    write_report(lines, args.out)
     return 0
 
 
