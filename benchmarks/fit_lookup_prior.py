@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ptp.drafters.lookup import AcceptanceModel, NgramIndex  # noqa: E402
+from ptp.drafters.lookup import AcceptanceModel, NgramIndex, accepted_prefix  # noqa: E402
 
 
 def replay(sequences: list[tuple[list[int], list[int]]], depth: int = 4, min_ngram: int = 1,
@@ -35,13 +35,9 @@ def replay(sequences: list[tuple[list[int], list[int]]], depth: int = 4, min_ngr
             found, _, length, agree = index.matches_with_features(depth, 1)
             if not found:
                 continue
-            cont, rest = found[0], answer[k:]
-            a = 0
-            while a < min(len(cont), len(rest)) and cont[a] == rest[a]:
-                a += 1
-            if a < len(cont) and a == len(rest):
-                continue  # the answer ended first: not scored (as in decoding)
-            model.record(model.key(length, agree), len(cont), a)
+            a = accepted_prefix(found[0], answer[k:])
+            if a is not None:  # None: the answer ended first (not scored, as in decoding)
+                model.record(model.key(length, agree), len(found[0]), a)
     return model
 
 

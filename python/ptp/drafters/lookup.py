@@ -138,6 +138,16 @@ class NgramIndex:
         return (found, n) + match_features(self.tokens, n, i, self._starts)
 
 
+def accepted_prefix(cont: list[int], committed: list[int]) -> Optional[int]:
+    """How many of a lookup continuation's tokens the target accepted, given the tokens it
+    committed after the lookup; None while undecided (every committed token agreed, but fewer
+    than ``len(cont)`` are known yet)."""
+    a, n = 0, min(len(cont), len(committed))
+    while a < n and committed[a] == cont[a]:
+        a += 1
+    return a if a < n or n == len(cont) else None
+
+
 # A decoding step of 1, 2, 3, ... rows against a 1-row step, in the decoding loop (draft, call,
 # verify, commit): SmolLM2-135M-Instruct (Q4_1 GGUF), 2 threads of a 2-core Zen 4 CPU, the mean of
 # prompts under and over 300 tokens (benchmarks/bench_step_costs.py,
@@ -308,17 +318,14 @@ class LookupDrafter(Drafter):
         return pack_draft(rows)
 
     def _score(self, history: list[int], sid: int) -> None:
-        """Score this row's earlier lookups against the tokens committed since: a lookup is
-        scored once the target has committed a token it got wrong, or all of it."""
+        """Score this row's earlier lookups against the tokens committed since
+        (:func:`accepted_prefix`)."""
         keep = []
         for q, key, cont in self._pending.pop(sid, ()):
             if q > len(history):
                 continue  # not this row's history any more
-            seen = history[q:q + len(cont)]
-            a = 0
-            while a < len(seen) and seen[a] == cont[a]:
-                a += 1
-            if a < len(seen) or len(seen) == len(cont):
+            a = accepted_prefix(cont, history[q:q + len(cont)])
+            if a is not None:
                 self.model.record(key, len(cont), a)
             else:
                 keep.append((q, key, cont))
