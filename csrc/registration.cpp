@@ -44,6 +44,15 @@ TORCH_LIBRARY(ptp_ext, m) {
       "Tensor(b!)[] value_caches, Tensor cache_lens, Tensor? tree_mask, Tensor[] weights, "
       "int[] formats, Tensor?[] biases, Tensor[] norm_weights, Tensor?[] lora_a, Tensor?[] lora_b, "
       "float[] lora_scales, int aux_start, float eps, float scale) -> Tensor");
+  // ---- decode_step with its weights handed over once (CPU) ----------------------------------
+  m.def(
+      "decode_step_pack(Tensor[] weights, int[] formats, Tensor?[] biases, Tensor[] norm_weights, "
+      "Tensor?[] lora_a, Tensor?[] lora_b, float[] lora_scales) -> int");
+  m.def(
+      "decode_step_packed(Tensor hidden, Tensor cos, Tensor sin, Tensor(a!)[] key_caches, "
+      "Tensor(b!)[] value_caches, Tensor cache_lens, Tensor? tree_mask, int packed, int aux_start, "
+      "float eps, float scale) -> Tensor");
+  m.def("decode_step_release(int packed) -> ()");
   // ---- decode_linear: one linear in decode_step's arithmetic (the decoding LM head; CPU) ----
   m.def("decode_linear(Tensor x, Tensor weight, int format, Tensor? bias) -> Tensor");
 }
@@ -58,6 +67,8 @@ TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
   m.impl("gated_lora_quant_linear", &ptp::gated_lora_quant_linear_cpu);
   m.impl("decode_step", &ptp::decode_step_cpu);  // CPU only (the CUDA entry raises)
   m.impl("decode_linear", &ptp::decode_linear_cpu);
+  m.impl("decode_step_pack", &ptp::decode_step_pack_cpu);
+  m.impl("decode_step_packed", &ptp::decode_step_packed_cpu);
 }
 
 #ifdef PTP_WITH_CUDA
@@ -71,5 +82,12 @@ TORCH_LIBRARY_IMPL(ptp_ext, CUDA, m) {
   m.impl("gated_lora_quant_linear", &ptp::gated_lora_quant_linear_cuda);
   m.impl("decode_step", &ptp::decode_step_cuda);  // a clear "CPU-only" error
   m.impl("decode_linear", &ptp::decode_linear_cuda);
+  m.impl("decode_step_pack", &ptp::decode_step_pack_cuda);  // CPU-only: a clear error
+  m.impl("decode_step_packed", &ptp::decode_step_packed_cuda);
 }
 #endif
+
+// decode_step_release has no tensor argument to dispatch on: one kernel for every backend.
+TORCH_LIBRARY_IMPL(ptp_ext, CompositeExplicitAutograd, m) {
+  m.impl("decode_step_release", &ptp::decode_step_release_cpu);
+}

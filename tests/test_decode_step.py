@@ -294,13 +294,15 @@ def _prompts(n, seed=1):
 
 
 def _count_calls(monkeypatch):
+    """The shapes of the decoding calls through decode_step or its packed form."""
     calls = []
-    real = ops.decode_step
+    for name in ("decode_step", "decode_step_packed"):
+        real = getattr(ops, name)
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(ops, "decode_step", spy)
+        def spy(*args, _real=real, **kwargs):
+            calls.append(args[0].shape)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
     return calls
 
 
@@ -432,6 +434,92 @@ def test_argument_errors(change, match):
     change(kw)
     with pytest.raises(ValueError, match=match):
         ops.decode_step(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_step_pack / decode_step_packed / decode_step_release: the weights handed over once
+# ---------------------------------------------------------------------------------------------
+_STATIC = ("weights", "formats", "biases", "norm_weights", "lora_a", "lora_b", "lora_scales")
+
+
+def _packed_call(kw, handle):
+    return ops.decode_step_packed(kw["hidden"], kw["cos"], kw["sin"], kw["key_caches"], kw["value_caches"],
+                                  kw["cache_lens"], kw["tree_mask"], handle, kw["aux_start"], kw["eps"],
+                                  kw["scale"])
+
+
+@pytest.mark.parametrize("fmt", ["float32", "q4_1", "q8_0", "q4_1_split"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_equals_decode_step(fmt, lora):
+    """Bitwise decode_step's output and cache writes, over calls of changing shape (rows, tree,
+    cache lengths) with one handle."""
+    static = make_step(fmt=fmt, bias=fmt == "float32", lora=lora, seed=99)
+    handle = ops.decode_step_pack(*[static[k] for k in _STATIC])
+    try:
+        for i, (B, T) in enumerate([(1, 1), (2, 5), (3, 9), (1, 1)]):
+            kw = make_step(B=B, T=T, fmt=fmt, bias=fmt == "float32", lora=lora, seed=B * 10 + T)
+            kw.update({k: static[k] for k in _STATIC})
+            if i == 1:
+                kw["tree_mask"] = random_tree_mask(B, T, seed=T)[1]
+            if lora:
+                kw["aux_start"] = T // 2
+            ref_kw = clone_caches(kw)
+            out = _packed_call(kw, handle)
+            assert torch.equal(out, ops.decode_step(**ref_kw)), (B, T)
+            for got, exp in zip(kw["key_caches"] + kw["value_caches"], ref_kw["key_caches"] + ref_kw["value_caches"]):
+                assert torch.equal(got, exp)
+    finally:
+        ops.decode_step_release(handle)
+
+
+def test_packed_checks_and_handles():
+    kw = make_step()
+    handle = ops.decode_step_pack(*[kw[k] for k in _STATIC])
+    # the weights are checked against the call's shapes: a hidden size they do not have
+    bad = dict(kw, hidden=kw["hidden"][:, :, :32].contiguous())
+    with pytest.raises(ValueError, match=r"weights\[0\] \(layer 0 q_proj\) must have shape"):
+        _packed_call(bad, handle)
+    # the call's own arguments, at every call (after a successful one too)
+    _packed_call(clone_caches(kw), handle)
+    with pytest.raises(ValueError, match="cache_lens must satisfy"):
+        _packed_call(dict(kw, cache_lens=torch.tensor([7, 45])), handle)
+    with pytest.raises(ValueError, match="value_caches must hold 2"):
+        _packed_call(dict(kw, value_caches=kw["value_caches"][:1]), handle)
+    # a layer count the weights do not have: checked again when the shapes change
+    with pytest.raises(ValueError, match="weights must hold 7 tensors per layer"):
+        _packed_call(dict(kw, key_caches=kw["key_caches"][:1], value_caches=kw["value_caches"][:1]), handle)
+    ops.decode_step_release(handle)
+    for call in (lambda: _packed_call(kw, handle), lambda: ops.decode_step_release(handle)):
+        with pytest.raises(ValueError, match="handle returned by decode_step_pack and not yet released"):
+            call()
+    with pytest.raises(ValueError, match="weights must hold 7 tensors per layer"):
+        ops.decode_step_pack(kw["weights"][:-1], kw["formats"][:-1], kw["biases"][:-1], kw["norm_weights"])
+    with pytest.raises(ValueError, match="formats must hold one code per weight"):
+        ops.decode_step_pack(kw["weights"], kw["formats"][:-1], kw["biases"], kw["norm_weights"])
+
+
+def test_native_step_packs_its_weights_once(monkeypatch):
+    """A model's adapter-free decoding calls pass one decode_step_pack handle, packed on first use
+    and released when its NativeStep is collected."""
+    import gc
+
+    model = tiny_model("llama", vocab_size=VOCAB, seed=3)
+    packs, released = [], []
+    real_pack, real_release = ops.decode_step_pack, ops.decode_step_release
+    monkeypatch.setattr(ops, "decode_step_pack", lambda *a: packs.append(real_pack(*a)) or packs[-1])
+    monkeypatch.setattr(ops, "decode_step_release", lambda h: released.append(h) or real_release(h))
+    calls = _count_calls(monkeypatch)
+    for _ in range(2):
+        Decoder(model).generate(_prompts(1), GenerationConfig(max_new_tokens=6))
+    assert len(packs) == 1 and len(calls) == 10  # one packing for both generations' calls
+    step = NativeStep(fast_forward_for(model))
+    handle = step.packed_handle()
+    assert step.packed_handle() == handle and handle not in packs[:1]
+    del step
+    gc.collect()
+    assert handle in released  # (others: NativeSteps of earlier tests, collected now)
+    with pytest.raises(ValueError, match="not yet released"):
+        real_release(handle)
 
 
 def test_opcheck():

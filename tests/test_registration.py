@@ -41,7 +41,19 @@ SCHEMAS = {
         "float[] lora_scales, int aux_start, float eps, float scale) -> Tensor"
     ),
     "decode_linear": "ptp_ext::decode_linear(Tensor x, Tensor weight, int format, Tensor? bias) -> Tensor",
+    "decode_step_pack": (
+        "ptp_ext::decode_step_pack(Tensor[] weights, int[] formats, Tensor?[] biases, Tensor[] norm_weights, "
+        "Tensor?[] lora_a, Tensor?[] lora_b, float[] lora_scales) -> int"
+    ),
+    "decode_step_packed": (
+        "ptp_ext::decode_step_packed(Tensor hidden, Tensor cos, Tensor sin, Tensor(a!)[] key_caches, "
+        "Tensor(b!)[] value_caches, Tensor cache_lens, Tensor? tree_mask, int packed, int aux_start, "
+        "float eps, float scale) -> Tensor"
+    ),
+    "decode_step_release": "ptp_ext::decode_step_release(int packed) -> ()",
 }
+# ops without a tensor argument: one CompositeExplicitAutograd kernel for every backend
+NO_TENSOR_ARGS = {"decode_step_release"}
 
 
 def _registered_ops() -> list[str]:
@@ -63,6 +75,9 @@ def test_schema(name: str):
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_dispatch_keys_match_the_build(name: str):
     qualname = f"ptp_ext::{name}"
+    if name in NO_TENSOR_ARGS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd")
+        return
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
     assert has_cuda == ptp_ext.with_cuda(), (

@@ -19,6 +19,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <type_traits>
 #include <vector>
 
@@ -127,6 +130,17 @@ PTP_AVX512VL_END
 
 }  // namespace ds
 
+static at::Tensor run_decode_step(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                                  at::TensorList key_caches, at::TensorList value_caches,
+                                  const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+                                  at::TensorList weights, at::IntArrayRef formats,
+                                  const c10::List<std::optional<at::Tensor>>& biases,
+                                  at::TensorList norm_weights,
+                                  const c10::List<std::optional<at::Tensor>>& lora_a,
+                                  const c10::List<std::optional<at::Tensor>>& lora_b,
+                                  at::ArrayRef<double> lora_scales, int64_t aux_start, double eps,
+                                  double scale);
+
 at::Tensor decode_step_cpu(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
                            at::TensorList key_caches, at::TensorList value_caches,
                            const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
@@ -140,6 +154,102 @@ at::Tensor decode_step_cpu(const at::Tensor& hidden, const at::Tensor& cos, cons
   check_decode_step_inputs(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask,
                            weights, formats, biases, norm_weights, lora_a, lora_b, lora_scales,
                            aux_start);
+  return run_decode_step(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask, weights,
+                         formats, biases, norm_weights, lora_a, lora_b, lora_scales, aux_start, eps,
+                         scale);
+}
+
+namespace {
+
+// One packing of decode_step's static arguments (decode_step_pack).
+struct DecodeStepPack {
+  std::vector<at::Tensor> weights, norm_weights;
+  std::vector<int64_t> formats;
+  c10::List<std::optional<at::Tensor>> biases, lora_a, lora_b;
+  std::vector<double> lora_scales;
+  // the call shapes (H, D, L, H_kv) the weights were last checked against
+  std::mutex mu;
+  int64_t checked[4] = {-1, -1, -1, -1};
+};
+
+std::mutex g_packs_mu;
+std::unordered_map<int64_t, std::shared_ptr<DecodeStepPack>> g_packs;
+int64_t g_next_pack = 1;
+
+std::shared_ptr<DecodeStepPack> find_pack(int64_t packed) {
+  std::lock_guard<std::mutex> lock(g_packs_mu);
+  const auto it = g_packs.find(packed);
+  PTP_CHECK(it != g_packs.end(), "packed must be a handle returned by decode_step_pack and not yet "
+            "released, got ", packed);
+  return it->second;
+}
+
+}  // namespace
+
+int64_t decode_step_pack_cpu(at::TensorList weights, at::IntArrayRef formats,
+                             const c10::List<std::optional<at::Tensor>>& biases, at::TensorList norm_weights,
+                             const c10::List<std::optional<at::Tensor>>& lora_a,
+                             const c10::List<std::optional<at::Tensor>>& lora_b,
+                             at::ArrayRef<double> lora_scales) {
+  // the weights are checked against the first call's shapes (decode_step_packed); here only what
+  // needs none
+  const int64_t n = static_cast<int64_t>(weights.size());
+  PTP_CHECK(n >= kDecodeStepLinears && n % kDecodeStepLinears == 0, "weights must hold 7 tensors per "
+            "layer (q, k, v, o, gate, up, down), got ", n);
+  PTP_CHECK(static_cast<int64_t>(formats.size()) == n, "formats must hold one code per weight (", n,
+            "), got ", formats.size());
+  auto pk = std::make_shared<DecodeStepPack>();
+  pk->weights.assign(weights.begin(), weights.end());
+  pk->norm_weights.assign(norm_weights.begin(), norm_weights.end());
+  pk->formats.assign(formats.begin(), formats.end());
+  pk->biases = biases.copy();
+  pk->lora_a = lora_a.copy();
+  pk->lora_b = lora_b.copy();
+  pk->lora_scales.assign(lora_scales.begin(), lora_scales.end());
+  std::lock_guard<std::mutex> lock(g_packs_mu);
+  const int64_t handle = g_next_pack++;
+  g_packs.emplace(handle, std::move(pk));
+  return handle;
+}
+
+void decode_step_release_cpu(int64_t packed) {
+  std::lock_guard<std::mutex> lock(g_packs_mu);
+  PTP_CHECK(g_packs.erase(packed) == 1, "packed must be a handle returned by decode_step_pack and "
+            "not yet released, got ", packed);
+}
+
+at::Tensor decode_step_packed_cpu(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                                  at::TensorList key_caches, at::TensorList value_caches,
+                                  const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+                                  int64_t packed, int64_t aux_start, double eps, double scale) {
+  const std::shared_ptr<DecodeStepPack> pk = find_pack(packed);
+  check_decode_step_call(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask, aux_start);
+  {
+    const int64_t shapes[4] = {hidden.size(2), cos.size(2), static_cast<int64_t>(key_caches.size()),
+                               key_caches[0].size(1)};
+    std::lock_guard<std::mutex> lock(pk->mu);
+    if (!std::equal(shapes, shapes + 4, pk->checked)) {
+      check_decode_step_weights(hidden, cos, key_caches, pk->weights, pk->formats, pk->biases,
+                                pk->norm_weights, pk->lora_a, pk->lora_b, pk->lora_scales);
+      std::copy(shapes, shapes + 4, pk->checked);
+    }
+  }
+  return run_decode_step(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask, pk->weights,
+                         pk->formats, pk->biases, pk->norm_weights, pk->lora_a, pk->lora_b,
+                         pk->lora_scales, aux_start, eps, scale);
+}
+
+// decode_step's body after the checks (decode_step_cpu, decode_step_packed_cpu)
+static at::Tensor run_decode_step(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                                  at::TensorList key_caches, at::TensorList value_caches,
+                                  const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+                                  at::TensorList weights, at::IntArrayRef formats,
+                                  const c10::List<std::optional<at::Tensor>>& biases,
+                                  at::TensorList norm_weights,
+                                  const c10::List<std::optional<at::Tensor>>& lora_a,
+                                  const c10::List<std::optional<at::Tensor>>& lora_b,
+                                  at::ArrayRef<double> lora_scales, int64_t aux_start, double eps,
+                                  double scale) {
   const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
   const int64_t L = static_cast<int64_t>(key_caches.size()), D = cos.size(2);
   at::Tensor out = at::empty_like(hidden);
@@ -251,6 +361,20 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int6
 at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor&, int64_t,
                               const std::optional<at::Tensor>&) {
   PTP_CHECK(false, "decode_linear is CPU-only (it is decode_step's arithmetic), got x ", describe(x));
+  return at::Tensor();
+}
+
+int64_t decode_step_pack_cuda(at::TensorList weights, at::IntArrayRef, const c10::List<std::optional<at::Tensor>>&,
+                              at::TensorList, const c10::List<std::optional<at::Tensor>>&,
+                              const c10::List<std::optional<at::Tensor>>&, at::ArrayRef<double>) {
+  PTP_CHECK(false, "decode_step_pack is CPU-only (decode_step's weights), got weights[0] ", describe(weights[0]));
+  return 0;
+}
+
+at::Tensor decode_step_packed_cuda(const at::Tensor& hidden, const at::Tensor&, const at::Tensor&,
+                                   at::TensorList, at::TensorList, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, int64_t, int64_t, double, double) {
+  PTP_CHECK(false, "decode_step_packed is CPU-only, got hidden ", describe(hidden));
   return at::Tensor();
 }
 
