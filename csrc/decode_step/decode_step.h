@@ -57,7 +57,7 @@ inline void check_decode_step_call(const at::Tensor& hidden, const at::Tensor& c
   PTP_CHECK(hidden.dim() == 3, "hidden must have shape [B, T, H], got ", describe(hidden));
   PTP_CHECK(hidden.device().is_cpu(), "decode_step is CPU-only, got hidden ", describe(hidden));
   check_contiguous(hidden, "hidden");
-  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  const int64_t B = hidden.size(0), T = hidden.size(1);
   PTP_CHECK(T >= 1, "hidden must hold at least one token (T >= 1), got ", describe(hidden));
   PTP_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == T,
             "cos must have shape [B, T, D] = [", B, ", ", T, ", *], got ", describe(cos));

@@ -130,6 +130,7 @@ PTP_AVX512VL_END
 
 }  // namespace ds
 
+// decode_step's body after the checks (decode_step_cpu, decode_step_packed_cpu)
 static at::Tensor run_decode_step(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
                                   at::TensorList key_caches, at::TensorList value_caches,
                                   const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
@@ -139,7 +140,79 @@ static at::Tensor run_decode_step(const at::Tensor& hidden, const at::Tensor& co
                                   const c10::List<std::optional<at::Tensor>>& lora_a,
                                   const c10::List<std::optional<at::Tensor>>& lora_b,
                                   at::ArrayRef<double> lora_scales, int64_t aux_start, double eps,
-                                  double scale);
+                                  double scale) {
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  const int64_t L = static_cast<int64_t>(key_caches.size()), D = cos.size(2);
+  at::Tensor out = at::empty_like(hidden);
+  if (B == 0) return out;
+  at::Tensor h = hidden.clone();  // the residual stream
+  const at::Tensor lens_t = cache_lens.to(at::kLong).contiguous();
+  const bool lora = lora_a.size() > 0;
+  std::vector<ds::LayerW> layers(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    ds::LayerW& Lw = layers[l];
+    for (int64_t j = 0; j < kDecodeStepLinears; ++j) {
+      const int64_t i = l * kDecodeStepLinears + j;
+      const at::Tensor& w = weights[i];
+      ds::LinearW& lw = Lw.lin[j];
+      lw.w = w.data_ptr();
+      lw.format = formats[i];
+      lw.M = w.size(0);
+      lw.K = formats[i] == 0 ? w.size(1) : w.size(1) / decode_step_block_bytes(formats[i]) * 32;
+      lw.row_bytes = w.size(1);
+      const std::optional<at::Tensor> bias = biases[i];
+      lw.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+      if (lora) {
+        const std::optional<at::Tensor> a = lora_a[i], b = lora_b[i];
+        if (a.has_value()) {
+          lw.lora_a = a->data_ptr<float>();
+          lw.lora_b = b->data_ptr<float>();
+          lw.rank = a->size(0);
+          lw.lora_scale = static_cast<float>(lora_scales[i]);
+        }
+      }
+    }
+    Lw.ln1 = norm_weights[2 * l].data_ptr<float>();
+    Lw.ln2 = norm_weights[2 * l + 1].data_ptr<float>();
+    Lw.key_cache = key_caches[l].data_ptr<float>();
+    Lw.value_cache = value_caches[l].data_ptr<float>();
+  }
+  ds::StepArgs a;
+  a.B = B;
+  a.T = T;
+  a.H = H;
+  a.D = D;
+  a.Hq = weights[0].size(0) / D;
+  a.Hkv = key_caches[0].size(1);
+  a.I = weights[4].size(0);
+  a.S = key_caches[0].size(2);
+  a.num_layers = L;
+  a.aux_start = lora ? aux_start : T;
+  a.eps = static_cast<float>(eps);
+  a.scale = scale;
+  a.cos = cos.data_ptr<float>();
+  a.sin = sin.data_ptr<float>();
+  a.lens = lens_t.data_ptr<int64_t>();
+  a.mask = tree_mask.has_value() ? tree_mask->data_ptr<bool>() : nullptr;
+  a.layers = layers.data();
+  a.final_norm = norm_weights[2 * L].data_ptr<float>();
+  a.h = h.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  // nested in another parallel region (e.g. at::parallel_for): one thread
+  a.num_threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+#ifdef PTP_HAVE_X86
+  if (cpu_has_avx512vl()) {
+    ds::ds_avx512::run_step(a);
+    return out;
+  }
+  if (cpu_has_avx2()) {
+    ds::ds_avx2::run_step(a);
+    return out;
+  }
+#endif
+  ds::ds_base::run_step(a);
+  return out;
+}
 
 at::Tensor decode_step_cpu(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
                            at::TensorList key_caches, at::TensorList value_caches,
@@ -237,90 +310,6 @@ at::Tensor decode_step_packed_cpu(const at::Tensor& hidden, const at::Tensor& co
   return run_decode_step(hidden, cos, sin, key_caches, value_caches, cache_lens, tree_mask, pk->weights,
                          pk->formats, pk->biases, pk->norm_weights, pk->lora_a, pk->lora_b,
                          pk->lora_scales, aux_start, eps, scale);
-}
-
-// decode_step's body after the checks (decode_step_cpu, decode_step_packed_cpu)
-static at::Tensor run_decode_step(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
-                                  at::TensorList key_caches, at::TensorList value_caches,
-                                  const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
-                                  at::TensorList weights, at::IntArrayRef formats,
-                                  const c10::List<std::optional<at::Tensor>>& biases,
-                                  at::TensorList norm_weights,
-                                  const c10::List<std::optional<at::Tensor>>& lora_a,
-                                  const c10::List<std::optional<at::Tensor>>& lora_b,
-                                  at::ArrayRef<double> lora_scales, int64_t aux_start, double eps,
-                                  double scale) {
-  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
-  const int64_t L = static_cast<int64_t>(key_caches.size()), D = cos.size(2);
-  at::Tensor out = at::empty_like(hidden);
-  if (B == 0) return out;
-  at::Tensor h = hidden.clone();  // the residual stream
-  const at::Tensor lens_t = cache_lens.to(at::kLong).contiguous();
-  const bool lora = lora_a.size() > 0;
-  std::vector<ds::LayerW> layers(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) {
-    ds::LayerW& Lw = layers[l];
-    for (int64_t j = 0; j < kDecodeStepLinears; ++j) {
-      const int64_t i = l * kDecodeStepLinears + j;
-      const at::Tensor& w = weights[i];
-      ds::LinearW& lw = Lw.lin[j];
-      lw.w = w.data_ptr();
-      lw.format = formats[i];
-      lw.M = w.size(0);
-      lw.K = formats[i] == 0 ? w.size(1) : w.size(1) / decode_step_block_bytes(formats[i]) * 32;
-      lw.row_bytes = w.size(1);
-      const std::optional<at::Tensor> bias = biases[i];
-      lw.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-      if (lora) {
-        const std::optional<at::Tensor> a = lora_a[i], b = lora_b[i];
-        if (a.has_value()) {
-          lw.lora_a = a->data_ptr<float>();
-          lw.lora_b = b->data_ptr<float>();
-          lw.rank = a->size(0);
-          lw.lora_scale = static_cast<float>(lora_scales[i]);
-        }
-      }
-    }
-    Lw.ln1 = norm_weights[2 * l].data_ptr<float>();
-    Lw.ln2 = norm_weights[2 * l + 1].data_ptr<float>();
-    Lw.key_cache = key_caches[l].data_ptr<float>();
-    Lw.value_cache = value_caches[l].data_ptr<float>();
-  }
-  ds::StepArgs a;
-  a.B = B;
-  a.T = T;
-  a.H = H;
-  a.D = D;
-  a.Hq = weights[0].size(0) / D;
-  a.Hkv = key_caches[0].size(1);
-  a.I = weights[4].size(0);
-  a.S = key_caches[0].size(2);
-  a.num_layers = L;
-  a.aux_start = lora ? aux_start : T;
-  a.eps = static_cast<float>(eps);
-  a.scale = scale;
-  a.cos = cos.data_ptr<float>();
-  a.sin = sin.data_ptr<float>();
-  a.lens = lens_t.data_ptr<int64_t>();
-  a.mask = tree_mask.has_value() ? tree_mask->data_ptr<bool>() : nullptr;
-  a.layers = layers.data();
-  a.final_norm = norm_weights[2 * L].data_ptr<float>();
-  a.h = h.data_ptr<float>();
-  a.out = out.data_ptr<float>();
-  // nested in another parallel region (e.g. at::parallel_for): one thread
-  a.num_threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
-#ifdef PTP_HAVE_X86
-  if (cpu_has_avx512vl()) {
-    ds::ds_avx512::run_step(a);
-    return out;
-  }
-  if (cpu_has_avx2()) {
-    ds::ds_avx2::run_step(a);
-    return out;
-  }
-#endif
-  ds::ds_base::run_step(a);
-  return out;
 }
 
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t format,
