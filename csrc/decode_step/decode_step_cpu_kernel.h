@@ -784,16 +784,22 @@ static void run_step(const StepArgs& a) {
       // 3. attention units. Each starts by requesting the keys and values of the thread's next
       // unit (one 64-key chunk: 16 KB each for a 64-dim head), so that only a thread's first unit
       // of a layer waits on DRAM (KV rows are evicted by every call's weight stream; interleaved
-      // A/B, SmolLM2 at an 800-token context: 8.44 -> 8.12 ms a call).
+      // A/B, SmolLM2 at an 800-token context: 8.44 -> 8.12 ms a call). A thread takes one
+      // contiguous range of units (which thread computes a unit never changes its values): its
+      // chunks of a head are adjacent in the cache, one long stream per head for the hardware
+      // prefetchers instead of every P-th 16 KB piece (SmolLM2 1-row calls, interleaved A/B on
+      // the 2-core EPYC: +2 % at 384 keys, +5 % at 1,024; whole generations +1 % plain, +3.5 %
+      // with `auto`).
       // unit u: batch row b, KV head hk, keys [kbeg, kend) (a 64-key chunk of the L + T keys)
       struct Unit { int64_t b, hk, kbeg, kend; };
       const auto unit = [&](int64_t u) {
         const int64_t bh = u / nsplit, sp = u % nsplit, b = bh / Hkv, keys = a.lens[b] + T;
         return Unit{b, bh % Hkv, std::min(keys, sp * chunk), std::min(keys, (sp + 1) * chunk)};
       };
-      for (int64_t u = tid; u < units; u += P) {
-        if (u + P < units) {
-          const Unit nx = unit(u + P);
+      const int64_t u_end = units * (tid + 1) / P;
+      for (int64_t u = units * tid / P; u < u_end; ++u) {
+        if (u + 1 < u_end) {
+          const Unit nx = unit(u + 1);
           const int64_t off = ((nx.b * Hkv + nx.hk) * S + nx.kbeg) * D;
           const char* kp = reinterpret_cast<const char*>(Lw.key_cache + off);
           const char* vp = reinterpret_cast<const char*>(Lw.value_cache + off);
