@@ -294,13 +294,13 @@ def _prompts(n, seed=1):
 
 
 def _count_calls(monkeypatch):
-    """The shapes of the decoding calls through decode_step or its packed form."""
+    """The (B, T) of the decoding calls through decode_step or its packed forms."""
     calls = []
-    for name in ("decode_step", "decode_step_packed"):
+    for name in ("decode_step", "decode_step_packed", "decode_logits_packed"):
         real = getattr(ops, name)
 
         def spy(*args, _real=real, **kwargs):
-            calls.append(args[0].shape)
+            calls.append(tuple(args[0].shape[:2]))  # (B, T)
             return _real(*args, **kwargs)
         monkeypatch.setattr(ops, name, spy)
     return calls
@@ -496,6 +496,134 @@ def test_packed_checks_and_handles():
         ops.decode_step_pack(kw["weights"][:-1], kw["formats"][:-1], kw["biases"][:-1], kw["norm_weights"])
     with pytest.raises(ValueError, match="formats must hold one code per weight"):
         ops.decode_step_pack(kw["weights"], kw["formats"][:-1], kw["biases"], kw["norm_weights"])
+
+
+# decode_logits_packed: token ids -> logits in one op (embedding, rotary rows, step, head)
+def _logits_inputs(B, T, V=61, P=40, seed=0, tree=False):
+    g = torch.Generator().manual_seed(seed)
+    kw = make_step(B=B, T=T, seed=seed)
+    H, D = kw["hidden"].shape[2], kw["cos"].shape[2]
+    ang = torch.randn(P, D // 2, generator=g) * 3
+    ang = torch.cat([ang, ang], dim=-1)
+    lens = kw["cache_lens"]
+    return dict(tokens=torch.randint(0, V, (B, T), generator=g),
+                position_ids=lens.view(B, 1) + torch.arange(T), key_caches=kw["key_caches"],
+                value_caches=kw["value_caches"], cache_lens=lens,
+                tree_mask=random_tree_mask(B, T, seed=seed)[1] if tree else None,
+                embed=torch.randn(V, H, generator=g), cos_table=ang.cos(), sin_table=ang.sin(),
+                eps=kw["eps"], scale=kw["scale"])
+
+
+def _logits_call(c, handle, head):
+    return ops.decode_logits_packed(c["tokens"], c["position_ids"], c["key_caches"], c["value_caches"],
+                                    c["cache_lens"], c["tree_mask"], handle, c["embed"], c["cos_table"],
+                                    c["sin_table"], head[0], head[1], head[2], c["eps"], c["scale"])
+
+
+@pytest.mark.parametrize("fmt", ["float32", "q4_1", "q8_0", "q4_1_split"])
+def test_logits_packed_equals_the_separate_ops(fmt):
+    """Bitwise decode_linear(decode_step_packed(embed[tokens], cos_table[positions],
+    sin_table[positions], ...)) and the same cache writes, over calls of changing shape (rows,
+    a tree, batch rows of different lengths) on one handle."""
+    static = make_step(fmt=fmt, bias=fmt == "float32", seed=7)
+    handle = ops.decode_step_pack(*[static[k] for k in _STATIC])
+    w, f, b = _head("q8_0" if fmt == "q4_1_split" else fmt, M=61, K=64, bias=fmt == "float32", seed=3)
+    try:
+        for i, (B, T) in enumerate([(1, 1), (2, 5), (3, 4)]):
+            c = _logits_inputs(B, T, seed=i, tree=i == 1)
+            ref = dict(c, key_caches=[k.clone() for k in c["key_caches"]],
+                       value_caches=[v.clone() for v in c["value_caches"]])
+            got = _logits_call(c, handle, (w, f, b))
+            pos = ref["position_ids"]
+            hidden = ops.decode_step_packed(ref["embed"][ref["tokens"]], ref["cos_table"][pos],
+                                            ref["sin_table"][pos], ref["key_caches"], ref["value_caches"],
+                                            ref["cache_lens"], ref["tree_mask"], handle, T, ref["eps"],
+                                            ref["scale"])
+            assert got.shape == (B, T, 61)
+            assert torch.equal(got, ops.decode_linear(hidden, w, f, b)), (B, T)
+            for x, y in zip(c["key_caches"] + c["value_caches"], ref["key_caches"] + ref["value_caches"]):
+                assert torch.equal(x, y)
+    finally:
+        ops.decode_step_release(handle)
+
+
+def test_logits_packed_argument_errors():
+    static = make_step(seed=7)
+    handle = ops.decode_step_pack(*[static[k] for k in _STATIC])
+    head = _head("q8_0", M=61, K=64, seed=3)[:3]
+    c = _logits_inputs(2, 3)
+    bad_tok = c["tokens"].clone()
+    bad_tok[1, 2] = 61
+    neg_tok = c["tokens"].clone()
+    neg_tok[0, 0] = -1
+    far = c["position_ids"].clone()
+    far[1, 0] = 40
+    cases = [
+        (dict(tokens=bad_tok), r"tokens must be ids in \[0, 61\).*got 61 at \[1, 2\]"),
+        (dict(tokens=neg_tok), r"tokens must be ids in \[0, 61\).*got -1 at \[0, 0\]"),
+        (dict(position_ids=far), r"position_ids must be in \[0, 40\).*got 40 at \[1, 0\]"),
+        (dict(tokens=c["tokens"].int()), "tokens must be Long"),
+        (dict(position_ids=c["position_ids"][:, :2].contiguous()), "position_ids must have shape"),
+        (dict(embed=c["embed"].double()), "embed must be Float"),
+        (dict(sin_table=c["sin_table"][:20]), "sin_table must have shape"),
+        (dict(embed=c["embed"][:, :32].contiguous()), r"weights\[0\] \(layer 0 q_proj\) must have shape"),
+        (dict(cache_lens=torch.tensor([7, 46])), "cache_lens must satisfy"),
+    ]
+    try:
+        for change, match in cases:
+            with pytest.raises(ValueError, match=match):
+                _logits_call(dict(c, **change), handle, head)
+        with pytest.raises(ValueError, match="weight must have shape"):
+            _logits_call(c, handle, (head[0][:, :-1].contiguous(), head[1], head[2]))
+    finally:
+        ops.decode_step_release(handle)
+    with pytest.raises(ValueError, match="handle returned by decode_step_pack and not yet released"):
+        _logits_call(c, handle, head)
+
+
+def test_logits_packed_opcheck():
+    static = make_step(seed=7)
+    handle = ops.decode_step_pack(*[static[k] for k in _STATIC])
+    w, f, b = _head("q4_1", M=61, K=64, seed=3)[:3]
+    c = _logits_inputs(2, 3)
+    args = [c["tokens"], c["position_ids"], c["key_caches"], c["value_caches"], c["cache_lens"], None, handle,
+            c["embed"], c["cos_table"], c["sin_table"], w, f, b, c["eps"], c["scale"]]
+    try:
+        torch.library.opcheck(torch.ops.ptp_ext.decode_logits_packed.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+    finally:
+        ops.decode_step_release(handle)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoder_calls_take_one_op_with_the_same_logits(family, monkeypatch):
+    """The decoder's adapter-free native calls go from token ids to logits in one op
+    (NativeStep.call_logits; head_dim 32: a static rotary table) and record bitwise the logits of
+    the separate ops (embedding, decode_step_packed, decode_linear), greedy and sampled, plain and
+    speculative."""
+    extra = {"sliding_window": None} if family == "mistral" else {}
+    model = tiny_model(family, vocab_size=VOCAB, seed=5, num_attention_heads=2, num_key_value_heads=1, **extra)
+    used = []
+    real = ops.decode_logits_packed
+    monkeypatch.setattr(ops, "decode_logits_packed", lambda *a: used.append(1) or real(*a))
+    for sampling in (SamplingConfig(), SamplingConfig(temperature=0.8, seed=4)):
+        for drafter in (None, RandomTreeDrafter(5, seed=3)):
+            recs = []
+            for fused in (True, False):
+                if not fused:
+                    monkeypatch.setattr(NativeStep, "call_logits", lambda self, *a: None)
+                used.clear()
+                dec = Decoder(model, drafter=drafter)
+                rec = record_sampling_logits(dec)
+                out = dec.generate(_prompts(2), GenerationConfig(max_new_tokens=8, sampling=sampling))
+                assert bool(used) == fused
+                recs.append((rec, [r.new_token_ids for r in out]))
+            monkeypatch.undo()
+            monkeypatch.setattr(ops, "decode_logits_packed", lambda *a: used.append(1) or real(*a))
+            assert recs[0][1] == recs[1][1]
+            assert recs[0][0].keys() == recs[1][0].keys()
+            for k in recs[0][0]:
+                assert torch.equal(recs[0][0][k], recs[1][0][k]), k
 
 
 def test_native_step_packs_its_weights_once(monkeypatch):

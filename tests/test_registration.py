@@ -51,6 +51,12 @@ SCHEMAS = {
         "float eps, float scale) -> Tensor"
     ),
     "decode_step_release": "ptp_ext::decode_step_release(int packed) -> ()",
+    "decode_logits_packed": (
+        "ptp_ext::decode_logits_packed(Tensor tokens, Tensor position_ids, Tensor(a!)[] key_caches, "
+        "Tensor(b!)[] value_caches, Tensor cache_lens, Tensor? tree_mask, int packed, Tensor embed, "
+        "Tensor cos_table, Tensor sin_table, Tensor head_weight, int head_format, Tensor? head_bias, "
+        "float eps, float scale) -> Tensor"
+    ),
 }
 # ops without a tensor argument: one CompositeExplicitAutograd kernel for every backend
 NO_TENSOR_ARGS = {"decode_step_release"}

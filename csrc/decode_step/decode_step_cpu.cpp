@@ -346,6 +346,42 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int6
   return y;
 }
 
+at::Tensor decode_logits_packed_cpu(const at::Tensor& tokens, const at::Tensor& position_ids,
+                                    at::TensorList key_caches, at::TensorList value_caches,
+                                    const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+                                    int64_t packed, const at::Tensor& embed, const at::Tensor& cos_table,
+                                    const at::Tensor& sin_table, const at::Tensor& head_weight,
+                                    int64_t head_format, const std::optional<at::Tensor>& head_bias,
+                                    double eps, double scale) {
+  check_decode_logits_inputs(tokens, position_ids, embed, cos_table, sin_table);
+  const int64_t B = tokens.size(0), T = tokens.size(1), V = embed.size(0), H = embed.size(1);
+  const int64_t P = cos_table.size(0), D = cos_table.size(1);
+  at::Tensor hidden = at::empty({B, T, H}, embed.options());
+  at::Tensor cos = at::empty({B, T, D}, cos_table.options());
+  at::Tensor sin = at::empty({B, T, D}, cos_table.options());
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t* pos = position_ids.data_ptr<int64_t>();
+  const float* ep = embed.data_ptr<float>();
+  const float* ct = cos_table.data_ptr<float>();
+  const float* st = sin_table.data_ptr<float>();
+  float* hp = hidden.data_ptr<float>();
+  float* cp = cos.data_ptr<float>();
+  float* sp = sin.data_ptr<float>();
+  for (int64_t i = 0; i < B * T; ++i) {
+    PTP_CHECK(tok[i] >= 0 && tok[i] < V, "tokens must be ids in [0, ", V, ") (embed's rows), got ",
+              tok[i], " at [", i / T, ", ", i % T, "]");
+    PTP_CHECK(pos[i] >= 0 && pos[i] < P, "position_ids must be in [0, ", P, ") (the rotary tables' rows), got ",
+              pos[i], " at [", i / T, ", ", i % T, "]");
+    std::memcpy(hp + i * H, ep + tok[i] * H, static_cast<size_t>(H) * sizeof(float));
+    std::memcpy(cp + i * D, ct + pos[i] * D, static_cast<size_t>(D) * sizeof(float));
+    std::memcpy(sp + i * D, st + pos[i] * D, static_cast<size_t>(D) * sizeof(float));
+  }
+  const at::Tensor out = decode_step_packed_cpu(hidden, cos, sin, key_caches, value_caches, cache_lens,
+                                                tree_mask, packed, T, eps, scale);
+  PTP_CHECK(head_weight.dim() == 2, "head_weight must be 2-D, got ", describe(head_weight));
+  return decode_linear_cpu(out, head_weight, head_format, head_bias);
+}
+
 #ifdef PTP_WITH_CUDA
 at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor&, int64_t,
                               const std::optional<at::Tensor>&) {
@@ -364,6 +400,15 @@ at::Tensor decode_step_packed_cuda(const at::Tensor& hidden, const at::Tensor&, 
                                    at::TensorList, at::TensorList, const at::Tensor&,
                                    const std::optional<at::Tensor>&, int64_t, int64_t, double, double) {
   PTP_CHECK(false, "decode_step_packed is CPU-only, got hidden ", describe(hidden));
+  return at::Tensor();
+}
+
+at::Tensor decode_logits_packed_cuda(const at::Tensor& tokens, const at::Tensor&, at::TensorList,
+                                     at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&,
+                                     int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, int64_t, const std::optional<at::Tensor>&, double,
+                                     double) {
+  PTP_CHECK(false, "decode_logits_packed is CPU-only, got tokens ", describe(tokens));
   return at::Tensor();
 }
 

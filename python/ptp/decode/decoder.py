@@ -201,6 +201,9 @@ class Decoder:
         window = (WindowPlan(position_ids, cache_lens, tree_mask, self.sliding_window)
                   if self.sliding_window is not None and not prefill else None)
         if fast is not None and aux is None and not want_hidden:
+            if not logits_to_keep:
+                return fast.call_logits(input_ids, position_ids, cache, cache_lens, tree_mask, self._linears,
+                                        window), None
             hidden = fast(fast.embed(input_ids), position_ids, cache, cache_lens, tree_mask, self._linears,
                           window)
             kept = hidden if not logits_to_keep else hidden[:, -logits_to_keep:]

@@ -135,6 +135,10 @@ class LinearRouter:
         """Whether a linear layer's call on ``x`` must take a row-invariant op."""
         return self.active or (x.dim() > 0 and x.numel() <= self.small_rows * x.shape[-1])
 
+    def wants_rows(self, rows: int) -> bool:
+        """:meth:`wants` for an input of ``rows`` rows (without the tensor)."""
+        return self.active or rows <= self.small_rows
+
     def __enter__(self) -> "LinearRouter":
         for parent in list(self.model.modules()):
             for name, child in list(parent.named_children()):

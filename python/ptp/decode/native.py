@@ -165,6 +165,11 @@ class NativeStep:
                 self.head = (head.linear.weight.detach().contiguous(), 0, head.linear.bias)
             if self.head is not None and self.head[2] is not None:
                 self.head = (self.head[0], self.head[1], self.head[2].detach().float().contiguous())
+        # the input embedding for ops.decode_logits_packed (None: not a plain float32 nn.Embedding)
+        emb = fast.embed
+        self.embed = (emb.weight.detach() if type(emb) is torch.nn.Embedding and emb.max_norm is None
+                      and emb.weight.dtype == torch.float32 and emb.weight.device.type == "cpu"
+                      and emb.weight.is_contiguous() else None)
         # the GGUF blocks the calls stream (layers and head) in one huge-page-advised mapping
         self._arena = None
         if huge_pages:
@@ -207,6 +212,12 @@ class NativeStep:
             cos, sin = type(self.rotary).forward(self.rotary, h, position_ids)
             return cos.float().contiguous(), sin.float().contiguous()
         need = int(position_ids.max()) + 1 if position_ids.numel() else 1
+        _, cos, sin = self._rope_tables(h, need)
+        return cos[position_ids], sin[position_ids]
+
+    def _rope_tables(self, h: torch.Tensor, need: int):
+        """``(key, cos, sin)``: the static rotary's tables ``[n, head_dim]`` over positions
+        ``0 .. n - 1``, ``n >= need`` (grown by doubling)."""
         inv = self.rotary.inv_freq
         key = (inv.data_ptr(), inv._version, float(getattr(self.rotary, "attention_scaling", 1.0)))
         if self._rope_table is None or self._rope_table[0] != key or self._rope_table[1].shape[0] < need:
@@ -218,8 +229,33 @@ class NativeStep:
                 cos.append(c[0].float())
                 sin.append(s_[0].float())
             self._rope_table = (key, torch.cat(cos).contiguous(), torch.cat(sin).contiguous())
-        _, cos, sin = self._rope_table
-        return cos[position_ids], sin[position_ids]
+        return self._rope_table
+
+    def call_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
+                    cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The logits ``[B, T, V]`` of a decoding call from its token ids in one op
+        (``ops.decode_logits_packed``: embedding, rotary rows, the step and the LM head; bitwise
+        :meth:`__call__` over the embeddings followed by :meth:`logits`), or None when the call
+        needs the separate ops (an active adapter, a rope whose values depend on the call, a
+        head or embedding the op does not take, or the cache not yet allocated)."""
+        if self.head is None or self.embed is None or not self._static_rope:
+            return None
+        if any(g.index is not None for g in self.gates.values()):
+            return None
+        if input_ids.dtype != torch.long or input_ids.device.type != "cpu":
+            return None
+        layers = cache.layers
+        if not all(layer.is_initialized for layer in layers):
+            return None
+        # every position of the call is below the buffers' length (RowCache.set_write_positions
+        # reserved room for the call): tables of that many rows cover it without a device sync
+        _, cos, sin = self._rope_tables(self.embed, layers[0].keys.shape[2])
+        weight, fmt, bias = self.head
+        return ops.decode_logits_packed(
+            input_ids.contiguous(), position_ids.contiguous(), [layer.keys for layer in layers],
+            [layer.values for layer in layers], cache_lens,
+            None if tree_mask is None else tree_mask.contiguous(), self.packed_handle(), self.embed,
+            cos, sin, weight, fmt, bias, self.eps, self.scale)
 
     def _adapter(self, T: int):
         """(lora_a, lora_b, lora_scales, aux_start) for this call, or None if unsupported."""
