@@ -566,15 +566,18 @@ def test_logits_packed_argument_errors():
         (dict(position_ids=c["position_ids"][:, :2].contiguous()), "position_ids must have shape"),
         (dict(embed=c["embed"].double()), "embed must be Float"),
         (dict(sin_table=c["sin_table"][:20]), "sin_table must have shape"),
-        (dict(embed=c["embed"][:, :32].contiguous()), r"weights\[0\] \(layer 0 q_proj\) must have shape"),
+        (dict(embed=c["embed"][:, :32].contiguous()), r"weight must have shape \[M, K / 32 \* 34\] = \[\*, 34\]"),
         (dict(cache_lens=torch.tensor([7, 46])), "cache_lens must satisfy"),
     ]
+    before = [k.clone() for k in c["key_caches"]]
     try:
         for change, match in cases:
             with pytest.raises(ValueError, match=match):
                 _logits_call(dict(c, **change), handle, head)
         with pytest.raises(ValueError, match="weight must have shape"):
             _logits_call(c, handle, (head[0][:, :-1].contiguous(), head[1], head[2]))
+        # every check comes before the step writes the caches
+        assert all(torch.equal(x, y) for x, y in zip(c["key_caches"], before))
     finally:
         ops.decode_step_release(handle)
     with pytest.raises(ValueError, match="handle returned by decode_step_pack and not yet released"):

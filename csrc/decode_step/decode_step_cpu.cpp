@@ -376,9 +376,10 @@ at::Tensor decode_logits_packed_cpu(const at::Tensor& tokens, const at::Tensor& 
     std::memcpy(cp + i * D, ct + pos[i] * D, static_cast<size_t>(D) * sizeof(float));
     std::memcpy(sp + i * D, st + pos[i] * D, static_cast<size_t>(D) * sizeof(float));
   }
+  // the head's arguments against its input ([B, T, H]) before the step writes the caches
+  check_decode_linear_inputs(hidden, head_weight, head_format, head_bias);
   const at::Tensor out = decode_step_packed_cpu(hidden, cos, sin, key_caches, value_caches, cache_lens,
                                                 tree_mask, packed, T, eps, scale);
-  PTP_CHECK(head_weight.dim() == 2, "head_weight must be 2-D, got ", describe(head_weight));
   return decode_linear_cpu(out, head_weight, head_format, head_bias);
 }
 
