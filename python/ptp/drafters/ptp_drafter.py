@@ -324,7 +324,7 @@ def _factory(model, tokenizer, path, options: PTPOptions, default: str = DEFAULT
 def _auto_factory(model, tokenizer, path, options: Optional[PTPOptions] = None, **kw):
     """``auto``: the fastest exact drafter measured for the model's device. On a CPU that is
     cost-aware prompt lookup (every row of a call costs compute there; the PTP adapter's slot
-    rows did not pay: benchmarks/results/2026-12-07-cpu-vs-llamacpp-v5.md); elsewhere the shipped
+    rows did not pay: benchmarks/results/2026-12-07-cpu-vs-llamacpp-v6.md); elsewhere the shipped
     PTP adapter when it fits ``model`` (the device's preset, or the PTP options given), else
     prompt lookup with a note on stderr. PTP options given on a CPU select ``ptp``."""
     if model is None:
