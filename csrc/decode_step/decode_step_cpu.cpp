@@ -312,9 +312,9 @@ at::Tensor decode_step_packed_cpu(const at::Tensor& hidden, const at::Tensor& co
                          pk->lora_scales, aux_start, eps, scale);
 }
 
-at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t format,
-                             const std::optional<at::Tensor>& bias) {
-  check_decode_linear_inputs(x, weight, format, bias);
+// decode_linear's body after the checks (decode_linear_cpu, decode_logits_packed_cpu)
+static at::Tensor run_decode_linear(const at::Tensor& x, const at::Tensor& weight, int64_t format,
+                                    const std::optional<at::Tensor>& bias) {
   const int64_t K = x.size(-1), M = weight.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = M;
@@ -344,6 +344,12 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int6
 #endif
   ds::ds_base::run_linear(w, xp, N, yp, P);
   return y;
+}
+
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t format,
+                             const std::optional<at::Tensor>& bias) {
+  check_decode_linear_inputs(x, weight, format, bias);
+  return run_decode_linear(x, weight, format, bias);
 }
 
 at::Tensor decode_logits_packed_cpu(const at::Tensor& tokens, const at::Tensor& position_ids,
@@ -380,7 +386,7 @@ at::Tensor decode_logits_packed_cpu(const at::Tensor& tokens, const at::Tensor& 
   check_decode_linear_inputs(hidden, head_weight, head_format, head_bias);
   const at::Tensor out = decode_step_packed_cpu(hidden, cos, sin, key_caches, value_caches, cache_lens,
                                                 tree_mask, packed, T, eps, scale);
-  return decode_linear_cpu(out, head_weight, head_format, head_bias);
+  return run_decode_linear(out, head_weight, head_format, head_bias);  // checked above
 }
 
 #ifdef PTP_WITH_CUDA

@@ -200,14 +200,9 @@ class Decoder:
         # sliding-window layers: the positions of the call's tokens (ptp.decode.attention)
         window = (WindowPlan(position_ids, cache_lens, tree_mask, self.sliding_window)
                   if self.sliding_window is not None and not prefill else None)
-        if fast is not None and aux is None and not want_hidden:
-            if not logits_to_keep:
-                return fast.call_logits(input_ids, position_ids, cache, cache_lens, tree_mask, self._linears,
-                                        window), None
-            hidden = fast(fast.embed(input_ids), position_ids, cache, cache_lens, tree_mask, self._linears,
-                          window)
-            kept = hidden if not logits_to_keep else hidden[:, -logits_to_keep:]
-            return fast.logits(kept, self._linears), None
+        if fast is not None and aux is None and not want_hidden and not logits_to_keep:
+            return fast.call_logits(input_ids, position_ids, cache, cache_lens, tree_mask, self._linears,
+                                    window), None
         kw = dict(position_ids=position_ids, use_cache=True, **cache_kw(self.model, cache),
                   ptp_cache_lens=cache_lens, ptp_tree_mask=tree_mask, ptp_prefill=prefill,
                   ptp_window=window)
