@@ -569,6 +569,83 @@ def test_lookup_scores_lookups_it_did_not_draft():
     assert not any(proposed[50:70]) and all(proposed[-20:])
 
 
+def test_measured_costs_table():
+    """MeasuredCosts: the prior until 1-row steps are timed; then the prior's extra-row costs
+    scaled by the measured ones (sample-weighted against the prior), for the L never timed too;
+    slow outliers do not move the medians."""
+    from ptp.drafters.lookup import CPU_CALL_COSTS, MeasuredCosts
+
+    m = MeasuredCosts(CPU_CALL_COSTS, weight=8.0, min_samples=4)
+    assert m.costs() == CPU_CALL_COSTS and m.scale() == 1.0
+    for _ in range(3):
+        m.record(0, 0.010)
+        m.record(1, 0.030)
+    assert m.costs() == CPU_CALL_COSTS  # fewer than min_samples
+    for i in range(61):
+        m.record(0, 0.010 if i % 10 else 1.0)  # every tenth step a slow spell
+        m.record(1, 0.0113)  # (1.13 - 1) / (1.26 - 1) = 0.5: rows cost half the table's
+    m.record(len(CPU_CALL_COSTS), 0.5)  # beyond the table: ignored
+    m.record(3, -1.0)  # not a duration: ignored
+    r = (8.0 + 64 * 0.5) / (8.0 + 64)  # the window keeps the last 64
+    assert abs(m.scale() - r) < 1e-9
+    c = m.costs()
+    assert c[0] == 1.0 and all(abs(c[L] - (1 + r * (CPU_CALL_COSTS[L] - 1))) < 1e-12 for L in range(len(c)))
+    assert all(a < b for a, b in zip(c, c[1:])) and c[4] < CPU_CALL_COSTS[4]  # L = 4 never timed
+    for _ in range(64):
+        m.record(2, 0.005)  # cheaper than a 1-row step: no row is worth less than nothing
+    assert 0 < m.scale() < r
+
+
+@pytest.mark.parametrize("per_row, expect_deep", [(0.02, True), (3.0, False)])
+def test_lookup_prices_rows_by_measured_step_times(per_row, expect_deep):
+    """measured_costs: the drafter times its own steps (the end of one draft to the start of
+    the next) and drafts by the measured costs. Steps timed on a fake clock: with rows nearly
+    free every match class drafts lookup_tokens deep; with each row costing 3x a 1-row step,
+    drafting stops although the prior and the table (a 2-core CPU's) would draft."""
+    d = LookupDrafter(lookup_tokens=4, measured_costs=True)
+    now = [0.0]
+    d.clock = lambda: now[0]
+    period = [11, 12, 13, 14, 15, 16, 17, 18]
+    history = list(range(100, 116))
+    lengths = []
+    for step in range(170):
+        draft = d.propose(DraftRequest([history], [0], 16, SamplingConfig()))
+        L = 0 if draft is None else draft.num_nodes - 1
+        lengths.append(L)
+        now[0] += 0.010 * (1.0 + per_row * L)  # the step: call, verify, commit
+        if step < 20:  # new tokens, nothing to look up: 1-row steps, the timing's reference
+            assert L == 0
+            history = history + [200 + step]
+        else:  # then the target follows a period: a draft is accepted whole, plus one token
+            history = history + [period[(len(history) + j) % len(period)] for j in range(L + 1)]
+    assert max(lengths[20:40]) >= 1  # the table and the prior draft a long agreeing match
+    costs = d.model.costs
+    assert costs == d.measured.costs() and costs != d.call_costs
+    if expect_deep:
+        assert all(L == 4 for L in lengths[-20:]) and costs[4] < 1.4 < d.call_costs[4]
+    else:
+        assert costs[1] > 2.0 and not any(lengths[-20:])
+    d.forget()  # back to the table
+    assert d.model.costs == d.call_costs and d.measured.costs() == d.call_costs
+
+
+def test_measured_costs_option_and_exactness(model):
+    """measured_costs is an option of lookup (text form too), refused with row_cost; with it the
+    tokens are plain decoding's."""
+    d = make_drafter("lookup", measured_costs="true")
+    assert d.measured is not None and d.options.measured_costs
+    assert make_drafter("lookup").measured is None
+    with pytest.raises(ValueError, match="measured_costs"):
+        make_drafter("lookup", measured_costs=True, row_cost=0.2)
+    prompts = make_prompts(1) + [[5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]]
+    for p in prompts:
+        plain = run(model, [p], max_new_tokens=40)[0].new_token_ids
+        res = run(model, [p], drafter=LookupDrafter(measured_costs=True), max_new_tokens=40)[0]
+        assert res.new_token_ids == plain
+    assert run(model, prompts, drafter=LookupDrafter(measured_costs=True), max_new_tokens=30)[1].new_token_ids \
+        == run(model, prompts, max_new_tokens=30)[1].new_token_ids  # batch 2: not timed, same tokens
+
+
 class _CharTokenizer:
     """Token id i decodes to one letter: enough to test stop strings without a vocabulary."""
 

@@ -16,11 +16,15 @@ the next token) and depth, and drafts the length L (0 = no draft: a plain step) 
 expected tokens per call cost, ``(1 + a_1 + a_1 a_2 + ...) / cost(1 + L rows)``. Every lookup is
 scored against the tokens the target commits after it, drafted or not, so a class whose drafts
 stopped paying keeps being measured. ``row_cost=c`` prices a call linearly (``1 + c L``) instead,
-``row_cost=0`` drafts fixed ``lookup_tokens`` chains. It only changes which rows ride on a call,
-never the output.
+``row_cost=0`` drafts fixed ``lookup_tokens`` chains. ``measured_costs=true`` prices the rows by
+this machine's own step times instead of the table (:class:`MeasuredCosts`). It only changes which
+rows ride on a call, never the output.
 """
 from __future__ import annotations
 
+import statistics
+import time
+from collections import deque
 from typing import Optional, Sequence
 
 import numpy as np
@@ -31,8 +35,8 @@ from ptp.drafters.base import register_drafter
 from ptp.drafters.options import LookupDrafterOptions
 from ptp.drafters.trees import pack_draft, trie
 
-__all__ = ["LookupDrafter", "AcceptanceModel", "NgramIndex", "continuations", "matches", "CPU_CALL_COSTS",
-           "PRIOR_RATES"]
+__all__ = ["LookupDrafter", "AcceptanceModel", "MeasuredCosts", "NgramIndex", "continuations", "matches",
+           "CPU_CALL_COSTS", "PRIOR_RATES"]
 
 
 
@@ -254,6 +258,53 @@ class AcceptanceModel:
         return best
 
 
+class MeasuredCosts:
+    """A call cost table (:data:`CPU_CALL_COSTS`'s form: 1 + L rows against a 1-row step) from
+    this machine's own steps: the seconds from the end of one draft to the start of the next (the
+    target call, verification and commit of a 1 + L-row step), the last ``window`` of them per L.
+
+    The table keeps the ``prior``'s shape and scales what its rows add:
+    ``cost(L) = 1 + r * (prior[L] - 1)``, where each timed L (``min_samples`` or more, and as many
+    1-row steps) measures ``r_L = (median(L) / median(0) - 1) / (prior[L] - 1)`` and ``r`` is
+    their mean weighted by sample counts, with ``weight`` pseudo-samples at r = 1 (the prior).
+    So the L drafted so far also price the L never drafted (a machine whose rows are cheap
+    learns it from 1-row drafts and then drafts deeper), medians keep a shared machine's slow
+    spells out, and the costs never decrease with L."""
+
+    def __init__(self, prior: Sequence[float], window: int = 64, weight: float = 8.0,
+                 min_samples: int = 4) -> None:
+        self.prior = tuple(float(c) for c in prior)
+        self.window, self.weight, self.min_samples = window, weight, min_samples
+        self.samples: dict[int, deque] = {}
+
+    def record(self, L: int, seconds: float) -> None:
+        """A step with L draft rows (1 + L rows in the call) took ``seconds``."""
+        if seconds > 0 and 0 <= L < len(self.prior):
+            self.samples.setdefault(L, deque(maxlen=self.window)).append(float(seconds))
+
+    def scale(self) -> float:
+        """``r``: the measured extra cost of rows against the prior's (1: as the prior)."""
+        base = self.samples.get(0)
+        if base is None or len(base) < self.min_samples:
+            return 1.0
+        t0 = statistics.median(base)
+        total, count = self.weight, self.weight
+        for L in range(1, len(self.prior)):
+            s = self.samples.get(L)
+            if s is None or len(s) < self.min_samples or self.prior[L] <= 1.0:
+                continue
+            n = min(len(s), len(base))
+            total += n * max(0.0, statistics.median(s) / t0 - 1.0) / (self.prior[L] - 1.0)
+            count += n
+        return total / count
+
+    def costs(self) -> tuple[float, ...]:
+        r = self.scale()
+        if r == 1.0:
+            return self.prior
+        return tuple(1.0 + r * (c - 1.0) for c in self.prior)
+
+
 class LookupDrafter(Drafter):
     name = "lookup"
 
@@ -270,6 +321,11 @@ class LookupDrafter(Drafter):
         # row_cost: what one more row adds to a call (a 2-row call's extra cost with the table)
         self.row_cost = (self.call_costs[1] - 1.0 if self.call_costs is not None
                          else o.row_cost if o.row_cost is not None else 0.0)
+        # measured_costs: this machine's step times replace the table as they come
+        self.measured = (MeasuredCosts(self.call_costs) if o.measured_costs and self.call_costs is not None
+                         else None)
+        self.clock = time.perf_counter  # the step timer (a test may replace it)
+        self._step: Optional[tuple] = None  # the last batch-1 draft: (sequence id, history length, L, end)
         self.model = self._new_model()
         # sequence id -> the lookups not yet scored: (history length, match class, continuation)
         self._pending: dict[int, list[tuple[int, tuple, list[int]]]] = {}
@@ -286,10 +342,13 @@ class LookupDrafter(Drafter):
         # from the prior, so that a run repeats its target-call counts (the tokens never vary)
         self._pending.clear()
         self._index.clear()
+        self._step = None  # the prefill comes next, not a step
 
     def forget(self) -> None:
-        """Back to the prior acceptance rates."""
+        """Back to the prior acceptance rates (and, with ``measured_costs``, the table's costs)."""
         self.reset()
+        if self.measured is not None:
+            self.measured = MeasuredCosts(self.call_costs)
         self.model = self._new_model()
 
     @classmethod
@@ -304,18 +363,35 @@ class LookupDrafter(Drafter):
         return continuations(history, depth, self.lookup_ngram, self.lookup_max_ngram, self.lookup_branches)
 
     def propose(self, request: DraftRequest) -> Optional[Draft]:
+        if self.measured is not None:
+            self._time_step(request)
         budget = min(self.max_nodes, request.max_nodes)
-        if budget <= 0:
-            return None
-        depth = min(self.lookup_tokens, budget)
-        if self.model is None:
-            rows = [trie(self.continuations(h, depth), budget) for h in request.histories]
-        else:
-            rows = [self._costed(h, sid, depth, budget)
-                    for h, sid in zip(request.histories, request.sequence_ids)]
-        if max(len(t) for t, _ in rows) == 1:
+        rows = None
+        if budget > 0:
+            depth = min(self.lookup_tokens, budget)
+            if self.model is None:
+                rows = [trie(self.continuations(h, depth), budget) for h in request.histories]
+            else:
+                rows = [self._costed(h, sid, depth, budget)
+                        for h, sid in zip(request.histories, request.sequence_ids)]
+        if self.measured is not None and len(request.histories) == 1:
+            L = len(rows[0][0]) - 1 if rows else 0
+            self._step = (request.sequence_ids[0], len(request.histories[0]), L, self.clock())
+        if rows is None or max(len(t) for t, _ in rows) == 1:
             return None
         return pack_draft(rows)
+
+    def _time_step(self, request: DraftRequest) -> None:
+        """The step since the last batch-1 draft of this sequence (its call, verification and
+        commit) -> :attr:`measured`, and the acceptance model's costs from it."""
+        step, self._step = self._step, None
+        if step is None or len(request.histories) != 1:
+            return
+        sid, length, L, end = step
+        if request.sequence_ids[0] != sid or len(request.histories[0]) <= length:
+            return
+        self.measured.record(L, self.clock() - end)
+        self.model.costs = self.measured.costs()
 
     def _score(self, history: list[int], sid: int) -> None:
         """Score this row's earlier lookups against the tokens committed since
