@@ -620,7 +620,7 @@ def test_lookup_prices_rows_by_measured_step_times(per_row, expect_deep):
             history = history + [period[(len(history) + j) % len(period)] for j in range(L + 1)]
     assert max(lengths[20:40]) >= 1  # the table and the prior draft a long agreeing match
     costs = d.model.costs
-    assert costs == d.measured.costs() and costs != d.call_costs
+    assert costs != d.call_costs  # refreshed from the measured steps every 8 steps
     if expect_deep:
         assert all(L == 4 for L in lengths[-20:]) and costs[4] < 1.4 < d.call_costs[4]
     else:
