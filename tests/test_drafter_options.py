@@ -163,3 +163,31 @@ def test_drafter_options_doc_is_current():
     proc = subprocess.run([sys.executable, "-m", "ptp.drafters.docgen", "--check", DOC], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_check_drafter_options_without_a_model():
+    """check_drafter_options (the CLI's check before the model loads) raises what make_drafter
+    would for the options alone, and leaves to make_drafter what needs the model's device or a
+    checkpoint's own options."""
+    from ptp.drafters import make_drafter
+    from ptp.drafters.base import check_drafter_options
+
+    ckpt = os.path.join(ROOT, "python", "ptp", "drafters", "weights", "ptp-smollm2-135m-instruct")
+    fine = [("lookup", {}), ("lookup", {"lookup_tokens": "3", "measured_costs": "true"}),
+            ("ptp", {"preset": "cpu", "max_nodes": "6"}), ("ptp", {"preset": "auto", "tree": "1"}),
+            ("auto", {"anything": "1"}), (ckpt, {"max_nodes": "4"})]
+    for name, opts in fine:
+        check_drafter_options(name, opts)
+    bad = [("nosuch", {}, "unknown drafter"), ("mtp", {}, "renamed"),
+           ("lookup", {"nope": "1"}, "has no option 'nope'"),
+           ("lookup", {"lookup_tokens": "0"}, "must be >= 1"),
+           ("lookup", {"measured_costs": "true", "row_cost": "0.1"}, "leave row_cost unset"),
+           ("ptp", {"preset": "fast"}, "preset must be one of"),
+           ("ptp", {"preset": "auto", "num_slots": "x"}, "must be an integer"),
+           (ckpt, {"nope": "1"}, "has no option 'nope'")]
+    for name, opts, match in bad:
+        with pytest.raises(ValueError, match=match):
+            check_drafter_options(name, opts)
+        if name not in ("nosuch", "mtp") and name != ckpt and opts.get("preset") != "auto":
+            with pytest.raises(ValueError, match=match):  # the same error when building it
+                make_drafter(name, **opts)

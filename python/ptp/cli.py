@@ -236,7 +236,11 @@ def _generate(args) -> int:
     try:
         questions = _check_generate_args(args)
         options = _drafter_options(args.drafter_option)
-    except ValueError as e:  # UsageError, or a --drafter-option that is not KEY=VALUE
+        if args.drafter != "none":  # the drafter and its options, before the model loads
+            from ptp.drafters.base import check_drafter_options
+
+            check_drafter_options(*resolve_drafter(args.drafter, options))
+    except ValueError as e:  # UsageError, a --drafter-option that is not KEY=VALUE or a bad value
         _fail(str(e), 2)
     from ptp.decode.decoder import Decoder, GenerationConfig
     from ptp.drafters import make_drafter

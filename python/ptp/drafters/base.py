@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Optional
 from ptp.decode.draft import Drafter, NoDrafter
 from ptp.drafters.options import DrafterOptions, NoOptions
 
-__all__ = ["register_drafter", "make_drafter", "drafter_names", "drafter_entries", "device_preset",
+__all__ = ["register_drafter", "make_drafter", "check_drafter_options", "drafter_names", "drafter_entries", "device_preset",
            "DrafterEntry", "DrafterSpec"]
 
 
@@ -108,6 +108,35 @@ def _options(kind: str, entry: DrafterEntry, model, options: Optional[DrafterOpt
         raise ValueError(f"option preset must be one of {', '.join(sorted(entry.presets) + ['auto'])}, "
                          f"got {preset!r}")
     return entry.options.build(entry.presets[pname], **kw), pname
+
+
+def check_drafter_options(name: str, options: Mapping[str, object]) -> None:
+    """The ``ValueError`` :func:`make_drafter` would raise for ``name`` and text or value
+    ``options``, found without a model (the CLI calls it before loading one): an unknown drafter
+    or option, a value of the wrong type or out of range, and, for a registered drafter without
+    a preset, the constraints between options. With a preset of the model's device
+    (``preset=auto``) or a checkpoint directory each given option is checked alone; the rest when
+    the drafter is built. ``auto`` passes its options to the drafter it picks for the device:
+    checked then."""
+    import dataclasses
+    import typing
+
+    from ptp.drafters.options import _check_range, _coerce
+
+    kind, path = _resolve(name)
+    entry = _REGISTRY[kind]
+    if entry.options is None:
+        return
+    kw = dict(options)
+    preset = kw.pop("preset", None)
+    entry.options.check_keys(kw)
+    if path is None and (preset is None or str(preset).strip().lower() != "auto"):
+        _options(kind, entry, None, None, {**kw, "preset": preset} if preset is not None else kw)
+        return
+    hints = typing.get_type_hints(entry.options)
+    for f in dataclasses.fields(entry.options):
+        if f.name in kw:
+            _check_range(f, _coerce(f.name, hints[f.name], kw[f.name]))
 
 
 def make_drafter(name_or_path: Optional[str], model=None, tokenizer=None, *,
