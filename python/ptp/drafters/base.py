@@ -15,8 +15,8 @@ from typing import Callable, Mapping, Optional
 from ptp.decode.draft import Drafter, NoDrafter
 from ptp.drafters.options import DrafterOptions, NoOptions
 
-__all__ = ["register_drafter", "make_drafter", "check_drafter_options", "drafter_names", "drafter_entries", "device_preset",
-           "DrafterEntry", "DrafterSpec"]
+__all__ = ["register_drafter", "make_drafter", "check_drafter_options", "drafter_names", "drafter_entries",
+           "device_preset", "DrafterEntry", "DrafterSpec"]
 
 
 @dataclass(frozen=True)

@@ -282,10 +282,10 @@ class LookupDrafterOptions(LookupOptions):
                                              "CPU, 1.26x a 1-row step for 2 rows, 1.78x for 4, 4.44x for 9; "
                                              "0 on a GPU; 0 = always lookup_tokens)", min=0.0)
     measured_costs: bool = option(False, "price the rows by this machine's own step times: every "
-                                         "batch-1 step is timed by its row count and the measured "
-                                         "ratios replace the 2-core table as they accumulate (it stays "
-                                         "their prior); needs the table (row_cost unset). Tokens never "
-                                         "change; target-call counts then vary between runs")
+                                         "batch-1 step is timed by its row count, and the 2-core "
+                                         "table's extra-row costs are scaled by the measured ones (the "
+                                         "table stays their prior); needs the table (row_cost unset). "
+                                         "Tokens never change; target-call counts then vary between runs")
 
     def check(self) -> None:
         super().check()
