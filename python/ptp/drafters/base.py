@@ -118,11 +118,6 @@ def check_drafter_options(name: str, options: Mapping[str, object]) -> None:
     (``preset=auto``) or a checkpoint directory each given option is checked alone; the rest when
     the drafter is built. ``auto`` passes its options to the drafter it picks for the device:
     checked then."""
-    import dataclasses
-    import typing
-
-    from ptp.drafters.options import _check_range, _coerce
-
     kind, path = _resolve(name)
     entry = _REGISTRY[kind]
     if entry.options is None:
@@ -133,10 +128,7 @@ def check_drafter_options(name: str, options: Mapping[str, object]) -> None:
     if path is None and (preset is None or str(preset).strip().lower() != "auto"):
         _options(kind, entry, None, None, {**kw, "preset": preset} if preset is not None else kw)
         return
-    hints = typing.get_type_hints(entry.options)
-    for f in dataclasses.fields(entry.options):
-        if f.name in kw:
-            _check_range(f, _coerce(f.name, hints[f.name], kw[f.name]))
+    entry.options.check_values(kw)
 
 
 def make_drafter(name_or_path: Optional[str], model=None, tokenizer=None, *,

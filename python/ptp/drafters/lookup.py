@@ -321,7 +321,7 @@ class LookupDrafter(Drafter):
         # row_cost: what one more row adds to a call (a 2-row call's extra cost with the table)
         self.row_cost = (self.call_costs[1] - 1.0 if self.call_costs is not None
                          else o.row_cost if o.row_cost is not None else 0.0)
-        # measured_costs: this machine's step times replace the table as they come
+        # measured_costs: this machine's step times scale the table's extra-row costs
         self.measured = (MeasuredCosts(self.call_costs) if o.measured_costs and self.call_costs is not None
                          else None)
         self.clock = time.perf_counter  # the step timer (a test may replace it)

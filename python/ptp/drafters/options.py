@@ -20,7 +20,7 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 __all__ = ["DrafterOptions", "LookupOptions", "TreeOptions", "DraftVocabOptions", "SlotOptions",
            "LookupDrafterOptions", "PTPOptions", "MaskedOptions", "HeadsOptions", "NoOptions", "PTP_PRESETS",
@@ -135,10 +135,24 @@ class DrafterOptions:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            value = _coerce(f.name, hints[f.name], getattr(self, f.name))
-            _check_range(f, value)
-            object.__setattr__(self, f.name, value)
+            object.__setattr__(self, f.name, self._field_value(f, hints, getattr(self, f.name)))
         self.check()
+
+    @staticmethod
+    def _field_value(f: dataclasses.Field, hints: dict, value: Any) -> Any:
+        """``value`` (or its text) converted to field ``f``'s type and checked against its range."""
+        value = _coerce(f.name, hints[f.name], value)
+        _check_range(f, value)
+        return value
+
+    @classmethod
+    def check_values(cls, values: Mapping[str, Any]) -> None:
+        """Each of ``values`` (keys checked by :meth:`check_keys`) converted and range-checked on
+        its own, without the constraints between fields (:meth:`check`)."""
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name in values:
+                cls._field_value(f, hints, values[f.name])
 
     def check(self) -> None:
         """Constraints between fields (after each field's own check)."""
