@@ -58,6 +58,11 @@ TORCH_LIBRARY(ptp_ext, m) {
       "Tensor(b!)[] value_caches, Tensor cache_lens, Tensor? tree_mask, int packed, Tensor embed, "
       "Tensor cos_table, Tensor sin_table, Tensor head_weight, int head_format, Tensor? head_bias, "
       "float eps, float scale) -> Tensor");
+  m.def(
+      "decode_logits_hidden_packed(Tensor tokens, Tensor position_ids, Tensor(a!)[] key_caches, "
+      "Tensor(b!)[] value_caches, Tensor cache_lens, Tensor? tree_mask, int packed, Tensor embed, "
+      "Tensor cos_table, Tensor sin_table, Tensor head_weight, int head_format, Tensor? head_bias, "
+      "float eps, float scale) -> (Tensor, Tensor)");
   // ---- decode_linear: one linear in decode_step's arithmetic (the decoding LM head; CPU) ----
   m.def("decode_linear(Tensor x, Tensor weight, int format, Tensor? bias) -> Tensor");
 }
@@ -75,6 +80,7 @@ TORCH_LIBRARY_IMPL(ptp_ext, CPU, m) {
   m.impl("decode_step_pack", &ptp::decode_step_pack_cpu);
   m.impl("decode_step_packed", &ptp::decode_step_packed_cpu);
   m.impl("decode_logits_packed", &ptp::decode_logits_packed_cpu);
+  m.impl("decode_logits_hidden_packed", &ptp::decode_logits_hidden_packed_cpu);
 }
 
 #ifdef PTP_WITH_CUDA
@@ -91,6 +97,7 @@ TORCH_LIBRARY_IMPL(ptp_ext, CUDA, m) {
   m.impl("decode_step_pack", &ptp::decode_step_pack_cuda);  // CPU-only: a clear error
   m.impl("decode_step_packed", &ptp::decode_step_packed_cuda);
   m.impl("decode_logits_packed", &ptp::decode_logits_packed_cuda);
+  m.impl("decode_logits_hidden_packed", &ptp::decode_logits_hidden_packed_cuda);
 }
 #endif
 

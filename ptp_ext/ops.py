@@ -23,7 +23,8 @@ from .reference import logits_valid, uniforms_valid
 
 __all__ = ["tree_attention", "verify_tree", "sampler_mlp", "invariant_linear", "gated_lora_linear",
            "quant_linear", "gated_lora_quant_linear", "decode_step", "decode_linear", "q4_1_split",
-           "decode_step_pack", "decode_step_packed", "decode_step_release", "decode_logits_packed"]
+           "decode_step_pack", "decode_step_packed", "decode_step_release", "decode_logits_packed",
+           "decode_logits_hidden_packed"]
 
 _ops = torch.ops.ptp_ext
 
@@ -781,6 +782,32 @@ def _decode_logits_packed_fake(tokens, position_ids, key_caches, value_caches, c
                                eps, scale):
     torch._check(tokens.dim() == 2, lambda: "tokens must have shape [B, T]")
     return embed.new_empty((tokens.shape[0], tokens.shape[1], head_weight.shape[0]))
+
+
+def decode_logits_hidden_packed(tokens: torch.Tensor, position_ids: torch.Tensor,
+                                key_caches: list[torch.Tensor], value_caches: list[torch.Tensor],
+                                cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], packed: int,
+                                embed: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                                head_weight: torch.Tensor, head_format: int, head_bias: Optional[torch.Tensor],
+                                eps: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_logits_packed` that also returns the step's output: ``(logits, hidden)``,
+    ``hidden`` the ``(B, T, H)`` final-normed hidden states the LM head read (bitwise
+    :func:`decode_step_packed`'s result), for drafters that read the target's hidden states (the
+    MTP heads). The same arguments; CPU only."""
+    if tokens.device.type != "cpu":
+        raise ValueError(f"decode_logits_hidden_packed is CPU-only, got tokens on {tokens.device}")
+    return _ops.decode_logits_hidden_packed(tokens, position_ids, list(key_caches), list(value_caches),
+                                            cache_lens, tree_mask, int(packed), embed, cos_table, sin_table,
+                                            head_weight, int(head_format), head_bias, float(eps), float(scale))
+
+
+@torch.library.register_fake("ptp_ext::decode_logits_hidden_packed")
+def _decode_logits_hidden_packed_fake(tokens, position_ids, key_caches, value_caches, cache_lens, tree_mask,
+                                      packed, embed, cos_table, sin_table, head_weight, head_format, head_bias,
+                                      eps, scale):
+    torch._check(tokens.dim() == 2, lambda: "tokens must have shape [B, T]")
+    B, T = tokens.shape
+    return (embed.new_empty((B, T, head_weight.shape[0])), embed.new_empty((B, T, embed.shape[1])))
 
 
 def decode_step_release(packed: int) -> None:

@@ -241,7 +241,8 @@ def test_auto_drafter_falls_back_to_lookup_for_a_model_the_adapter_does_not_fit(
     why = adapter_mismatch(tiny)
     assert why is not None and ("vocabulary" in why or "->" in why or "no linear" in why)
     d = make_drafter("auto", tiny)  # on the CPU: cost-aware lookup, whatever the adapter
-    assert isinstance(d, LookupDrafter) and d.spec.description == "lookup" and d.row_cost > 0
+    assert isinstance(d, LookupDrafter) and d.spec.description == "lookup heads=default" and d.row_cost > 0
+    assert d.heads is None  # the shipped MTP heads do not fit the tiny model either
     assert capsys.readouterr().err == ""
     with torch.device("meta"):
         meta = tiny_model("llama", vocab_size=VOCAB, seed=0)
@@ -269,8 +270,8 @@ def test_auto_drafter_on_smollm2_and_the_ptp_device_preset():
     if not os.path.isfile(os.path.join(DEFAULT_ADAPTER, "adapter.safetensors")):
         pytest.skip("no shipped adapter")
     base, tok = load_target("smollm2")
-    d = make_drafter("auto", base, tok)  # on the CPU: cost-aware lookup (measured faster there)
-    assert isinstance(d, LookupDrafter) and d.row_cost > 0
+    d = make_drafter("auto", base, tok)  # on the CPU: cost-aware lookup with the MTP heads
+    assert isinstance(d, LookupDrafter) and d.row_cost > 0 and d.heads is not None
     d = make_drafter("ptp", base, tok, preset="auto")
     assert isinstance(d, PTPSlotDrafter) and d.options == PRESETS["cpu"]
     assert d.spec.description == "ptp preset=cpu"

@@ -33,6 +33,7 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "../common/checks.h"
@@ -373,7 +374,21 @@ at::Tensor decode_logits_packed_cpu(const at::Tensor& tokens, const at::Tensor& 
                                     const at::Tensor& sin_table, const at::Tensor& head_weight,
                                     int64_t head_format, const std::optional<at::Tensor>& head_bias,
                                     double eps, double scale);
+// decode_logits_hidden_packed: decode_logits_packed that also returns the step's output [B, T, H]
+// (the final-normed hidden states the LM head read), for drafters that read hidden states.
+std::tuple<at::Tensor, at::Tensor> decode_logits_hidden_packed_cpu(
+    const at::Tensor& tokens, const at::Tensor& position_ids, at::TensorList key_caches,
+    at::TensorList value_caches, const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+    int64_t packed, const at::Tensor& embed, const at::Tensor& cos_table, const at::Tensor& sin_table,
+    const at::Tensor& head_weight, int64_t head_format, const std::optional<at::Tensor>& head_bias,
+    double eps, double scale);
 #ifdef PTP_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> decode_logits_hidden_packed_cuda(
+    const at::Tensor& tokens, const at::Tensor& position_ids, at::TensorList key_caches,
+    at::TensorList value_caches, const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+    int64_t packed, const at::Tensor& embed, const at::Tensor& cos_table, const at::Tensor& sin_table,
+    const at::Tensor& head_weight, int64_t head_format, const std::optional<at::Tensor>& head_bias,
+    double eps, double scale);
 at::Tensor decode_logits_packed_cuda(const at::Tensor& tokens, const at::Tensor& position_ids,
                                      at::TensorList key_caches, at::TensorList value_caches,
                                      const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,

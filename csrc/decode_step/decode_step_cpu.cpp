@@ -352,13 +352,13 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int6
   return run_decode_linear(x, weight, format, bias);
 }
 
-at::Tensor decode_logits_packed_cpu(const at::Tensor& tokens, const at::Tensor& position_ids,
-                                    at::TensorList key_caches, at::TensorList value_caches,
-                                    const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
-                                    int64_t packed, const at::Tensor& embed, const at::Tensor& cos_table,
-                                    const at::Tensor& sin_table, const at::Tensor& head_weight,
-                                    int64_t head_format, const std::optional<at::Tensor>& head_bias,
-                                    double eps, double scale) {
+// decode_logits_packed's body: the logits and the step's output (the final-normed hidden states)
+static std::tuple<at::Tensor, at::Tensor> decode_logits_impl(
+    const at::Tensor& tokens, const at::Tensor& position_ids, at::TensorList key_caches,
+    at::TensorList value_caches, const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+    int64_t packed, const at::Tensor& embed, const at::Tensor& cos_table, const at::Tensor& sin_table,
+    const at::Tensor& head_weight, int64_t head_format, const std::optional<at::Tensor>& head_bias,
+    double eps, double scale) {
   check_decode_logits_inputs(tokens, position_ids, embed, cos_table, sin_table);
   const int64_t B = tokens.size(0), T = tokens.size(1), V = embed.size(0), H = embed.size(1);
   const int64_t P = cos_table.size(0), D = cos_table.size(1);
@@ -384,9 +384,32 @@ at::Tensor decode_logits_packed_cpu(const at::Tensor& tokens, const at::Tensor& 
   }
   // the head's arguments against its input ([B, T, H]) before the step writes the caches
   check_decode_linear_inputs(hidden, head_weight, head_format, head_bias);
-  const at::Tensor out = decode_step_packed_cpu(hidden, cos, sin, key_caches, value_caches, cache_lens,
-                                                tree_mask, packed, T, eps, scale);
-  return run_decode_linear(out, head_weight, head_format, head_bias);  // checked above
+  at::Tensor out = decode_step_packed_cpu(hidden, cos, sin, key_caches, value_caches, cache_lens,
+                                          tree_mask, packed, T, eps, scale);
+  at::Tensor logits = run_decode_linear(out, head_weight, head_format, head_bias);  // checked above
+  return {std::move(logits), std::move(out)};
+}
+
+at::Tensor decode_logits_packed_cpu(const at::Tensor& tokens, const at::Tensor& position_ids,
+                                    at::TensorList key_caches, at::TensorList value_caches,
+                                    const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+                                    int64_t packed, const at::Tensor& embed, const at::Tensor& cos_table,
+                                    const at::Tensor& sin_table, const at::Tensor& head_weight,
+                                    int64_t head_format, const std::optional<at::Tensor>& head_bias,
+                                    double eps, double scale) {
+  return std::get<0>(decode_logits_impl(tokens, position_ids, key_caches, value_caches, cache_lens, tree_mask,
+                                        packed, embed, cos_table, sin_table, head_weight, head_format,
+                                        head_bias, eps, scale));
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_logits_hidden_packed_cpu(
+    const at::Tensor& tokens, const at::Tensor& position_ids, at::TensorList key_caches,
+    at::TensorList value_caches, const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+    int64_t packed, const at::Tensor& embed, const at::Tensor& cos_table, const at::Tensor& sin_table,
+    const at::Tensor& head_weight, int64_t head_format, const std::optional<at::Tensor>& head_bias,
+    double eps, double scale) {
+  return decode_logits_impl(tokens, position_ids, key_caches, value_caches, cache_lens, tree_mask, packed,
+                            embed, cos_table, sin_table, head_weight, head_format, head_bias, eps, scale);
 }
 
 #ifdef PTP_WITH_CUDA
@@ -417,6 +440,14 @@ at::Tensor decode_logits_packed_cuda(const at::Tensor& tokens, const at::Tensor&
                                      double) {
   PTP_CHECK(false, "decode_logits_packed is CPU-only, got tokens ", describe(tokens));
   return at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_logits_hidden_packed_cuda(
+    const at::Tensor& tokens, const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
+    const std::optional<at::Tensor>&, int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, int64_t, const std::optional<at::Tensor>&, double, double) {
+  PTP_CHECK(false, "decode_logits_hidden_packed is CPU-only, got tokens ", describe(tokens));
+  return {};
 }
 
 // Registered for CUDA only so that a CUDA tensor gets this message instead of the dispatcher's.

@@ -200,16 +200,17 @@ class Decoder:
         # sliding-window layers: the positions of the call's tokens (ptp.decode.attention)
         window = (WindowPlan(position_ids, cache_lens, tree_mask, self.sliding_window)
                   if self.sliding_window is not None and not prefill else None)
-        if fast is not None and aux is None and not want_hidden and not logits_to_keep:
-            return fast.call_logits(input_ids, position_ids, cache, cache_lens, tree_mask, self._linears,
-                                    window), None
+        if (aux is not None or want_hidden) and getattr(self.model.config, "final_logit_softcapping", None):
+            raise ValueError("drafters that read hidden states need a plain LM head (no logit softcapping)")
+        if fast is not None and aux is None and not logits_to_keep:
+            out = fast.call_logits(input_ids, position_ids, cache, cache_lens, tree_mask, self._linears,
+                                   window, hidden=want_hidden)
+            return out if want_hidden else (out, None)
         kw = dict(position_ids=position_ids, use_cache=True, **cache_kw(self.model, cache),
                   ptp_cache_lens=cache_lens, ptp_tree_mask=tree_mask, ptp_prefill=prefill,
                   ptp_window=window)
         if aux is None and not want_hidden:
             return self.model(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw).logits, None
-        if getattr(self.model.config, "final_logit_softcapping", None):
-            raise ValueError("drafters that read hidden states need a plain LM head (no logit softcapping)")
         emb = self.model.get_input_embeddings()(input_ids)
         if aux is not None:
             emb = torch.cat([emb, aux.embeds.to(device=emb.device, dtype=emb.dtype)], dim=1)

@@ -184,15 +184,16 @@ class FastForward:
 
     def call_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
                     cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], linears=None,
-                    window: Optional[WindowPlan] = None) -> torch.Tensor:
+                    window: Optional[WindowPlan] = None, hidden: bool = False):
         """The logits of a decoding call from its token ids: ``logits(self(embed(input_ids),
-        ...))``, in one op where the native step takes the call (bitwise the same)."""
+        ...))``, in one op where the native step takes the call (bitwise the same). ``hidden``:
+        ``(logits, the final hidden states)``."""
         if self.native is not None and linears is not None and linears.wants_rows(input_ids.numel()):
-            out = self.native.call_logits(input_ids, position_ids, cache, cache_lens, tree_mask)
+            out = self.native.call_logits(input_ids, position_ids, cache, cache_lens, tree_mask, hidden)
             if out is not None:
                 return out
-        hidden = self(self.embed(input_ids), position_ids, cache, cache_lens, tree_mask, linears, window)
-        return self.logits(hidden, linears)
+        h = self(self.embed(input_ids), position_ids, cache, cache_lens, tree_mask, linears, window)
+        return (self.logits(h, linears), h) if hidden else self.logits(h, linears)
 
     def __call__(self, h: torch.Tensor, position_ids: torch.Tensor, cache, cache_lens: torch.Tensor,
                  tree_mask: Optional[torch.Tensor], linears=None,

@@ -232,12 +232,13 @@ class NativeStep:
         return self._rope_table
 
     def call_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
-                    cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                    cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], hidden: bool = False):
         """The logits ``[B, T, V]`` of a decoding call from its token ids in one op
         (``ops.decode_logits_packed``: embedding, rotary rows, the step and the LM head; bitwise
         :meth:`__call__` over the embeddings followed by :meth:`logits`), or None when the call
         needs the separate ops (an active adapter, a rope whose values depend on the call, a
-        head or embedding the op does not take, or the cache not yet allocated)."""
+        head or embedding the op does not take, or the cache not yet allocated). ``hidden``:
+        ``(logits, final hidden states [B, T, H])`` (``ops.decode_logits_hidden_packed``)."""
         if self.head is None or self.embed is None or not self._static_rope:
             return None
         if any(g.index is not None for g in self.gates.values()):
@@ -251,7 +252,8 @@ class NativeStep:
         # reserved room for the call): tables of that many rows cover it without a device sync
         _, cos, sin = self._rope_tables(self.embed, layers[0].keys.shape[2])
         weight, fmt, bias = self.head
-        return ops.decode_logits_packed(
+        op = ops.decode_logits_hidden_packed if hidden else ops.decode_logits_packed
+        return op(
             input_ids.contiguous(), position_ids.contiguous(), [layer.keys for layer in layers],
             [layer.values for layer in layers], cache_lens,
             None if tree_mask is None else tree_mask.contiguous(), self.packed_handle(), self.embed,

@@ -22,6 +22,7 @@ rows ride on a call, never the output.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import deque
@@ -30,13 +31,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ptp.decode.draft import Draft, DraftRequest, Drafter
+from ptp.decode.draft import Draft, DraftRequest, Drafter, StepOutcome
 from ptp.drafters.base import register_drafter
 from ptp.drafters.options import LookupDrafterOptions
 from ptp.drafters.trees import pack_draft, trie
 
 __all__ = ["LookupDrafter", "AcceptanceModel", "MeasuredCosts", "NgramIndex", "continuations", "matches",
-           "CPU_CALL_COSTS", "PRIOR_RATES"]
+           "CPU_CALL_COSTS", "PRIOR_RATES", "load_lookup_heads"]
 
 
 
@@ -308,10 +309,17 @@ class MeasuredCosts:
 class LookupDrafter(Drafter):
     name = "lookup"
 
-    def __init__(self, options: Optional[LookupDrafterOptions] = None, device=None, **kw) -> None:
+    def __init__(self, options: Optional[LookupDrafterOptions] = None, device=None, heads=None, **kw) -> None:
         """``device``: the target's (``row_cost`` unset: the call costs of :data:`CPU_CALL_COSTS`
-        on the CPU or when unknown, else 0: fixed ``lookup_tokens`` chains)."""
+        on the CPU or when unknown, else 0: fixed ``lookup_tokens`` chains). ``heads``: a
+        :class:`ptp.drafters.heads_chain.HeadChain` that drafts where lookup drafts nothing (the
+        ``heads`` option; the factory builds it from the model)."""
         self.options = o = LookupDrafterOptions.build(options, **kw)
+        self.heads = heads
+        self.wants_hidden = heads is not None
+        self.heads_drafts = 0  # statistics: rows drafted by the heads
+        self._hidden: dict[int, tuple[int, torch.Tensor]] = {}  # sequence id -> (root index, h)
+        self._positions: dict[int, object] = {}  # sequence id -> its history's TokenPositions
         self.lookup_tokens = o.lookup_tokens  # depth of each continuation
         self.lookup_ngram, self.lookup_max_ngram = o.lookup_ngram, o.lookup_max_ngram
         self.lookup_branches = o.lookup_branches
@@ -343,6 +351,8 @@ class LookupDrafter(Drafter):
         # from the prior, so that a run repeats its target-call counts (the tokens never vary)
         self._pending.clear()
         self._index.clear()
+        self._hidden.clear()
+        self._positions.clear()
         self._step = None  # the prefill comes next, not a step
 
     def forget(self) -> None:
@@ -375,12 +385,48 @@ class LookupDrafter(Drafter):
             else:
                 rows = [self._costed(h, sid, depth, budget)
                         for h, sid in zip(request.histories, request.sequence_ids)]
+        if self.heads is not None and budget > 0:
+            rows = self._heads_rows(request, rows, budget)
         if self.measured is not None and len(request.histories) == 1:
             L = len(rows[0][0]) - 1 if rows else 0
             self._step = (request.sequence_ids[0], len(request.histories[0]), L, self.clock())
         if rows is None or max(len(t) for t, _ in rows) == 1:
             return None
         return pack_draft(rows)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """With heads: keep each row's final hidden state of the last accepted node (whose output
+        is the next root)."""
+        if self.heads is None or outcome.hidden is None:
+            return
+        n_acc = outcome.num_accepted.tolist()
+        lens = outcome.cache_lens.tolist()
+        nodes = outcome.accepted_nodes
+        for b, seq in enumerate(outcome.sequence_ids):
+            n = n_acc[b]
+            self._hidden[seq] = (lens[b] + n + 1, outcome.hidden[b, int(nodes[b, n])])
+
+    def _heads_rows(self, request: DraftRequest, rows, budget: int):
+        """The heads' greedy chains for the rows lookup drafted nothing for."""
+        from ptp.drafters.heads_chain import TokenPositions
+
+        o = self.options
+        rows = list(rows) if rows is not None else [([0], [-1]) for _ in request.histories]
+        for b, (hist, sid) in enumerate(zip(request.histories, request.sequence_ids)):
+            if len(rows[b][0]) > 1:
+                continue
+            st = self._hidden.get(sid)
+            if st is None or st[0] != len(hist) - 1:
+                continue  # no hidden state of this root (a new sequence, or a stale one)
+            index = self._positions.get(sid)
+            if index is None:
+                index = self._positions[sid] = TokenPositions()
+            toks, _ = self.heads.chain(st[1], hist, index.extend(hist), min(o.heads_tokens, budget),
+                                       o.heads_min_prob)
+            if toks:
+                rows[b] = ([0] + toks, list(range(-1, len(toks))))
+                self.heads_drafts += 1
+        return rows
 
     def _time_step(self, request: DraftRequest) -> None:
         """The step since the last batch-1 draft of this sequence (its call, verification and
@@ -433,5 +479,43 @@ class LookupDrafter(Drafter):
         return trie([c[:L] for c in found], budget)
 
 
-register_drafter("lookup", lambda model, tokenizer, path, options: LookupDrafter(
-    options, device=None if model is None else next(model.parameters()).device), LookupDrafterOptions)
+def load_lookup_heads(model, path: Optional[str] = None):
+    """``(heads, None)``: the MTP heads at ``path`` (default: the shipped ones) loaded on
+    ``model`` to draft beside lookup, or ``(None, why)`` when they cannot (a model on another
+    device than the CPU, no checkpoint, a checkpoint that does not fit the model, heads that are
+    not chain-input heads)."""
+    from ptp.drafters.checkpoint import load_heads
+    from ptp.drafters.heads import DEFAULT_HEADS
+
+    ckpt = path or DEFAULT_HEADS
+    if next(model.parameters()).device.type != "cpu":
+        return None, "the heads beside lookup run on the CPU"
+    if not os.path.isfile(os.path.join(ckpt, "adapter.safetensors")):
+        return None, f"no MTP heads at {ckpt}"
+    try:
+        heads = load_heads(model, ckpt)
+    except ValueError as e:
+        return None, str(e)
+    if not heads.config.chain_input:
+        return None, "the heads are not chain-input heads"
+    return heads, None
+
+
+def _lookup_factory(model, tokenizer, path, options: LookupDrafterOptions):
+    device = None if model is None else next(model.parameters()).device
+    chain = None
+    if options.heads is not None:
+        from ptp.drafters.heads_chain import HeadChain
+
+        if model is None:
+            raise ValueError("lookup's option heads drafts with MTP heads on the model: pass the model")
+        ckpt = None if options.heads == "default" else options.heads
+        heads, why = load_lookup_heads(model, ckpt)
+        if heads is None and ckpt is not None:
+            raise ValueError(f"lookup: option heads={options.heads!r}: {why}")
+        if heads is not None:  # 'default' that does not fit the model: lookup alone
+            chain = HeadChain(heads)
+    return LookupDrafter(options, device=device, heads=chain)
+
+
+register_drafter("lookup", _lookup_factory, LookupDrafterOptions)

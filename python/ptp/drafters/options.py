@@ -295,6 +295,15 @@ class LookupDrafterOptions(LookupOptions):
                                              "class (none: on the CPU the step costs measured on a 2-core "
                                              "CPU, 1.26x a 1-row step for 2 rows, 1.78x for 4, 4.44x for 9; "
                                              "0 on a GPU; 0 = always lookup_tokens)", min=0.0)
+    heads: Optional[str] = option(None, "MTP heads draft where lookup drafts nothing: a greedy chain of "
+                                        "the heads (Q8_0 copies of their weights, a 2,048-token draft "
+                                        "vocabulary), cut where its path probability falls below "
+                                        "heads_min_prob; 'default' = the shipped heads when they fit the "
+                                        "model (else off), or a heads checkpoint directory; none = off. "
+                                        "CPU only; auto sets 'default' on a CPU")
+    heads_tokens: int = option(2, "the most tokens a heads chain drafts", min=1)
+    heads_min_prob: float = option(0.4, "cut a heads chain where its path probability (the heads' own "
+                                        "estimate) falls below this", min=0.0, below=1.0)
     measured_costs: bool = option(False, "price the rows by this machine's own step times: every "
                                          "batch-1 step is timed by its row count, and the 2-core "
                                          "table's extra-row costs are scaled by the measured ones (the "

@@ -331,7 +331,7 @@ def _auto_factory(model, tokenizer, path, options: Optional[PTPOptions] = None, 
         raise ValueError("drafter 'auto' picks a drafter for the model: pass the model")
     on_cpu = next(model.parameters()).device.type == "cpu"
     if on_cpu and options is None and not kw:
-        return make_drafter("lookup", model, tokenizer)
+        return make_drafter("lookup", model, tokenizer, heads="default")
     why = adapter_mismatch(model)
     if why is None:
         if options is None and not kw:
