@@ -218,3 +218,13 @@ def test_fit_lookup_prior_replay():
     rates = table(model, 2)
     assert rates and all(r[0] == 0.0 for r in rates.values())
     assert sum(model.reached.values()) >= 3
+
+
+def test_ab_decode_refuses_bad_arguments():
+    from benchmarks import ab_decode
+
+    for argv in (["none", "--reps", "0"], ["none", "--per-category", "0"], ["none", "--temperature", "-1"]):
+        with pytest.raises(SystemExit, match="must be"):
+            ab_decode.main(argv)
+    with pytest.raises(SystemExit):
+        ab_decode.main([])  # at least one method

@@ -60,7 +60,7 @@ class HeadChain:
     """Greedy chains of chain-input MTP heads (``heads.config.chain_input``; the copy attention
     when ``copy_attn``) over quantised copies of their weights. ``draft_vocab``: as
     :class:`ptp.drafters.options.HeadsOptions`' (None: 8,192 when the checkpoint stores token
-    counts; 0: the full vocabulary). ``w_format`` / ``head_format``: the blocks of the input
+    counts; 0 or a checkpoint without token counts: the full vocabulary). ``w_format`` / ``head_format``: the blocks of the input
     projections and of the draft vocabulary's LM-head rows, ``q8_0`` or ``q4_1`` (measured on
     SmolLM2, 2 cores: Q4_1 drafts as many tokens per call and decodes no faster)."""
 
@@ -80,6 +80,8 @@ class HeadChain:
             raise ValueError(f"HeadChain keeps Q8_0 blocks: the hidden size must be a multiple of 32, got {d}")
         self.num_heads, self.copy_matches = cfg.num_heads, cfg.copy_matches
         self.embed_np = emb.float().contiguous().numpy()
+        if draft_vocab and heads.token_counts is None:
+            draft_vocab = 0  # no token counts to pick a draft vocabulary from: the full one
         heads.auto_draft_vocab(draft_vocab)
         ids = heads.vocab_ids
         head_w = base.get_output_embeddings().weight.detach().float()

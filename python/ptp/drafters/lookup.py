@@ -19,6 +19,14 @@ stopped paying keeps being measured. ``row_cost=c`` prices a call linearly (``1 
 ``row_cost=0`` drafts fixed ``lookup_tokens`` chains. ``measured_costs=true`` prices the rows by
 this machine's own step times instead of the table (:class:`MeasuredCosts`). It only changes which
 rows ride on a call, never the output.
+
+MTP heads beside lookup (``heads=default`` or a heads checkpoint; what ``auto`` drafts with on a
+CPU): where lookup drafts nothing (no match, or a match class that does not pay), the shipped
+chain-input copy heads draft a greedy chain from the target's final hidden state of the last
+accepted node (:class:`ptp.drafters.heads_chain.HeadChain`: up to ``heads_tokens`` tokens, cut
+where the heads' path probability falls below ``heads_min_prob``). The decoder then asks for the
+hidden states of every call (``wants_hidden``), which its one-op calls return at no extra cost
+(``ops.decode_logits_hidden_packed``).
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import torch
 
 from ptp.decode.draft import Draft, DraftRequest, Drafter, StepOutcome
 from ptp.drafters.base import register_drafter
+from ptp.drafters.heads_chain import HeadChain, TokenPositions
 from ptp.drafters.options import LookupDrafterOptions
 from ptp.drafters.trees import pack_draft, trie
 
@@ -319,7 +328,7 @@ class LookupDrafter(Drafter):
         self.wants_hidden = heads is not None
         self.heads_drafts = 0  # statistics: rows drafted by the heads
         self._hidden: dict[int, tuple[int, torch.Tensor]] = {}  # sequence id -> (root index, h)
-        self._positions: dict[int, object] = {}  # sequence id -> its history's TokenPositions
+        self._positions: dict[int, TokenPositions] = {}  # sequence id -> its history's token positions
         self.lookup_tokens = o.lookup_tokens  # depth of each continuation
         self.lookup_ngram, self.lookup_max_ngram = o.lookup_ngram, o.lookup_max_ngram
         self.lookup_branches = o.lookup_branches
@@ -408,8 +417,6 @@ class LookupDrafter(Drafter):
 
     def _heads_rows(self, request: DraftRequest, rows, budget: int):
         """The heads' greedy chains for the rows lookup drafted nothing for."""
-        from ptp.drafters.heads_chain import TokenPositions
-
         o = self.options
         rows = list(rows) if rows is not None else [([0], [-1]) for _ in request.histories]
         for b, (hist, sid) in enumerate(zip(request.histories, request.sequence_ids)):
@@ -505,8 +512,6 @@ def _lookup_factory(model, tokenizer, path, options: LookupDrafterOptions):
     device = None if model is None else next(model.parameters()).device
     chain = None
     if options.heads is not None:
-        from ptp.drafters.heads_chain import HeadChain
-
         if model is None:
             raise ValueError("lookup's option heads drafts with MTP heads on the model: pass the model")
         ckpt = None if options.heads == "default" else options.heads

@@ -323,8 +323,10 @@ def _factory(model, tokenizer, path, options: PTPOptions, default: str = DEFAULT
 
 def _auto_factory(model, tokenizer, path, options: Optional[PTPOptions] = None, **kw):
     """``auto``: the fastest exact drafter measured for the model's device. On a CPU that is
-    cost-aware prompt lookup (every row of a call costs compute there; the PTP adapter's slot
-    rows did not pay: benchmarks/results/2026-12-07-cpu-vs-llamacpp-v6.md); elsewhere the shipped
+    cost-aware prompt lookup with the shipped MTP heads drafting where lookup drafts nothing
+    (``heads=default``: the heads when they fit the model; every row of a call costs compute
+    there, and the PTP adapter's slot rows did not pay:
+    benchmarks/results/2026-12-08-cpu-lookup-heads.md); elsewhere the shipped
     PTP adapter when it fits ``model`` (the device's preset, or the PTP options given), else
     prompt lookup with a note on stderr. PTP options given on a CPU select ``ptp``."""
     if model is None:
@@ -353,7 +355,8 @@ register_drafter("cptp", lambda model, tokenizer, path, options: _factory(model,
                  "(trained on the teacher's conditionals); the same options and presets.")
 register_drafter("auto", _auto_factory, None, summary=(
     "The default of `ptp generate`: the fastest exact drafter measured for the model's device. On a CPU, "
-    "cost-aware prompt lookup (`lookup`: every row of a call costs compute there, and the PTP adapter's "
-    "slot rows do not pay on 2 cores); on a GPU the shipped PTP adapter (`ptp`) when it fits the model "
+    "cost-aware prompt lookup with the shipped MTP heads drafting where lookup drafts nothing (`lookup` "
+    "with `heads=default`: every row of a call costs compute there, and the PTP adapter's slot rows do "
+    "not pay on 2 cores); on a GPU the shipped PTP adapter (`ptp`) when it fits the model "
     "(SmolLM2-135M-Instruct), with the preset of the model's device (`preset=auto`), else `lookup` (a note "
     "on stderr). Given `ptp`'s options, `ptp` with those (on any device)."))
