@@ -199,10 +199,9 @@ def main(argv=None) -> int:
     # them alike. A short pause between engines lets the other's idle threads stop spinning.
     # ptp's decode time: from the first commit (the prefill's token) to the end, inside each run.
     for label, (drafter, m) in methods.items():
-        # a whole first prompt: the drafters' model copies are new memory, and until the kernel has
-        # settled their pages (first touch, huge-page collapsing) their first prompts ran slower
-        # than plain decoding's long-resident model (two greedy runs of 2026-12-08: one category
-        # at 0.4-0.6x plain for every drafter, none in an in-process A/B of the same prompts)
+        # a whole first prompt each: with 8-token warm-ups, two greedy runs of 2026-12-08 had one
+        # early category at 0.4-0.6x plain for every drafter (each on a fresh copy of the model;
+        # plain on the long-resident one), and an in-process A/B of the same prompts had none
         run_ptp(m, tokenizer, drafter, prompts[:1], N, eos, temperature=args.temperature)
     run_llama(llm, prompts[0], 4)
     results = {label: [] for label in methods}
