@@ -790,10 +790,22 @@ def decode_logits_hidden_packed(tokens: torch.Tensor, position_ids: torch.Tensor
                                 embed: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                                 head_weight: torch.Tensor, head_format: int, head_bias: Optional[torch.Tensor],
                                 eps: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_logits_packed` that also returns the step's output: ``(logits, hidden)``,
-    ``hidden`` the ``(B, T, H)`` final-normed hidden states the LM head read (bitwise
-    :func:`decode_step_packed`'s result), for drafters that read the target's hidden states (the
-    MTP heads). The same arguments; CPU only."""
+    """:func:`decode_logits_packed` that also returns the step's output, for drafters that read
+    the target's hidden states (the MTP heads beside prompt lookup). CPU only; writes the caches.
+
+    Parameters
+    ----------
+    tokens, position_ids, key_caches, value_caches, cache_lens, tree_mask, packed, embed,
+    cos_table, sin_table, head_weight, head_format, head_bias, eps, scale
+        As :func:`decode_logits_packed`.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        ``(logits, hidden)``: the ``(B, T, V_out)`` float32 logits (bitwise
+        :func:`decode_logits_packed`'s) and the ``(B, T, H)`` float32 final-normed hidden states
+        the LM head read (bitwise :func:`decode_step_packed`'s result).
+    """
     if tokens.device.type != "cpu":
         raise ValueError(f"decode_logits_hidden_packed is CPU-only, got tokens on {tokens.device}")
     return _ops.decode_logits_hidden_packed(tokens, position_ids, list(key_caches), list(value_caches),

@@ -49,8 +49,9 @@ def _run(tmp_path, *extra):
 def test_cli_json_contract(tmp_path):
     plain = _run(tmp_path, "--drafter", "none")
     lookup = _run(tmp_path, "--drafter", "lookup", "--batch-size", "2")
-    default = _run(tmp_path)  # no --drafter: auto, on a CPU cost-aware prompt lookup
-    assert "(drafter lookup)" in default["_stderr"]
+    default = _run(tmp_path)  # no --drafter: auto, on a CPU cost-aware prompt lookup (+ MTP heads)
+    assert "(drafter lookup heads=default)" in default["_stderr"]
+    assert "(drafter lookup)" in lookup["_stderr"]
     for doc, drafter in ((plain, "none"), (lookup, "lookup"), (default, "lookup")):
         doc.pop("_stderr")
         assert set(doc) == {"model", "drafter", "temperature", "seed", "results"}
