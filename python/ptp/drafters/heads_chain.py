@@ -60,15 +60,17 @@ class HeadChain:
     """Greedy chains of chain-input MTP heads (``heads.config.chain_input``; the copy attention
     when ``copy_attn``) over quantised copies of their weights. ``draft_vocab``: as
     :class:`ptp.drafters.options.HeadsOptions`' (None: 8,192 when the checkpoint stores token
-    counts; 0 or a checkpoint without token counts: the full vocabulary). ``w_format`` / ``head_format``: the blocks of the input
-    projections and of the draft vocabulary's LM-head rows, ``q8_0`` or ``q4_1`` (measured on
-    SmolLM2, 2 cores: Q4_1 drafts as many tokens per call and decodes no faster)."""
+    counts; 0, or a checkpoint without token counts: the full vocabulary). ``w_format`` /
+    ``head_format``: the blocks of the input projections and of the draft vocabulary's LM-head
+    rows, ``q8_0`` or ``q4_1`` (measured on SmolLM2, 2 cores: Q4_1 drafts as many tokens per call
+    and decodes no faster)."""
 
     def __init__(self, heads: MTPHeads, draft_vocab: Optional[int] = 2048, w_format: str = "q8_0",
                  head_format: str = "q8_0") -> None:
         cfg = heads.config
         if w_format not in _FORMATS or head_format not in _FORMATS:
-            raise ValueError(f"HeadChain: formats must be one of {sorted(_FORMATS)}, got {w_format!r}, {head_format!r}")
+            raise ValueError(f"HeadChain: formats must be one of {sorted(_FORMATS)}, "
+                             f"got {w_format!r}, {head_format!r}")
         if not cfg.chain_input:
             raise ValueError("HeadChain drafts with chain-input MTP heads (HeadsConfig.chain_input)")
         base = heads.base
@@ -97,7 +99,8 @@ class HeadChain:
             for i in range(cfg.num_heads):
                 parts = [heads.proj[i], heads.tok_proj[i]] + ([heads.copy_proj[i]] if copy else [])
                 w = torch.cat([p.detach().float() for p in parts], dim=1).contiguous()  # [d, 2d or 3d]
-                layer = {"w": quantize_ref(w, w_format).contiguous(), "b": heads.bias[i].detach().float().numpy().copy()}
+                layer = {"w": quantize_ref(w, w_format).contiguous(),
+                         "b": heads.bias[i].detach().float().numpy().copy()}
                 if copy:
                     s = heads.copy_score[i].detach().float()
                     layer["score"] = (float(s[0]), float(s[1]), float(s[2]), float(F.softplus(s[3])))
