@@ -14,7 +14,8 @@ from ptp.decode.decoder import Decoder, GenerationConfig
 from ptp.decode.sampling import SamplingConfig
 from ptp.drafters import LookupDrafter, make_drafter
 from ptp.drafters.heads import DEFAULT_HEADS
-from ptp.drafters.heads_chain import HeadChain, TokenPositions
+from ptp.drafters.heads_chain import HeadChain
+from ptp.drafters.lookup import NgramIndex
 from ptp.drafters.heads_model import HeadsConfig, MTPHeads
 from ptp.drafters.sampler_head import node_copy_inputs, path_tail
 from ptp.models import tiny_model
@@ -35,6 +36,12 @@ def _heads(seed=0, copy=True):
     return h.eval()
 
 
+def _unigrams(hist):
+    index = NgramIndex(1, 1)
+    index.extend(hist)
+    return index
+
+
 def _state(h, n, seed):
     g = torch.Generator().manual_seed(seed)
     hist = torch.randint(3, 12, (n,), generator=g).tolist()  # few tokens: many earlier occurrences
@@ -53,7 +60,7 @@ def test_head_chain_logits_follow_the_heads(copy):
     with torch.no_grad():
         for seed in range(4):
             H, hist = _state(h, 30, seed)
-            index = TokenPositions().extend(hist)
+            index = _unigrams(hist)
             tail = path_tail(hist)
             for i in range(3):
                 y = torch.tensor([tail[2]])
@@ -81,7 +88,7 @@ def test_head_chain_logits_follow_the_heads(copy):
         h.base.lm_head.weight.copy_(emb)  # tied: the embedding too (the copy values read it)
         chain = HeadChain(h, draft_vocab=0)
         H, hist = _state(h, 30, 9)
-        index = TokenPositions().extend(hist)
+        index = _unigrams(hist)
         tail = path_tail(hist)
         copy_in = (node_copy_inputs(torch.tensor([hist]), torch.tensor([len(hist)]), [tail], len(hist) - 1, 16)
                    if copy else None)
@@ -94,7 +101,7 @@ def test_head_chain_cuts_at_min_prob_and_max_tokens():
     h = _heads(2)
     chain = HeadChain(h, draft_vocab=0)
     H, hist = _state(h, 20, 3)
-    index = TokenPositions().extend(hist)
+    index = _unigrams(hist)
     full, p_full = chain.chain(H, hist, index, 3, 0.0)
     assert len(full) == 3 and 0.0 < p_full <= 1.0
     assert all(0 <= t < VOCAB for t in full)
@@ -108,13 +115,25 @@ def test_head_chain_cuts_at_min_prob_and_max_tokens():
     assert chain.chain(H, hist, index, 3, min(1.0, probs[0] * 1.0001) + 1e-9)[0] == []
 
 
-def test_token_positions_index():
-    idx = TokenPositions().extend([5, 6, 5, 7])
-    assert idx.positions == {5: [0, 2], 6: [1]}  # followed by a token: j <= len - 2
+def test_unigram_index_for_the_copy_attention():
+    """The heads read lookup's 1-gram index: positions j followed by a token (j <= len - 2); a
+    history that does not extend the indexed one gets a new index."""
+    from ptp.decode.draft import DraftRequest
+
+    idx = _unigrams([5, 6, 5, 7])
+    assert {k[0]: v for k, v in idx.starts.items()} == {5: [0, 2], 6: [1]}
     idx.extend([5, 6, 5, 7, 5])
-    assert idx.positions == {5: [0, 2], 6: [1], 7: [3]}
-    idx.extend([1, 2])  # another history: rebuilt
-    assert idx.positions == {1: [0]}
+    assert {k[0]: v for k, v in idx.starts.items()} == {5: [0, 2], 6: [1], 7: [3]}
+    assert idx.continues([5, 6, 5, 7, 5, 9]) and not idx.continues([1, 2])
+    d = _lookup_with_heads(_heads(2))
+    for hist in ([5, 6, 5, 7], [1, 2]):  # another history for the same sequence: rebuilt
+        d.propose(DraftRequest(histories=[hist], sequence_ids=[0], max_nodes=4, sampling=SamplingConfig()))
+        got = d._unigrams(0, hist)
+        assert got is d._index[0]  # lookup's own index (1-grams, cost-aware path): no second one
+        assert {k: v for k, v in got.starts.items() if len(k) == 1} == _unigrams(hist).starts
+    d3 = LookupDrafter(device="cpu", heads=HeadChain(_heads(2), draft_vocab=0), lookup_ngram=2)
+    assert {k[0]: v for k, v in d3._unigrams(0, [5, 6, 5, 7]).starts.items()} == {5: [0, 2], 6: [1]}
+    assert {k[0]: v for k, v in d3._unigrams(0, [1, 2]).starts.items()} == {1: [0]}
 
 
 def _lookup_with_heads(h, **kw):

@@ -6,9 +6,9 @@ target call), as much as a fifth of SmolLM2's decoding call. :class:`HeadChain` 
 greedy chain with each head's three input projections and the draft vocabulary's LM-head rows
 kept as Q8_0 blocks (``ops.decode_linear``: ~1 MB and ~1.3 MB a depth at the default 2,048-token
 draft vocabulary, instead of ~4 MB and ~19 MB of float32) and the copy attention over an
-incremental token -> positions index instead of a scan of the history. The drafts differ from
-the float32 heads' only where rounding the weights flips a near tie; they are verified like any
-draft, so the output never changes.
+incremental 1-gram index (lookup's ``NgramIndex``) instead of a scan of the history. The
+drafts differ from the float32 heads' only where rounding the weights flips a near tie; they
+are verified like any draft, so the output never changes.
 
 The heads read the target's final hidden state ``h`` of the node before the root and the tokens
 of the path (``ptp.drafters.heads_model``): head i reads the token at depth i (the root for head
@@ -31,29 +31,9 @@ from ptp.drafters.sampler_head import path_tail
 from ptp_ext import ops
 from ptp_ext.reference import quantize_ref
 
-__all__ = ["HeadChain", "TokenPositions"]
+__all__ = ["HeadChain"]
 
 _FORMATS = {"q4_1": 1, "q8_0": 2}  # ops.decode_linear's format codes
-
-
-class TokenPositions:
-    """An append-only history's token -> positions ``j`` followed by a token (``j <= len - 2``),
-    kept up to date as the history grows (the copy attention's keys)."""
-
-    def __init__(self) -> None:
-        self.positions: dict[int, list[int]] = {}
-        self.done = 0  # positions < done are indexed
-        self.tokens: list[int] = []
-
-    def extend(self, history: list[int]) -> "TokenPositions":
-        """Index ``history`` (a new one, or one that extends the history seen before)."""
-        if self.done > len(history) or (self.done and self.tokens[self.done - 1] != history[self.done - 1]):
-            self.positions, self.done = {}, 0  # another history: start over
-        for j in range(self.done, len(history) - 1):
-            self.positions.setdefault(history[j], []).append(j)
-        self.done = max(self.done, len(history) - 1)
-        self.tokens = history
-        return self
 
 
 class HeadChain:
@@ -111,12 +91,12 @@ class HeadChain:
         self._xt = torch.zeros((3 if copy else 2) * d)  # the input projections' input, reused
         self._x = self._xt.numpy()
 
-    def _copy_out(self, layer: dict, h: np.ndarray, hist: list[int], index: TokenPositions,
+    def _copy_out(self, layer: dict, h: np.ndarray, hist: list[int], index,
                   tail: tuple[int, int, int], pos: int) -> Optional[np.ndarray]:
         """The copy attention's output ``o [d]`` of a node reading ``tail[2]`` at ``pos`` (None:
         no earlier occurrence, o = 0)."""
         y2, y1, y = tail
-        js = index.positions.get(y, ())[-self.copy_matches:]
+        js = index.starts.get((y,), ())[-self.copy_matches:]
         if not js:
             return None  # only the "no copy" logit
         w0, w2, w3, slope = layer["score"]
@@ -132,7 +112,7 @@ class HeadChain:
         att = ex / (math.exp(null - top) + float(ex.sum()))
         return att @ self.embed_np[[hist[j + 1] for j in js]]
 
-    def depth_logits(self, i: int, h: np.ndarray, hist: list[int], index: TokenPositions,
+    def depth_logits(self, i: int, h: np.ndarray, hist: list[int], index,
                      tail: tuple[int, int, int], pos: int) -> np.ndarray:
         """Head ``i``'s logits over the draft vocabulary for a node reading ``tail[2]`` (after the
         path tokens ``tail[:2]``) at position ``pos``, from the root's hidden state ``h [d]``."""
@@ -152,12 +132,13 @@ class HeadChain:
         return ops.decode_linear(torch.from_numpy(g), self.head_q8, self.head_fmt).numpy()
 
     @torch.no_grad()
-    def chain(self, h: torch.Tensor, hist: list[int], index: TokenPositions, max_tokens: int,
+    def chain(self, h: torch.Tensor, hist: list[int], index, max_tokens: int,
               min_prob: float) -> tuple[list[int], float]:
         """The greedy chain (at most ``max_tokens`` tokens, at most one per head) after the root
         ``hist[-1]`` from the final hidden state ``h [d]`` of the node before it, cut where the path
         probability falls below ``min_prob``; and that path probability. ``index``:
-        :class:`TokenPositions` of ``hist``."""
+        a :class:`ptp.drafters.lookup.NgramIndex` of ``hist``'s 1-grams (the copy attention's keys:
+        the earlier positions of a token that another token follows)."""
         hn = h.detach().float().cpu().numpy()
         tail = path_tail(hist)
         L = len(hist)

@@ -41,7 +41,7 @@ import torch
 
 from ptp.decode.draft import Draft, DraftRequest, Drafter, StepOutcome
 from ptp.drafters.base import register_drafter
-from ptp.drafters.heads_chain import HeadChain, TokenPositions
+from ptp.drafters.heads_chain import HeadChain
 from ptp.drafters.options import LookupDrafterOptions
 from ptp.drafters.trees import pack_draft, trie
 
@@ -137,6 +137,11 @@ class NgramIndex:
                 self.starts.setdefault(tuple(history[i - n + 1:i + 1]), []).append(i - n + 1)
         self.done = max(self.done, L - 1)
         self.tokens = history
+
+    def continues(self, history: list[int]) -> bool:
+        """Whether ``history`` extends the history indexed so far (else index a new one)."""
+        return self.done <= len(history) and not (
+            self.done and self.tokens[self.done - 1] != history[self.done - 1])
 
     def _starts(self, n: int):
         return self.starts.get(tuple(self.tokens[-n:]), ())
@@ -328,7 +333,7 @@ class LookupDrafter(Drafter):
         self.wants_hidden = heads is not None
         self.heads_drafts = 0  # statistics: rows drafted by the heads
         self._hidden: dict[int, tuple[int, torch.Tensor]] = {}  # sequence id -> (root index, h)
-        self._positions: dict[int, TokenPositions] = {}  # sequence id -> its history's token positions
+        self._unigram_index: dict[int, NgramIndex] = {}  # sequence id -> its 1-grams (heads, when lookup has none)
         self.lookup_tokens = o.lookup_tokens  # depth of each continuation
         self.lookup_ngram, self.lookup_max_ngram = o.lookup_ngram, o.lookup_max_ngram
         self.lookup_branches = o.lookup_branches
@@ -361,7 +366,7 @@ class LookupDrafter(Drafter):
         self._pending.clear()
         self._index.clear()
         self._hidden.clear()
-        self._positions.clear()
+        self._unigram_index.clear()
         self._step = None  # the prefill comes next, not a step
 
     def forget(self) -> None:
@@ -425,15 +430,25 @@ class LookupDrafter(Drafter):
             st = self._hidden.get(sid)
             if st is None or st[0] != len(hist) - 1:
                 continue  # no hidden state of this root (a new sequence, or a stale one)
-            index = self._positions.get(sid)
-            if index is None:
-                index = self._positions[sid] = TokenPositions()
-            toks, _ = self.heads.chain(st[1], hist, index.extend(hist), min(o.heads_tokens, budget),
+            toks, _ = self.heads.chain(st[1], hist, self._unigrams(sid, hist), min(o.heads_tokens, budget),
                                        o.heads_min_prob)
             if toks:
                 rows[b] = ([0] + toks, list(range(-1, len(toks))))
                 self.heads_drafts += 1
         return rows
+
+    def _unigrams(self, sid: int, hist: list[int]) -> NgramIndex:
+        """An index of ``hist``'s 1-grams for the heads' copy attention: lookup's own when it
+        indexes 1-grams and has just been brought up to ``hist`` (the cost-aware path), else one
+        kept for the heads."""
+        index = self._index.get(sid) if self.model is not None and self.lookup_ngram == 1 else None
+        if index is not None and index.tokens is hist:
+            return index
+        index = self._unigram_index.get(sid)
+        if index is None or not index.continues(hist):
+            index = self._unigram_index[sid] = NgramIndex(1, 1)
+        index.extend(hist)
+        return index
 
     def _time_step(self, request: DraftRequest) -> None:
         """The step since the last batch-1 draft of this sequence (its call, verification and
@@ -468,8 +483,7 @@ class LookupDrafter(Drafter):
         """One row's trie, its depth chosen by the acceptance model for the match's class (every
         lookup, drafted or not, is scored later from the committed tokens)."""
         index = self._index.get(sid)
-        if index is None or index.done > len(history) or (
-                index.done and index.tokens[index.done - 1] != history[index.done - 1]):
+        if index is None or not index.continues(history):
             # a new history for this sequence id: its earlier lookups are not scored against it
             index = self._index[sid] = NgramIndex(self.lookup_ngram, self.lookup_max_ngram)
             self._pending.pop(sid, None)
